@@ -1,0 +1,57 @@
+"""Architecture-neutral model configuration, filled by the loaders and read by the models."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Sizes, attention layout, positional scheme, norms and special ids of one model.
+
+    `architecture` picks the model file: "llama" (Llama, Mistral, Qwen2, SmolLM), "gpt2" or "bert".
+    """
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    norm_eps: float = 1e-5
+    hidden_act: str = "silu"
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # bias on the Q, K and V projections (Qwen2)
+    sliding_window: int | None = None
+    type_vocab_size: int = 0  # BERT token-type embeddings
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    stored_dtype: str = "float32"  # dtype (or GGUF tensor types) of the weights on disk
+    # Encoder heads and sentence-embedding settings (BERT).
+    pooling: str = "mean"  # "mean" or "cls"
+    normalize_embeddings: bool = False
+    max_seq_length: int | None = None  # truncation length for embeddings (sentence-transformers)
+    id2label: dict[int, str] = field(default_factory=dict)
+    hf_model_type: str = ""  # the config.json model_type (or GGUF general.architecture) as written
+    hf_architecture: str = ""  # the config.json architectures[0], e.g. "BertForMaskedLM"; picks heads
+
+    @property
+    def is_encoder(self) -> bool:
+        """Whether the model is a bidirectional encoder (embeddings, classification) rather than a decoder."""
+        return self.architecture == "bert"
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """End-of-sequence ids as a list, whatever form the source gave them in."""
+        if self.eos_token_id is None:
+            return []
+        if isinstance(self.eos_token_id, int):
+            return [self.eos_token_id]
+        return list(self.eos_token_id)

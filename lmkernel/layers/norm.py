@@ -1,0 +1,26 @@
+"""Normalisation layers."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Llama family), computed in float32 like the reference."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+def layer_norm(dim: int, eps: float) -> nn.LayerNorm:
+    """LayerNorm with weight and bias (GPT-2, BERT)."""
+    return nn.LayerNorm(dim, eps=eps)

@@ -1,0 +1,163 @@
+"""GGUF files (llama.cpp's format): metadata into `ModelConfig`, tensors dequantized into Hugging Face names."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+
+from lmkernel.config import ModelConfig
+from lmkernel.errors import UnsupportedModelError, WeightsError
+
+
+def open_reader(path: Path) -> gguf.GGUFReader:
+    """Open a GGUF file, turning the reader's low-level failures into a `WeightsError` naming the file."""
+    try:
+        return gguf.GGUFReader(str(path))
+    except Exception as exc:  # the reader raises ValueError, struct/numpy errors on bad files
+        raise WeightsError(f"{path}: not a readable GGUF file ({type(exc).__name__}: {exc})") from None
+
+
+def read_metadata(reader: gguf.GGUFReader) -> dict[str, Any]:
+    """Every metadata key of the file as plain Python values (strings, numbers, lists)."""
+    out: dict[str, Any] = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        out[key] = field.contents()
+    return out
+
+
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+# llama.cpp's converter permutes the Q and K rows of these architectures for its rope layout.
+_PERMUTED_QK = ("llama", "mistral")
+_T = gguf.GGMLQuantizationType
+SUPPORTED_TENSOR_TYPES = (_T.F32, _T.F16, _T.BF16, _T.Q8_0, _T.Q4_0, _T.Q4_1, _T.Q4_K, _T.Q5_K, _T.Q6_K)
+
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+
+def _meta(metadata: dict[str, Any], path: Path, key: str, default: Any = None) -> Any:
+    if key in metadata:
+        return metadata[key]
+    if default is None:
+        raise WeightsError(f"{path}: missing GGUF metadata key '{key}'")
+    return default
+
+
+def parse_config(path: Path, reader: gguf.GGUFReader, metadata: dict[str, Any]) -> ModelConfig:
+    """GGUF metadata (`{arch}.*` and `tokenizer.ggml.*` keys) into a `ModelConfig`."""
+    arch = metadata.get("general.architecture", "")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise UnsupportedModelError(
+            f"{path}: GGUF architecture '{arch}' is not supported; expected one of {list(SUPPORTED_ARCHITECTURES)}"
+        )
+    hidden = int(_meta(metadata, path, f"{arch}.embedding_length"))
+    heads = int(_meta(metadata, path, f"{arch}.attention.head_count"))
+    head_dim = int(metadata.get(f"{arch}.attention.key_length") or metadata.get(f"{arch}.rope.dimension_count") or hidden // heads)
+    tokens = metadata.get("tokenizer.ggml.tokens") or []
+    scaling = None
+    scaling_type = metadata.get(f"{arch}.rope.scaling.type")
+    if scaling_type and scaling_type != "none":
+        scaling = {"rope_type": scaling_type, "factor": float(_meta(metadata, path, f"{arch}.rope.scaling.factor"))}
+        original = metadata.get(f"{arch}.rope.scaling.original_context_length")
+        if original:
+            scaling["original_max_position_embeddings"] = int(original)
+    names = {t.name for t in reader.tensors}
+    return ModelConfig(
+        architecture="llama",
+        vocab_size=int(metadata.get(f"{arch}.vocab_size") or len(tokens)),
+        hidden_size=hidden,
+        intermediate_size=int(_meta(metadata, path, f"{arch}.feed_forward_length")),
+        num_layers=int(_meta(metadata, path, f"{arch}.block_count")),
+        num_heads=heads,
+        num_kv_heads=int(metadata.get(f"{arch}.attention.head_count_kv") or heads),
+        head_dim=head_dim,
+        max_position_embeddings=int(_meta(metadata, path, f"{arch}.context_length")),
+        norm_eps=float(_meta(metadata, path, f"{arch}.attention.layer_norm_rms_epsilon")),
+        rope_theta=float(metadata.get(f"{arch}.rope.freq_base", 10000.0)),
+        rope_scaling=scaling,
+        tie_word_embeddings="output.weight" not in names,
+        attention_bias="blk.0.attn_q.bias" in names,
+        bos_token_id=metadata.get("tokenizer.ggml.bos_token_id"),
+        eos_token_id=metadata.get("tokenizer.ggml.eos_token_id"),
+        pad_token_id=metadata.get("tokenizer.ggml.padding_token_id"),
+        stored_dtype=stored_dtype(reader),
+        hf_model_type=arch,
+        hf_architecture="LlamaForCausalLM",
+    )
+
+
+def stored_dtype(reader: gguf.GGUFReader) -> str:
+    """The GGUF tensor types of the file, most frequent first, e.g. "Q4_1 (210), F32 (61), Q8_0 (1)"."""
+    counts: dict[str, int] = {}
+    for t in reader.tensors:
+        counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+    return ", ".join(f"{name} ({n})" for name, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def hf_name(gguf_name: str) -> str | None:
+    """The Hugging Face parameter name for a GGUF tensor name, or None for tensors we do not use."""
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    parts = gguf_name.split(".")
+    if len(parts) == 4 and parts[0] == "blk" and parts[2] in _LAYER_NAMES:
+        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{parts[3]}"
+    return None
+
+
+def _unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """Undo llama.cpp's interleaving of each head's rotary halves in Q/K rows."""
+    rows = w.shape[0]
+    return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def load_tensors(
+    path: Path, reader: gguf.GGUFReader, config: ModelConfig, dtype: torch.dtype, device: str | torch.device = "cpu"
+) -> dict[str, torch.Tensor]:
+    """Every tensor the model uses, dequantized to `dtype` and named and laid out as in Hugging Face."""
+    tensors: dict[str, torch.Tensor] = {}
+    permute = config.hf_model_type in _PERMUTED_QK
+    for t in reader.tensors:
+        name = hf_name(t.name)
+        if name is None:
+            continue
+        if t.tensor_type not in SUPPORTED_TENSOR_TYPES:
+            supported = ", ".join(x.name for x in SUPPORTED_TENSOR_TYPES)
+            raise UnsupportedModelError(
+                f"{path}: tensor '{t.name}' has GGUF type {t.tensor_type.name}; lmkernel reads {supported}"
+            )
+        try:
+            array = gguf.quants.dequantize(t.data, t.tensor_type)
+        except Exception as exc:
+            raise WeightsError(f"{path}: cannot read tensor '{t.name}' ({type(exc).__name__}: {exc})") from None
+        w = torch.from_numpy(np.array(array, dtype=np.float32))  # a copy: F32 tensors are read-only memmap views
+        if permute and name.endswith("q_proj.weight"):
+            w = _unpermute(w, config.num_heads)
+        elif permute and name.endswith("k_proj.weight"):
+            w = _unpermute(w, config.num_kv_heads)
+        tensors[name] = w.to(device=device, dtype=dtype)
+    return tensors
+
+
+def parameter_count(reader: gguf.GGUFReader) -> int:
+    """Number of weights in the file (a tied output layer is stored, and counted, once)."""
+    return sum(int(t.n_elements) for t in reader.tensors)

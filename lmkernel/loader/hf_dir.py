@@ -1,0 +1,226 @@
+"""Hugging Face model directories: config.json into `ModelConfig`, safetensors (single or sharded) into tensors."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from lmkernel.config import ModelConfig
+from lmkernel.errors import UnsupportedModelError, WeightsError
+
+LLAMA_TYPES = ("llama", "mistral", "qwen2", "smollm", "smollm3")
+SUPPORTED_TYPES = (*LLAMA_TYPES, "gpt2", "bert")
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """Parse a JSON object from `path`, or raise a `WeightsError` naming the file."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise WeightsError(f"{path}: cannot read as JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise WeightsError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+def _rope(raw: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    """rope_theta and the scaling dict, from the transformers 4 (`rope_scaling`) or 5 (`rope_parameters`) form."""
+    params = raw.get("rope_parameters") or {}
+    theta = float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
+    scaling = raw.get("rope_scaling") or {k: v for k, v in params.items() if k != "rope_theta"}
+    if scaling and scaling.get("rope_type", scaling.get("type", "default")) == "default":
+        scaling = None
+    return theta, scaling or None
+
+
+def _require(raw: dict[str, Any], path: Path, *keys: str) -> Any:
+    for key in keys:
+        if key in raw:
+            return raw[key]
+    raise WeightsError(f"{path}: missing field '{keys[0]}'")
+
+
+def _sentence_transformers(directory: Path) -> dict[str, Any]:
+    """Pooling, normalisation and truncation from a sentence-transformers layout, if present."""
+    out: dict[str, Any] = {}
+    modules_file = directory / "modules.json"
+    if not modules_file.is_file():
+        return out
+    modules = json.loads(modules_file.read_text())
+    types = [m.get("type", "") for m in modules]
+    out["normalize_embeddings"] = any(t.endswith("Normalize") for t in types)
+    for m in modules:
+        if m.get("type", "").endswith("Pooling"):
+            pooling = read_json(directory / m["path"] / "config.json")
+            out["pooling"] = "cls" if pooling.get("pooling_mode_cls_token") else "mean"
+    st_config = directory / "sentence_bert_config.json"
+    if st_config.is_file():
+        out["max_seq_length"] = read_json(st_config).get("max_seq_length")
+    return out
+
+
+def parse_config(directory: Path) -> ModelConfig:
+    """Read `config.json` (and sentence-transformers files beside it) into a `ModelConfig`."""
+    path = directory / "config.json"
+    raw = read_json(path)
+    model_type = raw.get("model_type", "")
+    architecture = (raw.get("architectures") or [""])[0]
+    if model_type not in SUPPORTED_TYPES:
+        raise UnsupportedModelError(
+            f"{path}: model_type '{model_type}' is not supported; expected one of {list(SUPPORTED_TYPES)}"
+        )
+    common: dict[str, Any] = dict(
+        vocab_size=int(_require(raw, path, "vocab_size")),
+        bos_token_id=raw.get("bos_token_id"),
+        eos_token_id=raw.get("eos_token_id"),
+        pad_token_id=raw.get("pad_token_id"),
+        stored_dtype=stored_dtype(directory),
+        hf_model_type=model_type,
+        hf_architecture=architecture,
+        id2label={int(k): v for k, v in (raw.get("id2label") or {}).items()},
+    )
+    if model_type == "gpt2":
+        hidden, heads = int(_require(raw, path, "n_embd")), int(_require(raw, path, "n_head"))
+        return ModelConfig(
+            architecture="gpt2",
+            hidden_size=hidden,
+            intermediate_size=int(raw.get("n_inner") or 4 * hidden),
+            num_layers=int(_require(raw, path, "n_layer")),
+            num_heads=heads,
+            num_kv_heads=heads,
+            head_dim=hidden // heads,
+            max_position_embeddings=int(_require(raw, path, "n_positions")),
+            norm_eps=float(raw.get("layer_norm_epsilon", 1e-5)),
+            hidden_act=raw.get("activation_function", "gelu_new"),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", True)),
+            **common,
+        )
+    hidden = int(_require(raw, path, "hidden_size"))
+    heads = int(_require(raw, path, "num_attention_heads"))
+    if model_type == "bert":
+        return ModelConfig(
+            architecture="bert",
+            hidden_size=hidden,
+            intermediate_size=int(_require(raw, path, "intermediate_size")),
+            num_layers=int(_require(raw, path, "num_hidden_layers")),
+            num_heads=heads,
+            num_kv_heads=heads,
+            head_dim=hidden // heads,
+            max_position_embeddings=int(_require(raw, path, "max_position_embeddings")),
+            norm_eps=float(raw.get("layer_norm_eps", 1e-12)),
+            hidden_act=raw.get("hidden_act", "gelu"),
+            type_vocab_size=int(raw.get("type_vocab_size", 2)),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", True)),
+            **_sentence_transformers(directory),
+            **common,
+        )
+    theta, scaling = _rope(raw)
+    window = raw.get("sliding_window") if raw.get("use_sliding_window", model_type == "mistral") else None
+    return ModelConfig(
+        architecture="llama",
+        hidden_size=hidden,
+        intermediate_size=int(_require(raw, path, "intermediate_size")),
+        num_layers=int(_require(raw, path, "num_hidden_layers")),
+        num_heads=heads,
+        num_kv_heads=int(raw.get("num_key_value_heads") or heads),
+        head_dim=int(raw.get("head_dim") or hidden // heads),
+        max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
+        norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+        hidden_act=raw.get("hidden_act", "silu"),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        attention_bias=bool(raw.get("attention_bias", model_type == "qwen2")),
+        sliding_window=window,
+        **common,
+    )
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """The safetensors files of a directory: those listed in an index, else every *.safetensors."""
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise WeightsError(f"{index}: expected a non-empty 'weight_map' of tensor name to shard file")
+        files = [directory / name for name in sorted(set(weight_map.values()))]
+        for f in files:
+            if not f.is_file():
+                raise WeightsError(f"{index}: lists shard '{f.name}', which is not in {directory}")
+        return files
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise WeightsError(f"{directory}: no *.safetensors weights found")
+    return files
+
+
+def check_safetensors(path: Path) -> dict[str, Any]:
+    """Validate a safetensors file's header against its size; returns the header.
+
+    A truncated download otherwise fails deep inside the reader, or later with garbage weights.
+    """
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise WeightsError(f"{path}: truncated safetensors file ({size} bytes; expected an 8-byte header length)")
+        (header_len,) = struct.unpack("<Q", head)
+        if 8 + header_len > size:
+            raise WeightsError(
+                f"{path}: truncated safetensors file: header needs {8 + header_len} bytes, file has {size}"
+            )
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise WeightsError(f"{path}: not a safetensors file (header is not JSON)") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + header_len + end > size:
+        raise WeightsError(
+            f"{path}: truncated safetensors file: tensors need {8 + header_len + end} bytes, file has {size}"
+        )
+    return header
+
+
+def _float_tensor_headers(directory: Path) -> list[dict[str, Any]]:
+    """Header entries (dtype, shape) of every floating-point tensor in the directory's weight files."""
+    return [
+        info
+        for path in weight_files(directory)
+        for name, info in check_safetensors(path).items()
+        if name != "__metadata__" and info["dtype"] in _SAFETENSORS_DTYPES
+    ]
+
+
+def stored_dtype(directory: Path) -> str:
+    """The floating dtype most of the weights are stored in."""
+    counts: dict[str, int] = {}
+    for info in _float_tensor_headers(directory):
+        counts[info["dtype"]] = counts.get(info["dtype"], 0) + 1
+    return _SAFETENSORS_DTYPES[max(counts, key=counts.get)] if counts else "unknown"
+
+
+def load_tensors(directory: Path, dtype: torch.dtype, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Every tensor of the directory's safetensors files; floating ones cast to `dtype`."""
+    tensors: dict[str, torch.Tensor] = {}
+    for path in weight_files(directory):
+        check_safetensors(path)
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    t = f.get_tensor(name)
+                    tensors[name] = (t.to(dtype) if t.is_floating_point() else t).to(device)
+        except SafetensorError as exc:
+            raise WeightsError(f"{path}: cannot read safetensors file ({exc})") from None
+    return tensors
+
+
+def parameter_count(directory: Path) -> int:
+    """Number of floating-point weights in the directory's safetensors files, read from their headers."""
+    return sum(math.prod(int(d) for d in info["shape"]) for info in _float_tensor_headers(directory))

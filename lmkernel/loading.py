@@ -1,0 +1,165 @@
+"""`load_model`: a name or path in, a ready model with its config and tokenizer out.
+
+This is the reference path: one sequence (or a batch of sentences) through plain attention. The
+engine is checked against it, and users call it to score text or embed sentences.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import torch
+from torch import nn
+
+from lmkernel.config import ModelConfig
+from lmkernel.errors import LmkError
+from lmkernel.layers.attention import AttentionMetadata
+from lmkernel.loader import gguf_file, hf_dir
+from lmkernel.loader.tokenizer import Tokenizer
+from lmkernel.models import model_class
+from lmkernel.models.weights import build_on_meta
+from lmkernel.registry import ModelSource, resolve
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """A torch dtype from a name ("float32", "bfloat16", "float16") or a torch dtype."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise LmkError(f"dtype {dtype} is not supported; expected one of {list(DTYPES)}")
+        return dtype
+    name = str(dtype).removeprefix("torch.")
+    if name not in DTYPES:
+        raise LmkError(f"dtype '{dtype}' is not supported; expected one of {list(DTYPES)}")
+    return DTYPES[name]
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """"auto" picks CUDA when present, else CPU; anything else must name an available device."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise LmkError(f"device '{device}' is not a valid device; expected 'auto', 'cpu' or 'cuda[:N]'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise LmkError(f"device '{device}' was asked for, but no CUDA device is available")
+    if dev.type not in ("cpu", "cuda"):
+        raise LmkError(f"device '{device}' is not supported; expected 'auto', 'cpu' or 'cuda[:N]'")
+    return dev
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to run: its config, tokenizer, torch module, and where it came from."""
+
+    config: ModelConfig
+    tokenizer: Tokenizer
+    model: nn.Module
+    source: ModelSource
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def num_parameters(self) -> int:
+        """Distinct parameters (a tied head counts once)."""
+        return sum(p.numel() for p in {id(p): p for p in self.model.parameters()}.values())
+
+    @torch.inference_mode()
+    def logits(self, token_ids: Sequence[int]) -> torch.Tensor:
+        """Float32 logits [T, vocab] of one token sequence (decoders only)."""
+        if self.config.is_encoder:
+            raise LmkError(f"{self.source.path}: logits() needs a decoder model; this is an encoder (use embed())")
+        ids = self._check_ids(token_ids)
+        meta = AttentionMetadata.for_lengths([len(ids)], causal=True)
+        positions = torch.arange(len(ids), device=self.device)
+        hidden = self.model(torch.tensor(ids, device=self.device), positions, meta)
+        return self.model.compute_logits(hidden).float()
+
+    @torch.inference_mode()
+    def embed(self, texts: Sequence[str], max_batch_tokens: int = 8192) -> torch.Tensor:
+        """Pooled (and, if the model says so, normalised) sentence embeddings [N, hidden], float32.
+
+        Sentences are sorted by length and packed end to end up to `max_batch_tokens`, so no
+        compute is spent on padding.
+        """
+        if not self.config.is_encoder:
+            raise LmkError(f"{self.source.path}: embed() needs an encoder model; this is a decoder (use logits())")
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+            raise LmkError("embed() expects a list of strings")
+        limit = min(self.config.max_seq_length or self.config.max_position_embeddings, self.config.max_position_embeddings)
+        encoded = [ids[: limit - 1] + ids[-1:] if len(ids) > limit else ids for ids in self.tokenizer.encode_batch(list(texts))]
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+        out = torch.empty(len(encoded), self.config.hidden_size, dtype=torch.float32)
+        start = 0
+        while start < len(order):
+            end, tokens = start, 0
+            while end < len(order) and (end == start or tokens + len(encoded[order[end]]) <= max_batch_tokens):
+                tokens += len(encoded[order[end]])
+                end += 1
+            batch = [encoded[i] for i in order[start:end]]
+            meta = AttentionMetadata.for_lengths([len(b) for b in batch], causal=False)
+            ids = torch.tensor([t for b in batch for t in b], device=self.device)
+            positions = torch.tensor([p for b in batch for p in range(len(b))], device=self.device)
+            pooled = self.model.pool(self.model(ids, positions, meta), meta)
+            out[torch.tensor(order[start:end])] = pooled.float().cpu()
+            start = end
+        return out
+
+    def _check_ids(self, token_ids: Sequence[int]) -> list[int]:
+        ids = [int(t) for t in token_ids]
+        if not ids:
+            raise LmkError("token_ids is empty; expected at least one token id")
+        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise LmkError(f"token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size})")
+        if len(ids) > self.config.max_position_embeddings:
+            raise LmkError(
+                f"{len(ids)} tokens exceed the model's context length of {self.config.max_position_embeddings}"
+            )
+        return ids
+
+
+def _open(source: ModelSource) -> tuple[ModelConfig, Tokenizer, gguf.GGUFReader | None]:
+    """Config and tokenizer of a source, plus its GGUF reader when it is a GGUF file."""
+    if source.kind == "gguf":
+        reader = gguf_file.open_reader(source.path)
+        metadata = gguf_file.read_metadata(reader)
+        config = gguf_file.parse_config(source.path, reader, metadata)
+        return config, Tokenizer.from_gguf(metadata, str(source.path)), reader
+    return hf_dir.parse_config(source.path), Tokenizer.from_hf_dir(source.path), None
+
+
+def load_model(name_or_path: str | Path, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu") -> LoadedModel:
+    """Load an alias, a Hugging Face directory or a GGUF file into a `LoadedModel`; nothing is downloaded."""
+    torch_dtype, dev = resolve_dtype(dtype), resolve_device(device)
+    source = resolve(name_or_path)
+    config, tokenizer, reader = _open(source)
+    if reader is not None:
+        tensors = gguf_file.load_tensors(source.path, reader, config, torch_dtype, dev)
+    else:
+        tensors = hf_dir.load_tensors(source.path, torch_dtype, dev)
+    model = build_on_meta(model_class(config), config)
+    model.load_weights(tensors, str(source.path))
+    return LoadedModel(config, tokenizer, model.eval(), source, torch_dtype, dev)
+
+
+def describe(source: ModelSource) -> dict[str, object]:
+    """What `lmk info` prints: read from configs and file headers, without loading any weights."""
+    config, tokenizer, reader = _open(source)
+    params = gguf_file.parameter_count(reader) if reader is not None else hf_dir.parameter_count(source.path)
+    return {
+        "path": str(source.path),
+        "format": "GGUF" if source.kind == "gguf" else "Hugging Face directory (safetensors)",
+        "architecture": f"{config.architecture} ({config.hf_architecture or config.hf_model_type})",
+        "parameters": f"{params:,} ({params / 1e6:.1f}M)",
+        "stored dtype": config.stored_dtype,
+        "vocabulary size": config.vocab_size,
+        "context length": config.max_position_embeddings,
+        "layers / hidden / heads (kv)": f"{config.num_layers} / {config.hidden_size} / {config.num_heads} ({config.num_kv_heads})",
+        "chat template": "yes" if tokenizer.chat_template else "no",
+    }

@@ -1,0 +1,108 @@
+"""Llama-family decoder (Llama, Mistral, Qwen2, SmolLM).
+
+    h_0   = embed(tokens)
+    a_l   = h_l + o_proj(attn(rope(q_proj(rms(h_l))), rope(k_proj(rms(h_l))), v_proj(rms(h_l))))
+    h_l+1 = a_l + down_proj(silu(gate_proj(rms(a_l))) * up_proj(rms(a_l)))
+    logits = lm_head(rms(h_L))          lm_head may share the embedding matrix
+
+Grouped-query attention: num_kv_heads key/value heads, each serving num_heads / num_kv_heads
+query heads. Qwen2 adds a bias to the Q, K and V projections. Parameter names follow Hugging Face.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from lmkernel.config import ModelConfig
+from lmkernel.layers.activation import get_activation
+from lmkernel.layers.attention import AttentionMetadata, attend
+from lmkernel.layers.linear import dense
+from lmkernel.layers.norm import RMSNorm
+from lmkernel.layers.rotary import RotaryEmbedding, apply_rotary
+from lmkernel.models.weights import load_named_tensors
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, c: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
+        self.q_proj = dense(c.hidden_size, c.num_heads * c.head_dim, c.attention_bias)
+        self.k_proj = dense(c.hidden_size, c.num_kv_heads * c.head_dim, c.attention_bias)
+        self.v_proj = dense(c.hidden_size, c.num_kv_heads * c.head_dim, c.attention_bias)
+        self.o_proj = dense(c.num_heads * c.head_dim, c.hidden_size, False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        n = x.shape[0]
+        q = apply_rotary(self.q_proj(x).view(n, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rotary(self.k_proj(x).view(n, self.num_kv_heads, self.head_dim), cos, sin)
+        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        return self.o_proj(attend(q, k, v, meta).reshape(n, -1))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, c: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = dense(c.hidden_size, c.intermediate_size, False)
+        self.up_proj = dense(c.hidden_size, c.intermediate_size, False)
+        self.down_proj = dense(c.intermediate_size, c.hidden_size, False)
+        self.act = get_activation(c.hidden_act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, c: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(c.hidden_size, c.norm_eps)
+        self.self_attn = LlamaAttention(c)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.norm_eps)
+        self.mlp = LlamaMLP(c)
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, meta)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, c: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(c) for _ in range(c.num_layers))
+        self.norm = RMSNorm(c.hidden_size, c.norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    """Decoder with a language-model head; `forward` gives hidden states, `compute_logits` the scores."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        self.lm_head = dense(config.hidden_size, config.vocab_size, False)
+        self.rotary = RotaryEmbedding(
+            config.head_dim, config.rope_theta, config.max_position_embeddings, config.rope_scaling
+        )
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Final hidden states [N, hidden] for the flattened tokens of every sequence in the batch."""
+        h = self.model.embed_tokens(input_ids)
+        cos, sin = self.rotary.cos_sin(positions, h.dtype)
+        for layer in self.model.layers:
+            h = layer(h, cos, sin, meta)
+        return self.model.norm(h)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    def load_weights(self, tensors: Mapping[str, torch.Tensor], source: str) -> None:
+        """Load Hugging Face-named tensors; a tied head reuses the embedding matrix."""
+        tied = self.config.tie_word_embeddings
+        if tied and "lm_head.weight" not in tensors and "model.embed_tokens.weight" in tensors:
+            tensors = {**tensors, "lm_head.weight": tensors["model.embed_tokens.weight"]}
+        load_named_tensors(self, tensors, source)
+        if tied:
+            self.lm_head.weight = self.model.embed_tokens.weight

@@ -1,0 +1,36 @@
+"""Loading Hugging Face-named tensors into a model built on the meta device."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from lmkernel.errors import WeightsError
+
+
+def load_named_tensors(model: nn.Module, tensors: Mapping[str, torch.Tensor], source: str) -> None:
+    """Assign every parameter of `model` from `tensors` (names as in its Hugging Face checkpoint).
+
+    Raises `WeightsError` naming `source` when a tensor is missing or has the wrong shape. Tensors
+    that the model has no place for (another head, rotary caches) are ignored.
+    """
+    expected = model.state_dict(keep_vars=True)
+    missing = [name for name in expected if name not in tensors]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise WeightsError(f"{source}: missing tensors {shown}")
+    for name, param in expected.items():
+        if tuple(tensors[name].shape) != tuple(param.shape):
+            raise WeightsError(
+                f"{source}: tensor '{name}' has shape {tuple(tensors[name].shape)}, "
+                f"expected {tuple(param.shape)} from the model config"
+            )
+    model.load_state_dict({name: tensors[name] for name in expected}, strict=True, assign=True)
+
+
+def build_on_meta(cls: type[nn.Module], *args: object) -> nn.Module:
+    """Construct a model without allocating its weights; they arrive with `load_named_tensors`."""
+    with torch.device("meta"):
+        return cls(*args)

