@@ -82,14 +82,26 @@ class RotaryEmbedding:
         base = self.base * ((factor * max_seen / old_len) - (factor - 1)) ** (self.head_dim / (self.head_dim - 2))
         return _inv_freq(self.head_dim, base)
 
-    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin [N, head_dim] for integer positions [N], computed in float32."""
-        inv_freq = self.inv_freq
+    def cos_sin(
+        self, positions: torch.Tensor, dtype: torch.dtype, cu_seqlens: tuple[int, ...] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [N, head_dim] for integer positions [N], computed in float32.
+
+        Dynamic scaling depends on each sequence's length, so it needs the sequence bounds.
+        """
         if self.rope_type == "dynamic":
-            inv_freq = self._dynamic_inv_freq(int(positions.max()) + 1)
-        freqs = positions.float()[:, None] * inv_freq.to(positions.device)[None, :]
+            bounds = cu_seqlens or (0, positions.shape[0])
+            parts = [self._freqs(positions[s:e], self._dynamic_inv_freq(int(positions[s:e].max()) + 1))
+                     for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
+            freqs = torch.cat(parts)
+        else:
+            freqs = self._freqs(positions, self.inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
         return (emb.cos() * self.attention_scaling).to(dtype), (emb.sin() * self.attention_scaling).to(dtype)
+
+    @staticmethod
+    def _freqs(positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+        return positions.float()[:, None] * inv_freq.to(positions.device)[None, :]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

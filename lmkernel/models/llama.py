@@ -90,7 +90,7 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Final hidden states [N, hidden] for the flattened tokens of every sequence in the batch."""
         h = self.model.embed_tokens(input_ids)
-        cos, sin = self.rotary.cos_sin(positions, h.dtype)
+        cos, sin = self.rotary.cos_sin(positions, h.dtype, meta.cu_seqlens)
         for layer in self.model.layers:
             h = layer(h, cos, sin, meta)
         return self.model.norm(h)

@@ -6,11 +6,11 @@ from __future__ import annotations
 import gguf
 import pytest
 import torch
+from flat_batch import flatten, split
 from tiny_gguf import T, vocabulary, write_llama_gguf
 
 from lmkernel import load_model
 from lmkernel.errors import LmkError, UnsupportedModelError, WeightsError
-from lmkernel.layers.attention import AttentionMetadata
 from lmkernel.loader import gguf_file
 
 # Every tensor type the loader claims to read, spread over the tensors of a two-layer model.
@@ -76,14 +76,11 @@ def test_batched_sequences_equal_one_at_a_time(tmp_path, tiny_llama):
     """Sequences laid end to end attend only within themselves."""
     model = load_model(write_llama_gguf(tmp_path / "tiny.gguf", tiny_llama))
     seqs = [IDS, IDS[:5], [7, 8, 9, 10, 11, 12, 13]]
-    meta = AttentionMetadata.for_lengths([len(s) for s in seqs], causal=True)
-    flat = torch.tensor([t for s in seqs for t in s])
-    positions = torch.tensor([p for s in seqs for p in range(len(s))])
+    ids, positions, meta = flatten(seqs, causal=True)
     with torch.no_grad():
-        logits = model.model.compute_logits(model.model(flat, positions, meta))
-    for i, s in enumerate(seqs):
-        start = meta.cu_seqlens[i]
-        torch.testing.assert_close(logits[start : start + len(s)], model.logits(s), atol=1e-5, rtol=0)
+        logits = model.model.compute_logits(model.model(ids, positions, meta))
+    for s, got in zip(seqs, split(logits, meta)):
+        torch.testing.assert_close(got, model.logits(s), atol=1e-5, rtol=0)
 
 
 def test_unreadable_tensor_type_names_file_tensor_and_type(tmp_path, tiny_llama):

@@ -1,0 +1,210 @@
+"""BERT encoder with sentence pooling, a masked-LM head and a sequence-classification head.
+
+    h_0    = LayerNorm(word(tokens) + position(positions) + token_type(types))
+    a_l    = LayerNorm(h_l + attention.output.dense(attn(query(h_l), key(h_l), value(h_l))))   bidirectional
+    h_l+1  = LayerNorm(a_l + output.dense(gelu(intermediate.dense(a_l))))
+    sentence = normalise(mean over the tokens of each sequence of h_L)          or h_L of [CLS]
+    mlm      = decoder(LayerNorm(gelu(transform.dense(h_L)))) + bias            decoder shares word embeddings
+    classes  = classifier(tanh(pooler.dense(h_L of [CLS])))
+
+Checkpoints of a bare BertModel name the encoder `embeddings.*`, `encoder.*`; the task models prefix
+it with `bert.`. Parameters here always carry the prefix, and loading adds it where missing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmkernel.config import ModelConfig
+from lmkernel.layers.activation import get_activation
+from lmkernel.layers.attention import AttentionMetadata, attend
+from lmkernel.layers.linear import dense
+from lmkernel.layers.norm import layer_norm
+from lmkernel.models.weights import load_named_tensors
+
+MLM_ARCHITECTURE = "BertForMaskedLM"
+CLASSIFIER_ARCHITECTURE = "BertForSequenceClassification"
+
+
+class BertEmbeddings(nn.Module):
+    def __init__(self, c: ModelConfig) -> None:
+        super().__init__()
+        self.word_embeddings = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.position_embeddings = nn.Embedding(c.max_position_embeddings, c.hidden_size)
+        self.token_type_embeddings = nn.Embedding(max(c.type_vocab_size, 1), c.hidden_size)
+        self.LayerNorm = layer_norm(c.hidden_size, c.norm_eps)
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, types: torch.Tensor) -> torch.Tensor:
+        x = self.word_embeddings(ids) + self.position_embeddings(positions) + self.token_type_embeddings(types)
+        return self.LayerNorm(x)
+
+
+class BertSelfAttention(nn.Module):
+    def __init__(self, c: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = c.num_heads, c.head_dim
+        self.query = dense(c.hidden_size, c.hidden_size, True)
+        self.key = dense(c.hidden_size, c.hidden_size, True)
+        self.value = dense(c.hidden_size, c.hidden_size, True)
+
+    def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        n = x.shape[0]
+        q, k, v = (p(x).view(n, self.num_heads, self.head_dim) for p in (self.query, self.key, self.value))
+        return attend(q, k, v, meta).reshape(n, -1)
+
+
+class BertDenseNorm(nn.Module):
+    """dense, then LayerNorm of (that + residual): `attention.output` and `output` in Hugging Face's names."""
+
+    def __init__(self, in_features: int, c: ModelConfig) -> None:
+        super().__init__()
+        self.dense = dense(in_features, c.hidden_size, True)
+        self.LayerNorm = layer_norm(c.hidden_size, c.norm_eps)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dense(x) + residual)
+
+
+class BertAttention(nn.Module):
+    def __init__(self, c: ModelConfig) -> None:
+        super().__init__()
+        self.self = BertSelfAttention(c)
+        self.output = BertDenseNorm(c.hidden_size, c)
+
+    def forward(self, h: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        return self.output(self.self(h, meta), h)
+
+
+class BertIntermediate(nn.Module):
+    def __init__(self, c: ModelConfig) -> None:
+        super().__init__()
+        self.dense = dense(c.hidden_size, c.intermediate_size, True)
+        self.act = get_activation(c.hidden_act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.dense(x))
+
+
+class BertLayer(nn.Module):
+    def __init__(self, c: ModelConfig) -> None:
+        super().__init__()
+        self.attention = BertAttention(c)
+        self.intermediate = BertIntermediate(c)
+        self.output = BertDenseNorm(c.intermediate_size, c)
+
+    def forward(self, h: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        a = self.attention(h, meta)
+        return self.output(self.intermediate(a), a)
+
+
+class BertEncoder(nn.Module):
+    def __init__(self, c: ModelConfig) -> None:
+        super().__init__()
+        self.layer = nn.ModuleList(BertLayer(c) for _ in range(c.num_layers))
+
+
+class BertPooler(nn.Module):
+    def __init__(self, c: ModelConfig) -> None:
+        super().__init__()
+        self.dense = dense(c.hidden_size, c.hidden_size, True)
+
+
+class BertBackbone(nn.Module):
+    def __init__(self, c: ModelConfig, with_pooler: bool) -> None:
+        super().__init__()
+        self.embeddings = BertEmbeddings(c)
+        self.encoder = BertEncoder(c)
+        self.pooler = BertPooler(c) if with_pooler else None
+
+
+class BertPredictionTransform(nn.Module):
+    def __init__(self, c: ModelConfig) -> None:
+        super().__init__()
+        self.dense = dense(c.hidden_size, c.hidden_size, True)
+        self.act = get_activation(c.hidden_act)
+        self.LayerNorm = layer_norm(c.hidden_size, c.norm_eps)
+
+
+class BertLMPredictions(nn.Module):
+    def __init__(self, c: ModelConfig) -> None:
+        super().__init__()
+        self.transform = BertPredictionTransform(c)
+        self.decoder = dense(c.hidden_size, c.vocab_size, False)
+        self.bias = nn.Parameter(torch.zeros(c.vocab_size))
+
+
+class BertMLMHead(nn.Module):
+    def __init__(self, c: ModelConfig) -> None:
+        super().__init__()
+        self.predictions = BertLMPredictions(c)
+
+
+class BertModel(nn.Module):
+    """BERT encoder; the MLM or classification head exists when the checkpoint's architecture has it."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.has_classifier = config.hf_architecture == CLASSIFIER_ARCHITECTURE
+        self.bert = BertBackbone(config, with_pooler=self.has_classifier)
+        self.cls = BertMLMHead(config) if config.hf_architecture == MLM_ARCHITECTURE else None
+        if self.has_classifier:
+            self.classifier = dense(config.hidden_size, len(config.id2label) or 2, True)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Final hidden states [N, hidden] for the flattened tokens of every sequence in the batch."""
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        h = self.bert.embeddings(input_ids, positions, token_type_ids)
+        for layer in self.bert.encoder.layer:
+            h = layer(h, meta)
+        return h
+
+    def pool(self, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """One vector per sequence [B, hidden]: mean of its tokens or its first token, then L2-normalised if configured."""
+        starts = torch.tensor(meta.cu_seqlens[:-1], device=hidden.device)
+        if self.config.pooling == "cls":
+            pooled = hidden[starts]
+        else:
+            lengths = torch.tensor(meta.cu_seqlens, device=hidden.device).diff()
+            owner = torch.repeat_interleave(torch.arange(meta.num_sequences, device=hidden.device), lengths)
+            sums = torch.zeros(meta.num_sequences, hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
+            pooled = sums.index_add_(0, owner, hidden) / lengths[:, None].to(hidden.dtype)
+        return F.normalize(pooled, p=2, dim=-1) if self.config.normalize_embeddings else pooled
+
+    def mlm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Vocabulary scores [N, vocab] for every token (BertForMaskedLM checkpoints)."""
+        if self.cls is None:
+            raise ValueError(f"this model has no masked-LM head (architecture {self.config.hf_architecture!r})")
+        p = self.cls.predictions
+        t = p.transform.LayerNorm(p.transform.act(p.transform.dense(hidden)))
+        return p.decoder(t) + p.bias
+
+    def classify(self, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Class logits [B, num_labels] from each sequence's first token (BertForSequenceClassification)."""
+        if not self.has_classifier:
+            raise ValueError(f"this model has no classification head (architecture {self.config.hf_architecture!r})")
+        first = hidden[torch.tensor(meta.cu_seqlens[:-1], device=hidden.device)]
+        return self.classifier(torch.tanh(self.bert.pooler.dense(first)))
+
+    def load_weights(self, tensors: Mapping[str, torch.Tensor], source: str) -> None:
+        """Load Hugging Face-named tensors from a bare or task checkpoint; the MLM decoder reuses word embeddings."""
+        named = {(f"bert.{k}" if k.startswith(("embeddings.", "encoder.", "pooler.")) else k): v for k, v in tensors.items()}
+        if "cls.predictions.decoder.bias" in named:
+            named.setdefault("cls.predictions.bias", named["cls.predictions.decoder.bias"])
+        tie = self.cls is not None and self.config.tie_word_embeddings
+        if tie and "bert.embeddings.word_embeddings.weight" in named:
+            named["cls.predictions.decoder.weight"] = named["bert.embeddings.word_embeddings.weight"]
+        load_named_tensors(self, named, source)
+        if tie:
+            self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight

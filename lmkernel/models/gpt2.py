@@ -1,0 +1,103 @@
+"""GPT-2 decoder.
+
+    h_0    = wte(tokens) + wpe(positions)
+    a_l    = h_l + c_proj(attn(split_qkv(c_attn(ln_1(h_l)))))        causal, multi-head
+    h_l+1  = a_l + mlp.c_proj(gelu(mlp.c_fc(ln_2(a_l))))
+    logits = lm_head(ln_f(h_L))                                      lm_head usually shares wte
+
+Hugging Face stores GPT-2's projections as Conv1D, weight [in, out]; they are transposed into
+ordinary [out, in] linear weights when loaded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from lmkernel.config import ModelConfig
+from lmkernel.layers.activation import get_activation
+from lmkernel.layers.attention import AttentionMetadata, attend
+from lmkernel.layers.linear import dense
+from lmkernel.layers.norm import layer_norm
+from lmkernel.models.weights import load_named_tensors
+
+_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+class GPT2Attention(nn.Module):
+    def __init__(self, c: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = c.num_heads, c.head_dim
+        self.c_attn = dense(c.hidden_size, 3 * c.hidden_size, True)
+        self.c_proj = dense(c.hidden_size, c.hidden_size, True)
+
+    def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        n = x.shape[0]
+        q, k, v = self.c_attn(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)
+        return self.c_proj(attend(q, k, v, meta).reshape(n, -1))
+
+
+class GPT2MLP(nn.Module):
+    def __init__(self, c: ModelConfig) -> None:
+        super().__init__()
+        self.c_fc = dense(c.hidden_size, c.intermediate_size, True)
+        self.c_proj = dense(c.intermediate_size, c.hidden_size, True)
+        self.act = get_activation(c.hidden_act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(self.act(self.c_fc(x)))
+
+
+class GPT2Block(nn.Module):
+    def __init__(self, c: ModelConfig) -> None:
+        super().__init__()
+        self.ln_1 = layer_norm(c.hidden_size, c.norm_eps)
+        self.attn = GPT2Attention(c)
+        self.ln_2 = layer_norm(c.hidden_size, c.norm_eps)
+        self.mlp = GPT2MLP(c)
+
+    def forward(self, h: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        h = h + self.attn(self.ln_1(h), meta)
+        return h + self.mlp(self.ln_2(h))
+
+
+class GPT2Model(nn.Module):
+    def __init__(self, c: ModelConfig) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.wpe = nn.Embedding(c.max_position_embeddings, c.hidden_size)
+        self.h = nn.ModuleList(GPT2Block(c) for _ in range(c.num_layers))
+        self.ln_f = layer_norm(c.hidden_size, c.norm_eps)
+
+
+class GPT2LMHeadModel(nn.Module):
+    """GPT-2 with its tied language-model head; `forward` gives hidden states, `compute_logits` the scores."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.transformer = GPT2Model(config)
+        self.lm_head = dense(config.hidden_size, config.vocab_size, False)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Final hidden states [N, hidden] for the flattened tokens of every sequence in the batch."""
+        h = self.transformer.wte(input_ids) + self.transformer.wpe(positions)
+        for block in self.transformer.h:
+            h = block(h, meta)
+        return self.transformer.ln_f(h)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    def load_weights(self, tensors: Mapping[str, torch.Tensor], source: str) -> None:
+        """Load Hugging Face-named tensors, transposing Conv1D weights; a tied head reuses wte."""
+        named = {(k if k.startswith(("transformer.", "lm_head.")) else f"transformer.{k}"): v for k, v in tensors.items()}
+        named = {k: (v.t().contiguous() if k.endswith(_CONV1D) else v) for k, v in named.items()}
+        tied = self.config.tie_word_embeddings
+        if tied and "lm_head.weight" not in named and "transformer.wte.weight" in named:
+            named["lm_head.weight"] = named["transformer.wte.weight"]
+        load_named_tensors(self, named, source)
+        if tied:
+            self.lm_head.weight = self.transformer.wte.weight
