@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -18,21 +19,39 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, proc
 from tokenizers import Tokenizer as Backend
 
 from lmkernel.errors import LmkError, ModelSourceError, UnsupportedModelError
+from lmkernel.loader.hf_dir import read_json
 
-# Split rules for the GGUF `tokenizer.ggml.pre` values whose merges were learned on them; any other
-# byte-level vocabulary uses GPT-2's rule, as transformers does.
-_LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+# Split rules for the GGUF `tokenizer.ggml.pre` values whose merges were learned on them (transformers'
+# table); any other value keeps the builder's own pre-tokenizer.
+_LLAMA3 = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_QWEN2 = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_QWEN35 = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_TEKKEN = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+"
+    r"[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-_QWEN2_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_GPT4O = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 _PRE_SPLITS = {
-    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "dbrx", "smaug-bpe", "pixtral"), _LLAMA3_SPLIT),
-    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "megrez"), _QWEN2_SPLIT),
+    **dict.fromkeys("llama3 llama-v3 llama-bpe falcon3 falcon-h1 pixtral midm-2.0 lfm2 jina-v5-nano dbrx smaug-bpe".split(), _LLAMA3),
+    **dict.fromkeys("qwen2 deepseek-r1-qwen kormo f2llmv2 megrez".split(), _QWEN2),
+    **dict.fromkeys("gpt-4o llama4 kanana2 talkie minimax-m2".split(), _GPT4O),
+    "tekken": _TEKKEN,
+    "qwen35": _QWEN35,
 }
 _CONTROL, _USER_DEFINED = 3, 4
+_NAMED = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+# transformers builds GGUF vocabularies through GPT2Tokenizer / LlamaTokenizer, whose default specials
+# it adds (appending them when the vocabulary lacks them) before reading the file's own.
+_BUILDER_DEFAULTS = {"gpt2": ("<|endoftext|>",), "llama": ("<s>", "</s>", "<unk>")}
+# SentencePiece files of these architectures need builders transformers special-cases.
+_SPM_SPECIAL_ARCHS = ("gemma", "gemma2", "gemma3", "phi3")
+_GGUF_SPECIALS = {"bos_token": "bos", "eos_token": "eos", "unk_token": "unknown", "pad_token": "padding"}
+_CLEANUPS = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
+             (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))  # fmt: skip
 
 
 class ChatTemplateError(LmkError):
@@ -53,31 +72,36 @@ def _byte_alphabet() -> dict[int, str]:
 
 def _token_text(value: Any) -> str | None:
     """A special token as tokenizer_config.json writes it: a string or {"content": ...}."""
-    if isinstance(value, dict):
-        return value.get("content")
-    return value if isinstance(value, str) else None
+    return value.get("content") if isinstance(value, dict) else value if isinstance(value, str) else None
+
+
+def _add_missing_specials(backend: Backend, tokens: Sequence[str | None]) -> None:
+    """Add each token not yet an added token as a special one, as transformers' constructor does."""
+    known = {t.content for t in backend.get_added_tokens_decoder().values()}
+    missing = [t for t in dict.fromkeys(tokens) if t is not None and t not in known]
+    backend.add_tokens([AddedToken(t, special=True) for t in missing])
 
 
 class Tokenizer:
     """Text to ids and back, special token ids, and the chat template of one model."""
 
     def __init__(
-        self,
-        backend: Backend,
-        special_tokens: Mapping[str, str | None],
-        chat_template: str | None,
-        source: str,
+        self, backend: Backend, special_tokens: Mapping[str, str | None], chat_template: str | None, source: str,
+        clean_up_spaces: bool = False,
     ) -> None:
-        backend.no_truncation()
+        backend.no_truncation()  # transformers' __call__ neither pads nor truncates unless asked
         backend.no_padding()
         self.backend = backend
         self.source = source
         self.chat_template = chat_template
         self.special_tokens = {k: v for k, v in special_tokens.items() if v is not None}
+        # transformers' cleanup of " ." and " 's" on decode; it never applies it to BPE models.
+        self._clean_up = clean_up_spaces and not isinstance(backend.model, models.BPE)
         self.bos_token_id = self._id_of("bos_token")
         self.eos_token_id = self._id_of("eos_token")
         self.pad_token_id = self._id_of("pad_token")
         self.unk_token_id = self._id_of("unk_token")
+        # Every id `decode(..., skip_special_tokens=True)` drops, named specials included.
         self.all_special_ids = sorted(
             {i for i, t in backend.get_added_tokens_decoder().items() if t.special}
             | {i for i in (self._id_of(k) for k in self.special_tokens) if i is not None}
@@ -100,72 +124,53 @@ class Tokenizer:
         config: dict[str, Any] = {}
         for name in ("special_tokens_map.json", "tokenizer_config.json"):
             if (directory / name).is_file():
-                try:
-                    config.update(json.loads((directory / name).read_text(encoding="utf-8")))
-                except json.JSONDecodeError as exc:
-                    raise ModelSourceError(f"{directory / name}: not valid JSON ({exc})") from None
+                config.update(read_json(directory / name))
         template = config.get("chat_template")
         if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}]
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
-        if template is None and (directory / "chat_template.jinja").is_file():
+        if (directory / "chat_template.jinja").is_file():  # the separate file wins, as in transformers
             template = (directory / "chat_template.jinja").read_text(encoding="utf-8")
-        names = ("bos_token", "eos_token", "pad_token", "unk_token", "cls_token", "sep_token", "mask_token")
-        specials = {name: _token_text(config.get(name)) for name in names}
-        return cls(backend, specials, template, str(directory))
+        specials = {name: _token_text(config.get(name)) for name in _NAMED}
+        extra = config.get("extra_special_tokens") or config.get("additional_special_tokens") or []
+        extra = list(extra.values()) if isinstance(extra, dict) else list(extra)
+        _add_missing_specials(backend, [*specials.values(), *(_token_text(t) for t in extra)])
+        clean_up = bool(config.get("clean_up_tokenization_spaces", False))
+        return cls(backend, specials, template, str(directory), clean_up)
 
     @classmethod
     def from_gguf(cls, metadata: Mapping[str, Any], source: str) -> Tokenizer:
         """From GGUF metadata (`tokenizer.ggml.*`), built as transformers builds it from the same file."""
         kind = metadata.get("tokenizer.ggml.model")
-        if kind != "gpt2":
+        arch = metadata.get("general.architecture")
+        if kind not in _BUILDER_DEFAULTS or (kind == "llama" and arch in _SPM_SPECIAL_ARCHS):
             raise UnsupportedModelError(
-                f"{source}: GGUF tokenizer model '{kind}' is not supported; expected 'gpt2' (byte-level BPE)"
+                f"{source}: GGUF tokenizer model '{kind}' (architecture '{arch}') is not supported; expected 'gpt2' "
+                f"(byte-level BPE) or 'llama' (SentencePiece BPE, not for {', '.join(_SPM_SPECIAL_ARCHS)})"
             )
         tokens = list(metadata.get("tokenizer.ggml.tokens") or [])
         if not tokens:
             raise ModelSourceError(f"{source}: GGUF metadata has no 'tokenizer.ggml.tokens'")
         types = list(metadata.get("tokenizer.ggml.token_type") or [])
-        alphabet = _byte_alphabet()
-        spelled = set(alphabet.values())
-        # Tokens outside the byte alphabet are stored as plain text; spell them in bytes like the rest.
-        vocab = {
-            t if set(t) <= spelled else "".join(alphabet[b] for b in t.encode("utf-8")): i for i, t in enumerate(tokens)
-        }
-        merges = [tuple(m.split(" ", 1)) for m in metadata.get("tokenizer.ggml.merges") or []]
-        backend = Backend(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
-        split = _PRE_SPLITS.get(metadata.get("tokenizer.ggml.pre", ""))
-        if split is None:
-            backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-        else:
-            backend.pre_tokenizer = pre_tokenizers.Sequence(
-                [pre_tokenizers.Split(Regex(split), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
-            )
-        backend.decoder = decoders.ByteLevel()
-        control = [t for t, k in zip(tokens, types) if k == _CONTROL and set(t) <= spelled]
+        backend = _byte_level(tokens, metadata) if kind == "gpt2" else _sentencepiece(tokens, metadata, source)
+        backend.add_tokens([AddedToken(t, special=True) for t in _BUILDER_DEFAULTS[kind]])
+        spelled = set(_byte_alphabet().values()) if kind == "gpt2" else None
+        control = [t for t, k in zip(tokens, types) if k == _CONTROL and (spelled is None or set(t) <= spelled)]
         backend.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in control])
+        vocab = backend.get_vocab(with_added_tokens=True)
         user = [t for t, k in zip(tokens, types) if k == _USER_DEFINED and t in vocab]
         backend.add_tokens([AddedToken(t, normalized=False, special=False) for t in user])
-
-        def token(key: str) -> str | None:
-            index = metadata.get(f"tokenizer.ggml.{key}")
-            return tokens[index] if index is not None and 0 <= index < len(tokens) else None
-
-        specials = {
-            "bos_token": token("bos_token_id"),
-            "eos_token": token("eos_token_id"),
-            "pad_token": token("padding_token_id"),
-            "unk_token": token("unknown_token_id"),
-        }
-        add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", False)) and specials["bos_token"] is not None
-        add_eos = bool(metadata.get("tokenizer.ggml.add_eos_token", False)) and specials["eos_token"] is not None
-        if add_bos or add_eos:
-            bos, eos = specials["bos_token"], specials["eos_token"]
-            single = ([f"{bos}:0"] if add_bos else []) + ["$A:0"] + ([f"{eos}:0"] if add_eos else [])
-            pair = single + (["$B:1"] if not add_eos else ["$B:1", f"{eos}:1"])
-            used = [t for t, on in ((bos, add_bos), (eos, add_eos)) if on]
-            backend.post_processor = processors.TemplateProcessing(
-                single=single, pair=pair, special_tokens=[(t, vocab[t]) for t in dict.fromkeys(used)]
-            )
+        if (split := _PRE_SPLITS.get(metadata.get("tokenizer.ggml.pre", ""))) is not None:
+            backend.pre_tokenizer = pre_tokenizers.Sequence([
+                pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ])
+        indices = {name: metadata.get(f"tokenizer.ggml.{key}_token_id") for name, key in _GGUF_SPECIALS.items()}
+        specials = {name: tokens[i] if i is not None and 0 <= i < len(tokens) else None for name, i in indices.items()}
+        _add_missing_specials(backend, list(specials.values()))
+        # llama.cpp adds BOS to a SentencePiece vocabulary whose file does not say otherwise.
+        add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", kind == "llama"))
+        add_eos = bool(metadata.get("tokenizer.ggml.add_eos_token", False))
+        _set_bos_eos(backend, specials["bos_token"], specials["eos_token"], add_bos, add_eos)
         return cls(backend, specials, metadata.get("tokenizer.chat_template"), source)
 
     @property
@@ -184,12 +189,18 @@ class Tokenizer:
         return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
-        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        """Text of `ids`, as transformers' `decode` gives it."""
+        text = self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        for before, after in _CLEANUPS if self._clean_up else ():
+            text = text.replace(before, after)
+        return text
 
     def token_to_id(self, token: str) -> int | None:
+        """The id of one token string, or None."""
         return self.backend.token_to_id(token)
 
     def id_to_token(self, token_id: int) -> str | None:
+        """The token string of one id, or None."""
         return self.backend.id_to_token(token_id)
 
     def apply_chat_template(
@@ -208,23 +219,82 @@ class Tokenizer:
                     raise ValueError(f"messages[{i}].{key} must be a string")
         try:
             text = _compile(self.chat_template).render(
-                messages=[dict(m) for m in messages], add_generation_prompt=add_generation_prompt, **self.special_tokens
+                messages=[dict(m) for m in messages], tools=None, documents=None,
+                add_generation_prompt=add_generation_prompt, **self.special_tokens,
             )
         except jinja2.TemplateError as exc:
             raise ChatTemplateError(f"{self.source}: chat template failed to render: {exc}") from None
         return self.encode(text, add_special_tokens=False) if tokenize else text
 
 
+def _byte_level(tokens: list[str], metadata: Mapping[str, Any]) -> Backend:
+    """Byte-level BPE (GPT-2 style), with tokens outside the byte alphabet respelled in bytes."""
+    alphabet = _byte_alphabet()
+    spelled = set(alphabet.values())
+    vocab = {t if set(t) <= spelled else "".join(alphabet[b] for b in t.encode("utf-8")): i for i, t in enumerate(tokens)}
+    merges = [tuple(m.split(" ")) for m in metadata.get("tokenizer.ggml.merges") or []]
+    backend = Backend(
+        models.BPE(vocab=vocab, merges=merges, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False)
+    )
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    return backend
+
+
+def _sentencepiece(tokens: list[str], metadata: Mapping[str, Any], source: str) -> Backend:
+    """SentencePiece-style BPE with byte fallback (Llama 1/2, Mistral); merges recovered from scores if absent."""
+    vocab = {t: i for i, t in enumerate(tokens)}
+    if "tokenizer.ggml.merges" in metadata:
+        merges = [tuple(m.split(" ")) for m in metadata["tokenizer.ggml.merges"]]
+    elif "tokenizer.ggml.scores" in metadata:
+        merges = _merges_from_scores(vocab, dict(zip(tokens, metadata["tokenizer.ggml.scores"])))
+    else:
+        raise ModelSourceError(f"{source}: GGUF SentencePiece vocabulary has neither 'tokenizer.ggml.merges' nor scores")
+    backend = Backend(models.BPE(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(content=" ", left=1)]
+    )
+    return backend
+
+
+def _merges_from_scores(vocab: dict[str, int], scores: dict[str, float]) -> list[tuple[str, str]]:
+    """Every split of a token into two known tokens, best-scored token first (transformers' `generate_merges`)."""
+    merges: list[tuple[str, str, float]] = []
+    for piece, score in scores.items():
+        local = [(piece[:k], piece[k:], score) for k in range(1, len(piece)) if piece[:k] in vocab and piece[k:] in vocab]
+        merges.extend(sorted(local, key=lambda m: (vocab[m[0]], vocab[m[1]])))
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    return [(left, right) for left, right, _ in merges]
+
+
+def _set_bos_eos(backend: Backend, bos: str | None, eos: str | None, add_bos: bool, add_eos: bool) -> None:
+    """The post-processor transformers writes: optional BOS before and EOS after each sequence."""
+    add_bos, add_eos = add_bos and bos is not None, add_eos and eos is not None
+    single = ([f"{bos}:0"] if add_bos else []) + ["$A:0"] + ([f"{eos}:0"] if add_eos else [])
+    pair = single + ([f"{bos}:1"] if add_bos else []) + ["$B:1"] + ([f"{eos}:1"] if add_eos else [])
+    used = [t for t, on in ((bos, add_bos), (eos, add_eos)) if on]
+    specials = [(t, backend.token_to_id(t)) for t in used]
+    backend.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=specials)
+
+
 def _raise_exception(message: str) -> None:
     raise jinja2.TemplateError(message)
+
+
+def _tojson(
+    value: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None, sort_keys: bool = False
+) -> str:
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
 @lru_cache(maxsize=8)
 def _compile(template: str) -> jinja2.Template:
     """A template compiled in a sandbox with the options and helpers Hugging Face templates expect."""
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-    env.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
+    env.filters["tojson"] = _tojson  # jinja2's own escapes HTML characters; templates expect plain JSON
     env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     try:
         return env.from_string(template)
     except jinja2.TemplateError as exc:
@@ -234,8 +304,7 @@ def _compile(template: str) -> jinja2.Template:
 class IncrementalDetokenizer:
     """Turns a growing list of ids into text pieces for streaming, never splitting a UTF-8 character.
 
-    Each step decodes only a short window (from the last emitted boundary), so a token costs O(1)
-    however long the output grows.
+    Each step decodes only a short window from the last emitted boundary (vLLM's prefix/read offsets).
     """
 
     def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = (), skip_special_tokens: bool = True) -> None:
@@ -246,20 +315,21 @@ class IncrementalDetokenizer:
         self.prefix_offset = max(len(self.ids) - 5, 0)
         self.read_offset = len(self.ids)
 
+    def _window(self) -> tuple[str, str]:
+        decode, skip = self.tokenizer.decode, self.skip_special_tokens
+        return decode(self.ids[self.prefix_offset : self.read_offset], skip), decode(self.ids[self.prefix_offset :], skip)
+
     def add(self, token_ids: Sequence[int] | int) -> str:
         """Append ids and return the newly completed text (possibly empty)."""
         self.ids.extend([token_ids] if isinstance(token_ids, int) else token_ids)
-        decode = self.tokenizer.decode
-        prefix = decode(self.ids[self.prefix_offset : self.read_offset], self.skip_special_tokens)
-        full = decode(self.ids[self.prefix_offset :], self.skip_special_tokens)
+        prefix, full = self._window()
         if len(full) <= len(prefix) or full.endswith("\ufffd"):
-            return ""
+            return ""  # nothing new, or a character still missing bytes
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
         return full[len(prefix) :]
 
     def flush(self) -> str:
         """Whatever is still held back at the end (a dangling partial character, as U+FFFD)."""
-        prefix = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset], self.skip_special_tokens)
-        full = self.tokenizer.decode(self.ids[self.prefix_offset :], self.skip_special_tokens)
+        prefix, full = self._window()
         self.prefix_offset = self.read_offset = len(self.ids)
         return full[len(prefix) :]

@@ -149,11 +149,11 @@ class BertModel(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.has_classifier = config.hf_architecture == CLASSIFIER_ARCHITECTURE
-        self.bert = BertBackbone(config, with_pooler=self.has_classifier)
+        has_classifier = config.hf_architecture == CLASSIFIER_ARCHITECTURE
+        self.bert = BertBackbone(config, with_pooler=has_classifier)
         self.cls = BertMLMHead(config) if config.hf_architecture == MLM_ARCHITECTURE else None
-        if self.has_classifier:
-            self.classifier = dense(config.hidden_size, len(config.id2label) or 2, True)
+        num_labels = len(config.id2label) or 2
+        self.classifier = dense(config.hidden_size, num_labels, True) if has_classifier else None
 
     def forward(
         self,
@@ -192,7 +192,7 @@ class BertModel(nn.Module):
 
     def classify(self, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Class logits [B, num_labels] from each sequence's first token (BertForSequenceClassification)."""
-        if not self.has_classifier:
+        if self.classifier is None or self.bert.pooler is None:
             raise ValueError(f"this model has no classification head (architecture {self.config.hf_architecture!r})")
         first = hidden[torch.tensor(meta.cu_seqlens[:-1], device=hidden.device)]
         return self.classifier(torch.tanh(self.bert.pooler.dense(first)))

@@ -2,39 +2,82 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
+
 import pytest
 import torch
-from flat_batch import add_tokenizer, flatten, split
+from flat_batch import flatten, split
+from torch import nn
 
-from lmkernel import load_model
+from lmkernel.errors import UnsupportedModelError
+from lmkernel.loader.hf_dir import load_tensors, parse_config
+from lmkernel.models import model_class
+from lmkernel.models.weights import build_on_meta
 
 SEQS = [[5, 17, 300, 999, 42, 7, 7, 8], [1, 2, 3], list(range(100, 140))]
 
 
+def _load(directory: Path) -> nn.Module:
+    config = parse_config(directory)
+    model = build_on_meta(model_class(config), config)
+    model.load_weights(load_tensors(directory, torch.float32), str(directory))
+    return model.eval()
+
+
+def _perturb_vectors(model: nn.Module) -> nn.Module:
+    """Biases start at 0 and LayerNorm weights at 1; move them so a misplaced one changes the output."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
 @pytest.fixture(scope="module")
-def tiny_gpt2(tmp_path_factory, minilm_dir):
+def tiny_gpt2(tmp_path_factory):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
     config = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=1000, n_positions=128)
-    model = GPT2LMHeadModel(config).eval()
+    model = _perturb_vectors(GPT2LMHeadModel(config))
     directory = tmp_path_factory.mktemp("gpt2")
-    model.save_pretrained(directory)
-    return model, load_model(add_tokenizer(directory, minilm_dir))
+    model.save_pretrained(directory, safe_serialization=True)
+    return model, directory, _load(directory)
 
 
 def test_logits_match_transformers(tiny_gpt2):
-    ref_model, ours = tiny_gpt2
+    ref_model, _, ours = tiny_gpt2
     assert ours.config.architecture == "gpt2" and ours.config.tie_word_embeddings
+    assert all(p.device.type == "cpu" for p in ours.parameters())
     ids, positions, meta = flatten(SEQS, causal=True)
     with torch.no_grad():
-        flat = ours.model.compute_logits(ours.model(ids, positions, meta))
+        flat = ours.compute_logits(ours(ids, positions, meta))
+        assert flat.shape == (sum(map(len, SEQS)), 1000)
         for seq, got in zip(SEQS, split(flat, meta)):
-            ref = ref_model(torch.tensor([seq])).logits[0]
-            torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
-            torch.testing.assert_close(ours.logits(seq), ref, atol=1e-4, rtol=0)
+            torch.testing.assert_close(got, ref_model(torch.tensor([seq])).logits[0], atol=1e-4, rtol=0)
 
 
 def test_head_is_tied_to_token_embeddings(tiny_gpt2):
-    _, ours = tiny_gpt2
-    assert ours.model.lm_head.weight is ours.model.transformer.wte.weight
+    _, _, ours = tiny_gpt2
+    assert ours.lm_head.weight is ours.transformer.wte.weight
+
+
+def test_bare_gpt2model_checkpoint_loads(tiny_gpt2, tmp_path):
+    """A checkpoint of GPT2Model alone names its tensors without the `transformer.` prefix."""
+    ref_model, _, _ = tiny_gpt2
+    ref_model.transformer.save_pretrained(tmp_path, safe_serialization=True)
+    ours = _load(tmp_path)
+    ids, positions, meta = flatten(SEQS, causal=True)
+    with torch.no_grad():
+        flat = ours(ids, positions, meta)
+        for seq, got in zip(SEQS, split(flat, meta)):
+            ref = ref_model.transformer(torch.tensor([seq])).last_hidden_state[0]
+            torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+
+
+def test_unknown_architecture_names_the_supported_ones(tiny_gpt2):
+    _, directory, _ = tiny_gpt2
+    config = replace(parse_config(directory), architecture="mamba")
+    with pytest.raises(UnsupportedModelError, match=r"'mamba'.*\['bert', 'gpt2', 'llama'\]"):
+        model_class(config)

@@ -2,35 +2,51 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
-from flat_batch import add_tokenizer, flatten, split
+from flat_batch import flatten, split
+from torch import nn
 
-from lmkernel import load_model
+from lmkernel.loader.hf_dir import load_tensors, parse_config
+from lmkernel.models import model_class
+from lmkernel.models.weights import build_on_meta
 
+# The last sequence runs past max_position_embeddings=64 of the Llama configs, where dynamic scaling starts.
 SEQS = [[5, 17, 300, 999, 42, 7, 7, 8], [1, 2, 3], list(range(100, 190))]
 
 
-def _check(ref_model, directory, minilm_dir):
-    ours = load_model(add_tokenizer(directory, minilm_dir))
+def _load(directory: Path) -> nn.Module:
+    config = parse_config(directory)
+    model = build_on_meta(model_class(config), config)
+    model.load_weights(load_tensors(directory, torch.float32), str(directory))
+    return model.eval()
+
+
+def _perturb_vectors(model: nn.Module) -> nn.Module:
+    """Biases start at 0 and norm weights at 1; move them so a misplaced one changes the output."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.3)
+    return model.eval()
+
+
+def _check_logits(ref_model: nn.Module, directory: Path) -> nn.Module:
+    """Save the reference, load it with lmkernel, and compare logits of a flattened batch per sequence."""
+    ref_model.save_pretrained(directory, safe_serialization=True)
+    ours = _load(directory)
     ids, positions, meta = flatten(SEQS, causal=True)
     with torch.no_grad():
-        flat = ours.model.compute_logits(ours.model(ids, positions, meta))
+        flat = ours.compute_logits(ours(ids, positions, meta))
         for seq, got in zip(SEQS, split(flat, meta)):
             torch.testing.assert_close(got, ref_model(torch.tensor([seq])).logits[0], atol=1e-4, rtol=0)
     return ours
 
 
-def _randomise_norms(model):
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-    return model.eval()
-
-
-@pytest.mark.parametrize("tied", [False, True])
-def test_qwen2_logits_match_transformers(tmp_path, minilm_dir, tied):
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_qwen2_logits_match_transformers(tmp_path, tied):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(1)
@@ -38,15 +54,9 @@ def test_qwen2_logits_match_transformers(tmp_path, minilm_dir, tied):
         vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=tied,
     )
-    model = _randomise_norms(Qwen2ForCausalLM(config))
-    with torch.no_grad():  # biases start at zero; make them count
-        for layer in model.model.layers:
-            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                proj.bias.normal_(0, 0.5)
-    model.save_pretrained(tmp_path)
-    ours = _check(model, tmp_path, minilm_dir)
+    ours = _check_logits(_perturb_vectors(Qwen2ForCausalLM(config)), tmp_path)
     assert ours.config.attention_bias and ours.config.num_kv_heads == 2
-    assert (ours.model.lm_head.weight is ours.model.model.embed_tokens.weight) == tied
+    assert (ours.lm_head.weight is ours.model.embed_tokens.weight) == tied
 
 
 @pytest.mark.parametrize(
@@ -60,7 +70,7 @@ def test_qwen2_logits_match_transformers(tmp_path, minilm_dir, tied):
     ],
     ids=lambda r: r["rope_type"],
 )
-def test_llama_rope_scaling_matches_transformers(tmp_path, minilm_dir, rope):
+def test_llama_rope_scaling_matches_transformers(tmp_path, rope):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(2)
@@ -68,7 +78,6 @@ def test_llama_rope_scaling_matches_transformers(tmp_path, minilm_dir, rope):
         vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=4, max_position_embeddings=64, rope_parameters={**rope, "rope_theta": 10000.0},
     )
-    model = _randomise_norms(LlamaForCausalLM(config))
-    model.save_pretrained(tmp_path)
-    ours = _check(model, tmp_path, minilm_dir)
+    ours = _check_logits(_perturb_vectors(LlamaForCausalLM(config)), tmp_path)
     assert ours.config.rope_scaling["rope_type"] == rope["rope_type"]
+    assert ours.rotary.rope_type == rope["rope_type"]
