@@ -55,3 +55,35 @@ class ModelConfig:
         if isinstance(self.eos_token_id, int):
             return [self.eos_token_id]
         return list(self.eos_token_id)
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The paged KV cache: tokens per block, and how much memory the blocks may take."""
+
+    block_size: int = 16
+    # Bytes for K and V of every layer; None means `memory_fraction` of the memory available.
+    memory_bytes: int | None = None
+    memory_fraction: float = 0.2
+    enable_prefix_caching: bool = True
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Per-step limits: tokens computed in one forward, and sequences in one batch."""
+
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 64
+    max_model_len: int = 2048  # prompt + output tokens one request may reach
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything an engine is built from."""
+
+    model: str
+    dtype: str = "float32"
+    device: str = "auto"
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    seed: int = 0

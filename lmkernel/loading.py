@@ -6,7 +6,7 @@ engine is checked against it, and users call it to score text or embed sentences
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,34 +80,37 @@ class LoadedModel:
         hidden = self.model(torch.tensor(ids, device=self.device), positions, meta)
         return self.model.compute_logits(hidden).float()
 
-    @torch.inference_mode()
-    def embed(self, texts: Sequence[str], max_batch_tokens: int = 8192) -> torch.Tensor:
-        """Pooled (and, if the model says so, normalised) sentence embeddings [N, hidden], float32.
+    def length_batches(self, texts: Sequence[str], max_batch_tokens: int) -> Iterator[tuple[list[int], list[list[int]]]]:
+        """Tokenized texts (truncated to the model's limit) in batches of similar length.
 
-        Sentences are sorted by length and packed end to end up to `max_batch_tokens`, so no
-        compute is spent on padding.
+        Yields (indices into `texts`, their token ids). Sorting by length and packing up to
+        `max_batch_tokens` tokens means no compute is spent on padding.
         """
-        if not self.config.is_encoder:
-            raise LmkError(f"{self.source.path}: embed() needs an encoder model; this is a decoder (use logits())")
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
-            raise LmkError("embed() expects a list of strings")
+            raise LmkError("expected a list of strings")
         limit = min(self.config.max_seq_length or self.config.max_position_embeddings, self.config.max_position_embeddings)
         encoded = [ids[: limit - 1] + ids[-1:] if len(ids) > limit else ids for ids in self.tokenizer.encode_batch(list(texts))]
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-        out = torch.empty(len(encoded), self.config.hidden_size, dtype=torch.float32)
         start = 0
         while start < len(order):
             end, tokens = start, 0
             while end < len(order) and (end == start or tokens + len(encoded[order[end]]) <= max_batch_tokens):
                 tokens += len(encoded[order[end]])
                 end += 1
-            batch = [encoded[i] for i in order[start:end]]
+            yield order[start:end], [encoded[i] for i in order[start:end]]
+            start = end
+
+    @torch.inference_mode()
+    def embed(self, texts: Sequence[str], max_batch_tokens: int = 8192) -> torch.Tensor:
+        """Pooled (and, if the model says so, normalised) sentence embeddings [N, hidden], float32."""
+        if not self.config.is_encoder:
+            raise LmkError(f"{self.source.path}: embed() needs an encoder model; this is a decoder (use logits())")
+        out = torch.empty(len(texts), self.config.hidden_size, dtype=torch.float32)
+        for order, batch in self.length_batches(texts, max_batch_tokens):
             meta = AttentionMetadata.for_lengths([len(b) for b in batch], causal=False)
             ids = torch.tensor([t for b in batch for t in b], device=self.device)
             positions = torch.tensor([p for b in batch for p in range(len(b))], device=self.device)
-            pooled = self.model.pool(self.model(ids, positions, meta), meta)
-            out[torch.tensor(order[start:end])] = pooled.float().cpu()
-            start = end
+            out[torch.tensor(order)] = self.model.pool(self.model(ids, positions, meta), meta).float().cpu()
         return out
 
     def _check_ids(self, token_ids: Sequence[int]) -> list[int]:

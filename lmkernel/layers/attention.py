@@ -1,8 +1,11 @@
-"""Attention over a flattened batch of variable-length sequences.
+"""Attention over a flattened batch of variable-length sequences, with or without a paged KV cache.
 
 Every model passes its projected queries, keys and values as [num_tokens, heads, head_dim] for all
-sequences of the batch laid end to end, plus an `AttentionMetadata` saying where each sequence starts.
-No sequence is padded to the longest. This module holds the plain, contiguous reference path.
+sequences of the batch laid end to end, plus an `AttentionMetadata` saying where each sequence
+starts. No sequence is padded to the longest. Without a cache (the reference path) each sequence
+attends within itself. With one, the new K/V are first written into their slots for every sequence,
+then each sequence reads its whole context back through its slots: prefill chunks one by one,
+single-token decodes together in one call (keys masked past each sequence's length).
 """
 
 from __future__ import annotations
@@ -14,19 +17,39 @@ import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
+class PagedLayout:
+    """Where a step's tokens live in the paged cache.
+
+    slot_mapping: cache row of each new token [N]. seq_lens: context length of each sequence after
+    this step. context_slots: for sequences that read back from the cache, the rows of their whole
+    context, in order. decode_*: the single-token sequences read together: their query rows [B], the
+    rows of their contexts padded to the longest [B, Lmax], and which of those are real [B, 1, 1, Lmax].
+    """
+
+    slot_mapping: torch.Tensor
+    seq_lens: tuple[int, ...]
+    context_slots: dict[int, torch.Tensor]
+    decode_seqs: tuple[int, ...] = ()
+    decode_rows: torch.Tensor | None = None
+    decode_slots: torch.Tensor | None = None
+    decode_mask: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
 class AttentionMetadata:
     """Layout of one flattened batch: sequence i owns tokens cu_seqlens[i]:cu_seqlens[i+1]."""
 
     cu_seqlens: tuple[int, ...]
     causal: bool
+    paged: PagedLayout | None = None
 
     @classmethod
-    def for_lengths(cls, lengths: list[int], causal: bool) -> AttentionMetadata:
+    def for_lengths(cls, lengths: list[int], causal: bool, paged: PagedLayout | None = None) -> AttentionMetadata:
         """Metadata for sequences of the given lengths laid end to end."""
         offsets = [0]
         for n in lengths:
             offsets.append(offsets[-1] + int(n))
-        return cls(tuple(offsets), causal)
+        return cls(tuple(offsets), causal, paged)
 
     @property
     def num_sequences(self) -> int:
@@ -37,22 +60,55 @@ class AttentionMetadata:
         return self.cu_seqlens[-1]
 
 
+KVLayer = tuple[torch.Tensor, torch.Tensor]
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, **kw: object) -> torch.Tensor:
+    """q [Tq, Hq, D], k/v [Tk, Hkv, D] for one sequence -> [Tq, Hq, D]."""
+    o = F.scaled_dot_product_attention(
+        q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),
+        scale=scale, enable_gqa=True, **kw,
+    )
+    return o.squeeze(0).transpose(0, 1)
+
+
 def attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata, scale: float | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float | None = None,
+    kv_cache: KVLayer | None = None,
 ) -> torch.Tensor:
-    """Scaled dot-product attention per sequence; q [N, Hq, D], k and v [N, Hkv, D] -> [N, Hq, D].
+    """Scaled dot-product attention; q [N, Hq, D], k and v [N, Hkv, D] -> [N, Hq, D].
 
     Grouped-query attention: each of the Hkv key/value heads serves Hq / Hkv query heads.
     """
-    num_heads, num_kv_heads = q.shape[1], k.shape[1]
-    if num_kv_heads != num_heads:
-        k = k.repeat_interleave(num_heads // num_kv_heads, dim=1)
-        v = v.repeat_interleave(num_heads // num_kv_heads, dim=1)
     out = torch.empty_like(q)
     bounds = meta.cu_seqlens
+    paged = meta.paged if kv_cache is not None else None
+    if paged is not None:
+        k_cache, v_cache = kv_cache
+        k_cache.index_copy_(0, paged.slot_mapping, k)
+        v_cache.index_copy_(0, paged.slot_mapping, v)
+    decode = set(paged.decode_seqs) if paged is not None else set()
     for i in range(meta.num_sequences):
+        if i in decode:
+            continue
         s, e = bounds[i], bounds[i + 1]
-        qi, ki, vi = (t[s:e].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-        oi = F.scaled_dot_product_attention(qi, ki, vi, is_causal=meta.causal, scale=scale)
-        out[s:e] = oi.squeeze(0).transpose(0, 1)
+        slots = paged.context_slots.get(i) if paged is not None else None
+        if slots is None:  # the whole context is in this step
+            out[s:e] = _sdpa(q[s:e], k[s:e], v[s:e], scale, is_causal=meta.causal)
+            continue
+        context, new = slots.shape[0], e - s
+        allowed = torch.arange(context, device=q.device)[None, :] <= torch.arange(context - new, context, device=q.device)[:, None]
+        out[s:e] = _sdpa(q[s:e], k_cache[slots], v_cache[slots], scale, attn_mask=allowed)
+    if decode:
+        rows = paged.decode_rows
+        keys = k_cache[paged.decode_slots].transpose(1, 2)  # [B, Hkv, Lmax, D]
+        values = v_cache[paged.decode_slots].transpose(1, 2)
+        o = F.scaled_dot_product_attention(
+            q[rows].unsqueeze(2), keys, values, attn_mask=paged.decode_mask, scale=scale, enable_gqa=True
+        )
+        out[rows] = o.squeeze(2)
     return out

@@ -11,14 +11,14 @@ ordinary [out, in] linear weights when loaded.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 
 from lmkernel.config import ModelConfig
 from lmkernel.layers.activation import get_activation
-from lmkernel.layers.attention import AttentionMetadata, attend
+from lmkernel.layers.attention import AttentionMetadata, KVLayer, attend
 from lmkernel.layers.linear import dense
 from lmkernel.layers.norm import layer_norm
 from lmkernel.models.weights import load_named_tensors
@@ -33,10 +33,10 @@ class GPT2Attention(nn.Module):
         self.c_attn = dense(c.hidden_size, 3 * c.hidden_size, True)
         self.c_proj = dense(c.hidden_size, c.hidden_size, True)
 
-    def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, meta: AttentionMetadata, cache: KVLayer | None) -> torch.Tensor:
         n = x.shape[0]
         q, k, v = self.c_attn(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)
-        return self.c_proj(attend(q, k, v, meta).reshape(n, -1))
+        return self.c_proj(attend(q, k, v, meta, kv_cache=cache).reshape(n, -1))
 
 
 class GPT2MLP(nn.Module):
@@ -58,8 +58,8 @@ class GPT2Block(nn.Module):
         self.ln_2 = layer_norm(c.hidden_size, c.norm_eps)
         self.mlp = GPT2MLP(c)
 
-    def forward(self, h: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        h = h + self.attn(self.ln_1(h), meta)
+    def forward(self, h: torch.Tensor, meta: AttentionMetadata, cache: KVLayer | None) -> torch.Tensor:
+        h = h + self.attn(self.ln_1(h), meta, cache)
         return h + self.mlp(self.ln_2(h))
 
 
@@ -81,11 +81,21 @@ class GPT2LMHeadModel(nn.Module):
         self.transformer = GPT2Model(config)
         self.lm_head = dense(config.hidden_size, config.vocab_size, False)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """Final hidden states [N, hidden] for the flattened tokens of every sequence in the batch."""
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_caches: Sequence[KVLayer] | None = None,
+    ) -> torch.Tensor:
+        """Final hidden states [N, hidden] for the flattened tokens of every sequence in the batch.
+
+        With `kv_caches` (one K/V pair per layer) and paged metadata, new K/V go into the cache and
+        attention reads each sequence's whole context from it.
+        """
         h = self.transformer.wte(input_ids) + self.transformer.wpe(positions)
-        for block in self.transformer.h:
-            h = block(h, meta)
+        for i, block in enumerate(self.transformer.h):
+            h = block(h, meta, kv_caches[i] if kv_caches is not None else None)
         return self.transformer.ln_f(h)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -11,14 +11,14 @@ query heads. Qwen2 adds a bias to the Q, K and V projections. Parameter names fo
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 
 from lmkernel.config import ModelConfig
 from lmkernel.layers.activation import get_activation
-from lmkernel.layers.attention import AttentionMetadata, attend
+from lmkernel.layers.attention import AttentionMetadata, KVLayer, attend
 from lmkernel.layers.linear import dense
 from lmkernel.layers.norm import RMSNorm
 from lmkernel.layers.rotary import RotaryEmbedding, apply_rotary
@@ -34,12 +34,14 @@ class LlamaAttention(nn.Module):
         self.v_proj = dense(c.hidden_size, c.num_kv_heads * c.head_dim, c.attention_bias)
         self.o_proj = dense(c.num_heads * c.head_dim, c.hidden_size, False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata, cache: KVLayer | None
+    ) -> torch.Tensor:
         n = x.shape[0]
         q = apply_rotary(self.q_proj(x).view(n, self.num_heads, self.head_dim), cos, sin)
         k = apply_rotary(self.k_proj(x).view(n, self.num_kv_heads, self.head_dim), cos, sin)
         v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
-        return self.o_proj(attend(q, k, v, meta).reshape(n, -1))
+        return self.o_proj(attend(q, k, v, meta, kv_cache=cache).reshape(n, -1))
 
 
 class LlamaMLP(nn.Module):
@@ -62,8 +64,10 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.norm_eps)
         self.mlp = LlamaMLP(c)
 
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, meta)
+    def forward(
+        self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata, cache: KVLayer | None
+    ) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, meta, cache)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -87,12 +91,22 @@ class LlamaForCausalLM(nn.Module):
             config.head_dim, config.rope_theta, config.max_position_embeddings, config.rope_scaling
         )
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """Final hidden states [N, hidden] for the flattened tokens of every sequence in the batch."""
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_caches: Sequence[KVLayer] | None = None,
+    ) -> torch.Tensor:
+        """Final hidden states [N, hidden] for the flattened tokens of every sequence in the batch.
+
+        With `kv_caches` (one K/V pair per layer) and paged metadata, new K/V go into the cache and
+        attention reads each sequence's whole context from it.
+        """
         h = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary.cos_sin(positions, h.dtype, meta.cu_seqlens)
-        for layer in self.model.layers:
-            h = layer(h, cos, sin, meta)
+        for i, layer in enumerate(self.model.layers):
+            h = layer(h, cos, sin, meta, kv_caches[i] if kv_caches is not None else None)
         return self.model.norm(h)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

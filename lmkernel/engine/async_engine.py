@@ -1,0 +1,108 @@
+"""`AsyncEngine`: an asyncio front over `LLMEngine` that streams outputs and aborts on cancellation.
+
+One background task owns the engine. Steps run in a worker thread so the event loop never blocks;
+requests and aborts from coroutines are queued and applied between steps, so the engine is only
+ever touched by one thread at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+
+from lmkernel.engine.llm_engine import LLMEngine
+from lmkernel.engine.request import RequestOutput
+from lmkernel.engine.sampling import SamplingParams
+
+
+class AsyncEngine:
+    """Many concurrent `generate` streams over one engine step loop."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self.streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        self.to_add: list[tuple[str, str | Sequence[int], SamplingParams, int, asyncio.Future[None]]] = []
+        self.to_abort: list[str] = []
+        self.wakeup = asyncio.Event()
+        self.loop_task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self.loop_task is None or self.loop_task.done():
+            self.loop_task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self.loop_task is not None:
+            self.loop_task.cancel()
+            try:
+                await self.loop_task
+            except asyncio.CancelledError:
+                pass
+
+    async def generate(
+        self, prompt: str | Sequence[int], params: SamplingParams, request_id: str, priority: int = 0
+    ) -> AsyncIterator[RequestOutput]:
+        """Yield a `RequestOutput` each time the request advances; `delta_text` holds what is new.
+
+        Validation errors (a prompt that can never fit, say) raise here before anything is yielded.
+        Leaving the loop early, or cancelling the consuming task, aborts the request and frees its blocks.
+        """
+        self.start()
+        queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        accepted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.streams[request_id] = queue
+        self.to_add.append((request_id, prompt, params, priority, accepted))
+        self.wakeup.set()
+        finished = False
+        try:
+            await accepted
+            while not finished:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            self.streams.pop(request_id, None)
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Abort at the next step boundary (within one engine step)."""
+        self.to_abort.append(request_id)
+        self.wakeup.set()
+
+    def _apply_pending(self) -> None:
+        adds, self.to_add = self.to_add, []
+        for request_id, prompt, params, priority, accepted in adds:
+            try:
+                self.engine.add_request(request_id, prompt, params, priority)
+            except Exception as exc:  # handed to the caller's generate(), which raises it
+                accepted.set_exception(exc)
+            else:
+                accepted.set_result(None)
+        aborts, self.to_abort = self.to_abort, []
+        for request_id in aborts:
+            self.engine.abort_request(request_id)
+        self.engine.pending = [o for o in self.engine.pending if o.request_id in self.streams]
+
+    async def _run(self) -> None:
+        while True:
+            self._apply_pending()
+            if not self.engine.has_unfinished_requests():
+                self.wakeup.clear()
+                if not (self.to_add or self.to_abort):
+                    await self.wakeup.wait()
+                continue
+            try:
+                outputs = await asyncio.to_thread(self.engine.step)
+            except Exception as exc:  # a failed step fails every stream rather than hanging them
+                for queue in self.streams.values():
+                    queue.put_nowait(exc)
+                for request_id in list(self.engine.groups):
+                    self.engine.abort_request(request_id)
+                self.engine.pending.clear()
+                continue
+            for out in outputs:
+                queue = self.streams.get(out.request_id)
+                if queue is not None:
+                    queue.put_nowait(out)

@@ -1,0 +1,155 @@
+"""`LLM`: the offline API. Generate, chat, embed and classify over lists of inputs, vLLM's way."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from rich.progress import Progress
+
+from lmkernel.config import CacheConfig, SchedulerConfig
+from lmkernel.engine.llm_engine import LLMEngine
+from lmkernel.engine.request import RequestOutput
+from lmkernel.engine.sampling import SamplingParams
+from lmkernel.errors import LmkError
+from lmkernel.layers.attention import AttentionMetadata
+from lmkernel.loading import LoadedModel, load_model
+from lmkernel.memory.kv_cache import parse_bytes
+
+Message = Mapping[str, str]
+PROGRESS_THRESHOLD = 16  # show a progress bar from this many prompts on
+
+
+@dataclass(frozen=True)
+class ClassificationOutput:
+    """The predicted label and the probability of every label."""
+
+    label: str
+    probs: dict[str, float]
+
+
+class LLM:
+    """Load a model once; run batches of prompts through continuous batching on a paged KV cache.
+
+    `model` is an alias, a path, or an already loaded `LoadedModel` (then `dtype` and `device` are its own).
+    """
+
+    def __init__(
+        self,
+        model: str | LoadedModel,
+        dtype: str = "float32",
+        device: str = "auto",
+        kv_cache_memory: str | int | None = None,
+        max_num_seqs: int = 64,
+        max_num_batched_tokens: int = 2048,
+        max_model_len: int | None = None,
+        block_size: int = 16,
+        enable_prefix_caching: bool = True,
+        seed: int = 0,
+        verbose: bool = True,
+    ) -> None:
+        self.loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device)
+        self.tokenizer = self.loaded.tokenizer
+        self.engine: LLMEngine | None = None
+        self._ids = itertools.count()
+        if self.loaded.config.is_encoder:
+            return
+        cache = CacheConfig(
+            block_size=block_size,
+            memory_bytes=parse_bytes(kv_cache_memory) if kv_cache_memory is not None else None,
+            enable_prefix_caching=enable_prefix_caching,
+        )
+        sched = SchedulerConfig(
+            max_num_batched_tokens=max_num_batched_tokens,
+            max_num_seqs=max_num_seqs,
+            max_model_len=max_model_len or self.loaded.config.max_position_embeddings,
+        )
+        self.engine = LLMEngine(self.loaded, cache, sched, seed)
+        if verbose:
+            s = self.engine.stats()
+            print(f"lmkernel: KV cache of {s['kv_blocks_total']} blocks x {s['kv_block_size']} tokens = {s['kv_cache_tokens']} tokens")
+
+    def _engine(self) -> LLMEngine:
+        if self.engine is None:
+            raise LmkError(f"{self.loaded.source.path}: generate() and chat() need a decoder; this encoder has embed() and classify()")
+        return self.engine
+
+    def generate(
+        self,
+        prompts: str | Sequence[str] | Sequence[Sequence[int]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Complete every prompt (text or token ids); outputs come back in the order of the prompts."""
+        engine = self._engine()
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # one prompt, as text or ids
+        params = sampling_params or SamplingParams()
+        per_prompt = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
+        if len(per_prompt) != len(prompts):
+            raise ValueError(f"got {len(per_prompt)} SamplingParams for {len(prompts)} prompts")
+        ids = []
+        try:
+            for prompt, p in zip(prompts, per_prompt):
+                ids.append(str(next(self._ids)))
+                engine.add_request(ids[-1], prompt, p)
+        except Exception:
+            for request_id in ids:
+                engine.abort_request(request_id)
+            engine.pending.clear()
+            raise
+        return self._run(ids, use_tqdm and len(ids) >= PROGRESS_THRESHOLD)
+
+    def chat(
+        self,
+        messages: Sequence[Message] | Sequence[Sequence[Message]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Apply the model's chat template to one conversation or a list of them, then generate."""
+        conversations = [messages] if messages and isinstance(messages[0], Mapping) else list(messages)
+        prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True) for c in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _run(self, ids: list[str], progress: bool) -> list[RequestOutput]:
+        engine = self._engine()
+        wanted, done = set(ids), {}
+        with Progress(disable=not progress, transient=True) as bar:
+            task = bar.add_task("generating", total=len(ids))
+            while wanted - done.keys():
+                for out in engine.step():
+                    if out.finished and out.request_id in wanted:
+                        done[out.request_id] = out
+                        bar.advance(task)
+        return [done[i] for i in ids]
+
+    def embed(self, texts: str | Sequence[str]) -> torch.Tensor:
+        """Sentence embeddings [N, dim] of an encoder model (sorted by length, no padding)."""
+        if not self.loaded.config.is_encoder:
+            raise LmkError(f"{self.loaded.source.path}: embed() needs an encoder model; this is a decoder")
+        return self.loaded.embed([texts] if isinstance(texts, str) else list(texts))
+
+    @torch.inference_mode()
+    def classify(self, texts: str | Sequence[str], max_batch_tokens: int = 8192) -> list[ClassificationOutput]:
+        """Label probabilities from a sequence-classification checkpoint, batched by length without padding."""
+        model = self.loaded.model
+        if getattr(model, "classifier", None) is None:
+            raise LmkError(f"{self.loaded.source.path}: classify() needs a sequence-classification checkpoint")
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        labels = self.loaded.config.id2label
+        results: list[ClassificationOutput | None] = [None] * len(texts)
+        for order, ids in self.loaded.length_batches(texts, max_batch_tokens):
+            meta = AttentionMetadata.for_lengths([len(x) for x in ids], causal=False)
+            flat = torch.tensor([t for x in ids for t in x], device=self.loaded.device)
+            positions = torch.tensor([p for x in ids for p in range(len(x))], device=self.loaded.device)
+            probs = model.classify(model(flat, positions, meta), meta).float().softmax(-1).cpu()
+            for i, row in zip(order, probs.tolist()):
+                named = {labels.get(k, f"LABEL_{k}"): v for k, v in enumerate(row)}
+                results[i] = ClassificationOutput(max(named, key=named.get), named)
+        return results
+
+    def stats(self) -> dict[str, float | int]:
+        """KV-cache, prefix-cache and scheduler counters (see `LLMEngine.stats`)."""
+        return self._engine().stats()

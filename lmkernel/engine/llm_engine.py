@@ -1,0 +1,229 @@
+"""The engine's step loop: schedule, run, update; then detokenize, check stops and report outputs."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from lmkernel.config import CacheConfig, SchedulerConfig
+from lmkernel.engine.model_runner import ModelRunner, ModelRunnerOutput
+from lmkernel.engine.request import CompletionOutput, Request, RequestOutput, RequestStatus
+from lmkernel.engine.sampling import SamplingParams
+from lmkernel.engine.scheduler import Scheduler
+from lmkernel.errors import LmkError
+from lmkernel.loader.tokenizer import IncrementalDetokenizer
+from lmkernel.loading import LoadedModel
+from lmkernel.memory.block_pool import BlockPool
+from lmkernel.memory.kv_cache import allocate_kv_cache
+
+
+class PromptTooLongError(LmkError, ValueError):
+    """A request that could never fit: prompt plus max_tokens past the context or the whole cache."""
+
+
+@dataclass
+class _Sample:
+    """One of a request's n samples: its engine request and the text produced so far."""
+
+    index: int
+    request: Request
+    detokenizer: IncrementalDetokenizer
+    text: str = ""
+    emitted_chars: int = 0
+    emitted_tokens: int = 0
+    finish_reason: str | None = None
+
+
+@dataclass
+class _Group:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    samples: list[_Sample] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finish_reason is not None for s in self.samples)
+
+
+class LLMEngine:
+    """Continuous batching over a paged KV cache for one decoder model."""
+
+    def __init__(self, loaded: LoadedModel, cache: CacheConfig, scheduler: SchedulerConfig, seed: int = 0) -> None:
+        if loaded.config.is_encoder:
+            raise LmkError(f"{loaded.source.path}: the generation engine needs a decoder; this is an encoder model")
+        self.loaded, self.tokenizer = loaded, loaded.tokenizer
+        self.kv_cache = allocate_kv_cache(loaded.config, cache, loaded.dtype, loaded.device)
+        self.pool = BlockPool(self.kv_cache.num_blocks, cache.block_size, cache.enable_prefix_caching)
+        max_len = min(scheduler.max_model_len, loaded.config.max_position_embeddings)
+        self.scheduler = Scheduler(dataclasses.replace(scheduler, max_model_len=max_len), self.pool)
+        self.runner = ModelRunner(loaded.model, self.kv_cache, self.tokenizer, loaded.device, seed)
+        self.groups: dict[str, _Group] = {}
+        self.owner: dict[str, tuple[_Group, _Sample]] = {}
+        self.arrivals = 0
+        self.steps = 0
+        self.pending: list[RequestOutput] = []  # outputs of aborted requests, reported at the next step
+
+    @property
+    def max_model_len(self) -> int:
+        return self.scheduler.config.max_model_len
+
+    def add_request(
+        self, request_id: str, prompt: str | Sequence[int], params: SamplingParams, priority: int = 0
+    ) -> None:
+        """Queue a request; refuse at once one that could never fit."""
+        if request_id in self.groups:
+            raise ValueError(f"request id '{request_id}' is already in use")
+        text = prompt if isinstance(prompt, str) else None
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        if not ids:
+            raise ValueError("prompt is empty: expected at least one token")
+        vocab = self.loaded.config.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        limit = self.scheduler.max_tokens_per_request()
+        if params.max_tokens is None:
+            params = dataclasses.replace(params, max_tokens=max(limit - len(ids), 1))
+        if len(ids) + params.max_tokens > limit:
+            raise PromptTooLongError(
+                f"prompt of {len(ids)} tokens plus max_tokens {params.max_tokens} is {len(ids) + params.max_tokens} "
+                f"tokens, more than this engine can hold for one request ({limit}: context length "
+                f"{self.max_model_len}, KV cache {self.pool.num_blocks * self.pool.block_size} tokens)"
+            )
+        group = _Group(request_id, text, ids, params)
+        for j in range(params.n):
+            child_params = params if j == 0 else dataclasses.replace(params, prompt_logprobs=None)
+            child_id = request_id if params.n == 1 else f"{request_id}#{j}"
+            request = Request(child_id, ids, child_params, self.arrivals, priority)
+            if child_params.prompt_logprobs is not None:
+                request.prompt_logprobs = [None]
+            self.arrivals += 1
+            sample = _Sample(j, request, IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens))
+            group.samples.append(sample)
+            self.owner[child_id] = (group, sample)
+            if params.seed is not None:
+                self.runner.add_generator(child_id, params.seed + j)
+            self.scheduler.add_request(request)
+        self.groups[request_id] = group
+
+    def abort_request(self, request_id: str) -> bool:
+        """Stop a request in any state and free its blocks now; False if it is unknown or already done."""
+        group = self.groups.pop(request_id, None)
+        if group is None:
+            return False
+        for sample in group.samples:
+            if sample.finish_reason is None:
+                sample.finish_reason = "abort"
+                self._release(sample.request.request_id, RequestStatus.FINISHED_ABORTED)
+        self.pending.append(self._output(group))
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self.pending)
+
+    def step(self) -> list[RequestOutput]:
+        """One engine iteration: `schedule()`, `run()`, `update()`; returns outputs that changed."""
+        outputs, self.pending = self.pending, []
+        plan = self.scheduler.schedule()
+        if plan.is_empty:
+            return outputs
+        result = self.runner.execute(plan)
+        self.scheduler.update(plan, result.sampled)
+        self.steps += 1
+        outputs.extend(self._process(result))
+        return outputs
+
+    def _process(self, result: ModelRunnerOutput) -> list[RequestOutput]:
+        touched: dict[str, _Group] = {}
+        for request_id, positions in result.prompt_logprobs.items():
+            self.owner[request_id][1].request.prompt_logprobs.extend(positions)
+        for request_id, token in result.sampled.items():
+            group, sample = self.owner[request_id]
+            request = sample.request
+            if request_id in result.logprobs:
+                request.logprobs.append(result.logprobs[request_id])
+            self._check_stop(sample, token)
+            touched[group.request_id] = group
+            if sample.finish_reason is not None:
+                self._release(request_id, RequestStatus.FINISHED_STOPPED if sample.finish_reason == "stop" else RequestStatus.FINISHED_LENGTH)
+        outputs = [self._output(g) for g in touched.values()]
+        for group in touched.values():
+            if group.finished:
+                self.groups.pop(group.request_id, None)
+        return outputs
+
+    def _check_stop(self, sample: _Sample, token: int) -> None:
+        request, params = sample.request, sample.request.sampling_params
+        sample.text += sample.detokenizer.add(token)
+        enough = request.num_output_tokens >= params.min_tokens
+        eos = self.tokenizer.eos_token_id
+        if enough and ((token == eos and not params.ignore_eos) or token in params.stop_token_ids):
+            sample.finish_reason, request.stop_reason = "stop", (token if token != eos else None)
+            sample.text += sample.detokenizer.flush()
+        elif enough and params.stop:
+            window = max(map(len, params.stop)) + 8
+            tail_from = max(0, len(sample.text) - window)
+            hits = [(sample.text.find(s, tail_from), s) for s in params.stop]
+            hits = [(i, s) for i, s in hits if i >= 0]
+            if hits:
+                at, stop = min(hits)
+                sample.text, sample.finish_reason, request.stop_reason = sample.text[:at], "stop", stop
+        if sample.finish_reason is None and (
+            request.num_output_tokens >= params.max_tokens or request.num_tokens >= self.max_model_len
+        ):
+            sample.finish_reason = "length"
+            sample.text += sample.detokenizer.flush()
+
+    def _release(self, request_id: str, status: RequestStatus) -> None:
+        self.scheduler.finish(request_id, status)
+        self.runner.drop_request(request_id)
+        self.owner.pop(request_id, None)
+
+    def _output(self, group: _Group) -> RequestOutput:
+        outputs = []
+        hold = max(map(len, group.params.stop), default=1) - 1  # text that may still turn into a stop string
+        for s in group.samples:
+            r = s.request
+            visible = len(s.text) if s.finish_reason else max(s.emitted_chars, len(s.text) - hold)
+            tokens = r.output_token_ids
+            outputs.append(
+                CompletionOutput(
+                    index=s.index,
+                    text=s.text[:visible],
+                    token_ids=list(tokens),
+                    logprobs=list(r.logprobs) if r.sampling_params.logprobs is not None else None,
+                    finish_reason=s.finish_reason,
+                    stop_reason=r.stop_reason,
+                    delta_text=s.text[s.emitted_chars : visible],
+                    delta_token_ids=list(tokens[s.emitted_tokens :]),
+                )
+            )
+            s.emitted_chars, s.emitted_tokens = visible, len(tokens)
+        first = group.samples[0].request
+        return RequestOutput(
+            request_id=group.request_id,
+            prompt=group.prompt,
+            prompt_token_ids=group.prompt_token_ids,
+            prompt_logprobs=list(first.prompt_logprobs) if first.wants_prompt_logprobs else None,
+            outputs=outputs,
+            finished=group.finished,
+        )
+
+    def stats(self) -> dict[str, float | int]:
+        """Counters of the cache, the prefix cache and the scheduler."""
+        return {
+            "kv_blocks_total": self.pool.num_blocks,
+            "kv_blocks_free": self.pool.num_free_blocks,
+            "kv_block_size": self.pool.block_size,
+            "kv_cache_tokens": self.pool.num_blocks * self.pool.block_size,
+            "prefix_cache_hits": self.pool.stats.hits,
+            "prefix_cache_queries": self.pool.stats.queries,
+            "prefix_cache_hit_rate": self.pool.stats.hit_rate,
+            "preemptions": self.scheduler.num_preemptions,
+            "steps": self.steps,
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+        }
+

@@ -1,0 +1,151 @@
+"""Runs one scheduled step: flattens its chunks into one varlen batch, runs the model on the paged
+cache, and samples the next token of every request whose chunk reached its last known token."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from lmkernel.engine.request import Logprob, PositionLogprobs, Request
+from lmkernel.engine.sampling import Sampler, top_logprobs
+from lmkernel.engine.scheduler import SchedulerOutput
+from lmkernel.layers.attention import AttentionMetadata, PagedLayout
+from lmkernel.loader.tokenizer import Tokenizer
+from lmkernel.memory.kv_cache import KVCache
+
+
+@dataclass
+class ModelRunnerOutput:
+    """Per request id: the sampled token, its log-probs, and prompt log-probs for positions in this step."""
+
+    sampled: dict[str, int] = field(default_factory=dict)
+    logprobs: dict[str, PositionLogprobs] = field(default_factory=dict)
+    prompt_logprobs: dict[str, list[PositionLogprobs]] = field(default_factory=dict)
+
+
+class ModelRunner:
+    """Owns the model's forward on the KV cache, and the sampler."""
+
+    def __init__(self, model: torch.nn.Module, kv_cache: KVCache, tokenizer: Tokenizer, device: torch.device, seed: int = 0) -> None:
+        self.model, self.kv_cache, self.tokenizer, self.device = model, kv_cache, tokenizer, device
+        self.kv_layers = [kv_cache.layer(i) for i in range(len(kv_cache.keys))]
+        self.sampler = Sampler(seed)
+        self.generators: dict[str, torch.Generator] = {}
+
+    def add_generator(self, request_id: str, seed: int) -> None:
+        self.generators[request_id] = torch.Generator().manual_seed(seed)
+
+    def drop_request(self, request_id: str) -> None:
+        self.generators.pop(request_id, None)
+
+    def layout(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """Token ids, positions and attention metadata for the step's chunks laid end to end."""
+        bs = self.kv_cache.block_size
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        seq_lens: list[int] = []
+        context_slots: dict[int, torch.Tensor] = {}
+        decode_seqs: list[int] = []
+        for i, chunk in enumerate(out.chunks):
+            start, end = chunk.start, chunk.start + chunk.num_tokens
+            table = chunk.block_table
+            ids.extend(chunk.request.token_ids[start:end])
+            positions.extend(range(start, end))
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            seq_lens.append(end)
+            if chunk.num_tokens == 1 and start > 0:
+                decode_seqs.append(i)
+            elif start > 0:
+                context_slots[i] = self._context_slots(table, end)
+        lengths = [c.num_tokens for c in out.chunks]
+        decode_rows = decode_slots = decode_mask = None
+        if decode_seqs:
+            starts = [sum(lengths[:i]) for i in range(len(lengths))]
+            decode_rows = torch.tensor([starts[i] for i in decode_seqs], device=self.device)
+            longest = max(seq_lens[i] for i in decode_seqs)
+            tables = [out.chunks[i].block_table for i in decode_seqs]
+            width = max(len(t) for t in tables)
+            padded = torch.tensor([t + [0] * (width - len(t)) for t in tables])
+            pos = torch.arange(longest)
+            decode_slots = (padded[:, pos // bs] * bs + pos % bs).to(self.device)
+            lens = torch.tensor([seq_lens[i] for i in decode_seqs])
+            decode_mask = (pos[None, :] < lens[:, None])[:, None, None, :].to(self.device)
+        paged = PagedLayout(
+            slot_mapping=torch.tensor(slots, device=self.device),
+            seq_lens=tuple(seq_lens),
+            context_slots=context_slots,
+            decode_seqs=tuple(decode_seqs),
+            decode_rows=decode_rows,
+            decode_slots=decode_slots,
+            decode_mask=decode_mask,
+        )
+        meta = AttentionMetadata.for_lengths(lengths, causal=True, paged=paged)
+        return torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device), meta
+
+    def _context_slots(self, table: list[int], length: int) -> torch.Tensor:
+        bs = self.kv_cache.block_size
+        pos = torch.arange(length)
+        return (torch.tensor(table)[pos // bs] * bs + pos % bs).to(self.device)
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
+        ids, positions, meta = self.layout(out)
+        hidden = self.model(ids, positions, meta, self.kv_layers)
+        result = ModelRunnerOutput()
+        rows: list[int] = []  # hidden rows that need logits
+        sample_at: list[tuple[Request, int]] = []
+        prompt_at: list[tuple[Request, int, int, int]] = []  # (request, index in `rows`, count, first position)
+        for i, chunk in enumerate(out.chunks):
+            request, first = chunk.request, meta.cu_seqlens[i]
+            if request.wants_prompt_logprobs:
+                # Row for position p scores prompt token p + 1. The list opens with None (token 0 has no
+                # score); positions scored before a preemption are not scored again.
+                lo = max(chunk.start, len(request.prompt_logprobs) - 1)
+                hi = min(chunk.start + chunk.num_tokens, request.num_prompt_tokens - 1)
+                if hi > lo:
+                    prompt_at.append((request, len(rows), hi - lo, lo))
+                    rows.extend(range(first + lo - chunk.start, first + hi - chunk.start))
+            if chunk.samples:
+                sample_at.append((request, len(rows)))
+                rows.append(first + chunk.num_tokens - 1)
+        if not rows:
+            return result
+        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)]).float()
+        for request, at, count, start in prompt_at:
+            scored = torch.log_softmax(logits[at : at + count], -1)
+            n = request.sampling_params.prompt_logprobs
+            result.prompt_logprobs[request.request_id] = [
+                self._position(scored[j], request.token_ids[start + j + 1], n) for j in range(count)
+            ]
+        if sample_at:
+            result_rows = torch.tensor([at for _, at in sample_at], device=logits.device)
+            reqs = [r for r, _ in sample_at]
+            sampled = self.sampler(
+                logits[result_rows],
+                [r.sampling_params for r in reqs],
+                [r.token_ids for r in reqs],
+                [r.num_prompt_tokens for r in reqs],
+                [self.generators.get(r.request_id) for r in reqs],
+                [self._banned(r) for r in reqs],
+            )
+            for r, token, lp in zip(reqs, sampled.token_ids, sampled.logprobs):
+                result.sampled[r.request_id] = token
+                if lp is not None:
+                    result.logprobs[r.request_id] = self._position(lp, token, r.sampling_params.logprobs)
+        return result
+
+    def _banned(self, request: Request) -> list[int]:
+        """Tokens that may not end the output yet (min_tokens)."""
+        p = request.sampling_params
+        if request.num_output_tokens >= p.min_tokens:
+            return []
+        eos = [] if p.ignore_eos or self.tokenizer.eos_token_id is None else [self.tokenizer.eos_token_id]
+        return eos + p.stop_token_ids
+
+    def _position(self, logprobs: torch.Tensor, token: int, n: int) -> PositionLogprobs:
+        return {
+            t: Logprob(v, rank, self.tokenizer.decode([t])) for t, v, rank in top_logprobs(logprobs, token, n)
+        }
+

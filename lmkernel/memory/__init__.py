@@ -1,0 +1,1 @@
+"""KV-cache memory: blocks and the tensors behind them."""

@@ -1,0 +1,146 @@
+"""Fixed-size KV-cache blocks: free list, reference counts, block tables, and prefix caching.
+
+A full block is keyed by a hash of its tokens chained with the key of the block before it, so a key
+names a whole prefix. A freed block keeps its key and stays findable until it is handed out again;
+free blocks are reused least recently used first, and blocks that hold no cached prefix go first of all.
+No torch here: the pool only does bookkeeping, the tensors live in `kv_cache.py`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass
+class PrefixCacheStats:
+    """Prefix-cache lookups counted in prompt tokens."""
+
+    queries: int = 0
+    hits: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.queries if self.queries else 0.0
+
+
+def chain_hash(parent: bytes, tokens: Sequence[int]) -> bytes:
+    """Key of a full block: SHA-256 over the parent block's key and this block's token ids."""
+    h = hashlib.sha256(parent)
+    h.update(",".join(map(str, tokens)).encode())
+    return h.digest()
+
+
+class BlockPool:
+    """Hands out blocks to requests and takes them back; the scheduler's only view of memory."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"need at least one block of at least one token; got {num_blocks} blocks of {block_size}")
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.ref_counts = [0] * num_blocks
+        self.block_keys: list[bytes | None] = [None] * num_blocks
+        self.free_blocks: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # first out = LRU
+        self.cached: dict[bytes, int] = {}
+        self.tables: dict[str, list[int]] = {}
+        self.chains: dict[str, list[bytes]] = {}  # keys of each request's leading full blocks
+        self.stats = PrefixCacheStats()
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_blocks)
+
+    @property
+    def usage(self) -> float:
+        """Fraction of blocks held by requests."""
+        return 1.0 - self.num_free_blocks / self.num_blocks
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def block_table(self, request_id: str) -> list[int]:
+        return self.tables.get(request_id, [])
+
+    def find_cached_prefix(self, token_ids: Sequence[int]) -> list[int]:
+        """Blocks already holding this prompt's leading full blocks; at least one token is left to compute."""
+        if not self.enable_prefix_caching:
+            return []
+        usable = (len(token_ids) - 1) // self.block_size
+        blocks: list[int] = []
+        key = b""
+        for i in range(usable):
+            key = chain_hash(key, token_ids[i * self.block_size : (i + 1) * self.block_size])
+            block = self.cached.get(key)
+            if block is None:
+                break
+            blocks.append(block)
+        self.stats.queries += len(token_ids)
+        self.stats.hits += len(blocks) * self.block_size
+        return blocks
+
+    def can_allocate(self, request_id: str, num_tokens: int, cached_blocks: Sequence[int] = ()) -> bool:
+        """Whether `request_id` can hold `num_tokens` tokens, reusing `cached_blocks` first."""
+        have = len(self.tables.get(request_id, [])) + len(cached_blocks)
+        revived = sum(1 for b in cached_blocks if self.ref_counts[b] == 0)
+        return self.blocks_for(num_tokens) - have + revived <= self.num_free_blocks
+
+    def allocate(
+        self, request_id: str, token_ids: Sequence[int], num_tokens: int, cached_blocks: Sequence[int] = ()
+    ) -> bool:
+        """Grow the request's table to hold `num_tokens` tokens; False (and no change) when blocks run out.
+
+        Blocks that will be full once those tokens are computed are registered in the prefix cache now,
+        so a request scheduled in the same step can share them (its attention reads after the write).
+        """
+        if not self.can_allocate(request_id, num_tokens, cached_blocks):
+            return False
+        table = self.tables.setdefault(request_id, [])
+        for block in cached_blocks:
+            self._take(block)
+            table.append(block)
+        while len(table) < self.blocks_for(num_tokens):
+            block = next(iter(self.free_blocks))
+            self._take(block)
+            key = self.block_keys[block]
+            if key is not None:  # evict the prefix this block was caching
+                if self.cached.get(key) == block:
+                    del self.cached[key]
+                self.block_keys[block] = None
+            table.append(block)
+        self._register_full_blocks(request_id, token_ids, num_tokens)
+        return True
+
+    def free(self, request_id: str) -> None:
+        """Return a request's blocks. Cached ones stay findable (tail first out); the rest are reused first."""
+        table = self.tables.pop(request_id, [])
+        self.chains.pop(request_id, None)
+        for block in reversed(table):
+            self.ref_counts[block] -= 1
+            if self.ref_counts[block] == 0:
+                self.free_blocks[block] = None
+                if self.block_keys[block] is None:
+                    self.free_blocks.move_to_end(block, last=False)
+
+    def reset_stats(self) -> None:
+        self.stats = PrefixCacheStats()
+
+    def _take(self, block: int) -> None:
+        if self.ref_counts[block] == 0:
+            del self.free_blocks[block]
+        self.ref_counts[block] += 1
+
+    def _register_full_blocks(self, request_id: str, token_ids: Sequence[int], num_tokens: int) -> None:
+        if not self.enable_prefix_caching:
+            return
+        chain = self.chains.setdefault(request_id, [])
+        table = self.tables[request_id]
+        for i in range(len(chain), num_tokens // self.block_size):
+            key = chain_hash(chain[-1] if chain else b"", token_ids[i * self.block_size : (i + 1) * self.block_size])
+            chain.append(key)
+            block = table[i]
+            if key not in self.cached and self.block_keys[block] is None:
+                self.cached[key] = block
+                self.block_keys[block] = key

@@ -1,0 +1,116 @@
+"""Scheduler without a model: budgets, decode priority, chunked prefill, preemption order, abort."""
+
+from __future__ import annotations
+
+from lmkernel.config import SchedulerConfig
+from lmkernel.engine.request import Request, RequestStatus
+from lmkernel.engine.sampling import SamplingParams
+from lmkernel.engine.scheduler import Scheduler
+from lmkernel.memory.block_pool import BlockPool
+
+_order = iter(range(10**6))
+
+
+def req(rid: str, n: int, priority: int = 0) -> Request:
+    return Request(rid, list(range(1000, 1000 + n)), SamplingParams(max_tokens=50), next(_order), priority)
+
+
+def run(s: Scheduler, sampled_token: int = 7):
+    out = s.schedule()
+    s.update(out, {c.request.request_id: sampled_token for c in out.chunks if c.samples})
+    return out
+
+
+def make(blocks=100, bs=4, budget=32, seqs=8, caching=False) -> Scheduler:
+    return Scheduler(SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=seqs, max_model_len=10_000),
+                     BlockPool(blocks, bs, caching))
+
+
+def test_long_prompt_is_chunked_and_decodes_go_first():
+    s = make(budget=16)
+    s.add_request(req("short", 3))
+    out = run(s)
+    assert [(c.request.request_id, c.num_tokens) for c in out.chunks] == [("short", 3)]
+    s.add_request(req("long", 40))
+    out = run(s)
+    assert [(c.request.request_id, c.num_tokens) for c in out.chunks] == [("short", 1), ("long", 15)]
+    assert not out.chunks[1].samples
+    out = run(s)
+    assert [(c.request.request_id, c.num_tokens) for c in out.chunks] == [("short", 1), ("long", 15)]
+    out = run(s)
+    assert [(c.request.request_id, c.num_tokens) for c in out.chunks] == [("short", 1), ("long", 10)]
+    assert out.chunks[1].samples and s.requests["long"].num_output_tokens == 1
+    assert all(o.num_batched_tokens <= 16 for o in [out])
+
+
+def test_budget_and_sequence_cap_hold():
+    s = make(budget=20, seqs=3)
+    for i in range(6):
+        s.add_request(req(f"r{i}", 5))
+    for _ in range(10):
+        out = run(s)
+        assert out.num_batched_tokens <= 20 and len(s.running) <= 3
+
+
+def test_priority_then_arrival_order():
+    s = make(budget=5)
+    s.add_request(req("late-low", 5, priority=1))
+    s.add_request(req("urgent", 5, priority=-1))
+    s.add_request(req("normal", 5))
+    assert [c.request.request_id for c in run(s).chunks] == ["urgent"]
+    assert [r.request_id for r in s.waiting] == ["normal", "late-low"]
+
+
+def test_youngest_is_preempted_when_blocks_run_out_and_recomputed_later():
+    s = make(blocks=6, bs=4, budget=64)
+    s.add_request(req("old", 8))  # 2 blocks
+    s.add_request(req("young", 8))  # 2 blocks
+    run(s)
+    for _ in range(8):  # each grows to 3 blocks, then needs more than 6 together
+        out = run(s)
+        if out.preempted:
+            break
+    assert out.preempted == ["young"] and s.num_preemptions == 1
+    young = s.requests["young"]
+    assert young.status is RequestStatus.WAITING and young.num_computed_tokens == 0
+    assert young.num_output_tokens > 0  # its outputs are kept and recomputed
+    assert [c.request.request_id for c in out.chunks] == ["old"]
+    s.finish("old", RequestStatus.FINISHED_STOPPED)
+    total = young.num_tokens
+    out = run(s)
+    assert [(c.request.request_id, c.start, c.num_tokens) for c in out.chunks] == [("young", 0, total)]
+
+
+def test_request_preempts_itself_when_it_is_the_youngest():
+    s = make(blocks=4, bs=4, budget=64)
+    s.add_request(req("a", 8))
+    s.add_request(req("b", 7))
+    run(s)
+    for _ in range(6):
+        out = run(s)
+        if out.preempted:
+            break
+    assert out.preempted == ["b"] and [c.request.request_id for c in out.chunks] == ["a"]
+
+
+def test_abort_in_every_state_frees_blocks():
+    s = make(blocks=20, bs=4, budget=8)
+    s.add_request(req("waiting", 4))
+    s.add_request(req("running", 20))
+    s.add_request(req("queued", 4))
+    run(s)  # "waiting" runs, "running" prefills partly
+    assert s.finish("queued", RequestStatus.FINISHED_ABORTED).status is RequestStatus.FINISHED_ABORTED
+    s.finish("running", RequestStatus.FINISHED_ABORTED)
+    s.finish("waiting", RequestStatus.FINISHED_ABORTED)
+    assert s.finish("unknown", RequestStatus.FINISHED_ABORTED) is None
+    assert not s.has_unfinished() and s.pool.num_free_blocks == 20
+
+
+def test_prefix_hit_starts_computed_tokens_above_zero():
+    s = make(blocks=50, bs=4, budget=64, caching=True)
+    s.add_request(req("first", 18))
+    run(s)
+    s.add_request(req("second", 18))
+    out = run(s)
+    chunk = next(c for c in out.chunks if c.request.request_id == "second")
+    assert chunk.start == 16 and chunk.num_tokens == 2

@@ -1,0 +1,92 @@
+"""BlockPool without a model: allocation, reference counts, prefix hits, LRU eviction."""
+
+from __future__ import annotations
+
+import pytest
+
+from lmkernel.memory.block_pool import BlockPool
+
+
+def test_allocate_grows_tables_and_free_returns_blocks():
+    pool = BlockPool(num_blocks=8, block_size=4)
+    tokens = list(range(10))
+    assert pool.allocate("a", tokens, 10)
+    assert len(pool.block_table("a")) == 3 and pool.num_free_blocks == 5
+    assert pool.allocate("a", tokens + [10, 11], 12)  # still 3 blocks
+    assert len(pool.block_table("a")) == 3
+    assert pool.allocate("a", tokens + [10, 11, 12], 13)
+    assert len(pool.block_table("a")) == 4 and pool.num_free_blocks == 4
+    pool.free("a")
+    assert pool.num_free_blocks == 8 and pool.block_table("a") == []
+
+
+def test_allocation_that_does_not_fit_changes_nothing():
+    pool = BlockPool(num_blocks=3, block_size=4)
+    assert pool.allocate("a", list(range(8)), 8)
+    before = (pool.num_free_blocks, list(pool.block_table("a")))
+    assert not pool.allocate("b", list(range(100, 109)), 9)
+    assert (pool.num_free_blocks, pool.block_table("a")) == before and pool.block_table("b") == []
+
+
+def test_prefix_hit_shares_blocks_with_reference_counts():
+    pool = BlockPool(num_blocks=10, block_size=4)
+    prompt = list(range(13))  # three full blocks and one token
+    assert pool.allocate("a", prompt, 13)
+    cached = pool.find_cached_prefix(prompt)
+    assert cached == pool.block_table("a")[:3]
+    assert pool.stats.hits == 12 and pool.stats.queries == 13
+    assert pool.allocate("b", prompt, 13, cached)
+    assert pool.block_table("b")[:3] == cached and pool.block_table("b")[3] != pool.block_table("a")[3]
+    assert [pool.ref_counts[b] for b in cached] == [2, 2, 2]
+    pool.free("a")
+    assert [pool.ref_counts[b] for b in cached] == [1, 1, 1]
+    assert pool.num_free_blocks == 10 - 4  # a's last block back; shared ones still held by b
+
+
+def test_a_hit_always_leaves_one_token_to_compute():
+    pool = BlockPool(num_blocks=10, block_size=4)
+    prompt = list(range(8))  # exactly two full blocks
+    pool.allocate("a", prompt, 8)
+    assert len(pool.find_cached_prefix(prompt)) == 1
+
+
+def test_different_prefix_same_block_tokens_do_not_hit():
+    pool = BlockPool(num_blocks=10, block_size=4)
+    pool.allocate("a", [1, 2, 3, 4, 5, 6, 7, 8, 9], 9)
+    assert pool.find_cached_prefix([0, 2, 3, 4, 5, 6, 7, 8, 9]) == []  # block 2 equal, block 1 not
+
+
+def test_freed_cached_blocks_are_reused_until_evicted_lru_first():
+    pool = BlockPool(num_blocks=4, block_size=2)
+    pool.allocate("old", [1, 2, 3], 3)  # blocks: [1,2] cached, [3] partial
+    pool.free("old")
+    pool.allocate("new", [7, 8, 9], 3)
+    pool.free("new")
+    # Both prefixes still findable: uncached partial blocks were reused first.
+    assert len(pool.find_cached_prefix([1, 2, 3])) == 1 and len(pool.find_cached_prefix([7, 8, 9])) == 1
+    # Needing three blocks evicts the least recently freed cached prefix ("old") first.
+    pool.allocate("big", [20, 21, 22, 23, 24], 5)
+    assert pool.find_cached_prefix([1, 2, 3]) == []
+    assert len(pool.find_cached_prefix([7, 8, 9])) == 1
+    pool.free("big")
+    assert pool.num_free_blocks == 4
+
+
+def test_reviving_a_free_cached_block_counts_against_free_space():
+    pool = BlockPool(num_blocks=2, block_size=2)
+    pool.allocate("a", [1, 2, 3], 3)
+    pool.free("a")
+    cached = pool.find_cached_prefix([1, 2, 3])
+    assert pool.can_allocate("b", 3, cached)
+    assert not pool.can_allocate("b", 5, cached)
+
+
+def test_prefix_caching_off():
+    pool = BlockPool(num_blocks=4, block_size=2, enable_prefix_caching=False)
+    pool.allocate("a", [1, 2, 3], 3)
+    assert pool.find_cached_prefix([1, 2, 3]) == [] and pool.stats.queries == 0
+
+
+def test_bad_sizes():
+    with pytest.raises(ValueError, match="at least one block"):
+        BlockPool(0, 16)
