@@ -16,7 +16,7 @@ console = Console()
 err_console = Console(stderr=True)
 
 
-def fail(exc: LmkError) -> typer.Exit:
+def fail(exc: Exception) -> typer.Exit:
     """Print an lmkernel error as one line on stderr and give the exit to raise."""
     err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
     return typer.Exit(code=1)
@@ -52,6 +52,161 @@ def info(model: Annotated[str, typer.Argument(help="alias, Hugging Face director
     for key, value in facts.items():
         table.add_row(key, str(value))
     console.print(table)
+
+
+Model = Annotated[str, typer.Argument(help="alias, Hugging Face directory or .gguf file")]
+Dtype = Annotated[str, typer.Option(help="float32, bfloat16 or float16")]
+Device = Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda")]
+KVMemory = Annotated[str, typer.Option("--kv-cache-memory", help="KV-cache budget, e.g. 512MiB or 2GiB")]
+
+
+def _open_llm(model: str, dtype: str, device: str, kv_cache_memory: str):
+    from lmkernel.engine.llm import LLM
+
+    try:
+        return LLM(model, dtype=dtype, device=device, kv_cache_memory=kv_cache_memory, verbose=False)
+    except (LmkError, ValueError) as exc:
+        raise fail(exc) from None
+
+
+def _stream(llm, prompt: str | list[int], params) -> str:
+    """Run one request to the end, printing text as it arrives; returns the whole text."""
+    engine = llm.engine
+    try:
+        engine.add_request("cli", prompt, params)
+    except (LmkError, ValueError) as exc:
+        raise fail(exc) from None
+    text = ""
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            piece = out.outputs[0].delta_text
+            text += piece
+            print(piece, end="", flush=True)
+    print()
+    return text
+
+
+@app.command()
+def generate(
+    model: Model,
+    prompt: Annotated[str, typer.Argument(help="text to continue")],
+    max_tokens: Annotated[int, typer.Option(help="tokens to generate at most")] = 128,
+    temperature: Annotated[float, typer.Option(help="0 for greedy decoding")] = 0.7,
+    top_p: Annotated[float, typer.Option()] = 0.95,
+    seed: Annotated[int | None, typer.Option(help="fix the random stream")] = None,
+    dtype: Dtype = "float32",
+    device: Device = "auto",
+    kv_cache_memory: KVMemory = "512MiB",
+) -> None:
+    """Stream a completion of PROMPT to the terminal."""
+    from lmkernel.engine.sampling import SamplingParams
+
+    try:
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    except ValueError as exc:
+        raise fail(exc) from None
+    _stream(_open_llm(model, dtype, device, kv_cache_memory), prompt, params)
+
+
+@app.command()
+def chat(
+    model: Model = "smollm2-135m-instruct",
+    system: Annotated[str | None, typer.Option(help="system message")] = None,
+    max_tokens: Annotated[int, typer.Option()] = 256,
+    temperature: Annotated[float, typer.Option()] = 0.7,
+    dtype: Dtype = "float32",
+    device: Device = "auto",
+    kv_cache_memory: KVMemory = "512MiB",
+) -> None:
+    """Chat with MODEL in the terminal; the conversation so far is the prompt. Ctrl-D or 'exit' quits."""
+    from lmkernel.engine.sampling import SamplingParams
+
+    llm = _open_llm(model, dtype, device, kv_cache_memory)
+    history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature)
+    while True:
+        try:
+            line = input("you> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if line.strip() in ("exit", "quit"):
+            return
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        try:
+            prompt = llm.tokenizer.apply_chat_template(history, add_generation_prompt=True, tokenize=True)
+        except (LmkError, ValueError) as exc:
+            raise fail(exc) from None
+        print("assistant> ", end="", flush=True)
+        history.append({"role": "assistant", "content": _stream(llm, prompt, params)})
+
+
+bench_app = typer.Typer(help="Benchmarks: lmkernel against a peer or the hardware limit, in one run.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("throughput")
+def bench_throughput(
+    model: Annotated[str, typer.Option()] = "smollm2-135m-instruct",
+    num_requests: Annotated[int, typer.Option()] = 64,
+    min_prompt: Annotated[int, typer.Option()] = 16,
+    max_prompt: Annotated[int, typer.Option()] = 512,
+    min_output: Annotated[int, typer.Option()] = 32,
+    max_output: Annotated[int, typer.Option()] = 256,
+    hf_batch_size: Annotated[int, typer.Option(help="static batch size of the transformers peer; 0 skips it")] = 8,
+    max_num_seqs: Annotated[int, typer.Option()] = 64,
+    max_num_batched_tokens: Annotated[int, typer.Option()] = 2048,
+    seed: Annotated[int, typer.Option()] = 0,
+    dtype: Dtype = "float32",
+    device: Device = "auto",
+    kv_cache_memory: KVMemory = "2GiB",
+) -> None:
+    """Tokens/s of lmkernel and of transformers `generate` on the same requests, and their ratio."""
+    from lmkernel.bench.peers import load_hf_causal_lm
+    from lmkernel.bench.throughput import run_hf_generate, run_lmkernel
+    from lmkernel.bench.workload import wikitext_workload
+    from lmkernel.engine.llm import LLM
+
+    try:
+        llm = LLM(model, dtype=dtype, device=device, kv_cache_memory=kv_cache_memory, max_num_seqs=max_num_seqs,
+                  max_num_batched_tokens=max_num_batched_tokens, verbose=False)
+        work = wikitext_workload(llm.tokenizer, num_requests, (min_prompt, max_prompt), (min_output, max_output), seed)
+    except (LmkError, ValueError) as exc:
+        raise fail(exc) from None
+    console.print(f"{num_requests} requests, {work.prompt_tokens} prompt tokens, {work.output_tokens} output tokens, {dtype}")
+    ours = run_lmkernel(llm, work)
+    console.print(f"lmkernel: {ours.tokens_per_second:.1f} tok/s ({ours.seconds:.1f} s), KV-cache utilisation {ours.kv_utilisation:.1%}")
+    if hf_batch_size > 0:
+        peer = run_hf_generate(load_hf_causal_lm(llm.loaded.source, llm.loaded.dtype), llm.tokenizer.pad_token_id or 0, work, hf_batch_size)
+        console.print(f"{peer.name}: {peer.tokens_per_second:.1f} tok/s ({peer.seconds:.1f} s)")
+        console.print(f"ratio lmkernel / transformers: {ours.tokens_per_second / peer.tokens_per_second:.2f}x")
+
+
+@bench_app.command("latency")
+def bench_latency(
+    model: Annotated[str, typer.Option()] = "smollm2-135m-instruct",
+    prompt_tokens: Annotated[int, typer.Option()] = 16,
+    new_tokens: Annotated[int, typer.Option()] = 128,
+    rounds: Annotated[int, typer.Option()] = 3,
+    dtype: Dtype = "float32",
+    device: Device = "auto",
+) -> None:
+    """Batch-1 decode ms/token against the floor of weight bytes / read bandwidth measured in this run."""
+    from lmkernel.bench.latency import measure
+    from lmkernel.bench.workload import wikitext_workload
+    from lmkernel.engine.llm import LLM
+
+    try:
+        llm = LLM(model, dtype=dtype, device=device, kv_cache_memory="256MiB", verbose=False)
+        prompt = wikitext_workload(llm.tokenizer, 1, (prompt_tokens, prompt_tokens), (1, 1)).prompts[0]
+    except (LmkError, ValueError) as exc:
+        raise fail(exc) from None
+    r = measure(llm, prompt, new_tokens, rounds)
+    console.print(f"read bandwidth {r.bandwidth_gbs:.1f} GB/s; floor {r.floor_ms:.2f} ms/token ({dtype})")
+    console.print(f"lmkernel batch-1 decode: {r.ms_per_token:.2f} ms/token = {1000 / r.ms_per_token:.1f} tok/s")
+    console.print(f"fraction of the floor: {r.fraction_of_floor:.0%}")
 
 
 def main() -> None:

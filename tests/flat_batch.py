@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-
 import torch
 
 from lmkernel.layers.attention import AttentionMetadata
@@ -23,8 +20,3 @@ def split(t: torch.Tensor, meta: AttentionMetadata) -> list[torch.Tensor]:
     b = meta.cu_seqlens
     return [t[b[i] : b[i + 1]] for i in range(meta.num_sequences)]
 
-
-def add_tokenizer(directory: Path, minilm_dir: Path) -> Path:
-    """Give a tiny random checkpoint a tokenizer so `load_model` accepts the directory (ids are not tokenized here)."""
-    shutil.copy(minilm_dir / "tokenizer.json", directory / "tokenizer.json")
-    return directory

@@ -31,3 +31,28 @@ def test_info_on_bad_input_is_one_clear_line(tmp_path):
     out = run("info", str(tmp_path / "nothing-here"))
     assert out.returncode == 1
     assert "error:" in out.stderr and "nothing-here" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_generate_streams_the_greedy_completion(smollm):
+    from lmkernel import LLM, SamplingParams
+
+    out = run("generate", "smollm2-135m-instruct", "The capital of France is", "--max-tokens", "10", "--temperature", "0", "--device", "cpu")
+    assert out.returncode == 0, out.stderr
+    expected = LLM(smollm, kv_cache_memory="64MiB", verbose=False).generate(
+        ["The capital of France is"], SamplingParams(temperature=0, max_tokens=10)
+    )[0].outputs[0].text
+    assert out.stdout.rstrip("\n") == expected
+
+
+def test_chat_keeps_history_and_quits():
+    out = subprocess.run(
+        [*LMK, "chat", "--max-tokens", "12", "--temperature", "0", "--device", "cpu"],
+        input="Say hi.\nAnd again?\nexit\n", capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("you> ") == 3 and out.stdout.count("assistant> ") == 2
+
+
+def test_generate_rejects_bad_values_in_one_line():
+    out = run("generate", "smollm2-135m-instruct", "x", "--temperature", "-1")
+    assert out.returncode == 1 and "temperature" in out.stderr and "Traceback" not in out.stderr

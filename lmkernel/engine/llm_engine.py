@@ -223,6 +223,9 @@ class LLMEngine:
             "prefix_cache_hit_rate": self.pool.stats.hit_rate,
             "preemptions": self.scheduler.num_preemptions,
             "steps": self.steps,
+            "kv_tokens_stored": sum(r.num_computed_tokens for r in self.scheduler.running),
+            "kv_slots_allocated": sum(len(self.pool.block_table(r.request_id)) for r in self.scheduler.running)
+            * self.pool.block_size,
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting),
         }

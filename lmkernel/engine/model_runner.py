@@ -10,7 +10,7 @@ import torch
 from lmkernel.engine.request import Logprob, PositionLogprobs, Request
 from lmkernel.engine.sampling import Sampler, top_logprobs
 from lmkernel.engine.scheduler import SchedulerOutput
-from lmkernel.layers.attention import AttentionMetadata, PagedLayout
+from lmkernel.layers.attention import AttentionMetadata, DecodeGroup, PagedLayout
 from lmkernel.loader.tokenizer import Tokenizer
 from lmkernel.memory.kv_cache import KVCache
 
@@ -60,29 +60,37 @@ class ModelRunner:
             elif start > 0:
                 context_slots[i] = self._context_slots(table, end)
         lengths = [c.num_tokens for c in out.chunks]
-        decode_rows = decode_slots = decode_mask = None
-        if decode_seqs:
-            starts = [sum(lengths[:i]) for i in range(len(lengths))]
-            decode_rows = torch.tensor([starts[i] for i in decode_seqs], device=self.device)
-            longest = max(seq_lens[i] for i in decode_seqs)
-            tables = [out.chunks[i].block_table for i in decode_seqs]
-            width = max(len(t) for t in tables)
-            padded = torch.tensor([t + [0] * (width - len(t)) for t in tables])
-            pos = torch.arange(longest)
-            decode_slots = (padded[:, pos // bs] * bs + pos % bs).to(self.device)
-            lens = torch.tensor([seq_lens[i] for i in decode_seqs])
-            decode_mask = (pos[None, :] < lens[:, None])[:, None, None, :].to(self.device)
+        starts = [0]
+        for n in lengths[:-1]:
+            starts.append(starts[-1] + n)
+        groups = tuple(
+            self._decode_group(g, [starts[i] for i in g], [out.chunks[i].block_table for i in g], [seq_lens[i] for i in g])
+            for g in group_by_length(decode_seqs, seq_lens)
+        )
         paged = PagedLayout(
             slot_mapping=torch.tensor(slots, device=self.device),
             seq_lens=tuple(seq_lens),
             context_slots=context_slots,
-            decode_seqs=tuple(decode_seqs),
-            decode_rows=decode_rows,
-            decode_slots=decode_slots,
-            decode_mask=decode_mask,
+            decode_groups=groups,
         )
         meta = AttentionMetadata.for_lengths(lengths, causal=True, paged=paged)
         return torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device), meta
+
+    def _decode_group(self, seqs: list[int], rows: list[int], tables: list[list[int]], lens: list[int]) -> DecodeGroup:
+        bs = self.kv_cache.block_size
+        width = max(len(t) for t in tables)
+        padded = torch.tensor([t + [0] * (width - len(t)) for t in tables])
+        pos = torch.arange(max(lens))
+        slots = (padded[:, pos // bs] * bs + pos % bs).to(self.device)
+        mask = None
+        if min(lens) != max(lens):
+            mask = (pos[None, :] < torch.tensor(lens)[:, None])[:, None, None, :].to(self.device)
+        like = self.kv_cache.keys[0]
+        scratch = (slots.numel(), *like.shape[1:])
+        return DecodeGroup(
+            tuple(seqs), torch.tensor(rows, device=self.device), slots, mask,
+            torch.empty(scratch, dtype=like.dtype, device=like.device), torch.empty(scratch, dtype=like.dtype, device=like.device),
+        )
 
     def _context_slots(self, table: list[int], length: int) -> torch.Tensor:
         bs = self.kv_cache.block_size
@@ -149,3 +157,14 @@ class ModelRunner:
             t: Logprob(v, rank, self.tokenizer.decode([t])) for t, v, rank in top_logprobs(logprobs, token, n)
         }
 
+
+def group_by_length(seqs: list[int], lengths: list[int], slack: float = 1.25) -> list[list[int]]:
+    """Split sequences into groups whose longest context is at most `slack` times the shortest,
+    so that padding to the longest in a group wastes little attention work."""
+    groups: list[list[int]] = []
+    for i in sorted(seqs, key=lambda i: lengths[i]):
+        if groups and lengths[i] <= slack * lengths[groups[-1][0]]:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups

@@ -5,7 +5,8 @@ sequences of the batch laid end to end, plus an `AttentionMetadata` saying where
 starts. No sequence is padded to the longest. Without a cache (the reference path) each sequence
 attends within itself. With one, the new K/V are first written into their slots for every sequence,
 then each sequence reads its whole context back through its slots: prefill chunks one by one,
-single-token decodes together in one call (keys masked past each sequence's length).
+single-token decodes in groups of similar length, one call per group (keys masked past each
+sequence's length).
 """
 
 from __future__ import annotations
@@ -17,22 +18,36 @@ import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
+class DecodeGroup:
+    """Single-token sequences of similar context length, read in one call.
+
+    rows: their query rows [B]; slots: the cache rows of their contexts, padded to the longest
+    [B, Lmax]; mask: which of those are real [B, 1, 1, Lmax], or None when none is padding.
+    keys, values: scratch [B * Lmax, Hkv, D] that every layer gathers into. Reusing them matters:
+    a fresh buffer this large comes from mmap, and its page faults cost more than the attention.
+    """
+
+    seqs: tuple[int, ...]
+    rows: torch.Tensor
+    slots: torch.Tensor
+    mask: torch.Tensor | None
+    keys: torch.Tensor
+    values: torch.Tensor
+
+
+@dataclass(frozen=True)
 class PagedLayout:
     """Where a step's tokens live in the paged cache.
 
     slot_mapping: cache row of each new token [N]. seq_lens: context length of each sequence after
-    this step. context_slots: for sequences that read back from the cache, the rows of their whole
-    context, in order. decode_*: the single-token sequences read together: their query rows [B], the
-    rows of their contexts padded to the longest [B, Lmax], and which of those are real [B, 1, 1, Lmax].
+    this step. context_slots: for chunks that read earlier tokens back from the cache, the rows of
+    their whole context, in order. decode_groups: the single-token sequences, grouped by length.
     """
 
     slot_mapping: torch.Tensor
     seq_lens: tuple[int, ...]
     context_slots: dict[int, torch.Tensor]
-    decode_seqs: tuple[int, ...] = ()
-    decode_rows: torch.Tensor | None = None
-    decode_slots: torch.Tensor | None = None
-    decode_mask: torch.Tensor | None = None
+    decode_groups: tuple[DecodeGroup, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -91,7 +106,7 @@ def attend(
         k_cache, v_cache = kv_cache
         k_cache.index_copy_(0, paged.slot_mapping, k)
         v_cache.index_copy_(0, paged.slot_mapping, v)
-    decode = set(paged.decode_seqs) if paged is not None else set()
+    decode = {i for g in paged.decode_groups for i in g.seqs} if paged is not None else set()
     for i in range(meta.num_sequences):
         if i in decode:
             continue
@@ -103,12 +118,13 @@ def attend(
         context, new = slots.shape[0], e - s
         allowed = torch.arange(context, device=q.device)[None, :] <= torch.arange(context - new, context, device=q.device)[:, None]
         out[s:e] = _sdpa(q[s:e], k_cache[slots], v_cache[slots], scale, attn_mask=allowed)
-    if decode:
-        rows = paged.decode_rows
-        keys = k_cache[paged.decode_slots].transpose(1, 2)  # [B, Hkv, Lmax, D]
-        values = v_cache[paged.decode_slots].transpose(1, 2)
+    for group in paged.decode_groups if paged is not None else ():
+        shape = (*group.slots.shape, *k_cache.shape[1:])
+        flat = group.slots.view(-1)
+        keys = torch.index_select(k_cache, 0, flat, out=group.keys).view(shape).transpose(1, 2)  # [B, Hkv, Lmax, D]
+        values = torch.index_select(v_cache, 0, flat, out=group.values).view(shape).transpose(1, 2)
         o = F.scaled_dot_product_attention(
-            q[rows].unsqueeze(2), keys, values, attn_mask=paged.decode_mask, scale=scale, enable_gqa=True
+            q[group.rows].unsqueeze(2), keys, values, attn_mask=group.mask, scale=scale, enable_gqa=True
         )
-        out[rows] = o.squeeze(2)
+        out[group.rows] = o.squeeze(2)
     return out

@@ -1,0 +1,65 @@
+"""Batch-1 decode latency against the memory-bandwidth floor measured in the same process.
+
+Each decode step must read every weight once, so weight bytes / read bandwidth is the fastest a
+step can be on this machine; the ratio floor / measured says how close the engine gets.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from lmkernel.engine.llm import LLM
+from lmkernel.engine.sampling import SamplingParams
+
+
+def read_bandwidth(num_bytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Best observed bytes/second for reading a buffer larger than the caches (a float32 sum)."""
+    buf = torch.ones(num_bytes // 4, dtype=torch.float32)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        buf.sum()
+        best = min(best, time.perf_counter() - start)
+    return num_bytes / best
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of distinct parameters (a tied head counts once)."""
+    unique = {p.data_ptr(): p for p in model.parameters()}
+    return sum(p.numel() * p.element_size() for p in unique.values())
+
+
+@dataclass
+class LatencyResult:
+    ms_per_token: float
+    floor_ms: float
+    bandwidth_gbs: float
+
+    @property
+    def fraction_of_floor(self) -> float:
+        return self.floor_ms / self.ms_per_token
+
+
+def decode_latency(llm: LLM, prompt: list[int], new_tokens: int) -> float:
+    """Milliseconds per decoded token for one request, prefill excluded."""
+    engine = llm.engine
+    engine.add_request("latency", prompt, SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True))
+    engine.step()  # prefill and first token
+    start, steps = time.perf_counter(), 0
+    while engine.has_unfinished_requests():
+        engine.step()
+        steps += 1
+    return (time.perf_counter() - start) * 1000 / max(steps, 1)
+
+
+def measure(llm: LLM, prompt: list[int], new_tokens: int, rounds: int = 3) -> LatencyResult:
+    """Alternate bandwidth and decode measurements; keep the best of each (the machine is shared and noisy)."""
+    bandwidth, ms = 0.0, float("inf")
+    for _ in range(rounds):
+        bandwidth = max(bandwidth, read_bandwidth())
+        ms = min(ms, decode_latency(llm, prompt, new_tokens))
+    floor = weight_bytes(llm.loaded.model) / bandwidth * 1000
+    return LatencyResult(ms, floor, bandwidth / 1e9)
