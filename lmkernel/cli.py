@@ -55,7 +55,7 @@ def info(model: Annotated[str, typer.Argument(help="alias, Hugging Face director
 
 
 Model = Annotated[str, typer.Argument(help="alias, Hugging Face directory or .gguf file")]
-Dtype = Annotated[str, typer.Option(help="float32, bfloat16 or float16")]
+Dtype = Annotated[str, typer.Option(help="auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16 or float16")]
 Device = Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda")]
 KVMemory = Annotated[str, typer.Option("--kv-cache-memory", help="KV-cache budget, e.g. 512MiB or 2GiB")]
 
@@ -64,9 +64,14 @@ def _open_llm(model: str, dtype: str, device: str, kv_cache_memory: str):
     from lmkernel.engine.llm import LLM
 
     try:
-        return LLM(model, dtype=dtype, device=device, kv_cache_memory=kv_cache_memory, verbose=False)
+        llm = LLM(model, dtype=dtype, device=device, kv_cache_memory=kv_cache_memory, verbose=False)
     except (LmkError, ValueError) as exc:
         raise fail(exc) from None
+    if llm.engine is None:
+        raise fail(LmkError(f"{model} is an encoder model; generate and chat need a decoder"))
+    s = llm.stats()
+    err_console.print(f"KV cache: {s['kv_blocks_total']} blocks x {s['kv_block_size']} tokens = {s['kv_cache_tokens']} tokens", highlight=False)
+    return llm
 
 
 def _stream(llm, prompt: str | list[int], params) -> str:
@@ -94,7 +99,7 @@ def generate(
     temperature: Annotated[float, typer.Option(help="0 for greedy decoding")] = 0.7,
     top_p: Annotated[float, typer.Option()] = 0.95,
     seed: Annotated[int | None, typer.Option(help="fix the random stream")] = None,
-    dtype: Dtype = "float32",
+    dtype: Dtype = "auto",
     device: Device = "auto",
     kv_cache_memory: KVMemory = "512MiB",
 ) -> None:
@@ -114,7 +119,7 @@ def chat(
     system: Annotated[str | None, typer.Option(help="system message")] = None,
     max_tokens: Annotated[int, typer.Option()] = 256,
     temperature: Annotated[float, typer.Option()] = 0.7,
-    dtype: Dtype = "float32",
+    dtype: Dtype = "auto",
     device: Device = "auto",
     kv_cache_memory: KVMemory = "512MiB",
 ) -> None:
@@ -159,7 +164,7 @@ def bench_throughput(
     max_num_seqs: Annotated[int, typer.Option()] = 64,
     max_num_batched_tokens: Annotated[int, typer.Option()] = 2048,
     seed: Annotated[int, typer.Option()] = 0,
-    dtype: Dtype = "float32",
+    dtype: Dtype = "auto",
     device: Device = "auto",
     kv_cache_memory: KVMemory = "2GiB",
 ) -> None:
@@ -175,7 +180,7 @@ def bench_throughput(
         work = wikitext_workload(llm.tokenizer, num_requests, (min_prompt, max_prompt), (min_output, max_output), seed)
     except (LmkError, ValueError) as exc:
         raise fail(exc) from None
-    console.print(f"{num_requests} requests, {work.prompt_tokens} prompt tokens, {work.output_tokens} output tokens, {dtype}")
+    console.print(f"{num_requests} requests, {work.prompt_tokens} prompt tokens, {work.output_tokens} output tokens, {llm.loaded.dtype}")
     ours = run_lmkernel(llm, work)
     console.print(f"lmkernel: {ours.tokens_per_second:.1f} tok/s ({ours.seconds:.1f} s), KV-cache utilisation {ours.kv_utilisation:.1%}")
     if hf_batch_size > 0:
@@ -190,7 +195,7 @@ def bench_latency(
     prompt_tokens: Annotated[int, typer.Option()] = 16,
     new_tokens: Annotated[int, typer.Option()] = 128,
     rounds: Annotated[int, typer.Option()] = 3,
-    dtype: Dtype = "float32",
+    dtype: Dtype = "auto",
     device: Device = "auto",
 ) -> None:
     """Batch-1 decode ms/token against the floor of weight bytes / read bandwidth measured in this run."""
@@ -204,7 +209,7 @@ def bench_latency(
     except (LmkError, ValueError) as exc:
         raise fail(exc) from None
     r = measure(llm, prompt, new_tokens, rounds)
-    console.print(f"read bandwidth {r.bandwidth_gbs:.1f} GB/s; floor {r.floor_ms:.2f} ms/token ({dtype})")
+    console.print(f"read bandwidth {r.bandwidth_gbs:.1f} GB/s; floor {r.floor_ms:.2f} ms/token ({llm.loaded.dtype})")
     console.print(f"lmkernel batch-1 decode: {r.ms_per_token:.2f} ms/token = {1000 / r.ms_per_token:.1f} tok/s")
     console.print(f"fraction of the floor: {r.fraction_of_floor:.0%}")
 

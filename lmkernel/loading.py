@@ -26,15 +26,21 @@ from lmkernel.registry import ModelSource, resolve
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """A torch dtype from a name ("float32", "bfloat16", "float16") or a torch dtype."""
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device | None = None) -> torch.dtype:
+    """A torch dtype from a name ("float32", "bfloat16", "float16", "auto") or a torch dtype.
+
+    "auto" is what measured fastest (BENCHMARKS.md): float32 on CPU, where bfloat16 generation
+    ran slower here, and bfloat16 on CUDA.
+    """
+    if str(dtype) == "auto":
+        return torch.bfloat16 if device is not None and device.type == "cuda" else torch.float32
     if isinstance(dtype, torch.dtype):
         if dtype not in DTYPES.values():
-            raise LmkError(f"dtype {dtype} is not supported; expected one of {list(DTYPES)}")
+            raise LmkError(f"dtype {dtype} is not supported; expected one of {[*DTYPES, 'auto']}")
         return dtype
     name = str(dtype).removeprefix("torch.")
     if name not in DTYPES:
-        raise LmkError(f"dtype '{dtype}' is not supported; expected one of {list(DTYPES)}")
+        raise LmkError(f"dtype '{dtype}' is not supported; expected one of {[*DTYPES, 'auto']}")
     return DTYPES[name]
 
 
@@ -139,7 +145,8 @@ def _open(source: ModelSource) -> tuple[ModelConfig, Tokenizer, gguf.GGUFReader 
 
 def load_model(name_or_path: str | Path, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu") -> LoadedModel:
     """Load an alias, a Hugging Face directory or a GGUF file into a `LoadedModel`; nothing is downloaded."""
-    torch_dtype, dev = resolve_dtype(dtype), resolve_device(device)
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
     source = resolve(name_or_path)
     config, tokenizer, reader = _open(source)
     if reader is not None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lmkernel import LmkError, load_model
-from lmkernel.loading import describe
+from lmkernel.loading import describe, resolve_dtype
 from lmkernel.registry import resolve
 
 
@@ -69,6 +69,8 @@ def test_wrong_model_kind_and_bad_arguments(smollm, minilm):
         smollm.logits([1, 49152])
     with pytest.raises(LmkError, match="empty"):
         smollm.logits([])
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
     with pytest.raises(LmkError, match="dtype 'float8'"):
         load_model("smollm2-135m-instruct", dtype="float8")
     with pytest.raises(LmkError, match="device 'tpu'"):

@@ -39,7 +39,7 @@ class LLM:
     def __init__(
         self,
         model: str | LoadedModel,
-        dtype: str = "float32",
+        dtype: str = "auto",
         device: str = "auto",
         kv_cache_memory: str | int | None = None,
         max_num_seqs: int = 64,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import gguf
 import pytest
 import torch
-from flat_batch import flatten, split
+from model_checks import flatten, split
 from tiny_gguf import T, vocabulary, write_llama_gguf
 
 from lmkernel import load_model

@@ -4,28 +4,16 @@ random masked-LM and classification checkpoints versus transformers (padded HF b
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from flat_batch import flatten, split
-from torch import nn
+from model_checks import flatten, load_dir, perturb_vectors, split
 
-from lmkernel.loader.hf_dir import load_tensors, parse_config
-from lmkernel.models import model_class
-from lmkernel.models.weights import build_on_meta
 
 SEQS = [[101, 2054, 2003, 1996, 2907, 102], [101, 1632, 102], [101, *range(2000, 2030), 102]]
 # Sentence pairs for the classifier: the second segment of each sequence has token type 1.
 TYPES = [[0, 0, 0, 1, 1, 1], [0, 0, 1], [0] * 12 + [1] * 20]
-
-
-def _load(directory: Path) -> nn.Module:
-    config = parse_config(directory)
-    model = build_on_meta(model_class(config), config)
-    model.load_weights(load_tensors(directory, torch.float32), str(directory))
-    return model.eval()
 
 
 def _tiny_bert_config(**extra):
@@ -37,15 +25,6 @@ def _tiny_bert_config(**extra):
     )
 
 
-def _perturb_vectors(model: nn.Module) -> nn.Module:
-    """Biases start at 0 and LayerNorm weights at 1; move them so a misplaced one changes the output."""
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.add_(torch.randn_like(p) * 0.1)
-    return model.eval()
-
-
 def _padded(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(map(len, seqs))
     ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs])
@@ -55,7 +34,7 @@ def _padded(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def minilm_model(minilm_dir):
-    return _load(minilm_dir)
+    return load_dir(minilm_dir)
 
 
 @pytest.fixture(scope="module")
@@ -63,10 +42,10 @@ def tiny_mlm(tmp_path_factory):
     from transformers import BertForMaskedLM
 
     torch.manual_seed(3)
-    model = _perturb_vectors(BertForMaskedLM(_tiny_bert_config()))
+    model = perturb_vectors(BertForMaskedLM(_tiny_bert_config()), 0.1)
     directory = tmp_path_factory.mktemp("mlm")
     model.save_pretrained(directory, safe_serialization=True)
-    return model, _load(directory)
+    return model, load_dir(directory)
 
 
 @pytest.fixture(scope="module")
@@ -76,10 +55,10 @@ def tiny_classifier(tmp_path_factory):
     torch.manual_seed(4)
     labels = {0: "negative", 1: "neutral", 2: "positive"}
     config = _tiny_bert_config(id2label=labels, label2id={v: k for k, v in labels.items()})
-    model = _perturb_vectors(BertForSequenceClassification(config))
+    model = perturb_vectors(BertForSequenceClassification(config), 0.1)
     directory = tmp_path_factory.mktemp("cls")
     model.save_pretrained(directory, safe_serialization=True)
-    return model, _load(directory)
+    return model, load_dir(directory)
 
 
 def test_minilm_embeddings_match_sentence_transformers(minilm_model, st_minilm, hf_minilm_tokenizer, phrasebank_sentences):
@@ -135,7 +114,7 @@ def test_cls_pooling_without_normalisation(tiny_mlm, tmp_path):
     ]))
     (tmp_path / "1_Pooling").mkdir()
     (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_cls_token": True}))
-    ours = _load(tmp_path)
+    ours = load_dir(tmp_path)
     assert ours.config.pooling == "cls" and not ours.config.normalize_embeddings
     ids, positions, meta = flatten(SEQS, causal=False)
     padded, mask = _padded(SEQS)

@@ -3,35 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
-from flat_batch import flatten, split
-from torch import nn
+from model_checks import flatten, load_dir, perturb_vectors, split
 
 from lmkernel.errors import UnsupportedModelError
-from lmkernel.loader.hf_dir import load_tensors, parse_config
+from lmkernel.loader.hf_dir import parse_config
 from lmkernel.models import model_class
-from lmkernel.models.weights import build_on_meta
 
 SEQS = [[5, 17, 300, 999, 42, 7, 7, 8], [1, 2, 3], list(range(100, 140))]
-
-
-def _load(directory: Path) -> nn.Module:
-    config = parse_config(directory)
-    model = build_on_meta(model_class(config), config)
-    model.load_weights(load_tensors(directory, torch.float32), str(directory))
-    return model.eval()
-
-
-def _perturb_vectors(model: nn.Module) -> nn.Module:
-    """Biases start at 0 and LayerNorm weights at 1; move them so a misplaced one changes the output."""
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.add_(torch.randn_like(p) * 0.1)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +21,10 @@ def tiny_gpt2(tmp_path_factory):
 
     torch.manual_seed(0)
     config = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=1000, n_positions=128)
-    model = _perturb_vectors(GPT2LMHeadModel(config))
+    model = perturb_vectors(GPT2LMHeadModel(config), 0.1)
     directory = tmp_path_factory.mktemp("gpt2")
     model.save_pretrained(directory, safe_serialization=True)
-    return model, directory, _load(directory)
+    return model, directory, load_dir(directory)
 
 
 def test_logits_match_transformers(tiny_gpt2):
@@ -67,7 +48,7 @@ def test_bare_gpt2model_checkpoint_loads(tiny_gpt2, tmp_path):
     """A checkpoint of GPT2Model alone names its tensors without the `transformer.` prefix."""
     ref_model, _, _ = tiny_gpt2
     ref_model.transformer.save_pretrained(tmp_path, safe_serialization=True)
-    ours = _load(tmp_path)
+    ours = load_dir(tmp_path)
     ids, positions, meta = flatten(SEQS, causal=True)
     with torch.no_grad():
         flat = ours(ids, positions, meta)

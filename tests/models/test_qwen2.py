@@ -6,37 +6,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from flat_batch import flatten, split
+from model_checks import flatten, load_dir, perturb_vectors, split
 from torch import nn
 
-from lmkernel.loader.hf_dir import load_tensors, parse_config
-from lmkernel.models import model_class
-from lmkernel.models.weights import build_on_meta
 
 # The last sequence runs past max_position_embeddings=64 of the Llama configs, where dynamic scaling starts.
 SEQS = [[5, 17, 300, 999, 42, 7, 7, 8], [1, 2, 3], list(range(100, 190))]
 
 
-def _load(directory: Path) -> nn.Module:
-    config = parse_config(directory)
-    model = build_on_meta(model_class(config), config)
-    model.load_weights(load_tensors(directory, torch.float32), str(directory))
-    return model.eval()
-
-
-def _perturb_vectors(model: nn.Module) -> nn.Module:
-    """Biases start at 0 and norm weights at 1; move them so a misplaced one changes the output."""
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.add_(torch.randn_like(p) * 0.3)
-    return model.eval()
-
-
 def _check_logits(ref_model: nn.Module, directory: Path) -> nn.Module:
     """Save the reference, load it with lmkernel, and compare logits of a flattened batch per sequence."""
     ref_model.save_pretrained(directory, safe_serialization=True)
-    ours = _load(directory)
+    ours = load_dir(directory)
     ids, positions, meta = flatten(SEQS, causal=True)
     with torch.no_grad():
         flat = ours.compute_logits(ours(ids, positions, meta))
@@ -54,7 +35,7 @@ def test_qwen2_logits_match_transformers(tmp_path, tied):
         vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=tied,
     )
-    ours = _check_logits(_perturb_vectors(Qwen2ForCausalLM(config)), tmp_path)
+    ours = _check_logits(perturb_vectors(Qwen2ForCausalLM(config), 0.3), tmp_path)
     assert ours.config.attention_bias and ours.config.num_kv_heads == 2
     assert (ours.lm_head.weight is ours.model.embed_tokens.weight) == tied
 
@@ -78,6 +59,6 @@ def test_llama_rope_scaling_matches_transformers(tmp_path, rope):
         vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=4, max_position_embeddings=64, rope_parameters={**rope, "rope_theta": 10000.0},
     )
-    ours = _check_logits(_perturb_vectors(LlamaForCausalLM(config)), tmp_path)
+    ours = _check_logits(perturb_vectors(LlamaForCausalLM(config), 0.3), tmp_path)
     assert ours.config.rope_scaling["rope_type"] == rope["rope_type"]
     assert ours.rotary.rope_type == rope["rope_type"]
