@@ -138,3 +138,27 @@ def test_encoder_api(minilm):
         enc.generate(["hi"])
     with pytest.raises(LmkError, match="classification"):
         enc.classify(["hi"])
+
+
+def test_classify_matches_transformers(tmp_path, minilm_dir, hf_minilm_tokenizer, phrasebank_sentences):
+    import shutil
+
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(5)
+    labels = {0: "negative", 1: "neutral", 2: "positive"}
+    config = BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=128, max_position_embeddings=512, id2label=labels,
+                        label2id={v: k for k, v in labels.items()})
+    ref = BertForSequenceClassification(config).eval()
+    ref.save_pretrained(tmp_path)
+    shutil.copy(minilm_dir / "tokenizer.json", tmp_path / "tokenizer.json")
+    texts = phrasebank_sentences[:12]
+    got = LLM(str(tmp_path), verbose=False).classify(texts)
+    batch = hf_minilm_tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        probs = ref(**batch).logits.softmax(-1)
+    for out, row in zip(got, probs):
+        assert set(out.probs) == set(labels.values())
+        torch.testing.assert_close(torch.tensor([out.probs[labels[i]] for i in range(3)]), row, atol=1e-5, rtol=0)
+        assert out.label == labels[int(row.argmax())]
