@@ -162,3 +162,23 @@ def test_classify_matches_transformers(tmp_path, minilm_dir, hf_minilm_tokenizer
         assert set(out.probs) == set(labels.values())
         torch.testing.assert_close(torch.tensor([out.probs[labels[i]] for i in range(3)]), row, atol=1e-5, rtol=0)
         assert out.label == labels[int(row.argmax())]
+
+
+def test_min_tokens_holds_back_eos(llm):
+    chat = [{"role": "user", "content": "Reply with the single word yes."}]
+    natural = llm.chat(chat, SamplingParams(temperature=0, max_tokens=64))[0].outputs[0]
+    assert natural.finish_reason == "stop" and natural.token_ids[-1] == llm.tokenizer.eos_token_id
+    k = len(natural.token_ids)
+    longer = llm.chat(chat, SamplingParams(temperature=0, max_tokens=64, min_tokens=k + 3))[0].outputs[0]
+    assert len(longer.token_ids) >= k + 3
+    assert llm.tokenizer.eos_token_id not in longer.token_ids[: k + 2]
+
+
+def test_top_k_one_is_greedy_and_penalties_change_the_choice(llm):
+    prompt = ["one two one two one two one two one"]
+    greedy = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=8))[0].outputs[0].token_ids
+    top1 = llm.generate(prompt, SamplingParams(temperature=1.0, top_k=1, max_tokens=8, seed=3))[0].outputs[0].token_ids
+    assert top1 == greedy
+    for penalty in (dict(repetition_penalty=2.0), dict(presence_penalty=2.0), dict(frequency_penalty=2.0)):
+        other = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=8, **penalty))[0].outputs[0].token_ids
+        assert other != greedy, penalty
