@@ -10,7 +10,7 @@ from model_checks import flatten, split
 from tiny_gguf import T, vocabulary, write_llama_gguf
 
 from lmkernel import load_model
-from lmkernel.errors import LmkError, UnsupportedModelError, WeightsError
+from lmkernel.errors import UnsupportedModelError, WeightsError
 from lmkernel.loader import gguf_file
 
 # Every tensor type the loader claims to read, spread over the tensors of a two-layer model.
