@@ -141,7 +141,7 @@ class Scheduler:
 
     def _preempt(self, victim: Request, out: SchedulerOutput) -> int:
         """Free the victim's blocks and send it back to wait; returns budget given back by its chunk."""
-        self.pool.free(victim.request_id)
+        self.pool.free(victim.request_id, computed_tokens=victim.num_computed_tokens)
         self.running.remove(victim)
         victim.num_computed_tokens = 0
         victim.status = RequestStatus.WAITING

@@ -113,10 +113,20 @@ class BlockPool:
         self._register_full_blocks(request_id, token_ids, num_tokens)
         return True
 
-    def free(self, request_id: str) -> None:
-        """Return a request's blocks. Cached ones stay findable (tail first out); the rest are reused first."""
+    def free(self, request_id: str, computed_tokens: int | None = None) -> None:
+        """Return a request's blocks. Cached ones stay findable (tail first out); the rest are reused first.
+
+        `computed_tokens` is given when a request leaves before the step that allocated its last blocks
+        ran (preemption): blocks past it were registered but never written, so they are forgotten.
+        """
         table = self.tables.pop(request_id, [])
         self.chains.pop(request_id, None)
+        if computed_tokens is not None:
+            for block in table[computed_tokens // self.block_size :]:
+                key = self.block_keys[block]
+                if key is not None and self.cached.get(key) == block:
+                    del self.cached[key]
+                self.block_keys[block] = None
         for block in reversed(table):
             self.ref_counts[block] -= 1
             if self.ref_counts[block] == 0:

@@ -90,3 +90,14 @@ def test_prefix_caching_off():
 def test_bad_sizes():
     with pytest.raises(ValueError, match="at least one block"):
         BlockPool(0, 16)
+
+
+def test_blocks_freed_before_they_were_computed_are_not_cached():
+    """A request preempted in the step that allocated its blocks never wrote them: no hit may find them."""
+    pool = BlockPool(num_blocks=8, block_size=4)
+    prompt = list(range(13))
+    assert pool.allocate("a", prompt[:4], 4)  # first block computed in an earlier step
+    assert pool.allocate("a", prompt, 13)  # this step's target: blocks 2 and 3 registered, not yet written
+    pool.free("a", computed_tokens=4)
+    assert len(pool.find_cached_prefix(prompt)) == 1
+    assert pool.num_free_blocks == 8
