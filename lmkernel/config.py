@@ -76,14 +76,3 @@ class SchedulerConfig:
     max_num_seqs: int = 64
     max_model_len: int = 2048  # prompt + output tokens one request may reach
 
-
-@dataclass(frozen=True)
-class EngineConfig:
-    """Everything an engine is built from."""
-
-    model: str
-    dtype: str = "float32"
-    device: str = "auto"
-    cache: CacheConfig = field(default_factory=CacheConfig)
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    seed: int = 0
