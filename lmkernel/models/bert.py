@@ -24,7 +24,7 @@ from lmkernel.layers.activation import get_activation
 from lmkernel.layers.attention import AttentionMetadata, attend
 from lmkernel.layers.linear import dense
 from lmkernel.layers.norm import layer_norm
-from lmkernel.models.weights import load_named_tensors
+from lmkernel.models.weights import load_with_tied_head
 
 MLM_ARCHITECTURE = "BertForMaskedLM"
 CLASSIFIER_ARCHITECTURE = "BertForSequenceClassification"
@@ -202,9 +202,7 @@ class BertModel(nn.Module):
         named = {(f"bert.{k}" if k.startswith(("embeddings.", "encoder.", "pooler.")) else k): v for k, v in tensors.items()}
         if "cls.predictions.decoder.bias" in named:
             named.setdefault("cls.predictions.bias", named["cls.predictions.decoder.bias"])
-        tie = self.cls is not None and self.config.tie_word_embeddings
-        if tie and "bert.embeddings.word_embeddings.weight" in named:
-            named["cls.predictions.decoder.weight"] = named["bert.embeddings.word_embeddings.weight"]
-        load_named_tensors(self, named, source)
-        if tie:
-            self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
+        tied = self.cls is not None and self.config.tie_word_embeddings
+        load_with_tied_head(
+            self, named, source, "cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight", tied
+        )

@@ -21,7 +21,7 @@ from lmkernel.layers.activation import get_activation
 from lmkernel.layers.attention import AttentionMetadata, KVLayer, attend
 from lmkernel.layers.linear import dense
 from lmkernel.layers.norm import layer_norm
-from lmkernel.models.weights import load_named_tensors
+from lmkernel.models.weights import load_with_tied_head
 
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
@@ -105,9 +105,4 @@ class GPT2LMHeadModel(nn.Module):
         """Load Hugging Face-named tensors, transposing Conv1D weights; a tied head reuses wte."""
         named = {(k if k.startswith(("transformer.", "lm_head.")) else f"transformer.{k}"): v for k, v in tensors.items()}
         named = {k: (v.t().contiguous() if k.endswith(_CONV1D) else v) for k, v in named.items()}
-        tied = self.config.tie_word_embeddings
-        if tied and "lm_head.weight" not in named and "transformer.wte.weight" in named:
-            named["lm_head.weight"] = named["transformer.wte.weight"]
-        load_named_tensors(self, named, source)
-        if tied:
-            self.lm_head.weight = self.transformer.wte.weight
+        load_with_tied_head(self, named, source, "lm_head.weight", "transformer.wte.weight", self.config.tie_word_embeddings)

@@ -22,7 +22,7 @@ from lmkernel.layers.attention import AttentionMetadata, KVLayer, attend
 from lmkernel.layers.linear import dense
 from lmkernel.layers.norm import RMSNorm
 from lmkernel.layers.rotary import RotaryEmbedding, apply_rotary
-from lmkernel.models.weights import load_named_tensors
+from lmkernel.models.weights import load_with_tied_head
 
 
 class LlamaAttention(nn.Module):
@@ -114,9 +114,6 @@ class LlamaForCausalLM(nn.Module):
 
     def load_weights(self, tensors: Mapping[str, torch.Tensor], source: str) -> None:
         """Load Hugging Face-named tensors; a tied head reuses the embedding matrix."""
-        tied = self.config.tie_word_embeddings
-        if tied and "lm_head.weight" not in tensors and "model.embed_tokens.weight" in tensors:
-            tensors = {**tensors, "lm_head.weight": tensors["model.embed_tokens.weight"]}
-        load_named_tensors(self, tensors, source)
-        if tied:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        load_with_tied_head(
+            self, tensors, source, "lm_head.weight", "model.embed_tokens.weight", self.config.tie_word_embeddings
+        )

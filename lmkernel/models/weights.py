@@ -34,3 +34,19 @@ def build_on_meta(cls: type[nn.Module], *args: object) -> nn.Module:
     """Construct a model without allocating its weights; they arrive with `load_named_tensors`."""
     with torch.device("meta"):
         return cls(*args)
+
+
+def load_with_tied_head(
+    model: nn.Module, tensors: Mapping[str, torch.Tensor], source: str, head: str, embedding: str, tied: bool
+) -> None:
+    """`load_named_tensors`, where a tied output layer `head` shares the `embedding` matrix.
+
+    Checkpoints of tied models often omit the head; it is filled from the embedding, then the two
+    parameters are made one.
+    """
+    named = dict(tensors)
+    if tied and embedding in named:
+        named.setdefault(head, named[embedding])
+    load_named_tensors(model, named, source)
+    if tied:
+        model.get_submodule(head.rsplit(".", 1)[0]).weight = model.get_submodule(embedding.rsplit(".", 1)[0]).weight
