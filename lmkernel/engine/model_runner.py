@@ -10,7 +10,8 @@ import torch
 from lmkernel.engine.request import Logprob, PositionLogprobs, Request
 from lmkernel.engine.sampling import Sampler, top_logprobs
 from lmkernel.engine.scheduler import SchedulerOutput
-from lmkernel.layers.attention import AttentionMetadata, DecodeGroup, PagedLayout
+from lmkernel.layers import paged_decode_cpu
+from lmkernel.layers.attention import AttentionMetadata, DecodeBatch, DecodeGroup, PagedLayout
 from lmkernel.loader.tokenizer import Tokenizer
 from lmkernel.memory.kv_cache import KVCache
 
@@ -32,6 +33,7 @@ class ModelRunner:
         self.kv_layers = [kv_cache.layer(i) for i in range(len(kv_cache.keys))]
         self.sampler = Sampler(seed)
         self.generators: dict[str, torch.Generator] = {}
+        self.use_kernel = paged_decode_cpu.available(kv_cache.keys[0])
 
     def add_generator(self, request_id: str, seed: int) -> None:
         self.generators[request_id] = torch.Generator().manual_seed(seed)
@@ -63,18 +65,34 @@ class ModelRunner:
         starts = [0]
         for n in lengths[:-1]:
             starts.append(starts[-1] + n)
-        groups = tuple(
-            self._decode_group(g, [starts[i] for i in g], [out.chunks[i].block_table for i in g], [seq_lens[i] for i in g])
-            for g in group_by_length(decode_seqs, seq_lens)
-        )
+        batch, groups = None, ()
+        if decode_seqs and self.use_kernel:
+            batch = self._decode_batch(decode_seqs, starts, out, seq_lens)
+        elif decode_seqs:
+            groups = tuple(
+                self._decode_group(g, [starts[i] for i in g], [out.chunks[i].block_table for i in g], [seq_lens[i] for i in g])
+                for g in group_by_length(decode_seqs, seq_lens)
+            )
         paged = PagedLayout(
             slot_mapping=torch.tensor(slots, device=self.device),
             seq_lens=tuple(seq_lens),
             context_slots=context_slots,
             decode_groups=groups,
+            decode_batch=batch,
         )
         meta = AttentionMetadata.for_lengths(lengths, causal=True, paged=paged)
         return torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device), meta
+
+    def _decode_batch(self, seqs: list[int], starts: list[int], out: SchedulerOutput, seq_lens: list[int]) -> DecodeBatch:
+        tables = [out.chunks[i].block_table for i in seqs]
+        width = max(len(t) for t in tables)
+        return DecodeBatch(
+            tuple(seqs),
+            torch.tensor([starts[i] for i in seqs]),
+            torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int64),
+            torch.tensor([seq_lens[i] for i in seqs], dtype=torch.int64),
+            self.kv_cache.block_size,
+        )
 
     def _decode_group(self, seqs: list[int], rows: list[int], tables: list[list[int]], lens: list[int]) -> DecodeGroup:
         bs = self.kv_cache.block_size

@@ -5,8 +5,9 @@ sequences of the batch laid end to end, plus an `AttentionMetadata` saying where
 starts. No sequence is padded to the longest. Without a cache (the reference path) each sequence
 attends within itself. With one, the new K/V are first written into their slots for every sequence,
 then each sequence reads its whole context back through its slots: prefill chunks one by one,
-single-token decodes in groups of similar length, one call per group (keys masked past each
-sequence's length).
+single-token decodes all at once through the compiled CPU kernel that follows the block tables, or,
+where it cannot run (CUDA, other dtypes), in groups of similar length, one call per group (keys
+masked past each sequence's length).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from lmkernel.layers.paged_decode_cpu import paged_decode
 
 
 @dataclass(frozen=True)
@@ -36,18 +39,40 @@ class DecodeGroup:
 
 
 @dataclass(frozen=True)
+class DecodeBatch:
+    """All single-token sequences, for the compiled kernel that reads the cache through block tables.
+
+    rows: their query rows [B]; tables: block tables padded with block 0 [B, max_blocks]; lens:
+    context lengths [B].
+    """
+
+    seqs: tuple[int, ...]
+    rows: torch.Tensor
+    tables: torch.Tensor
+    lens: torch.Tensor
+    block_size: int
+
+
+@dataclass(frozen=True)
 class PagedLayout:
     """Where a step's tokens live in the paged cache.
 
     slot_mapping: cache row of each new token [N]. seq_lens: context length of each sequence after
     this step. context_slots: for chunks that read earlier tokens back from the cache, the rows of
-    their whole context, in order. decode_groups: the single-token sequences, grouped by length.
+    their whole context, in order. Single-token sequences come either as one `decode_batch` for the
+    compiled kernel or, where it cannot run, as `decode_groups` of similar length.
     """
 
     slot_mapping: torch.Tensor
     seq_lens: tuple[int, ...]
     context_slots: dict[int, torch.Tensor]
     decode_groups: tuple[DecodeGroup, ...] = ()
+    decode_batch: DecodeBatch | None = None
+
+    @property
+    def decode_seqs(self) -> set[int]:
+        seqs = {i for g in self.decode_groups for i in g.seqs}
+        return seqs | set(self.decode_batch.seqs) if self.decode_batch is not None else seqs
 
 
 @dataclass(frozen=True)
@@ -106,7 +131,7 @@ def attend(
         k_cache, v_cache = kv_cache
         k_cache.index_copy_(0, paged.slot_mapping, k)
         v_cache.index_copy_(0, paged.slot_mapping, v)
-    decode = {i for g in paged.decode_groups for i in g.seqs} if paged is not None else set()
+    decode = paged.decode_seqs if paged is not None else set()
     for i in range(meta.num_sequences):
         if i in decode:
             continue
@@ -118,6 +143,10 @@ def attend(
         context, new = slots.shape[0], e - s
         allowed = torch.arange(context, device=q.device)[None, :] <= torch.arange(context - new, context, device=q.device)[:, None]
         out[s:e] = _sdpa(q[s:e], k_cache[slots], v_cache[slots], scale, attn_mask=allowed)
+    batch = paged.decode_batch if paged is not None else None
+    if batch is not None:
+        scale_value = scale if scale is not None else q.shape[-1] ** -0.5
+        out[batch.rows] = paged_decode(q[batch.rows], k_cache, v_cache, batch.tables, batch.lens, batch.block_size, scale_value)
     for group in paged.decode_groups if paged is not None else ():
         shape = (*group.slots.shape, *k_cache.shape[1:])
         flat = group.slots.view(-1)

@@ -182,3 +182,21 @@ def test_top_k_one_is_greedy_and_penalties_change_the_choice(llm):
     for penalty in (dict(repetition_penalty=2.0), dict(presence_penalty=2.0), dict(frequency_penalty=2.0)):
         other = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=8, **penalty))[0].outputs[0].token_ids
         assert other != greedy, penalty
+
+
+def test_compiled_decode_kernel_and_portable_path_agree(llm, wikitext_ids):
+    """The CPU kernel reading through block tables, and the gather path CUDA and bfloat16 use."""
+    runner = llm.engine.runner
+    assert runner.use_kernel, "the paged decode kernel should build on this machine"
+    prompts = [wikitext_ids[i * 7 : i * 7 + n] for i, n in enumerate((9, 40, 130, 260))]
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=1)
+    with_kernel = llm.generate(prompts, params)
+    try:
+        runner.use_kernel = False
+        portable = llm.generate(prompts, params)
+    finally:
+        runner.use_kernel = True
+    for a, b in zip(with_kernel, portable):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for x, y, t in zip(a.outputs[0].logprobs, b.outputs[0].logprobs, a.outputs[0].token_ids):
+            assert abs(x[t].logprob - y[t].logprob) <= 1e-4
