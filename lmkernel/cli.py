@@ -197,9 +197,11 @@ def bench_latency(
     rounds: Annotated[int, typer.Option()] = 3,
     dtype: Dtype = "auto",
     device: Device = "auto",
+    hf: Annotated[bool, typer.Option(help="also measure transformers generate at batch 1")] = True,
 ) -> None:
     """Batch-1 decode ms/token against the floor of weight bytes / read bandwidth measured in this run."""
     from lmkernel.bench.latency import measure
+    from lmkernel.bench.peers import load_hf_causal_lm
     from lmkernel.bench.workload import wikitext_workload
     from lmkernel.engine.llm import LLM
 
@@ -208,10 +210,18 @@ def bench_latency(
         prompt = wikitext_workload(llm.tokenizer, 1, (prompt_tokens, prompt_tokens), (1, 1)).prompts[0]
     except (LmkError, ValueError) as exc:
         raise fail(exc) from None
-    r = measure(llm, prompt, new_tokens, rounds)
+    try:
+        peer = load_hf_causal_lm(llm.loaded.source, llm.loaded.dtype).to(llm.loaded.device) if hf else None
+    except LmkError as exc:
+        raise fail(exc) from None
+    r = measure(llm, prompt, new_tokens, rounds, peer)
     console.print(f"read bandwidth {r.bandwidth_gbs:.1f} GB/s; floor {r.floor_ms:.2f} ms/token ({llm.loaded.dtype})")
     console.print(f"lmkernel batch-1 decode: {r.ms_per_token:.2f} ms/token = {1000 / r.ms_per_token:.1f} tok/s")
     console.print(f"fraction of the floor: {r.fraction_of_floor:.0%}")
+    if r.peer_ms_per_token is not None:
+        p = r.peer_ms_per_token
+        console.print(f"transformers generate batch-1 decode: {p:.2f} ms/token = {1000 / p:.1f} tok/s, "
+                      f"{r.floor_ms / p:.0%} of the floor; lmkernel is {p / r.ms_per_token:.2f}x as fast")
 
 
 def main() -> None:

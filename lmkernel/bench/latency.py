@@ -37,6 +37,7 @@ class LatencyResult:
     ms_per_token: float
     floor_ms: float
     bandwidth_gbs: float
+    peer_ms_per_token: float | None = None
 
     @property
     def fraction_of_floor(self) -> float:
@@ -55,11 +56,30 @@ def decode_latency(llm: LLM, prompt: list[int], new_tokens: int) -> float:
     return (time.perf_counter() - start) * 1000 / max(steps, 1)
 
 
-def measure(llm: LLM, prompt: list[int], new_tokens: int, rounds: int = 3) -> LatencyResult:
-    """Alternate bandwidth and decode measurements; keep the best of each (the machine is shared and noisy)."""
-    bandwidth, ms = 0.0, float("inf")
+def hf_decode_latency(model: torch.nn.Module, prompt: list[int], new_tokens: int) -> float:
+    """Milliseconds per decoded token of transformers `generate` at batch 1: the time of a run of
+    1 + new_tokens tokens less that of a run of one (the prefill)."""
+    ids = torch.tensor([prompt])
+
+    def timed(n: int) -> float:
+        start = time.perf_counter()
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        return time.perf_counter() - start
+
+    with torch.inference_mode():
+        return (timed(1 + new_tokens) - timed(1)) * 1000 / new_tokens
+
+
+def measure(
+    llm: LLM, prompt: list[int], new_tokens: int, rounds: int = 3, peer: torch.nn.Module | None = None
+) -> LatencyResult:
+    """Alternate bandwidth, lmkernel and (optionally) transformers measurements; keep the best of each
+    (the machine is shared and noisy)."""
+    bandwidth, ms, peer_ms = 0.0, float("inf"), float("inf")
     for _ in range(rounds):
         bandwidth = max(bandwidth, read_bandwidth())
         ms = min(ms, decode_latency(llm, prompt, new_tokens))
+        if peer is not None:
+            peer_ms = min(peer_ms, hf_decode_latency(peer, prompt, new_tokens))
     floor = weight_bytes(llm.loaded.model) / bandwidth * 1000
-    return LatencyResult(ms, floor, bandwidth / 1e9)
+    return LatencyResult(ms, floor, bandwidth / 1e9, peer_ms if peer is not None else None)

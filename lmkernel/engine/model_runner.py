@@ -10,7 +10,7 @@ import torch
 from lmkernel.engine.request import Logprob, PositionLogprobs, Request
 from lmkernel.engine.sampling import Sampler, top_logprobs
 from lmkernel.engine.scheduler import SchedulerOutput
-from lmkernel.layers import paged_decode_cpu
+from lmkernel.layers import cpu_kernels
 from lmkernel.layers.attention import AttentionMetadata, DecodeBatch, DecodeGroup, PagedLayout
 from lmkernel.loader.tokenizer import Tokenizer
 from lmkernel.memory.kv_cache import KVCache
@@ -33,7 +33,9 @@ class ModelRunner:
         self.kv_layers = [kv_cache.layer(i) for i in range(len(kv_cache.keys))]
         self.sampler = Sampler(seed)
         self.generators: dict[str, torch.Generator] = {}
-        self.use_kernel = paged_decode_cpu.available(kv_cache.keys[0])
+        if device.type == "cpu":
+            cpu_kernels.build()
+        self.use_kernel = cpu_kernels.paged_decode_available(kv_cache.keys[0])
 
     def add_generator(self, request_id: str, seed: int) -> None:
         self.generators[request_id] = torch.Generator().manual_seed(seed)

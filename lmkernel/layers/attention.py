@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from lmkernel.layers.paged_decode_cpu import paged_decode
+from lmkernel.layers.cpu_kernels import paged_decode
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,60 @@
+"""The compiled CPU kernels against the PyTorch operations they replace."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmkernel.layers import cpu_kernels
+from lmkernel.layers.linear import dense
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built() -> None:
+    assert cpu_kernels.build(), "the CPU kernels should compile on this machine"
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize("shape", [(576, 576), (1536, 576), (131, 77)])  # 131 x 77: tails of every loop
+def test_small_linear_float32_matches_linear(rows: int, shape: tuple[int, int]) -> None:
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randn(shape, generator=g)
+    b = torch.randn(shape[0], generator=g)
+    x = torch.randn(rows, shape[1], generator=g)
+    with torch.inference_mode():
+        for bias in (None, b):
+            got = cpu_kernels.small_linear(x, w, bias)
+            assert got is not None and got.shape == (rows, shape[0]) and got.dtype == torch.float32
+            torch.testing.assert_close(got, F.linear(x, w, bias), rtol=1e-5, atol=1e-4)
+
+
+def test_small_linear_bfloat16_accumulates_in_float32() -> None:
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(300, 200, generator=g).bfloat16()
+    x = torch.randn(3, 200, generator=g).bfloat16()
+    with torch.inference_mode():
+        got = cpu_kernels.small_linear(x, w, None)
+    assert got is not None and got.dtype == torch.bfloat16
+    exact = (x.float() @ w.float().T).bfloat16()
+    assert (got.float() - exact.float()).abs().max() <= 0.05 * exact.float().abs().max()
+
+
+def test_small_linear_declines_what_pytorch_should_do() -> None:
+    w = torch.randn(8, 16)
+    with torch.inference_mode():
+        assert cpu_kernels.small_linear(torch.randn(5, 16), w, None) is None  # a matrix product, not streaming
+        assert cpu_kernels.small_linear(torch.randn(1, 16).bfloat16(), w.bfloat16(), None) is None
+    assert cpu_kernels.small_linear(torch.randn(1, 16), w.requires_grad_(), None) is None  # needs autograd
+
+
+def test_dense_layer_trains_and_decodes_the_same() -> None:
+    torch.manual_seed(0)
+    layer = dense(64, 32, bias=True)
+    x = torch.randn(2, 64)
+    with torch.inference_mode():
+        fast = layer(x)
+    slow = layer(x)  # autograd on: PyTorch's path
+    slow.sum().backward()
+    assert layer.weight.grad is not None
+    torch.testing.assert_close(fast, slow.detach(), rtol=1e-5, atol=1e-5)
