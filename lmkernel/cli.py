@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -222,6 +223,103 @@ def bench_latency(
         p = r.peer_ms_per_token
         console.print(f"transformers generate batch-1 decode: {p:.2f} ms/token = {1000 / p:.1f} tok/s, "
                       f"{r.floor_ms / p:.0%} of the floor; lmkernel is {p / r.ms_per_token:.2f}x as fast")
+
+
+@bench_app.command("serve")
+def bench_serve(
+    model: Annotated[str, typer.Option()] = "smollm2-135m-instruct",
+    concurrency: Annotated[list[int] | None, typer.Option(help="streaming clients; repeat for more levels")] = None,
+    requests_per_client: Annotated[int, typer.Option()] = 4,
+    min_prompt: Annotated[int, typer.Option()] = 16,
+    max_prompt: Annotated[int, typer.Option()] = 256,
+    output_tokens: Annotated[int, typer.Option()] = 64,
+    seed: Annotated[int, typer.Option()] = 0,
+    kv_cache_memory: KVMemory = "1GiB",
+    device: Device = "auto",
+) -> None:
+    """Streaming clients over HTTP against `lmk serve`, then the same load through `LLM.generate`."""
+    import tempfile
+    from pathlib import Path as _Path
+
+    from lmkernel.bench.serve import run_http, run_in_process, start_server_process
+    from lmkernel.bench.workload import wikitext_workload
+    from lmkernel.loading import load_model
+
+    levels = concurrency or [1, 8, 32]
+    try:
+        loaded = load_model(model, device=device)
+        works = {c: wikitext_workload(loaded.tokenizer, c * requests_per_client, (min_prompt, max_prompt),
+                                      (output_tokens, output_tokens), seed) for c in levels}
+        log = _Path(tempfile.mkdtemp(prefix="lmk-bench-serve-")) / "serve.log"
+        server = start_server_process([model, "--kv-cache-memory", kv_cache_memory, "--device", device], log)
+    except (LmkError, ValueError) as exc:
+        raise fail(exc) from None
+    table = Table(title=f"{model}, {output_tokens} output tokens a request, prompts {min_prompt}-{max_prompt} tokens")
+    for col in ("clients", "requests", "req/s", "out tok/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms"):
+        table.add_column(col, justify="right")
+    try:
+        http = {c: run_http(server, model, works[c], c) for c in levels}
+    finally:
+        server.stop()
+    inproc = {c: run_in_process(loaded, kv_cache_memory, works[c], c) for c in levels}
+    for c in levels:
+        r = http[c]
+        table.add_row(str(c), str(r.requests), f"{r.requests_per_second:.2f}", f"{r.tokens_per_second:.1f}",
+                      f"{r.percentile('ttft', 50):.0f}", f"{r.percentile('ttft', 99):.0f}",
+                      f"{r.percentile('itl', 50):.0f}", f"{r.percentile('itl', 99):.0f}")
+    console.print(table)
+    for c in levels:
+        a, b = http[c], inproc[c]
+        console.print(f"{c} clients: HTTP {a.tokens_per_second:.1f} tok/s, in-process LLM.generate "
+                      f"{b.tokens_per_second:.1f} tok/s; HTTP overhead {1 - a.tokens_per_second / b.tokens_per_second:.1%}")
+
+
+@app.command()
+def serve(
+    model: Annotated[str, typer.Argument(help="the model for completions and chat")] = "smollm2-135m-instruct",
+    embedding_model: Annotated[str | None, typer.Option(help="an encoder for /v1/embeddings")] = None,
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8000,
+    api_key: Annotated[list[str] | None, typer.Option(help="a key clients must send; repeat for more")] = None,
+    api_keys_file: Annotated[Path | None, typer.Option(help="a file of keys, one per line")] = None,
+    served_model_name: Annotated[str | None, typer.Option(help="the name clients use (default: MODEL)")] = None,
+    dtype: Dtype = "auto",
+    device: Device = "auto",
+    kv_cache_memory: Annotated[str | None, typer.Option("--kv-cache-memory", help="e.g. 512MiB or 2GiB")] = None,
+    max_num_seqs: Annotated[int, typer.Option()] = 64,
+    max_num_batched_tokens: Annotated[int, typer.Option()] = 2048,
+    max_body_bytes: Annotated[int, typer.Option(help="larger request bodies get 413")] = 1 << 20,
+    max_queued_requests: Annotated[int, typer.Option(help="completions and chats at once before 429")] = 256,
+    rate_limit_rpm: Annotated[int | None, typer.Option(help="requests per minute per key")] = None,
+    rate_limit_tpm: Annotated[int | None, typer.Option(help="prompt + max tokens per minute per key")] = None,
+    request_timeout: Annotated[float | None, typer.Option(help="seconds before a request is aborted")] = None,
+    shutdown_grace: Annotated[float, typer.Option(help="seconds in-flight requests get after SIGTERM")] = 30.0,
+    log_prompts: Annotated[bool, typer.Option(help="log prompts and outputs, with personal data redacted")] = False,
+) -> None:
+    """Serve the OpenAI API (completions, chat, embeddings) over HTTP."""
+    try:
+        from lmkernel.serve.auth import read_keys_file
+        from lmkernel.serve.server import LaunchConfig, serve as run
+        from lmkernel.serve.app import ServerConfig
+    except ImportError as exc:
+        raise fail(LmkError(f"serving needs the serve extra: pip install -e '.[serve]' ({exc.name} is missing)")) from None
+    try:
+        keys = list(api_key or []) + (read_keys_file(api_keys_file) if api_keys_file else [])
+        for name, value in (("--max-body-bytes", max_body_bytes), ("--max-queued-requests", max_queued_requests),
+                            ("--rate-limit-rpm", rate_limit_rpm or 1), ("--rate-limit-tpm", rate_limit_tpm or 1)):
+            if value < 1:
+                raise LmkError(f"{name} must be at least 1; got {value}")
+        config = ServerConfig(
+            model_name=served_model_name or model, embedding_model_name=embedding_model, api_keys=keys,
+            max_body_bytes=max_body_bytes, max_queued_requests=max_queued_requests,
+            requests_per_minute=rate_limit_rpm, tokens_per_minute=rate_limit_tpm, request_timeout=request_timeout,
+            log_prompts=log_prompts,
+        )
+        launch = LaunchConfig(model, embedding_model, host, port, dtype, device, kv_cache_memory, max_num_seqs,
+                              max_num_batched_tokens, shutdown_grace)
+        run(launch, config)
+    except (LmkError, ValueError) as exc:
+        raise fail(exc) from None
 
 
 def main() -> None:

@@ -86,6 +86,12 @@ class LoadedModel:
         hidden = self.model(torch.tensor(ids, device=self.device), positions, meta)
         return self.model.compute_logits(hidden).float()
 
+    @property
+    def max_input_tokens(self) -> int:
+        """The most tokens one input may have."""
+        c = self.config
+        return min(c.max_seq_length or c.max_position_embeddings, c.max_position_embeddings)
+
     def length_batches(self, texts: Sequence[str], max_batch_tokens: int) -> Iterator[tuple[list[int], list[list[int]]]]:
         """Tokenized texts (truncated to the model's limit) in batches of similar length.
 
@@ -94,25 +100,32 @@ class LoadedModel:
         """
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
             raise LmkError("expected a list of strings")
-        limit = min(self.config.max_seq_length or self.config.max_position_embeddings, self.config.max_position_embeddings)
+        limit = self.max_input_tokens
         encoded = [ids[: limit - 1] + ids[-1:] if len(ids) > limit else ids for ids in self.tokenizer.encode_batch(list(texts))]
-        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-        start = 0
-        while start < len(order):
-            end, tokens = start, 0
-            while end < len(order) and (end == start or tokens + len(encoded[order[end]]) <= max_batch_tokens):
-                tokens += len(encoded[order[end]])
-                end += 1
-            yield order[start:end], [encoded[i] for i in order[start:end]]
-            start = end
+        return _by_length(encoded, max_batch_tokens)
 
     @torch.inference_mode()
     def embed(self, texts: Sequence[str], max_batch_tokens: int = 8192) -> torch.Tensor:
         """Pooled (and, if the model says so, normalised) sentence embeddings [N, hidden], float32."""
         if not self.config.is_encoder:
             raise LmkError(f"{self.source.path}: embed() needs an encoder model; this is a decoder (use logits())")
-        out = torch.empty(len(texts), self.config.hidden_size, dtype=torch.float32)
-        for order, batch in self.length_batches(texts, max_batch_tokens):
+        return self._embed(self.length_batches(texts, max_batch_tokens), len(texts))
+
+    def embed_token_ids(self, inputs: Sequence[Sequence[int]], max_batch_tokens: int = 8192) -> torch.Tensor:
+        """Embeddings of inputs already tokenized; each must fit the model (see `max_input_tokens`)."""
+        if not self.config.is_encoder:
+            raise LmkError(f"{self.source.path}: embed() needs an encoder model; this is a decoder (use logits())")
+        encoded = [self._check_ids(ids) for ids in inputs]
+        limit = self.max_input_tokens
+        too_long = next((ids for ids in encoded if len(ids) > limit), None)
+        if too_long is not None:
+            raise LmkError(f"an input of {len(too_long)} tokens exceeds the model's limit of {limit}")
+        with torch.inference_mode():
+            return self._embed(_by_length(encoded, max_batch_tokens), len(encoded))
+
+    def _embed(self, batches: Iterator[tuple[list[int], list[list[int]]]], count: int) -> torch.Tensor:
+        out = torch.empty(count, self.config.hidden_size, dtype=torch.float32)
+        for order, batch in batches:
             meta = AttentionMetadata.for_lengths([len(b) for b in batch], causal=False)
             ids = torch.tensor([t for b in batch for t in b], device=self.device)
             positions = torch.tensor([p for b in batch for p in range(len(b))], device=self.device)
@@ -131,6 +144,19 @@ class LoadedModel:
                 f"{len(ids)} tokens exceed the model's context length of {self.config.max_position_embeddings}"
             )
         return ids
+
+
+def _by_length(encoded: list[list[int]], max_batch_tokens: int) -> Iterator[tuple[list[int], list[list[int]]]]:
+    """Indices and ids of token sequences, sorted by length and packed up to `max_batch_tokens` a batch."""
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    start = 0
+    while start < len(order):
+        end, tokens = start, 0
+        while end < len(order) and (end == start or tokens + len(encoded[order[end]]) <= max_batch_tokens):
+            tokens += len(encoded[order[end]])
+            end += 1
+        yield order[start:end], [encoded[i] for i in order[start:end]]
+        start = end
 
 
 def _open(source: ModelSource) -> tuple[ModelConfig, Tokenizer, gguf.GGUFReader | None]:

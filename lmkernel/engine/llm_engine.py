@@ -209,6 +209,7 @@ class LLMEngine:
             prompt_logprobs=list(first.prompt_logprobs) if first.wants_prompt_logprobs else None,
             outputs=outputs,
             finished=group.finished,
+            queue_seconds=None if first.first_scheduled_time is None else first.first_scheduled_time - first.arrival_time,
         )
 
     def stats(self) -> dict[str, float | int]:

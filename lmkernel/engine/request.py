@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import dataclass, field
 
 from lmkernel.engine.sampling import SamplingParams
@@ -53,6 +54,8 @@ class Request:
     logprobs: list[PositionLogprobs] = field(default_factory=list)
     prompt_logprobs: list[PositionLogprobs | None] = field(default_factory=list)
     stop_reason: int | str | None = None
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_scheduled_time: float | None = None  # when the scheduler first gave it tokens
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -111,3 +114,4 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0
+    queue_seconds: float | None = None  # arrival to first scheduled step, once it has been scheduled

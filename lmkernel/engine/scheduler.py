@@ -12,6 +12,7 @@ arrival), the youngest, is preempted. No tensors here: memory is reached only th
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 from lmkernel.config import SchedulerConfig
@@ -119,6 +120,8 @@ class Scheduler:
             self.waiting.pop(0)
             request.num_computed_tokens = computed
             request.status = RequestStatus.RUNNING
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = time.monotonic()
             self.running.append(request)
             out.chunks.append(self._chunk(request, computed, num_new))
             budget -= num_new

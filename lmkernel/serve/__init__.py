@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP server: protocol, routes, keys and limits, metrics, logs, process lifecycle."""

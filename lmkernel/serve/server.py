@@ -1,0 +1,92 @@
+"""Running the server process: load the models, start uvicorn, drain on SIGTERM, exit 0."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from types import FrameType
+
+import uvicorn
+
+from lmkernel.engine.async_engine import AsyncEngine
+from lmkernel.engine.llm import LLM
+from lmkernel.errors import LmkError
+from lmkernel.loading import load_model
+from lmkernel.serve.app import ServerConfig, ServerState, build_app
+
+
+@dataclass
+class LaunchConfig:
+    """How to load the models and where to listen."""
+
+    model: str | None
+    embedding_model: str | None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    dtype: str = "auto"
+    device: str = "auto"
+    kv_cache_memory: str | None = None
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    shutdown_grace: float = 30.0
+
+
+class _DrainingServer(uvicorn.Server):
+    """On SIGTERM: refuse new API calls (503), wait for those in flight up to the grace period, then exit.
+
+    A second SIGTERM, or SIGINT, stops at once as uvicorn normally does.
+    """
+
+    def __init__(self, config: uvicorn.Config, state: ServerState, grace: float) -> None:
+        super().__init__(config)
+        self.state, self.grace = state, grace
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if sig == signal.SIGTERM and not self.state.draining:
+            self.state.draining = True
+            asyncio.get_event_loop().call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain()))
+            return
+        super().handle_exit(sig, frame)
+
+    async def _drain(self) -> None:
+        deadline = time.monotonic() + self.grace
+        while self.state.in_flight > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        logging.getLogger("lmkernel.serve").info(
+            '{"event": "shutdown", "unfinished_requests": %d}', self.state.in_flight
+        )
+        self.should_exit = True
+
+
+def serve(launch: LaunchConfig, config: ServerConfig) -> None:
+    """Load, listen and block until shut down."""
+    requests_log = logging.getLogger("lmkernel.requests")
+    if not requests_log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        for name in ("lmkernel.requests", "lmkernel.serve"):
+            logging.getLogger(name).addHandler(handler)
+            logging.getLogger(name).setLevel(logging.INFO)
+    engine = embedder = None
+    if launch.model is not None:
+        llm = LLM(launch.model, dtype=launch.dtype, device=launch.device, kv_cache_memory=launch.kv_cache_memory,
+                  max_num_seqs=launch.max_num_seqs, max_num_batched_tokens=launch.max_num_batched_tokens)
+        if llm.engine is None:
+            raise LmkError(f"{launch.model}: completions and chat need a decoder; this is an encoder (pass it as "
+                           "--embedding-model)")
+        engine = AsyncEngine(llm.engine)
+    if launch.embedding_model is not None:
+        embedder = load_model(launch.embedding_model, dtype=launch.dtype, device=launch.device)
+        if not embedder.config.is_encoder:
+            raise LmkError(f"--embedding-model {launch.embedding_model}: embeddings need an encoder model; this is a decoder")
+    app = build_app(config, engine, embedder)
+    uv = uvicorn.Config(app, host=launch.host, port=launch.port, log_level="warning", access_log=False,
+                        timeout_graceful_shutdown=1)
+    server = _DrainingServer(uv, app.state.server, launch.shutdown_grace)
+    print(f"lmkernel: serving {', '.join(n for n in (config.model_name, config.embedding_model_name) if n)} "
+          f"on http://{launch.host}:{launch.port}", flush=True)
+    server.run()
