@@ -25,6 +25,11 @@ class AsyncEngine:
         self.to_abort: list[str] = []
         self.wakeup = asyncio.Event()
         self.loop_task: asyncio.Task[None] | None = None
+        self.snapshot = engine.stats()
+
+    def stats(self) -> dict[str, float | int]:
+        """The engine's counters as of the last step boundary (safe to read while a step runs)."""
+        return dict(self.snapshot)
 
     def start(self) -> None:
         if self.loop_task is None or self.loop_task.done():
@@ -84,6 +89,7 @@ class AsyncEngine:
         for request_id in aborts:
             self.engine.abort_request(request_id)
         self.engine.pending = [o for o in self.engine.pending if o.request_id in self.streams]
+        self.snapshot = self.engine.stats()
 
     async def _run(self) -> None:
         while True:
@@ -101,7 +107,9 @@ class AsyncEngine:
                 for request_id in list(self.engine.groups):
                     self.engine.abort_request(request_id)
                 self.engine.pending.clear()
+                self.snapshot = self.engine.stats()
                 continue
+            self.snapshot = self.engine.stats()
             for out in outputs:
                 queue = self.streams.get(out.request_id)
                 if queue is not None:
