@@ -225,6 +225,65 @@ def bench_latency(
                       f"{r.floor_ms / p:.0%} of the floor; lmkernel is {p / r.ms_per_token:.2f}x as fast")
 
 
+@app.command()
+def quantize(
+    model: Model,
+    method: Annotated[str, typer.Option(help="int8 (per-channel) or int4 (grouped)")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="directory to write")],
+    group_size: Annotated[int, typer.Option(help="int4 group along the input dimension: 32, 64, 128 or 256")] = 128,
+    skip: Annotated[list[str] | None, typer.Option(help="module name patterns left in float (default: heads)")] = None,
+    dtype: Dtype = "float32",
+    overwrite: Annotated[bool, typer.Option(help="replace an existing output directory")] = False,
+) -> None:
+    """Weight-only quantization to a Hugging Face directory (safetensors + quantization_config)."""
+    from lmkernel.compress.quantize import DEFAULT_SKIP, quantize_model
+    from lmkernel.loader.hf_export import prepare_output, save_model_dir
+    from lmkernel.loading import load_model
+
+    try:
+        prepare_output(output, overwrite)
+        lm = load_model(model, dtype=dtype, device="cpu")
+        done = quantize_model(lm.model, method, group_size, tuple(skip) if skip else DEFAULT_SKIP)
+        save_model_dir(lm.model, lm.config, lm.tokenizer, lm.dtype, output, overwrite,
+                       {"quantization_config": done.to_json()})
+    except (LmkError, ValueError) as exc:
+        raise fail(exc) from None
+    size = sum(f.stat().st_size for f in output.iterdir())
+    console.print(f"{method}: {len(done.quantized)} linear layers quantized; wrote {output} ({size / 1e6:.1f} MB)")
+
+
+eval_app = typer.Typer(help="Measure a model: perplexity, embedding fidelity, classification.", no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
+
+
+@eval_app.command("perplexity")
+def eval_perplexity(
+    model: Model,
+    data: Annotated[Path, typer.Option(help="a UTF-8 text file")],
+    max_tokens: Annotated[int | None, typer.Option(help="score only the first N tokens")] = None,
+    window: Annotated[int | None, typer.Option(help="context per window (default: the model's)")] = None,
+    dtype: Dtype = "float32",
+    device: Device = "auto",
+    json_out: Annotated[bool, typer.Option("--json", help="print one JSON object as the last line")] = False,
+) -> None:
+    """Sliding-window perplexity (stride half the window) of a causal LM over a text file."""
+    import json as _json
+
+    from lmkernel.eval.perplexity import perplexity, read_text
+    from lmkernel.loading import load_model
+
+    try:
+        text = read_text(data)
+        if max_tokens is not None and max_tokens < 2:
+            raise LmkError(f"--max-tokens must be at least 2; got {max_tokens}")
+        result = perplexity(load_model(model, dtype=dtype, device=device), text, max_tokens, window)
+    except (LmkError, ValueError) as exc:
+        raise fail(exc) from None
+    console.print(f"perplexity {result.perplexity:.4f} over {result.tokens} tokens")
+    if json_out:
+        print(_json.dumps({"perplexity": result.perplexity, "tokens": result.tokens}))
+
+
 @bench_app.command("serve")
 def bench_serve(
     model: Annotated[str, typer.Option()] = "smollm2-135m-instruct",

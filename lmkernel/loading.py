@@ -14,6 +14,7 @@ import gguf
 import torch
 from torch import nn
 
+from lmkernel.compress.quantize import QuantizationConfig, build_quantized
 from lmkernel.config import ModelConfig
 from lmkernel.errors import LmkError
 from lmkernel.layers.attention import AttentionMetadata
@@ -180,6 +181,8 @@ def load_model(name_or_path: str | Path, dtype: str | torch.dtype = "float32", d
     else:
         tensors = hf_dir.load_tensors(source.path, torch_dtype, dev)
     model = build_on_meta(model_class(config), config)
+    if reader is None and (quant := hf_dir.quantization_config(source.path)) is not None:
+        build_quantized(model, QuantizationConfig.from_json(quant, str(source.path / "config.json")))
     model.load_weights(tensors, str(source.path))
     return LoadedModel(config, tokenizer, model.eval(), source, torch_dtype, dev)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -56,3 +57,29 @@ def test_chat_keeps_history_and_quits():
 def test_generate_rejects_bad_values_in_one_line():
     out = run("generate", "smollm2-135m-instruct", "x", "--temperature", "-1")
     assert out.returncode == 1 and "temperature" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_quantize_then_evaluate_and_generate_from_the_directory(tmp_path, smollm, wikitext_lines):
+    out_dir = tmp_path / "smollm-int8"
+    out = run("quantize", "smollm2-135m-instruct", "--method", "int8", "-o", str(out_dir))
+    assert out.returncode == 0, out.stderr
+    assert (out_dir / "model.safetensors").is_file() and "210 linear layers" in out.stdout
+    data = tmp_path / "text.txt"
+    data.write_text("\n".join(wikitext_lines[:30]))
+    out = run("eval", "perplexity", str(out_dir), "--data", str(data), "--max-tokens", "300", "--json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["tokens"] == 299 and 1 < result["perplexity"] < 100
+    out = run("generate", str(out_dir), "The capital of France is", "--max-tokens", "4", "--temperature", "0")
+    assert out.returncode == 0 and "Paris" in out.stdout, out.stderr
+
+    again = run("quantize", "smollm2-135m-instruct", "--method", "int4", "-o", str(out_dir))
+    assert again.returncode == 1 and "--overwrite" in again.stderr and "Traceback" not in again.stderr
+    bad = run("quantize", "smollm2-135m-instruct", "--method", "int4", "--group-size", "100", "-o", str(tmp_path / "x"))
+    assert bad.returncode == 1 and "--group-size" in bad.stderr and not (tmp_path / "x").exists()
+    requant = run("quantize", str(out_dir), "--method", "int4", "-o", str(tmp_path / "y"))
+    assert requant.returncode == 1 and "already quantized" in requant.stderr
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    out = run("eval", "perplexity", "smollm2-135m-instruct", "--data", str(empty))
+    assert out.returncode == 1 and "empty" in out.stderr

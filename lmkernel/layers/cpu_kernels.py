@@ -189,6 +189,166 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
   }
   return out;
 }
+
+// ---- weight-only int8 and int4, one to four rows ------------------------------------------------
+#if defined(__AVX512F__)
+static inline vec vload_i8(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+static inline void vload_u4(const uint8_t* p, vec& lo, vec& hi) {
+  const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15)));
+  hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+}
+static inline vec vset(float a) { return _mm512_set1_ps(a); }
+#elif defined(LMK_SIMD)
+static inline vec vload_i8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+static inline void vload_u4(const uint8_t* p, vec& lo, vec& hi) {
+  const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  lo = _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(15)));
+  hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
+}
+static inline vec vset(float a) { return _mm256_set1_ps(a); }
+#else
+constexpr int W = 8;
+#endif
+
+int64_t int4_chunk() { return 2 * W; }  // codes per chunk of the kernel's nibble layout
+
+torch::Tensor pack_int4(torch::Tensor codes) {
+  // codes [N, K] (values 0..15, K a multiple of 2W) -> [N, K/2] bytes; in each chunk of 2W codes,
+  // byte j holds code j in its low nibble and code j + W in its high nibble.
+  auto c = codes.to(torch::kUInt8).contiguous();
+  const int64_t N = c.size(0), K = c.size(1);
+  auto out = torch::empty({N, K / 2}, c.options());
+  const uint8_t* cp = c.data_ptr<uint8_t>();
+  uint8_t* op = out.data_ptr<uint8_t>();
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t k0 = 0; k0 < K; k0 += 2 * W)
+      for (int64_t j = 0; j < W; ++j)
+        op[n * K / 2 + k0 / 2 + j] = cp[n * K + k0 + j] | (cp[n * K + k0 + W + j] << 4);
+  return out;
+}
+
+template <int M>
+static void int8_rows(const float* x, const int8_t* w, const float* scale, float* y, int64_t n0, int64_t n1, int64_t K, int64_t N) {
+  int64_t n = n0;
+#ifdef LMK_SIMD
+  const int64_t KV = K - K % W;
+  for (; n + 4 <= n1; n += 4) {
+    vec acc[M][4];
+    for (int m = 0; m < M; ++m) for (int j = 0; j < 4; ++j) acc[m][j] = vzero();
+    const int8_t* wr[4] = {w + n * K, w + (n + 1) * K, w + (n + 2) * K, w + (n + 3) * K};
+    for (int64_t k = 0; k < KV; k += W) {
+      const vec w0 = vload_i8(wr[0] + k), w1 = vload_i8(wr[1] + k), w2 = vload_i8(wr[2] + k), w3 = vload_i8(wr[3] + k);
+      for (int m = 0; m < M; ++m) {
+        const vec xv = vload(x + m * K + k);
+        acc[m][0] = vfma(xv, w0, acc[m][0]); acc[m][1] = vfma(xv, w1, acc[m][1]);
+        acc[m][2] = vfma(xv, w2, acc[m][2]); acc[m][3] = vfma(xv, w3, acc[m][3]);
+      }
+    }
+    for (int m = 0; m < M; ++m)
+      for (int j = 0; j < 4; ++j) {
+        float s = vsum(acc[m][j]);
+        for (int64_t k = KV; k < K; ++k) s += x[m * K + k] * wr[j][k];
+        y[m * N + n + j] = s * scale[n + j];
+      }
+  }
+#endif
+  for (; n < n1; ++n)
+    for (int m = 0; m < M; ++m) {
+      float s = 0.f;
+      for (int64_t k = 0; k < K; ++k) s += x[m * K + k] * w[n * K + k];
+      y[m * N + n] = s * scale[n];
+    }
+}
+
+template <int M>
+static void int4_rows(const float* x, const uint8_t* w, const float* scales, const float* mins, float* y,
+                      int64_t n0, int64_t n1, int64_t K, int64_t N, int64_t G) {
+  // w [N, K/2] in the layout of pack_int4; scales and mins [N, K/G]; weight = code * scale + min.
+  const int64_t groups = K / G;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* wr = w + n * K / 2;
+#ifdef LMK_SIMD
+    vec acc[M];
+    for (int m = 0; m < M; ++m) acc[m] = vzero();
+    for (int64_t g = 0; g < groups; ++g) {
+      const vec sc = vset(scales[n * groups + g]), mn = vset(mins[n * groups + g]);
+      for (int64_t k = g * G; k < (g + 1) * G; k += 2 * W) {
+        vec lo, hi;
+        vload_u4(wr + k / 2, lo, hi);
+        lo = vfma(lo, sc, mn);
+        hi = vfma(hi, sc, mn);
+        for (int m = 0; m < M; ++m) {
+          acc[m] = vfma(vload(x + m * K + k), lo, acc[m]);
+          acc[m] = vfma(vload(x + m * K + k + W), hi, acc[m]);
+        }
+      }
+    }
+    for (int m = 0; m < M; ++m) y[m * N + n] = vsum(acc[m]);
+#else
+    for (int m = 0; m < M; ++m) {
+      float s = 0.f;
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t base = k - k % (2 * W), j = k % (2 * W);
+        const uint8_t byte = wr[base / 2 + j % W];
+        const float code = j < W ? (byte & 15) : (byte >> 4);
+        const int64_t g = k / G;
+        s += x[m * K + k] * (code * scales[n * groups + g] + mins[n * groups + g]);
+      }
+      y[m * N + n] = s;
+    }
+#endif
+  }
+}
+
+torch::Tensor int8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scale) {
+  // x [M, K] (M <= 4), w int8 [N, K], scale [N] -> [M, N] float32.
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  auto xf = x.to(torch::kFloat32).contiguous();
+  auto sf = scale.to(torch::kFloat32).contiguous();
+  auto y = torch::empty({M, N}, xf.options());
+  const float* xp = xf.data_ptr<float>(); const float* sp = sf.data_ptr<float>();
+  const int8_t* wp = w.data_ptr<int8_t>(); float* yp = y.data_ptr<float>();
+  const int64_t chunk = 64, nchunks = (N + chunk - 1) / chunk;
+#pragma omp parallel for schedule(static)
+  for (int64_t c = 0; c < nchunks; ++c) {
+    const int64_t n0 = c * chunk, n1 = std::min(N, n0 + chunk);
+    switch (M) {
+      case 1: int8_rows<1>(xp, wp, sp, yp, n0, n1, K, N); break;
+      case 2: int8_rows<2>(xp, wp, sp, yp, n0, n1, K, N); break;
+      case 3: int8_rows<3>(xp, wp, sp, yp, n0, n1, K, N); break;
+      default: int8_rows<4>(xp, wp, sp, yp, n0, n1, K, N); break;
+    }
+  }
+  return y;
+}
+
+torch::Tensor int4_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scales, torch::Tensor mins, int64_t G) {
+  // x [M, K] (M <= 4, K a multiple of G), w [N, K/2] from pack_int4, scales/mins [N, K/G] -> [M, N] float32.
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  auto xf = x.to(torch::kFloat32).contiguous();
+  auto sf = scales.to(torch::kFloat32).contiguous();
+  auto mf = mins.to(torch::kFloat32).contiguous();
+  auto y = torch::empty({M, N}, xf.options());
+  const float* xp = xf.data_ptr<float>(); const float* sp = sf.data_ptr<float>(); const float* mp = mf.data_ptr<float>();
+  const uint8_t* wp = w.data_ptr<uint8_t>(); float* yp = y.data_ptr<float>();
+  const int64_t chunk = 32, nchunks = (N + chunk - 1) / chunk;
+#pragma omp parallel for schedule(static)
+  for (int64_t c = 0; c < nchunks; ++c) {
+    const int64_t n0 = c * chunk, n1 = std::min(N, n0 + chunk);
+    switch (M) {
+      case 1: int4_rows<1>(xp, wp, sp, mp, yp, n0, n1, K, N, G); break;
+      case 2: int4_rows<2>(xp, wp, sp, mp, yp, n0, n1, K, N, G); break;
+      case 3: int4_rows<3>(xp, wp, sp, mp, yp, n0, n1, K, N, G); break;
+      default: int4_rows<4>(xp, wp, sp, mp, yp, n0, n1, K, N, G); break;
+    }
+  }
+  return y;
+}
 """
 
 
@@ -210,7 +370,7 @@ def _kernel() -> object | None:
         return load_inline(
             name=f"lmkernel_cpu_kernels_{_cpu_tag()}",
             cpp_sources=_SOURCE,
-            functions=["paged_decode", "small_linear"],
+            functions=["paged_decode", "small_linear", "int4_chunk", "pack_int4", "int8_linear", "int4_linear"],
             extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             verbose=False,
@@ -260,3 +420,25 @@ def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         return None
     kernel = _kernel()
     return None if kernel is None else kernel.small_linear(x, weight, bias)
+
+
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
+    """x [M <= 4, K] times an int8 weight [N, K] with per-row scales -> float32 [M, N]; None without the kernels."""
+    kernel = _kernel() if x.device.type == "cpu" and x.shape[0] <= SMALL_LINEAR_MAX_ROWS else None
+    return None if kernel is None else kernel.int8_linear(x, weight, scale)
+
+
+def int4_chunk() -> int | None:
+    """How many codes one chunk of the int4 kernel's nibble layout holds (None without the kernels)."""
+    kernel = _kernel()
+    return None if kernel is None else kernel.int4_chunk()
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """Codes [N, K] -> the int4 kernel's layout [N, K/2]."""
+    return _kernel().pack_int4(codes)
+
+
+def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group: int) -> torch.Tensor:
+    """x [M <= 4, K] times a `pack_int4` weight -> float32 [M, N]."""
+    return _kernel().int4_linear(x, packed, scales, mins, group)

@@ -143,6 +143,14 @@ def parse_config(directory: Path) -> ModelConfig:
     )
 
 
+def quantization_config(directory: Path) -> dict[str, Any] | None:
+    """The `quantization_config` of config.json, if the checkpoint is quantized."""
+    quant = read_json(directory / "config.json").get("quantization_config")
+    if quant is not None and not isinstance(quant, dict):
+        raise UnsupportedModelError(f"{directory / 'config.json'}: quantization_config must be an object")
+    return quant
+
+
 def weight_files(directory: Path) -> list[Path]:
     """The safetensors files of a directory: those listed in an index, else every *.safetensors."""
     index = directory / "model.safetensors.index.json"

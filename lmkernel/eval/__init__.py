@@ -1,0 +1,1 @@
+"""Measuring what compression and fine-tuning cost: perplexity, embedding fidelity, classification."""

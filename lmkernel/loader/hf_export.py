@@ -1,0 +1,116 @@
+"""Writing a model as a Hugging Face directory (config.json, model.safetensors, tokenizer files) that
+lmkernel and transformers both load. Written to a temporary directory beside the target and renamed
+into place, so a failure never leaves half a model behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from lmkernel.config import ModelConfig
+from lmkernel.errors import LmkError
+from lmkernel.loader.tokenizer import Tokenizer
+
+_LLAMA_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def hf_config(config: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
+    """config.json for a `ModelConfig`, in the keys transformers reads for that architecture."""
+    common = {"vocab_size": config.vocab_size, "bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
+              "pad_token_id": config.pad_token_id, "tie_word_embeddings": config.tie_word_embeddings,
+              "torch_dtype": _DTYPE_NAMES.get(dtype, "float32")}
+    if config.architecture == "llama":
+        model_type = config.hf_model_type if config.hf_model_type in _LLAMA_CLASSES else "llama"
+        out = {
+            "model_type": model_type, "architectures": [_LLAMA_CLASSES[model_type]],
+            "hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size,
+            "num_hidden_layers": config.num_layers, "num_attention_heads": config.num_heads,
+            "num_key_value_heads": config.num_kv_heads, "head_dim": config.head_dim,
+            "max_position_embeddings": config.max_position_embeddings, "rms_norm_eps": config.norm_eps,
+            "hidden_act": config.hidden_act, "rope_theta": config.rope_theta, "rope_scaling": config.rope_scaling,
+            "attention_bias": config.attention_bias,
+        }
+        if config.sliding_window is not None:
+            out.update(sliding_window=config.sliding_window, use_sliding_window=True)
+        return {**out, **common}
+    if config.architecture == "gpt2":
+        return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_embd": config.hidden_size,
+                "n_inner": config.intermediate_size, "n_layer": config.num_layers, "n_head": config.num_heads,
+                "n_positions": config.max_position_embeddings, "layer_norm_epsilon": config.norm_eps,
+                "activation_function": config.hidden_act, **common}
+    out = {"model_type": "bert", "architectures": [config.hf_architecture or "BertModel"],
+           "hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size,
+           "num_hidden_layers": config.num_layers, "num_attention_heads": config.num_heads,
+           "max_position_embeddings": config.max_position_embeddings, "layer_norm_eps": config.norm_eps,
+           "hidden_act": config.hidden_act, "type_vocab_size": config.type_vocab_size}
+    if config.id2label:
+        out.update(id2label={str(k): v for k, v in config.id2label.items()},
+                   label2id={v: k for k, v in config.id2label.items()})
+    return {**out, **common}
+
+
+def _distinct_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict without second names of shared tensors (a tied head is stored once)."""
+    seen: set[tuple[int, int]] = set()
+    out: dict[str, torch.Tensor] = {}
+    for name, t in model.state_dict().items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset())
+        if key in seen:
+            continue
+        seen.add(key)
+        out[name] = t.detach().contiguous().cpu()
+    return out
+
+
+def _tokenizer_files(tokenizer: Tokenizer, directory: Path) -> None:
+    tokenizer.backend.save(str(directory / "tokenizer.json"))
+    config: dict[str, Any] = dict(tokenizer.special_tokens)
+    config.update(tokenizer_class="PreTrainedTokenizerFast", clean_up_tokenization_spaces=tokenizer._clean_up,
+                  model_max_length=1_000_000)
+    if tokenizer.chat_template:
+        config["chat_template"] = tokenizer.chat_template
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
+
+
+def prepare_output(out_dir: Path, overwrite: bool) -> None:
+    """Refuse an output directory that already holds a model or files, unless overwriting."""
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
+        raise LmkError(f"-o {out_dir}: already exists and is not empty; pass --overwrite to replace it")
+
+
+def save_model_dir(model: torch.nn.Module, config: ModelConfig, tokenizer: Tokenizer, dtype: torch.dtype,
+                   out_dir: Path, overwrite: bool = False, extra_config: Mapping[str, Any] | None = None,
+                   extra_files: Mapping[str, str] | None = None) -> Path:
+    """Write the model; the directory appears whole or not at all."""
+    out_dir = Path(out_dir)
+    prepare_output(out_dir, overwrite)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        save_file(_distinct_tensors(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        cfg = {**hf_config(config, dtype), **(extra_config or {})}
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        _tokenizer_files(tokenizer, tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
