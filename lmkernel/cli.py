@@ -199,6 +199,7 @@ def bench_latency(
     dtype: Dtype = "auto",
     device: Device = "auto",
     hf: Annotated[bool, typer.Option(help="also measure transformers generate at batch 1")] = True,
+    quantization: Annotated[str | None, typer.Option(help="'keep': run a Q4_0/Q4_1 GGUF in its 4 bits")] = None,
 ) -> None:
     """Batch-1 decode ms/token against the floor of weight bytes / read bandwidth measured in this run."""
     from lmkernel.bench.latency import measure
@@ -207,7 +208,7 @@ def bench_latency(
     from lmkernel.engine.llm import LLM
 
     try:
-        llm = LLM(model, dtype=dtype, device=device, kv_cache_memory="256MiB", verbose=False)
+        llm = LLM(model, dtype=dtype, device=device, kv_cache_memory="256MiB", verbose=False, quantization=quantization)
         prompt = wikitext_workload(llm.tokenizer, 1, (prompt_tokens, prompt_tokens), (1, 1)).prompts[0]
     except (LmkError, ValueError) as exc:
         raise fail(exc) from None
@@ -354,6 +355,7 @@ def serve(
     request_timeout: Annotated[float | None, typer.Option(help="seconds before a request is aborted")] = None,
     shutdown_grace: Annotated[float, typer.Option(help="seconds in-flight requests get after SIGTERM")] = 30.0,
     log_prompts: Annotated[bool, typer.Option(help="log prompts and outputs, with personal data redacted")] = False,
+    quantization: Annotated[str | None, typer.Option(help="'keep': run a Q4_0/Q4_1 GGUF in its 4 bits")] = None,
 ) -> None:
     """Serve the OpenAI API (completions, chat, embeddings) over HTTP."""
     try:
@@ -375,7 +377,7 @@ def serve(
             log_prompts=log_prompts,
         )
         launch = LaunchConfig(model, embedding_model, host, port, dtype, device, kv_cache_memory, max_num_seqs,
-                              max_num_batched_tokens, shutdown_grace)
+                              max_num_batched_tokens, shutdown_grace, quantization)
         run(launch, config)
     except (LmkError, ValueError) as exc:
         raise fail(exc) from None

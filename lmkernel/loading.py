@@ -14,7 +14,7 @@ import gguf
 import torch
 from torch import nn
 
-from lmkernel.compress.quantize import QuantizationConfig, build_quantized
+from lmkernel.compress.quantize import DEFAULT_SKIP, QuantizationConfig, build_quantized, skipped
 from lmkernel.config import ModelConfig
 from lmkernel.errors import LmkError
 from lmkernel.layers.attention import AttentionMetadata
@@ -170,19 +170,33 @@ def _open(source: ModelSource) -> tuple[ModelConfig, Tokenizer, gguf.GGUFReader 
     return hf_dir.parse_config(source.path), Tokenizer.from_hf_dir(source.path), None
 
 
-def load_model(name_or_path: str | Path, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu") -> LoadedModel:
-    """Load an alias, a Hugging Face directory or a GGUF file into a `LoadedModel`; nothing is downloaded."""
+def load_model(
+    name_or_path: str | Path, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
+    quantization: str | None = None,
+) -> LoadedModel:
+    """Load an alias, a Hugging Face directory or a GGUF file into a `LoadedModel`; nothing is downloaded.
+
+    `quantization="keep"` runs the linear layers of a Q4_0/Q4_1 GGUF in the 4 bits they ship in (int4
+    layers with groups of 32, no float round trip); a quantized directory always loads as saved.
+    """
+    if quantization not in (None, "keep"):
+        raise LmkError(f"quantization must be None or 'keep'; got {quantization!r}")
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     source = resolve(name_or_path)
     config, tokenizer, reader = _open(source)
+    model = build_on_meta(model_class(config), config)
     if reader is not None:
-        tensors = gguf_file.load_tensors(source.path, reader, config, torch_dtype, dev)
+        linear = {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not skipped(n, DEFAULT_SKIP)}
+        keep = linear.__contains__ if quantization == "keep" else None
+        tensors = gguf_file.load_tensors(source.path, reader, config, torch_dtype, dev, keep)
+        kept = sorted(n for n in linear if f"{n}.qweight" in tensors)
+        if kept:
+            build_quantized(model, QuantizationConfig("int4", gguf_file.KEPT_GROUP, DEFAULT_SKIP, kept))
     else:
         tensors = hf_dir.load_tensors(source.path, torch_dtype, dev)
-    model = build_on_meta(model_class(config), config)
-    if reader is None and (quant := hf_dir.quantization_config(source.path)) is not None:
-        build_quantized(model, QuantizationConfig.from_json(quant, str(source.path / "config.json")))
+        if (quant := hf_dir.quantization_config(source.path)) is not None:
+            build_quantized(model, QuantizationConfig.from_json(quant, str(source.path / "config.json")))
     model.load_weights(tensors, str(source.path))
     return LoadedModel(config, tokenizer, model.eval(), source, torch_dtype, dev)
 

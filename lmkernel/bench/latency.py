@@ -27,8 +27,8 @@ def read_bandwidth(num_bytes: int = 1 << 30, repeats: int = 5) -> float:
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of distinct parameters (a tied head counts once)."""
-    unique = {p.data_ptr(): p for p in model.parameters()}
+    """Bytes of distinct weights, parameters and (quantized layers') buffers; a tied head counts once."""
+    unique = {p.data_ptr(): p for p in (*model.parameters(), *model.buffers())}
     return sum(p.numel() * p.element_size() for p in unique.values())
 
 

@@ -47,7 +47,8 @@ def is_quantized(model: nn.Module) -> bool:
     return any(isinstance(m, (Int8Linear, Int4Linear)) for m in model.modules())
 
 
-def _skipped(name: str, skip: Sequence[str]) -> bool:
+def skipped(name: str, skip: Sequence[str]) -> bool:
+    """Whether a module name matches one of the skip patterns (fnmatch style)."""
     return any(fnmatch.fnmatchcase(name, pattern) or name == pattern for pattern in skip)
 
 
@@ -60,7 +61,7 @@ def quantize_model(model: nn.Module, method: str, group_size: int | None = 128,
         raise LmkError("this model is already quantized; quantize the float model instead")
     if method == "int4" and group_size not in INT4_GROUP_SIZES:
         raise LmkError(f"--group-size must be one of {INT4_GROUP_SIZES} for int4; got {group_size}")
-    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) and not _skipped(name, skip)]
+    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) and not skipped(name, skip)]
     if not targets:
         raise LmkError("no linear layer left to quantize after the skip list")
     with torch.no_grad():

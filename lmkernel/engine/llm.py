@@ -34,6 +34,7 @@ class LLM:
     """Load a model once; run batches of prompts through continuous batching on a paged KV cache.
 
     `model` is an alias, a path, or an already loaded `LoadedModel` (then `dtype` and `device` are its own).
+    `quantization="keep"` runs a Q4_0/Q4_1 GGUF's linear layers in their shipped 4 bits.
     """
 
     def __init__(
@@ -49,8 +50,11 @@ class LLM:
         enable_prefix_caching: bool = True,
         seed: int = 0,
         verbose: bool = True,
+        quantization: str | None = None,
     ) -> None:
-        self.loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device)
+        self.loaded = (
+            model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device, quantization=quantization)
+        )
         self.tokenizer = self.loaded.tokenizer
         self.engine: LLMEngine | None = None
         self._ids = itertools.count()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -130,10 +131,36 @@ def _unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:
     return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
+KEPT_TYPES = (_T.Q4_0, _T.Q4_1)  # 4-bit in blocks of 32: exactly an int4 layer with groups of 32
+KEPT_GROUP = 32
+
+
+def _int4_blocks(t: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes [N, K], scales and minimums [N, K/32] of a Q4_0 or Q4_1 tensor, read from its blocks as stored.
+
+    Q4_1 blocks are d (f16), m (f16), 16 bytes of nibbles: w = d * q + m. Q4_0 blocks are d, 16
+    bytes: w = d * (q - 8). In both, low nibbles hold weights 0-15 of the block, high ones 16-31.
+    """
+    raw = np.asarray(t.data, dtype=np.uint8)
+    rows = raw.shape[0]
+    head = 4 if t.tensor_type == _T.Q4_1 else 2
+    blocks = raw.reshape(rows, -1, head + 16)
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32) if head == 4 else -8.0 * d
+    qs = blocks[..., head:]
+    codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(rows, -1)
+    return torch.from_numpy(codes.astype(np.uint8)), torch.from_numpy(d), torch.from_numpy(m)
+
+
 def load_tensors(
-    path: Path, reader: gguf.GGUFReader, config: ModelConfig, dtype: torch.dtype, device: str | torch.device = "cpu"
+    path: Path, reader: gguf.GGUFReader, config: ModelConfig, dtype: torch.dtype, device: str | torch.device = "cpu",
+    keep: Callable[[str], bool] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Every tensor the model uses, dequantized to `dtype` and named and laid out as in Hugging Face."""
+    """Every tensor the model uses, dequantized to `dtype` and named and laid out as in Hugging Face.
+
+    Q4_0/Q4_1 weights whose name `keep` accepts stay 4-bit: they come as the `qweight`, `scales` and
+    `mins` of an int4 layer with groups of 32 instead of a dense `weight`.
+    """
     tensors: dict[str, torch.Tensor] = {}
     permute = config.hf_model_type in _PERMUTED_QK
     for t in reader.tensors:
@@ -145,6 +172,17 @@ def load_tensors(
             raise UnsupportedModelError(
                 f"{path}: tensor '{t.name}' has GGUF type {t.tensor_type.name}; lmkernel reads {supported}"
             )
+        module = name.removesuffix(".weight")
+        if keep is not None and t.tensor_type in KEPT_TYPES and keep(module):
+            parts = _int4_blocks(t)
+            if permute and name.endswith(("q_proj.weight", "k_proj.weight")):
+                heads = config.num_heads if name.endswith("q_proj.weight") else config.num_kv_heads
+                parts = tuple(_unpermute(p, heads) for p in parts)
+            codes, scales, mins = parts
+            tensors[f"{module}.qweight"] = (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous().to(device)
+            tensors[f"{module}.scales"] = scales.to(device=device, dtype=dtype)
+            tensors[f"{module}.mins"] = mins.to(device=device, dtype=dtype)
+            continue
         try:
             array = gguf.quants.dequantize(t.data, t.tensor_type)
         except Exception as exc:

@@ -33,6 +33,7 @@ class LaunchConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     shutdown_grace: float = 30.0
+    quantization: str | None = None
 
 
 class _DrainingServer(uvicorn.Server):
@@ -74,7 +75,8 @@ def serve(launch: LaunchConfig, config: ServerConfig) -> None:
     engine = embedder = None
     if launch.model is not None:
         llm = LLM(launch.model, dtype=launch.dtype, device=launch.device, kv_cache_memory=launch.kv_cache_memory,
-                  max_num_seqs=launch.max_num_seqs, max_num_batched_tokens=launch.max_num_batched_tokens)
+                  max_num_seqs=launch.max_num_seqs, max_num_batched_tokens=launch.max_num_batched_tokens,
+                  quantization=launch.quantization)
         if llm.engine is None:
             raise LmkError(f"{launch.model}: completions and chat need a decoder; this is an encoder (pass it as "
                            "--embedding-model)")

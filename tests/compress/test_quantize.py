@@ -72,3 +72,24 @@ def test_bad_requests_leave_nothing_behind(smollm_gguf, tmp_path) -> None:
         save_model_dir(lm.model, lm.config, lm.tokenizer, lm.dtype, target)
     assert [p.name for p in target.iterdir()] == ["keep.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"], "no temporary directory left behind"
+
+
+def test_gguf_kept_in_its_4_bits(smollm_gguf, smollm) -> None:
+    kept = load_model(smollm_gguf, quantization="keep")
+    layers = [m for m in kept.model.modules() if isinstance(m, Int4Linear)]
+    assert len(layers) == 7 * kept.config.num_layers and all(m.group_size == 32 for m in layers)
+    assert not isinstance(kept.model.lm_head, Int4Linear)
+    ids = smollm.tokenizer.encode("The European lobster is a species of clawed lobster found in")
+    with torch.inference_mode():
+        diff = (kept.logits(ids) - smollm.logits(ids)).abs().max()
+    assert diff <= 1e-3, "the same 4-bit values as the float model dequantized from the file"
+    q_proj = kept.model.model.layers[0].self_attn.q_proj
+    dense = smollm.model.model.layers[0].self_attn.q_proj.weight
+    assert torch.allclose(q_proj.dequantized(), dense, atol=1e-6)
+    def resident(model: torch.nn.Module) -> int:
+        distinct = {t.data_ptr(): t for t in model.state_dict().values()}
+        return sum(t.numel() * t.element_size() for t in distinct.values())
+
+    assert resident(kept.model) < 0.4 * resident(smollm.model)
+    with pytest.raises(LmkError, match="quantization"):
+        load_model(smollm_gguf, quantization="int3")
