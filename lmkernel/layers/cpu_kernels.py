@@ -31,6 +31,7 @@ _SOURCE = r"""
 #include <vector>
 
 static inline float to_f32(float v) { return v; }
+static inline float to_f32(int8_t v) { return static_cast<float>(v); }
 static inline float to_f32(uint16_t b) {
   const uint32_t u = static_cast<uint32_t>(b) << 16;
   float f;
@@ -49,6 +50,9 @@ static inline vec vload(const uint16_t* p) {
   const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
+static inline vec vload(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
 static inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
 static inline float vsum(vec a) { return _mm512_reduce_add_ps(a); }
 #elif defined(__AVX2__) && defined(__FMA__)
@@ -62,6 +66,9 @@ static inline vec vload(const uint16_t* p) {
   const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
+static inline vec vload(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
 static inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
 static inline float vsum(vec a) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
@@ -72,8 +79,9 @@ static inline float vsum(vec a) {
 #endif
 
 template <int M, typename WT>
-static void rows_kernel(const float* x, const WT* w, float* y, int64_t n0, int64_t n1, int64_t K, int64_t N) {
-  // y[m, n] = sum_k x[m, k] w[n, k] for n in [n0, n1), four weight rows streamed side by side.
+static void rows_kernel(const float* x, const WT* w, const float* scale, float* y, int64_t n0, int64_t n1, int64_t K,
+                        int64_t N) {
+  // y[m, n] = scale[n] * sum_k x[m, k] w[n, k] for n in [n0, n1) (no scale: 1), four weight rows side by side.
   int64_t n = n0;
 #ifdef LMK_SIMD
   const int64_t KV = K - K % W;
@@ -93,7 +101,7 @@ static void rows_kernel(const float* x, const WT* w, float* y, int64_t n0, int64
       for (int j = 0; j < 4; ++j) {
         float s = vsum(acc[m][j]);
         for (int64_t k = KV; k < K; ++k) s += x[m * K + k] * to_f32(wr[j][k]);
-        y[m * N + n + j] = s;
+        y[m * N + n + j] = scale ? s * scale[n + j] : s;
       }
   }
 #endif
@@ -101,17 +109,18 @@ static void rows_kernel(const float* x, const WT* w, float* y, int64_t n0, int64
     for (int m = 0; m < M; ++m) {
       float s = 0.f;
       for (int64_t k = 0; k < K; ++k) s += x[m * K + k] * to_f32(w[n * K + k]);
-      y[m * N + n] = s;
+      y[m * N + n] = scale ? s * scale[n] : s;
     }
 }
 
 template <typename WT>
-static void run_rows(int64_t M, const float* x, const WT* w, float* y, int64_t n0, int64_t n1, int64_t K, int64_t N) {
+static void run_rows(int64_t M, const float* x, const WT* w, const float* scale, float* y, int64_t n0, int64_t n1,
+                     int64_t K, int64_t N) {
   switch (M) {
-    case 1: rows_kernel<1>(x, w, y, n0, n1, K, N); break;
-    case 2: rows_kernel<2>(x, w, y, n0, n1, K, N); break;
-    case 3: rows_kernel<3>(x, w, y, n0, n1, K, N); break;
-    default: rows_kernel<4>(x, w, y, n0, n1, K, N); break;
+    case 1: rows_kernel<1>(x, w, scale, y, n0, n1, K, N); break;
+    case 2: rows_kernel<2>(x, w, scale, y, n0, n1, K, N); break;
+    case 3: rows_kernel<3>(x, w, scale, y, n0, n1, K, N); break;
+    default: rows_kernel<4>(x, w, scale, y, n0, n1, K, N); break;
   }
 }
 
@@ -128,8 +137,8 @@ torch::Tensor small_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch
 #pragma omp parallel for schedule(static)
   for (int64_t c = 0; c < nchunks; ++c) {
     const int64_t n0 = c * chunk, n1 = std::min(N, n0 + chunk);
-    if (is_bf16) run_rows(M, xp, static_cast<const uint16_t*>(wp), yp, n0, n1, K, N);
-    else run_rows(M, xp, static_cast<const float*>(wp), yp, n0, n1, K, N);
+    if (is_bf16) run_rows(M, xp, static_cast<const uint16_t*>(wp), nullptr, yp, n0, n1, K, N);
+    else run_rows(M, xp, static_cast<const float*>(wp), nullptr, yp, n0, n1, K, N);
   }
   if (bias.has_value()) yf.add_(bias->to(torch::kFloat32));
   return yf.to(x.scalar_type());
@@ -192,9 +201,6 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
 
 // ---- weight-only int8 and int4, one to four rows ------------------------------------------------
 #if defined(__AVX512F__)
-static inline vec vload_i8(const int8_t* p) {
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-}
 static inline void vload_u4(const uint8_t* p, vec& lo, vec& hi) {
   const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15)));
@@ -202,9 +208,6 @@ static inline void vload_u4(const uint8_t* p, vec& lo, vec& hi) {
 }
 static inline vec vset(float a) { return _mm512_set1_ps(a); }
 #elif defined(LMK_SIMD)
-static inline vec vload_i8(const int8_t* p) {
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-}
 static inline void vload_u4(const uint8_t* p, vec& lo, vec& hi) {
   const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
   lo = _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(15)));
@@ -230,39 +233,6 @@ torch::Tensor pack_int4(torch::Tensor codes) {
       for (int64_t j = 0; j < W; ++j)
         op[n * K / 2 + k0 / 2 + j] = cp[n * K + k0 + j] | (cp[n * K + k0 + W + j] << 4);
   return out;
-}
-
-template <int M>
-static void int8_rows(const float* x, const int8_t* w, const float* scale, float* y, int64_t n0, int64_t n1, int64_t K, int64_t N) {
-  int64_t n = n0;
-#ifdef LMK_SIMD
-  const int64_t KV = K - K % W;
-  for (; n + 4 <= n1; n += 4) {
-    vec acc[M][4];
-    for (int m = 0; m < M; ++m) for (int j = 0; j < 4; ++j) acc[m][j] = vzero();
-    const int8_t* wr[4] = {w + n * K, w + (n + 1) * K, w + (n + 2) * K, w + (n + 3) * K};
-    for (int64_t k = 0; k < KV; k += W) {
-      const vec w0 = vload_i8(wr[0] + k), w1 = vload_i8(wr[1] + k), w2 = vload_i8(wr[2] + k), w3 = vload_i8(wr[3] + k);
-      for (int m = 0; m < M; ++m) {
-        const vec xv = vload(x + m * K + k);
-        acc[m][0] = vfma(xv, w0, acc[m][0]); acc[m][1] = vfma(xv, w1, acc[m][1]);
-        acc[m][2] = vfma(xv, w2, acc[m][2]); acc[m][3] = vfma(xv, w3, acc[m][3]);
-      }
-    }
-    for (int m = 0; m < M; ++m)
-      for (int j = 0; j < 4; ++j) {
-        float s = vsum(acc[m][j]);
-        for (int64_t k = KV; k < K; ++k) s += x[m * K + k] * wr[j][k];
-        y[m * N + n + j] = s * scale[n + j];
-      }
-  }
-#endif
-  for (; n < n1; ++n)
-    for (int m = 0; m < M; ++m) {
-      float s = 0.f;
-      for (int64_t k = 0; k < K; ++k) s += x[m * K + k] * w[n * K + k];
-      y[m * N + n] = s * scale[n];
-    }
 }
 
 template <int M>
@@ -317,12 +287,7 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scale)
 #pragma omp parallel for schedule(static)
   for (int64_t c = 0; c < nchunks; ++c) {
     const int64_t n0 = c * chunk, n1 = std::min(N, n0 + chunk);
-    switch (M) {
-      case 1: int8_rows<1>(xp, wp, sp, yp, n0, n1, K, N); break;
-      case 2: int8_rows<2>(xp, wp, sp, yp, n0, n1, K, N); break;
-      case 3: int8_rows<3>(xp, wp, sp, yp, n0, n1, K, N); break;
-      default: int8_rows<4>(xp, wp, sp, yp, n0, n1, K, N); break;
-    }
+    run_rows(M, xp, wp, sp, yp, n0, n1, K, N);
   }
   return y;
 }

@@ -223,15 +223,7 @@ def build_app(config: ServerConfig, engine: AsyncEngine | None, embedder: Loaded
     # -- generation -------------------------------------------------------------------------------
 
     def tokenize_prompts(body: CompletionRequest) -> tuple[list[list[int]], list[str | None]]:
-        p = body.prompt
-        if isinstance(p, str):
-            items: list[str | list[int]] = [p]
-        elif not p:
-            raise APIError(400, "prompt must not be empty", "prompt")
-        elif isinstance(p[0], int):
-            items = [list(p)]  # type: ignore[arg-type]
-        else:
-            items = list(p)  # type: ignore[arg-type]
+        items = _inputs(body.prompt, "prompt")
         tok = engine.engine.tokenizer  # type: ignore[union-attr]
         ids = [tok.encode(x) if isinstance(x, str) else list(x) for x in items]
         if any(not x for x in ids):
@@ -528,15 +520,7 @@ def build_app(config: ServerConfig, engine: AsyncEngine | None, embedder: Loaded
         if body.dimensions is not None:
             raise APIError(400, f"model '{body.model}' cannot truncate its {embedder.config.hidden_size}-dimensional "
                            "embeddings; leave 'dimensions' out", "dimensions")
-        inp = body.input
-        if isinstance(inp, str):
-            items: list[str | list[int]] = [inp]
-        elif not inp:
-            raise APIError(400, "input must not be empty", "input")
-        elif isinstance(inp[0], int):
-            items = [list(inp)]  # type: ignore[arg-type]
-        else:
-            items = list(inp)  # type: ignore[arg-type]
+        items = _inputs(body.input, "input")
         ids = [embedder.tokenizer.encode(x) if isinstance(x, str) else x for x in items]
         limit = embedder.max_input_tokens
         for i, x in enumerate(ids):
@@ -565,6 +549,17 @@ def build_app(config: ServerConfig, engine: AsyncEngine | None, embedder: Loaded
                              "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
     return app
+
+
+def _inputs(value: str | list[str] | list[int] | list[list[int]], param: str) -> list[str | list[int]]:
+    """OpenAI's four input forms (text, texts, token ids, lists of ids) as one list of texts or id lists."""
+    if isinstance(value, str):
+        return [value]
+    if not value:
+        raise APIError(400, f"{param} must not be empty", param)
+    if isinstance(value[0], int):
+        return [list(value)]  # type: ignore[arg-type]
+    return list(value)  # type: ignore[arg-type]
 
 
 def _sampling(body: CompletionRequest | ChatCompletionRequest, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
