@@ -253,6 +253,36 @@ def quantize(
     console.print(f"{method}: {len(done.quantized)} linear layers quantized; wrote {output} ({size / 1e6:.1f} MB)")
 
 
+@app.command()
+def prune(
+    model: Model,
+    method: Annotated[str, typer.Option(help="magnitude or wanda (unstructured)")],
+    sparsity: Annotated[float, typer.Option(help="fraction of each row's weights to zero, in [0, 1)")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="directory to write")],
+    calibration: Annotated[Path | None, typer.Option(help="calibration text for wanda (default: WikiText-2 valid)")] = None,
+    calibration_sequences: Annotated[int, typer.Option(help="how many 128-token windows wanda reads")] = 128,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing output directory")] = False,
+) -> None:
+    """Zero the least important weights of every linear layer but the heads; writes a HF directory."""
+    from lmkernel.bench.workload import DEFAULT_TEXT
+    from lmkernel.compress.calibrate import calibration_sequences as windows
+    from lmkernel.compress.prune import prune_unstructured
+    from lmkernel.eval.perplexity import read_text
+    from lmkernel.loader.hf_export import prepare_output, save_model_dir
+    from lmkernel.loading import load_model
+
+    try:
+        prepare_output(output, overwrite)
+        lm = load_model(model)
+        seqs = windows(lm, read_text(calibration or DEFAULT_TEXT), calibration_sequences) if method == "wanda" else None
+        report = prune_unstructured(lm, method, sparsity, seqs)
+        save_model_dir(lm.model, lm.config, lm.tokenizer, lm.dtype, output, overwrite)
+    except (LmkError, ValueError) as exc:
+        raise fail(exc) from None
+    console.print(f"{method}: {len(report.layers)} layers, {report.zeros / report.weights:.1%} of their weights are "
+                  f"zero; wrote {output}")
+
+
 eval_app = typer.Typer(help="Measure a model: perplexity, embedding fidelity, classification.", no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
 

@@ -83,3 +83,9 @@ def test_quantize_then_evaluate_and_generate_from_the_directory(tmp_path, smollm
     empty.write_text("  \n")
     out = run("eval", "perplexity", "smollm2-135m-instruct", "--data", str(empty))
     assert out.returncode == 1 and "empty" in out.stderr
+
+
+def test_prune_refuses_bad_sparsity_and_writes_nothing(tmp_path):
+    out = run("prune", "smollm2-135m-instruct", "--method", "magnitude", "--sparsity", "1.5", "-o", str(tmp_path / "p"))
+    assert out.returncode == 1 and "--sparsity" in out.stderr and "Traceback" not in out.stderr
+    assert list(tmp_path.iterdir()) == []
