@@ -315,6 +315,30 @@ def eval_perplexity(
         print(_json.dumps({"perplexity": result.perplexity, "tokens": result.tokens}))
 
 
+@eval_app.command("embeddings")
+def eval_embeddings(
+    model: Model,
+    reference: Annotated[str, typer.Option(help="the encoder to compare against")],
+    data: Annotated[Path, typer.Option(help="a text file, one sentence per line")],
+    dtype: Dtype = "float32",
+    json_out: Annotated[bool, typer.Option("--json", help="print one JSON object as the last line")] = False,
+) -> None:
+    """Mean and minimum cosine similarity of MODEL's sentence embeddings to REFERENCE's (float32)."""
+    import json as _json
+
+    from lmkernel.eval.embeddings import embedding_fidelity, read_lines
+    from lmkernel.loading import load_model
+
+    try:
+        texts = read_lines(data)
+        result = embedding_fidelity(load_model(model, dtype=dtype), load_model(reference), texts)
+    except (LmkError, ValueError) as exc:
+        raise fail(exc) from None
+    console.print(f"{result.sentences} sentences: mean cosine {result.mean_cosine:.6f}, min {result.min_cosine:.6f}")
+    if json_out:
+        print(_json.dumps({"mean_cosine": result.mean_cosine, "min_cosine": result.min_cosine}))
+
+
 @bench_app.command("serve")
 def bench_serve(
     model: Annotated[str, typer.Option()] = "smollm2-135m-instruct",
