@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -283,6 +284,13 @@ def prune(
                   f"zero; wrote {output}")
 
 
+def report(line: str, result: dict[str, float | int], json_out: bool) -> None:
+    """Print a result for people, and with --json as one JSON object on the last line for scripts."""
+    console.print(line)
+    if json_out:
+        print(json.dumps(result))
+
+
 eval_app = typer.Typer(help="Measure a model: perplexity, embedding fidelity, classification.", no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
 
@@ -298,8 +306,6 @@ def eval_perplexity(
     json_out: Annotated[bool, typer.Option("--json", help="print one JSON object as the last line")] = False,
 ) -> None:
     """Sliding-window perplexity (stride half the window) of a causal LM over a text file."""
-    import json as _json
-
     from lmkernel.eval.perplexity import perplexity, read_text
     from lmkernel.loading import load_model
 
@@ -310,9 +316,8 @@ def eval_perplexity(
         result = perplexity(load_model(model, dtype=dtype, device=device), text, max_tokens, window)
     except (LmkError, ValueError) as exc:
         raise fail(exc) from None
-    console.print(f"perplexity {result.perplexity:.4f} over {result.tokens} tokens")
-    if json_out:
-        print(_json.dumps({"perplexity": result.perplexity, "tokens": result.tokens}))
+    report(f"perplexity {result.perplexity:.4f} over {result.tokens} tokens",
+           {"perplexity": result.perplexity, "tokens": result.tokens}, json_out)
 
 
 @eval_app.command("embeddings")
@@ -324,8 +329,6 @@ def eval_embeddings(
     json_out: Annotated[bool, typer.Option("--json", help="print one JSON object as the last line")] = False,
 ) -> None:
     """Mean and minimum cosine similarity of MODEL's sentence embeddings to REFERENCE's (float32)."""
-    import json as _json
-
     from lmkernel.eval.embeddings import embedding_fidelity, read_lines
     from lmkernel.loading import load_model
 
@@ -334,9 +337,8 @@ def eval_embeddings(
         result = embedding_fidelity(load_model(model, dtype=dtype), load_model(reference), texts)
     except (LmkError, ValueError) as exc:
         raise fail(exc) from None
-    console.print(f"{result.sentences} sentences: mean cosine {result.mean_cosine:.6f}, min {result.min_cosine:.6f}")
-    if json_out:
-        print(_json.dumps({"mean_cosine": result.mean_cosine, "min_cosine": result.min_cosine}))
+    report(f"{result.sentences} sentences: mean cosine {result.mean_cosine:.6f}, min {result.min_cosine:.6f}",
+           {"mean_cosine": result.mean_cosine, "min_cosine": result.min_cosine}, json_out)
 
 
 @bench_app.command("serve")

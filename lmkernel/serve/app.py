@@ -310,6 +310,8 @@ def build_app(config: ServerConfig, engine: AsyncEngine | None, embedder: Loaded
             "e2e_s": round(end - gen.start, 4), "queue_s": gen.queue_seconds,
         }
         prompt = "\n".join(t for t in gen.texts if t) or None
+        if outputs_text is None:  # streamed: the final outputs hold the whole texts
+            outputs_text = "\n".join(o.text for r in gen.final if r is not None for o in r.outputs) or None
         log_request(record, prompt, outputs_text, config.log_prompts)
 
     async def collect(request: Request, gen: _Generation) -> None:

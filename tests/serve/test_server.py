@@ -19,7 +19,8 @@ def limited(tmp_path_factory: pytest.TempPathFactory):
     keys = tmp_path_factory.mktemp("keys") / "keys.txt"
     keys.write_text("# one key per line\nsk-rate\nsk-queue\n\nsk-time\n")
     s = start_server(tmp_path_factory.mktemp("serve"), MODEL, "--api-keys-file", str(keys), "--kv-cache-memory",
-                     "128MiB", "--rate-limit-rpm", "3", "--max-queued-requests", "1", "--request-timeout", "1.5")
+                     "128MiB", "--rate-limit-rpm", "3", "--max-queued-requests", "1", "--request-timeout", "1.5",
+                     "--log-prompts")
     yield s
     assert s.stop() == 0, s.log.read_text()
 
@@ -53,6 +54,17 @@ def test_request_timeout_aborts_and_frees_blocks(limited: Server) -> None:
     time.sleep(0.5)
     assert limited.metric("lmkernel_num_requests_running") == 0
     assert limited.metric("lmkernel_kv_cache_free_blocks") == limited.metric("lmkernel_kv_cache_total_blocks")
+
+
+def test_logged_prompts_are_redacted(limited: Server) -> None:
+    r = post(limited, "sk-time", {"model": MODEL, "prompt": "Write to jane.doe@example.com or call +44 20 7946 0958",
+                                  "max_tokens": 3, "stream": True})
+    assert r.status_code == 200
+    time.sleep(0.3)
+    log = limited.log.read_text()
+    assert "jane.doe@example.com" not in log and "7946 0958" not in log and "sk-time" not in log
+    record = [json.loads(line) for line in log.splitlines() if line.startswith("{") and "[EMAIL]" in line][-1]
+    assert record["prompt"] == "Write to [EMAIL] or call [PHONE]" and record["output"] and record["status"] == 200
 
 
 def test_sigterm_finishes_in_flight_refuses_new_and_exits_0(tmp_path) -> None:
