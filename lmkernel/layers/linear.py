@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -33,6 +34,19 @@ def dense(in_features: int, out_features: int, bias: bool) -> nn.Linear:
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 TILE_ROWS = 512
+DECODE_ROWS = 16  # up to this many rows (a decode batch) stream the quantized weight, a few rows a pass
+
+
+def _row_chunks(x: torch.Tensor, kernel: Callable[[torch.Tensor], torch.Tensor | None]) -> torch.Tensor | None:
+    """`kernel` (one to four rows) over a decode batch, four rows at a time; None where it does not run.
+
+    Each pass reads the quantized weight once: at 16 rows, four int8 passes read what one float32
+    pass does, where dequantizing tiles would write and read the float weight again.
+    """
+    if x.shape[0] > DECODE_ROWS:
+        return None
+    parts = [kernel(chunk) for chunk in x.split(cpu_kernels.SMALL_LINEAR_MAX_ROWS)]
+    return None if any(p is None for p in parts) else torch.cat(parts)  # type: ignore[arg-type]
 
 
 def _tiled(x: torch.Tensor, out_features: int, rows: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
@@ -48,18 +62,23 @@ def _tiled(x: torch.Tensor, out_features: int, rows: Callable[[int, int], torch.
 
 
 class Int8Linear(nn.Module):
-    """Weight-only int8: symmetric, one scale per output channel; y = (x @ q^T) * scale + b.
+    """Weight-only int8: symmetric, one scale per output channel; y = (x @ q^T) * scale + b. With
+    `group_size` (GGUF Q8_0 kept as shipped: 32), one scale per group of input channels instead.
 
-    On CPU, one to four rows (decode) stream the int8 weight through the compiled kernel and more
-    rows multiply tile by tile (`_tiled`); on CUDA it is PyTorch's fused int8-weight kernel. The float
-    weight never exists whole.
+    On CPU, decode rows stream the int8 weight through the compiled kernel and more rows multiply
+    tile by tile (`_tiled`); on CUDA it is PyTorch's fused int8-weight kernel (per-channel scales).
+    The float weight never exists whole.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype = torch.float32,
+                 group_size: int | None = None) -> None:
         super().__init__()
-        self.in_features, self.out_features = in_features, out_features
+        if group_size is not None and in_features % group_size:
+            raise ValueError(f"int8 group size {group_size} does not divide the input width {in_features}")
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
-        self.register_buffer("weight_scale", torch.ones(out_features, dtype=dtype))
+        scales = (out_features,) if group_size is None else (out_features, in_features // group_size)
+        self.register_buffer("weight_scale", torch.ones(*scales, dtype=dtype))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
 
     @classmethod
@@ -75,47 +94,95 @@ class Int8Linear(nn.Module):
 
     def dequantized(self) -> torch.Tensor:
         """The float weight these int8 values stand for (for tests and export, not for inference)."""
-        return self.weight.float() * self.weight_scale.float()[:, None]
+        return self._rows(0, self.out_features)
 
     def _rows(self, start: int, end: int) -> torch.Tensor:
-        return self.weight[start:end].float() * self.weight_scale[start:end].float()[:, None]
+        q, scale = self.weight[start:end].float(), self.weight_scale[start:end].float()
+        if self.group_size is None:
+            return q * scale[:, None]
+        return (q.view(end - start, -1, self.group_size) * scale[..., None]).view(end - start, -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        if x.device.type == "cuda":
+        if x.device.type == "cuda" and self.group_size is not None:
+            y = _tiled(flat, self.out_features, self._rows)
+        elif x.device.type == "cuda":
             y = torch._weight_int8pack_mm(flat, self.weight, self.weight_scale.to(x.dtype))
         else:  # PyTorch's CPU int8 kernel has no fast path without AVX-512: 16x slower than float here
-            y = cpu_kernels.int8_linear(flat, self.weight, self.weight_scale)
+            y = _row_chunks(flat, lambda rows: cpu_kernels.int8_linear(rows, self.weight, self.weight_scale))
             y = _tiled(flat, self.out_features, self._rows) if y is None else y.to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
-def _fit_int4_groups(groups: torch.Tensor, rounds: int = 6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+class DynamicInt8Linear(Int8Linear):
+    """Dynamic int8 (for encoders): the int8 weight of `Int8Linear`, and the input quantized to int8
+    on each call, so the product runs in integers. The stored layout is `Int8Linear`'s.
+
+    On CPU it is PyTorch's fbgemm kernel (activations as one 8-bit range per call; the 7-bit range
+    fbgemm offers against AVX2's saturating multiply-add costs MiniLM 0.024 of embedding cosine,
+    8 bits 0.007), packed once on first use. `torch._int_mm` is 20x slower than float on this CPU,
+    so it serves only CUDA, with each row quantized on its own.
+    """
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self._packed: object | None = None
+
+    def _fbgemm(self) -> object:
+        if self._packed is None:
+            zero = torch.zeros(self.out_features, dtype=torch.long)
+            with warnings.catch_warnings():  # quantized tensors are deprecated, fbgemm's kernels are not
+                warnings.simplefilter("ignore", UserWarning)
+                q = torch._make_per_channel_quantized_tensor(self.weight, self.weight_scale.double(), zero, 0)
+            bias = None if self.bias is None else self.bias.float()
+            self._packed = torch.ops.quantized.linear_prepack(q, bias)
+        return self._packed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).float()
+        if x.device.type == "cpu":
+            y = torch.ops.quantized.linear_dynamic(flat.contiguous(), self._fbgemm(), False)
+            return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        x_scale = (flat.abs().amax(dim=1) / 127.0).clamp(min=torch.finfo(torch.float32).tiny)
+        q = torch.round(flat / x_scale[:, None]).clamp(-127, 127).to(torch.int8)
+        if q.shape[0] <= 16:  # torch._int_mm needs more than 16 rows on CUDA; pad a few rows with zeros
+            q = torch.nn.functional.pad(q, (0, 0, 0, 17 - q.shape[0]))
+        acc = torch._int_mm(q, self.weight.T)[: flat.shape[0]]
+        y = acc.float() * x_scale[:, None] * self.weight_scale.float()[None, :]
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+
+def fit_int4_groups(groups: torch.Tensor, rounds: int = 6,
+                     importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Scale, minimum and 4-bit codes per group [..., g] that keep the squared error small.
 
     Starts from the group's range (round to nearest), then alternates a least-squares fit of scale
     and minimum to the codes with re-rounding the codes, keeping each group's best. On weights that
     were already 4-bit in smaller blocks (a Q4_1 GGUF), the plain range loses a third of the
-    perplexity at groups of 64 or 128; the fit recovers most of it.
+    perplexity at groups of 64 or 128; the fit recovers most of it. `importance` (broadcast against
+    `groups`) weights each element's error, e.g. by how strongly its input channel is driven.
     """
-    n = groups.shape[-1]
+    weight = torch.ones_like(groups) if importance is None else importance.expand_as(groups)
     low, high = groups.amin(dim=-1), groups.amax(dim=-1)
     scale = ((high - low) / 15.0).clamp(min=1e-8)
     best = (scale, low, torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15))
-    best_err = ((best[2] * scale[..., None] + low[..., None] - groups) ** 2).sum(-1)
+    best_err = (weight * (best[2] * scale[..., None] + low[..., None] - groups) ** 2).sum(-1)
     codes = best[2]
+    n = weight.sum(-1)
     for _ in range(rounds):
-        sc, sw = codes.sum(-1), groups.sum(-1)
-        scc, scw = (codes * codes).sum(-1), (codes * groups).sum(-1)
+        sc, sw = (weight * codes).sum(-1), (weight * groups).sum(-1)
+        scc, scw = (weight * codes * codes).sum(-1), (weight * codes * groups).sum(-1)
         det = n * scc - sc * sc
-        ok = det > 0
+        ok = det > 1e-12 * n * n
         fit_scale = torch.where(ok, (n * scw - sc * sw) / torch.where(ok, det, torch.ones_like(det)), best[0])
         fit_scale = fit_scale.clamp(min=1e-8)
         fit_low = torch.where(ok, (sw - fit_scale * sc) / n, best[1])
         codes = torch.round((groups - fit_low[..., None]) / fit_scale[..., None]).clamp(0, 15)
-        err = ((codes * fit_scale[..., None] + fit_low[..., None] - groups) ** 2).sum(-1)
+        err = (weight * (codes * fit_scale[..., None] + fit_low[..., None] - groups) ** 2).sum(-1)
         better = err < best_err
         best = (torch.where(better, fit_scale, best[0]), torch.where(better, fit_low, best[1]),
                 torch.where(better[..., None], codes, best[2]))
@@ -152,7 +219,7 @@ class Int4Linear(nn.Module):
         w = layer.weight.detach().float()
         w = torch.nn.functional.pad(w, (0, out.padded - out.in_features))
         groups = w.reshape(out.out_features, -1, group_size)
-        scale, low, codes = _fit_int4_groups(groups)
+        scale, low, codes = fit_int4_groups(groups)
         codes = codes.reshape(out.out_features, out.padded)
         out.qweight = (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous()
         out.scales, out.mins = scale.to(layer.weight.dtype), low.to(layer.weight.dtype)
@@ -194,12 +261,13 @@ class Int4Linear(nn.Module):
         if x.device.type == "cuda":
             packed, scales_zeros = self._cuda_weights(x.dtype)
             y = torch._weight_int4pack_mm(flat.contiguous(), packed, self.group_size, scales_zeros)
-        elif flat.shape[0] <= cpu_kernels.SMALL_LINEAR_MAX_ROWS and cpu_kernels.int4_chunk() is not None:
+        elif flat.shape[0] <= DECODE_ROWS and cpu_kernels.int4_chunk() is not None:
             # PyTorch's CPU int4 kernel has no fast path without AVX-512; ours streams the nibbles.
             if self._packed is None:
                 self._packed = (cpu_kernels.pack_int4(self.codes()), self.scales.float(), self.mins.float())
             packed, scales, mins = self._packed
-            y = cpu_kernels.int4_linear(flat, packed, scales, mins, self.group_size).to(x.dtype)
+            y = torch.cat([cpu_kernels.int4_linear(rows, packed, scales, mins, self.group_size)
+                           for rows in flat.split(cpu_kernels.SMALL_LINEAR_MAX_ROWS)]).to(x.dtype)
         else:
             y = _tiled(flat, self.out_features, self._rows)
         if self.bias is not None:

@@ -131,8 +131,17 @@ def _unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:
     return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-KEPT_TYPES = (_T.Q4_0, _T.Q4_1)  # 4-bit in blocks of 32: exactly an int4 layer with groups of 32
+KEPT_TYPES = (_T.Q4_0, _T.Q4_1, _T.Q8_0)  # blocks of 32: an int4 (or int8) layer with groups of 32
 KEPT_GROUP = 32
+
+
+def _int8_blocks(t: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Int8 values [N, K] and scales [N, K/32] of a Q8_0 tensor (blocks of d (f16) and 32 int8: w = d * q)."""
+    raw = np.asarray(t.data, dtype=np.uint8)
+    blocks = raw.reshape(raw.shape[0], -1, 2 + 32)
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    q = blocks[..., 2:].copy().view(np.int8).reshape(raw.shape[0], -1)
+    return torch.from_numpy(q), torch.from_numpy(d)
 
 
 def _int4_blocks(t: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -159,7 +168,8 @@ def load_tensors(
     """Every tensor the model uses, dequantized to `dtype` and named and laid out as in Hugging Face.
 
     Q4_0/Q4_1 weights whose name `keep` accepts stay 4-bit: they come as the `qweight`, `scales` and
-    `mins` of an int4 layer with groups of 32 instead of a dense `weight`.
+    `mins` of an int4 layer with groups of 32 instead of a dense `weight`; Q8_0 ones stay 8-bit, as
+    the int8 `weight` and `weight_scale` (groups of 32) of an int8 layer.
     """
     tensors: dict[str, torch.Tensor] = {}
     permute = config.hf_model_type in _PERMUTED_QK
@@ -173,6 +183,14 @@ def load_tensors(
                 f"{path}: tensor '{t.name}' has GGUF type {t.tensor_type.name}; lmkernel reads {supported}"
             )
         module = name.removesuffix(".weight")
+        if keep is not None and t.tensor_type == _T.Q8_0 and keep(module):
+            q, d = _int8_blocks(t)
+            if permute and name.endswith(("q_proj.weight", "k_proj.weight")):
+                heads = config.num_heads if name.endswith("q_proj.weight") else config.num_kv_heads
+                q, d = _unpermute(q, heads), _unpermute(d, heads)
+            tensors[f"{module}.weight"] = q.contiguous().to(device)
+            tensors[f"{module}.weight_scale"] = d.to(device=device, dtype=dtype)
+            continue
         if keep is not None and t.tensor_type in KEPT_TYPES and keep(module):
             parts = _int4_blocks(t)
             if permute and name.endswith(("q_proj.weight", "k_proj.weight")):

@@ -58,8 +58,9 @@ def hf_config(config: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
     return {**out, **common}
 
 
-def _distinct_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict without second names of shared tensors (a tied head is stored once)."""
+def _distinct_tensors(model: torch.nn.Module, store_as: Mapping[str, torch.dtype]) -> dict[str, torch.Tensor]:
+    """The state dict without second names of shared tensors (a tied head is stored once), the
+    tensors named in `store_as` cast to the dtype given there."""
     seen: set[tuple[int, int]] = set()
     out: dict[str, torch.Tensor] = {}
     for name, t in model.state_dict().items():
@@ -67,7 +68,7 @@ def _distinct_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         if key in seen:
             continue
         seen.add(key)
-        out[name] = t.detach().contiguous().cpu()
+        out[name] = t.detach().to(store_as.get(name, t.dtype)).contiguous().cpu()
     return out
 
 
@@ -81,6 +82,25 @@ def _tokenizer_files(tokenizer: Tokenizer, directory: Path) -> None:
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
 
 
+def _sentence_transformer_files(config: ModelConfig, directory: Path) -> None:
+    """The sentence-transformers modules (pooling, normalisation, truncation) of an encoder, so the
+    saved model embeds exactly as the one it came from."""
+    modules: list[dict[str, Any]] = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]
+    if config.normalize_embeddings:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+        (directory / "2_Normalize").mkdir()
+    (directory / "modules.json").write_text(json.dumps(modules, indent=2))
+    (directory / "1_Pooling").mkdir()
+    pooling = {"word_embedding_dimension": config.hidden_size, "pooling_mode_cls_token": config.pooling == "cls",
+               "pooling_mode_mean_tokens": config.pooling == "mean"}
+    (directory / "1_Pooling" / "config.json").write_text(json.dumps(pooling, indent=2))
+    if config.max_seq_length:
+        (directory / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": config.max_seq_length}))
+
+
 def prepare_output(out_dir: Path, overwrite: bool) -> None:
     """Refuse an output directory that already holds a model or files, unless overwriting."""
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
@@ -89,17 +109,21 @@ def prepare_output(out_dir: Path, overwrite: bool) -> None:
 
 def save_model_dir(model: torch.nn.Module, config: ModelConfig, tokenizer: Tokenizer, dtype: torch.dtype,
                    out_dir: Path, overwrite: bool = False, extra_config: Mapping[str, Any] | None = None,
-                   extra_files: Mapping[str, str] | None = None) -> Path:
-    """Write the model; the directory appears whole or not at all."""
+                   extra_files: Mapping[str, str] | None = None,
+                   store_as: Mapping[str, torch.dtype] | None = None) -> Path:
+    """Write the model; the directory appears whole or not at all. `store_as` names tensors to
+    store in another dtype (embeddings a quantized model holds in bfloat16 values)."""
     out_dir = Path(out_dir)
     prepare_output(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        save_file(_distinct_tensors(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_file(_distinct_tensors(model, store_as or {}), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         cfg = {**hf_config(config, dtype), **(extra_config or {})}
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         _tokenizer_files(tokenizer, tmp)
+        if config.is_encoder:
+            _sentence_transformer_files(config, tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
         if out_dir.exists():

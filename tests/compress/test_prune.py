@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lmkernel.compress.calibrate import calibration_sequences
-from lmkernel.compress.prune import prune_unstructured
+from lmkernel.compress.prune import prune_structured, prune_unstructured
 from lmkernel.errors import LmkError
 from lmkernel.eval.perplexity import perplexity
 from lmkernel.loader.hf_export import save_model_dir
@@ -55,3 +55,39 @@ def test_magnitude_and_bad_values(smollm_gguf) -> None:
     report = prune_unstructured(lm, "magnitude", 0.3)
     w = lm.model.get_submodule(report.layers[0]).weight
     assert ((w == 0).sum(dim=1) >= int(w.shape[1] * 0.3)).all()
+
+
+def test_structured_prune_is_smaller_and_loads_in_transformers(smollm_gguf, text: str, tmp_path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    lm = load_model(smollm_gguf)
+    dense_ppl = perplexity(lm, text, 512).perplexity
+    calibration = calibration_sequences(lm, text, count=8)
+    pruned, report = prune_structured(lm, calibration, ffn=0.3, heads=0.25, layers=2)
+    c = pruned.config
+    assert (c.intermediate_size, c.num_heads, c.num_kv_heads, c.num_layers) == (1075, 6, 3, 28)
+    assert report.heads == (9, 6) and len(report.layers_removed) == 2
+    assert report.parameters[1] < 0.8 * report.parameters[0]
+    assert pruned.model.model.layers[0].mlp.down_proj.weight.shape == (576, 1075)
+    pruned_ppl = perplexity(pruned, text, 512).perplexity
+    print(f"structured: perplexity {dense_ppl:.2f} -> {pruned_ppl:.2f}, parameters {report.parameters}")
+    assert dense_ppl < pruned_ppl < 20 * dense_ppl  # damaged, as it must be, but not noise
+
+    out = save_model_dir(pruned.model, pruned.config, pruned.tokenizer, pruned.dtype, tmp_path / "structured")
+    hf = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert hf.config.num_hidden_layers == 28 and hf.config.num_attention_heads == 6
+    ids = lm.tokenizer.encode("The European lobster is a species of clawed lobster")
+    with torch.inference_mode():
+        theirs = hf(torch.tensor([ids])).logits[0].float()
+        torch.testing.assert_close(pruned.logits(ids), theirs, atol=2e-3, rtol=1e-3)
+        assert torch.equal(load_model(out).logits(ids), pruned.logits(ids))
+
+
+def test_structured_bad_values(smollm) -> None:
+    lm, calibration = smollm, [[1, 2, 3, 4]]  # refused before any of it is read, so the shared model is safe
+    for kwargs, field in (({"ffn": 1.0}, "ffn"), ({"heads": -0.5}, "heads"), ({"heads": 0.9}, "heads"),
+                          ({"layers": 30}, "layers")):
+        with pytest.raises(LmkError, match=field):
+            prune_structured(lm, calibration, **kwargs)
+    with pytest.raises(LmkError, match="calibration"):
+        prune_structured(lm, [], ffn=0.3)

@@ -14,7 +14,7 @@ def rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("shape", [(576, 1536), (1536, 576), (100, 300)])  # (in, out); 100 x 300: no multiple of 16
-@pytest.mark.parametrize("rows", [1, 3, 7])
+@pytest.mark.parametrize("rows", [1, 3, 7, 40])  # to 16 rows the kernel, four at a time; 40 tile by tile
 def test_int8_matches_its_dequantized_weight(shape: tuple[int, int], rows: int) -> None:
     torch.manual_seed(0)
     layer = nn.Linear(*shape, bias=True)
@@ -28,7 +28,7 @@ def test_int8_matches_its_dequantized_weight(shape: tuple[int, int], rows: int) 
 
 @pytest.mark.parametrize("group", [32, 64, 128])
 @pytest.mark.parametrize("shape", [(576, 192), (1536, 576), (100, 300)])  # 576 and 100 are padded for g=128
-@pytest.mark.parametrize("lead", [(1,), (3,), (3, 2)])  # decode rows go through the compiled kernel, 6 rows tile by tile
+@pytest.mark.parametrize("lead", [(1,), (3,), (3, 2), (5, 8)])  # to 16 rows the compiled kernel, 40 rows tile by tile
 def test_int4_matches_its_dequantized_weight(shape: tuple[int, int], group: int, lead: tuple[int, ...]) -> None:
     torch.manual_seed(1)
     layer = nn.Linear(*shape, bias=False)

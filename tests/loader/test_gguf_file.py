@@ -124,3 +124,22 @@ def test_unpermute_inverts_llama_cpp_permutation():
     assert torch.equal(gguf_file._unpermute(torch.from_numpy(_permute(w.numpy(), 4)), 4), w)
 
 
+
+
+def test_keep_runs_q8_0_and_q4_layers_in_their_own_bits(tmp_path, tiny_llama):
+    from lmkernel.layers.linear import Int4Linear, Int8Linear
+
+    path = write_llama_gguf(tmp_path / "mixed.gguf", tiny_llama, MIXED_TYPES)
+    dense = load_model(path)
+    kept = load_model(path, quantization="keep")
+    q8 = kept.model.model.layers[1].self_attn.q_proj
+    assert isinstance(q8, Int8Linear) and q8.group_size == 32 and q8.weight_scale.shape == (256, 8)
+    assert torch.equal(q8.dequantized(), dense.model.model.layers[1].self_attn.q_proj.weight)
+    for q4 in (kept.model.model.layers[0].self_attn.o_proj, kept.model.model.layers[0].mlp.gate_proj,
+               kept.model.model.layers[1].self_attn.k_proj):
+        assert isinstance(q4, Int4Linear) and q4.group_size == 32
+    assert not isinstance(kept.model.model.layers[0].self_attn.q_proj, (Int4Linear, Int8Linear))  # Q4_K: dequantized
+    with torch.inference_mode():
+        torch.testing.assert_close(kept.logits(IDS), dense.logits(IDS), atol=1e-4, rtol=0)
+        x = torch.randn(6, 256)  # decode rows through the kernel, four at a time, against the dense layer
+        torch.testing.assert_close(q8(x), x @ dense.model.model.layers[1].self_attn.q_proj.weight.T, atol=1e-4, rtol=1e-4)

@@ -1,0 +1,205 @@
+"""GPTQ (Frantar et al., 2022): round a linear layer's weights to int4 one input column at a time,
+pushing each column's rounding error onto the columns not yet rounded, weighted by the inverse of
+the calibration inputs' second moment H = X^T X / n. The layer's output on inputs like the
+calibration text changes far less than with plain rounding to nearest.
+
+The result is an ordinary `Int4Linear` (same groups, codes, scales and minimums), so it saves,
+loads and runs like any other int4 layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from lmkernel.compress.quantize import DEFAULT_SKIP, QuantizationConfig, check_request, round_embeddings, skipped
+from lmkernel.errors import LmkError
+from lmkernel.layers.attention import AttentionMetadata
+from lmkernel.layers.linear import Int4Linear, fit_int4_groups
+from lmkernel.loading import LoadedModel
+
+BATCH = 32  # calibration sequences run through a layer together
+BLOCK = 128  # columns updated lazily together (the paper's batching; the result does not depend on it)
+
+
+def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of H^-1, with `damp` times H's mean diagonal added for stability."""
+    h = h.clone()
+    h.diagonal().add_(damp * float(h.diagonal().mean()) + 1e-8)
+    for attempt in range(5):
+        try:
+            lower = torch.linalg.cholesky(h)
+            return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
+        except torch.linalg.LinAlgError:  # not positive definite in float precision: damp harder
+            h.diagonal().add_(float(h.diagonal().mean()) * 10.0 ** (attempt - 2))
+    raise LmkError("GPTQ: the calibration inputs' second-moment matrix stays singular even damped; "
+                   "use more (or more varied) calibration text")
+
+
+@torch.no_grad()
+def gptq_weight(w: torch.Tensor, gram: torch.Tensor, group_size: int = 128,
+                damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes [N, K] (uint8), scales and minimums [N, K/g] for a weight [N, K] (K a multiple of g).
+
+    Columns are rounded from the most to the least driven input (largest H diagonal first), so the
+    important ones go while the most freedom is left to absorb their error ("act order"). Each
+    group's grid is fitted up front to the original weights, weighting every column's error by how
+    strongly its input is driven (H's diagonal), so groups stay contiguous in the stored layout.
+    Rows are independent given H, so layers that read the same input can be stacked into one call.
+    """
+    n, k = w.shape
+    w, h = w.float().clone(), gram.float().clone()
+    dead = h.diagonal() == 0  # inputs that are always zero (and padding): their weights do not matter
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    scales, mins, _ = fit_int4_groups(w.reshape(n, -1, group_size), importance=h.diagonal().reshape(1, -1, group_size))
+
+    order = torch.argsort(h.diagonal(), descending=True)
+    hinv = _inverse_cholesky(h[order][:, order], damp)
+    # Transposed, so that each input column is one contiguous row of `wt`.
+    wt = w[:, order].T.contiguous()
+    row_scale = scales.T.repeat_interleave(group_size, dim=0)[order].contiguous()
+    row_min = mins.T.repeat_interleave(group_size, dim=0)[order].contiguous()
+    codes = torch.empty(k, n)
+    for b0 in range(0, k, BLOCK):
+        b1 = min(b0 + BLOCK, k)
+        block, errors, hb = wt[b0:b1].clone(), torch.empty(b1 - b0, n), hinv[b0:b1, b0:b1]
+        for i in range(b1 - b0):
+            scale, low = row_scale[b0 + i], row_min[b0 + i]
+            q = torch.round((block[i] - low) / scale).clamp_(0, 15)
+            codes[b0 + i] = q
+            err = (block[i] - (q * scale + low)) / hb[i, i]
+            block[i:].addr_(hb[i, i:], err, alpha=-1.0)
+            errors[i] = err
+        wt[b1:] -= hinv[b0:b1, b1:].T @ errors
+    stored = torch.empty_like(codes)
+    stored[order] = codes
+    stored = stored.T.contiguous()
+    return stored.to(torch.uint8), scales, mins
+
+
+def _int4_layer(layer: nn.Linear, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
+                group_size: int) -> Int4Linear:
+    out = Int4Linear(layer.in_features, layer.out_features, layer.bias is not None, group_size, layer.weight.dtype)
+    device, dtype = layer.weight.device, layer.weight.dtype
+    out.qweight = (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous().to(device)
+    out.scales, out.mins = scales.to(dtype).to(device), mins.to(dtype).to(device)
+    if layer.bias is not None:
+        out.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+    return out
+
+
+def _padded(layer: nn.Linear, gram: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight and H padded with zeros to a multiple of the group size."""
+    k = -(-layer.in_features // group_size) * group_size
+    w = torch.nn.functional.pad(layer.weight.detach().float().cpu(), (0, k - layer.in_features))
+    h = torch.zeros(k, k)
+    h[: layer.in_features, : layer.in_features] = gram.float().cpu()
+    return w, h
+
+
+def gptq_int4(layer: nn.Linear, gram: torch.Tensor, group_size: int = 128, damp: float = 0.01) -> Int4Linear:
+    """An int4 copy of `layer` whose rounding minimises the output error on inputs with second moment `gram`."""
+    w, h = _padded(layer, gram, group_size)
+    return _int4_layer(layer, *gptq_weight(w, h, group_size, damp), group_size)
+
+
+def _decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The model's stack of transformer layers (the largest ModuleList)."""
+    lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList)]
+    if not lists:
+        raise LmkError("this model has no stack of layers to quantize one by one")
+    return max(lists, key=lambda item: len(item[1]))
+
+
+@torch.no_grad()
+def gptq_quantize(lm: LoadedModel, sequences: Sequence[list[int]], group_size: int = 128,
+                  skip: Sequence[str] = DEFAULT_SKIP, damp: float = 0.01) -> QuantizationConfig:
+    """Quantize every linear layer outside `skip` to int4 with GPTQ, in place; returns what was done.
+
+    Layers go in order, and each one's calibration inputs come from the layers before it already
+    quantized, so later layers correct for the earlier ones' error (the paper's sequential mode).
+    """
+    check_request(lm.model, "int4", group_size)
+    if not sequences:
+        raise LmkError("GPTQ needs calibration text; the calibration set is empty")
+    round_embeddings(lm.model)
+    stack_name, stack = _decoder_layers(lm.model)
+    inputs: list[tuple[tuple[object, ...], dict[str, object]]] = []
+
+    class _Stop(Exception):
+        pass
+
+    def capture(_: nn.Module, args: tuple[object, ...], kwargs: dict[str, object]) -> None:
+        inputs.append((args, kwargs))
+        raise _Stop
+
+    hook = stack[0].register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        for start in range(0, len(sequences), BATCH):  # several sequences per call, laid end to end
+            batch = sequences[start : start + BATCH]
+            meta = AttentionMetadata.for_lengths([len(s) for s in batch], causal=not lm.config.is_encoder)
+            ids = torch.tensor([t for s in batch for t in s], device=lm.device)
+            positions = torch.tensor([p for s in batch for p in range(len(s))], device=lm.device)
+            try:
+                lm.model(ids, positions, meta)
+            except _Stop:
+                pass
+    finally:
+        hook.remove()
+
+    done: list[str] = []
+    for index, layer in enumerate(stack):
+        prefix = f"{stack_name}.{index}."
+        names = [n for n, m in layer.named_modules() if isinstance(m, nn.Linear) and not skipped(prefix + n, skip)]
+        # Layers fed the same tensor (Q, K, V; gate, up) share one H and are rounded as one stacked matrix.
+        groups: list[tuple[list[str], torch.Tensor]] = []
+        last: list[torch.Tensor | None] = [None]
+        hooks = []
+        for name in names:
+            def collect(_: nn.Module, args: tuple[torch.Tensor, ...], name: str = name) -> None:
+                if args[0] is last[0]:
+                    groups[-1][0].append(name)
+                    return
+                last[0] = args[0]
+                x = args[0].reshape(-1, args[0].shape[-1]).float()
+                groups.append(([name], x.T @ x))
+            hooks.append(layer.get_submodule(name).register_forward_pre_hook(collect))
+        grams: dict[tuple[str, ...], torch.Tensor] = {}
+        tokens = 0
+        try:
+            for args, kwargs in inputs:
+                groups.clear()
+                last[0] = None
+                layer(*args, **kwargs)
+                tokens += args[0].shape[0]  # type: ignore[attr-defined]
+                for members, g in groups:
+                    grams[tuple(members)] = grams.get(tuple(members), 0) + g
+        finally:
+            for h in hooks:
+                h.remove()
+        swaps: list[tuple[str, nn.Linear, Int4Linear]] = []
+        for members, gram in grams.items():
+            modules = [layer.get_submodule(m) for m in members]
+            padded = [_padded(m, gram / tokens, group_size) for m in modules]
+            codes, scales, mins = gptq_weight(torch.cat([w for w, _ in padded]), padded[0][1], group_size, damp)
+            row = 0
+            for name, module in zip(members, modules):
+                rows = slice(row, row + module.out_features)
+                row += module.out_features
+                swaps.append((name, module, _int4_layer(module, codes[rows], scales[rows], mins[rows], group_size)))
+        if index + 1 < len(stack):
+            # The next layer's inputs come through this one as quantized. The float layers hold the
+            # quantized values meanwhile: a dense product is faster on many rows than int4 tiles.
+            for _, module, new in swaps:
+                module.weight.copy_(new.dequantized().to(module.weight.dtype))
+            inputs = [((layer(*args, **kwargs), *args[1:]), kwargs) for args, kwargs in inputs]
+        for name, _, new in swaps:
+            parent, _, child = name.rpartition(".")
+            setattr(layer.get_submodule(parent) if parent else layer, child, new)
+            done.append(prefix + name)
+    if not done:
+        raise LmkError("no linear layer left to quantize after the skip list")
+    return QuantizationConfig("int4", group_size, tuple(skip), done, rounding="gptq")
