@@ -20,7 +20,7 @@ from lmkernel.layers.attention import AttentionMetadata
 from lmkernel.layers.linear import Int4Linear, fit_int4_groups
 from lmkernel.loading import LoadedModel
 
-BATCH = 64  # calibration sequences run through a layer together
+BATCH = 32  # calibration sequences run through a layer together
 BLOCK = 128  # columns updated lazily together (the paper's batching; the result does not depend on it)
 
 
@@ -66,11 +66,11 @@ def gptq_weight(w: torch.Tensor, gram: torch.Tensor, group_size: int = 128,
     for b0 in range(0, k, BLOCK):
         b1 = min(b0 + BLOCK, k)
         block, errors, hb = wt[b0:b1].clone(), torch.empty(b1 - b0, n), hinv[b0:b1, b0:b1]
-        inv_diag = (1.0 / hb.diagonal()).tolist()
         for i in range(b1 - b0):
-            w, scale, low, q = block[i], row_scale[b0 + i], row_min[b0 + i], codes[b0 + i]
-            torch.round((w - low) / scale, out=q).clamp_(0, 15)
-            err = torch.addcmul(low, q, scale).sub_(w).mul_(-inv_diag[i])
+            scale, low = row_scale[b0 + i], row_min[b0 + i]
+            q = torch.round((block[i] - low) / scale).clamp_(0, 15)
+            codes[b0 + i] = q
+            err = (block[i] - (q * scale + low)) / hb[i, i]
             block[i:].addr_(hb[i, i:], err, alpha=-1.0)
             errors[i] = err
         wt[b1:] -= hinv[b0:b1, b1:].T @ errors
