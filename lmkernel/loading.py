@@ -10,7 +10,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import gguf
 import torch
 from torch import nn
 
@@ -160,7 +159,7 @@ def _by_length(encoded: list[list[int]], max_batch_tokens: int) -> Iterator[tupl
         start = end
 
 
-def _open(source: ModelSource) -> tuple[ModelConfig, Tokenizer, gguf.GGUFReader | None]:
+def _open(source: ModelSource) -> tuple[ModelConfig, Tokenizer, gguf_file.GGUFFile | None]:
     """Config and tokenizer of a source, plus its GGUF reader when it is a GGUF file."""
     if source.kind == "gguf":
         reader = gguf_file.open_reader(source.path)

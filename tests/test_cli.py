@@ -1,4 +1,6 @@
-"""The `lmk` command line, run the way a user runs it."""
+"""The `lmk` command line, run the way a user runs it: in a process of its own where it streams,
+reads stdin or writes a model; in this process (the same entry point, without paying for another
+torch import) where it only answers or refuses."""
 
 from __future__ import annotations
 
@@ -6,6 +8,11 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
+
+from typer.testing import CliRunner
+
+from lmkernel.cli import app
 
 LMK = [sys.executable, "-m", "lmkernel.cli"]
 
@@ -14,22 +21,30 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*LMK, *args], capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "250"})
 
 
+def invoke(*args: str) -> SimpleNamespace:
+    """`lmk ARGS` in this process: its exit code, stdout and stderr, the way `run` gives them."""
+    result = CliRunner().invoke(app, list(args), env={"COLUMNS": "250"})
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return SimpleNamespace(returncode=result.exit_code, stdout=result.stdout, stderr=result.stderr)
+
+
 def test_models_lists_installed_aliases(smollm_gguf, minilm_dir):
-    out = run("models")
+    out = invoke("models")
     assert out.returncode == 0, out.stderr
     assert "smollm2-135m-instruct" in out.stdout and "all-minilm-l6-v2" in out.stdout
     assert out.stdout.count("yes") == 2 and smollm_gguf.name in out.stdout
 
 
 def test_info_prints_the_model_facts():
-    out = run("info", "smollm2-135m-instruct")
+    out = invoke("info", "smollm2-135m-instruct")
     assert out.returncode == 0, out.stderr
     for fact in ("llama", "134,515,008", "Q4_1", "49152", "8192", "chat template"):
         assert fact in out.stdout, fact
 
 
 def test_info_on_bad_input_is_one_clear_line(tmp_path):
-    out = run("info", str(tmp_path / "nothing-here"))
+    out = invoke("info", str(tmp_path / "nothing-here"))
     assert out.returncode == 1
     assert "error:" in out.stderr and "nothing-here" in out.stderr and "Traceback" not in out.stderr
 
@@ -55,7 +70,7 @@ def test_chat_keeps_history_and_quits():
 
 
 def test_generate_rejects_bad_values_in_one_line():
-    out = run("generate", "smollm2-135m-instruct", "x", "--temperature", "-1")
+    out = invoke("generate", "smollm2-135m-instruct", "x", "--temperature", "-1")
     assert out.returncode == 1 and "temperature" in out.stderr and "Traceback" not in out.stderr
 
 
@@ -74,16 +89,16 @@ def test_quantize_then_evaluate_and_generate_from_the_directory(tmp_path, smollm
     assert out.returncode == 0 and "Paris" in out.stdout, out.stderr
 
     # Refusals (an existing directory, re-quantizing) are tested in tests/compress; here, the one line.
-    bad = run("quantize", "smollm2-135m-instruct", "--method", "int4", "--group-size", "100", "-o", str(tmp_path / "x"))
+    bad = invoke("quantize", "smollm2-135m-instruct", "--method", "int4", "--group-size", "100", "-o", str(tmp_path / "x"))
     assert bad.returncode == 1 and "--group-size" in bad.stderr and not (tmp_path / "x").exists()
     assert "Traceback" not in bad.stderr
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n")
-    out = run("eval", "perplexity", "smollm2-135m-instruct", "--data", str(empty))
+    out = invoke("eval", "perplexity", "smollm2-135m-instruct", "--data", str(empty))
     assert out.returncode == 1 and "empty" in out.stderr
 
 
 def test_prune_refuses_bad_sparsity_and_writes_nothing(tmp_path):
-    out = run("prune", "smollm2-135m-instruct", "--method", "magnitude", "--sparsity", "1.5", "-o", str(tmp_path / "p"))
+    out = invoke("prune", "smollm2-135m-instruct", "--method", "magnitude", "--sparsity", "1.5", "-o", str(tmp_path / "p"))
     assert out.returncode == 1 and "--sparsity" in out.stderr and "Traceback" not in out.stderr
     assert list(tmp_path.iterdir()) == []

@@ -20,7 +20,6 @@ from lmkernel.layers.attention import AttentionMetadata
 from lmkernel.layers.linear import Int4Linear, fit_int4_groups
 from lmkernel.loading import LoadedModel
 
-BATCH = 32  # calibration sequences run through a layer together
 BLOCK = 128  # columns updated lazily together (the paper's batching; the result does not depend on it)
 
 
@@ -91,19 +90,37 @@ def _int4_layer(layer: nn.Linear, codes: torch.Tensor, scales: torch.Tensor, min
     return out
 
 
-def _padded(layer: nn.Linear, gram: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The weight and H padded with zeros to a multiple of the group size."""
+def _padded_weight(layer: nn.Linear, group_size: int) -> torch.Tensor:
+    """The weight in float32 with zero columns added up to a multiple of the group size."""
     k = -(-layer.in_features // group_size) * group_size
-    w = torch.nn.functional.pad(layer.weight.detach().float().cpu(), (0, k - layer.in_features))
+    return torch.nn.functional.pad(layer.weight.detach().float().cpu(), (0, k - layer.in_features))
+
+
+def second_moment(x: torch.Tensor, block: int = 256) -> torch.Tensor:
+    """x^T x for x [tokens, K], computing only the blocks on and above the diagonal (H is symmetric):
+    about 60% of the multiply-adds of one full product."""
+    k = x.shape[1]
+    h = torch.empty(k, k, dtype=x.dtype, device=x.device)
+    for i in range(0, k, block):
+        top = x[:, i : i + block].T @ x[:, i:]
+        h[i : i + block, i:] = top
+        h[i + block :, i : i + block] = top[:, block:].T
+    return h
+
+
+def _padded_gram(gram: torch.Tensor, group_size: int) -> torch.Tensor:
+    """H with zero rows and columns added up to a multiple of the group size."""
+    n = gram.shape[0]
+    k = -(-n // group_size) * group_size
     h = torch.zeros(k, k)
-    h[: layer.in_features, : layer.in_features] = gram.float().cpu()
-    return w, h
+    h[:n, :n] = gram.float().cpu()
+    return h
 
 
 def gptq_int4(layer: nn.Linear, gram: torch.Tensor, group_size: int = 128, damp: float = 0.01) -> Int4Linear:
     """An int4 copy of `layer` whose rounding minimises the output error on inputs with second moment `gram`."""
-    w, h = _padded(layer, gram, group_size)
-    return _int4_layer(layer, *gptq_weight(w, h, group_size, damp), group_size)
+    codes, scales, mins = gptq_weight(_padded_weight(layer, group_size), _padded_gram(gram, group_size), group_size, damp)
+    return _int4_layer(layer, codes, scales, mins, group_size)
 
 
 def _decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -114,89 +131,103 @@ def _decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return max(lists, key=lambda item: len(item[1]))
 
 
+def _shared_inputs(layer: nn.Module, names: Sequence[str], args: tuple[object, ...],
+                   kwargs: dict[str, object]) -> list[list[str]]:
+    """The linear layers of `layer` grouped by the tensor they read (Q, K, V; gate, up), in call order,
+    found by running it once on the given inputs."""
+    groups: list[list[str]] = []
+    last: list[torch.Tensor | None] = [None]
+
+    def note(_: nn.Module, inputs: tuple[torch.Tensor, ...], name: str) -> None:
+        if inputs[0] is last[0]:
+            groups[-1].append(name)
+        else:
+            last[0] = inputs[0]
+            groups.append([name])
+
+    hooks = [layer.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: note(m, a, n)) for n in names]
+    try:
+        layer(*args, **kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return groups
+
+
+class _Stop(Exception):
+    pass
+
+
 @torch.no_grad()
 def gptq_quantize(lm: LoadedModel, sequences: Sequence[list[int]], group_size: int = 128,
                   skip: Sequence[str] = DEFAULT_SKIP, damp: float = 0.01) -> QuantizationConfig:
     """Quantize every linear layer outside `skip` to int4 with GPTQ, in place; returns what was done.
 
-    Layers go in order, and each one's calibration inputs come from the layers before it already
-    quantized, so later layers correct for the earlier ones' error (the paper's sequential mode).
+    All calibration sequences go through the model together, one transformer layer at a time. Inside
+    a layer, each group of linears is rounded when the forward pass reaches it, on inputs that come
+    through everything before it already quantized, so every later layer corrects for the earlier
+    ones' error (the paper's sequential mode, within layers too), and each layer runs only once.
     """
     check_request(lm.model, "int4", group_size)
     if not sequences:
         raise LmkError("GPTQ needs calibration text; the calibration set is empty")
     round_embeddings(lm.model)
     stack_name, stack = _decoder_layers(lm.model)
-    inputs: list[tuple[tuple[object, ...], dict[str, object]]] = []
 
-    class _Stop(Exception):
-        pass
+    def first_layer_inputs(seqs: Sequence[list[int]]) -> tuple[tuple[object, ...], dict[str, object]]:
+        """What the model hands its first transformer layer for these sequences, laid end to end."""
+        captured: list[tuple[tuple[object, ...], dict[str, object]]] = []
 
-    def capture(_: nn.Module, args: tuple[object, ...], kwargs: dict[str, object]) -> None:
-        inputs.append((args, kwargs))
-        raise _Stop
+        def capture(_: nn.Module, args: tuple[object, ...], kwargs: dict[str, object]) -> None:
+            captured.append((args, kwargs))
+            raise _Stop
 
-    hook = stack[0].register_forward_pre_hook(capture, with_kwargs=True)
-    try:
-        for start in range(0, len(sequences), BATCH):  # several sequences per call, laid end to end
-            batch = sequences[start : start + BATCH]
-            meta = AttentionMetadata.for_lengths([len(s) for s in batch], causal=not lm.config.is_encoder)
-            ids = torch.tensor([t for s in batch for t in s], device=lm.device)
-            positions = torch.tensor([p for s in batch for p in range(len(s))], device=lm.device)
-            try:
-                lm.model(ids, positions, meta)
-            except _Stop:
-                pass
-    finally:
-        hook.remove()
+        meta = AttentionMetadata.for_lengths([len(s) for s in seqs], causal=not lm.config.is_encoder)
+        ids = torch.tensor([t for s in seqs for t in s], device=lm.device)
+        positions = torch.tensor([p for s in seqs for p in range(len(s))], device=lm.device)
+        hook = stack[0].register_forward_pre_hook(capture, with_kwargs=True)
+        try:
+            lm.model(ids, positions, meta)
+        except _Stop:
+            pass
+        finally:
+            hook.remove()
+        return captured[0]
+
+    # All sequences in one call: a group is rounded only once every calibration input has reached it.
+    (hidden, *rest), kwargs = first_layer_inputs(sequences)
+    probe = first_layer_inputs(sequences[:1])
 
     done: list[str] = []
     for index, layer in enumerate(stack):
         prefix = f"{stack_name}.{index}."
         names = [n for n, m in layer.named_modules() if isinstance(m, nn.Linear) and not skipped(prefix + n, skip)]
-        # Layers fed the same tensor (Q, K, V; gate, up) share one H and are rounded as one stacked matrix.
-        groups: list[tuple[list[str], torch.Tensor]] = []
-        last: list[torch.Tensor | None] = [None]
-        hooks = []
-        for name in names:
-            def collect(_: nn.Module, args: tuple[torch.Tensor, ...], name: str = name) -> None:
-                if args[0] is last[0]:
-                    groups[-1][0].append(name)
-                    return
-                last[0] = args[0]
-                x = args[0].reshape(-1, args[0].shape[-1]).float()
-                groups.append(([name], x.T @ x))
-            hooks.append(layer.get_submodule(name).register_forward_pre_hook(collect))
-        grams: dict[tuple[str, ...], torch.Tensor] = {}
-        tokens = 0
-        try:
-            for args, kwargs in inputs:
-                groups.clear()
-                last[0] = None
-                layer(*args, **kwargs)
-                tokens += args[0].shape[0]  # type: ignore[attr-defined]
-                for members, g in groups:
-                    grams[tuple(members)] = grams.get(tuple(members), 0) + g
-        finally:
-            for h in hooks:
-                h.remove()
-        swaps: list[tuple[str, nn.Linear, Int4Linear]] = []
-        for members, gram in grams.items():
+        groups = _shared_inputs(layer, names, *probe)
+        swaps: list[tuple[str, Int4Linear]] = []
+
+        def quantize_group(_: nn.Module, inputs: tuple[torch.Tensor, ...], members: list[str]) -> None:
+            x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
             modules = [layer.get_submodule(m) for m in members]
-            padded = [_padded(m, gram / tokens, group_size) for m in modules]
-            codes, scales, mins = gptq_weight(torch.cat([w for w, _ in padded]), padded[0][1], group_size, damp)
+            weights = torch.cat([_padded_weight(m, group_size) for m in modules])
+            codes, scales, mins = gptq_weight(weights, _padded_gram(second_moment(x) / x.shape[0], group_size), group_size, damp)
             row = 0
             for name, module in zip(members, modules):
                 rows = slice(row, row + module.out_features)
                 row += module.out_features
-                swaps.append((name, module, _int4_layer(module, codes[rows], scales[rows], mins[rows], group_size)))
-        if index + 1 < len(stack):
-            # The next layer's inputs come through this one as quantized. The float layers hold the
-            # quantized values meanwhile: a dense product is faster on many rows than int4 tiles.
-            for _, module, new in swaps:
+                new = _int4_layer(module, codes[rows], scales[rows], mins[rows], group_size)
+                # The rest of this pass reads the float layer holding the quantized values (a dense
+                # product is faster on many rows than int4 tiles); the int4 layer replaces it after.
                 module.weight.copy_(new.dequantized().to(module.weight.dtype))
-            inputs = [((layer(*args, **kwargs), *args[1:]), kwargs) for args, kwargs in inputs]
-        for name, _, new in swaps:
+                swaps.append((name, new))
+
+        hooks = [layer.get_submodule(g[0]).register_forward_pre_hook(lambda m, a, g=g: quantize_group(m, a, g))
+                 for g in groups]
+        try:
+            hidden = layer(hidden, *rest, **kwargs)
+        finally:
+            for h in hooks:
+                h.remove()
+        for name, new in swaps:
             parent, _, child = name.rpartition(".")
             setattr(layer.get_submodule(parent) if parent else layer, child, new)
             done.append(prefix + name)

@@ -15,9 +15,15 @@ When the compiler or ninja is missing, callers keep using the portable PyTorch p
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import logging
+import os
 import platform
+import shutil
+import sys
+import tempfile
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 
@@ -376,30 +382,66 @@ torch::Tensor int4_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scales
 """
 
 
-def _cpu_tag() -> str:
-    """A short hash of the CPU's feature flags: `-march=native` code built on one CPU may not run on another."""
+def _cpu_flags() -> str:
+    """The CPU's feature flags: `-march=native` code built on one CPU may not run on another."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((line for line in f if line.startswith("flags")), "")
     except OSError:
         flags = platform.processor()
-    return hashlib.sha1(f"{platform.machine()} {flags}".encode()).hexdigest()[:10]
+    return f"{platform.machine()} {flags}"
+
+
+_FUNCTIONS = ["paged_decode", "small_linear", "int4_chunk", "pack_int4", "int8_linear", "int8_group_linear",
+              "int4_linear"]
+_CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
+
+
+def _module_name() -> str:
+    """The library's name: a hash of everything that makes one build differ from another."""
+    key = "\n".join([_SOURCE, _cpu_flags(), torch.__version__, sys.version, " ".join(_FUNCTIONS + _CFLAGS)])
+    return f"lmkernel_cpu_{hashlib.sha1(key.encode()).hexdigest()[:16]}"
+
+
+def _import(name: str, path: Path) -> object:
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _compile(name: str, root: Path) -> object:
+    """Build in a directory of this process's own, then publish the library with one atomic rename.
+
+    torch's own cache shares one build directory guarded by a lock file; a build killed half way leaves
+    that file behind and every later process waits on it forever. Here a killed build leaves only a
+    private directory, and a finished library is either published whole or not at all.
+    """
+    from torch.utils.cpp_extension import load_inline
+
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f"{name}.build.", dir=root) as build_dir:
+        module = load_inline(name=name, cpp_sources=_SOURCE, functions=_FUNCTIONS, extra_cflags=_CFLAGS,
+                             extra_ldflags=["-fopenmp"], build_directory=build_dir, verbose=False)
+        built = Path(build_dir) / f"{name}.so"
+        staged = root / f".{name}.{os.getpid()}.so"
+        shutil.copyfile(built, staged)
+        os.replace(staged, root / f"{name}.so")
+    return module
+
+
+def _build_root() -> Path:
+    from torch.utils.cpp_extension import get_default_build_root
+
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()) / "lmkernel"
 
 
 @lru_cache(maxsize=1)
 def _kernel() -> object | None:
     try:
-        from torch.utils.cpp_extension import load_inline
-
-        return load_inline(
-            name=f"lmkernel_cpu_kernels_{_cpu_tag()}",
-            cpp_sources=_SOURCE,
-            functions=["paged_decode", "small_linear", "int4_chunk", "pack_int4", "int8_linear", "int8_group_linear",
-                       "int4_linear"],
-            extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-            verbose=False,
-        )
+        name, root = _module_name(), _build_root()
+        library = root / f"{name}.so"
+        return _import(name, library) if library.exists() else _compile(name, root)
     except Exception as exc:  # no compiler, no ninja: the portable paths still work
         log.warning("CPU kernels unavailable, using the portable PyTorch paths: %s", exc)
         return None

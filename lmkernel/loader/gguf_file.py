@@ -12,24 +12,20 @@ import torch
 
 from lmkernel.config import ModelConfig
 from lmkernel.errors import UnsupportedModelError, WeightsError
+from lmkernel.loader.gguf_reader import GGUFFile
 
 
-def open_reader(path: Path) -> gguf.GGUFReader:
+def open_reader(path: Path) -> GGUFFile:
     """Open a GGUF file, turning the reader's low-level failures into a `WeightsError` naming the file."""
     try:
-        return gguf.GGUFReader(str(path))
-    except Exception as exc:  # the reader raises ValueError, struct/numpy errors on bad files
+        return GGUFFile(path)
+    except Exception as exc:  # ValueError from the header, OSError/numpy errors from the mapping
         raise WeightsError(f"{path}: not a readable GGUF file ({type(exc).__name__}: {exc})") from None
 
 
-def read_metadata(reader: gguf.GGUFReader) -> dict[str, Any]:
+def read_metadata(reader: GGUFFile) -> dict[str, Any]:
     """Every metadata key of the file as plain Python values (strings, numbers, lists)."""
-    out: dict[str, Any] = {}
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        out[key] = field.contents()
-    return out
+    return dict(reader.metadata)
 
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
@@ -64,7 +60,7 @@ def _meta(metadata: dict[str, Any], path: Path, key: str, default: Any = None) -
     return default
 
 
-def parse_config(path: Path, reader: gguf.GGUFReader, metadata: dict[str, Any]) -> ModelConfig:
+def parse_config(path: Path, reader: GGUFFile, metadata: dict[str, Any]) -> ModelConfig:
     """GGUF metadata (`{arch}.*` and `tokenizer.ggml.*` keys) into a `ModelConfig`."""
     arch = metadata.get("general.architecture", "")
     if arch not in SUPPORTED_ARCHITECTURES:
@@ -107,7 +103,7 @@ def parse_config(path: Path, reader: gguf.GGUFReader, metadata: dict[str, Any]) 
     )
 
 
-def stored_dtype(reader: gguf.GGUFReader) -> str:
+def stored_dtype(reader: GGUFFile) -> str:
     """The GGUF tensor types of the file, most frequent first, e.g. "Q4_1 (210), F32 (61), Q8_0 (1)"."""
     counts: dict[str, int] = {}
     for t in reader.tensors:
@@ -162,7 +158,7 @@ def _int4_blocks(t: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 def load_tensors(
-    path: Path, reader: gguf.GGUFReader, config: ModelConfig, dtype: torch.dtype, device: str | torch.device = "cpu",
+    path: Path, reader: GGUFFile, config: ModelConfig, dtype: torch.dtype, device: str | torch.device = "cpu",
     keep: Callable[[str], bool] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Every tensor the model uses, dequantized to `dtype` and named and laid out as in Hugging Face.
@@ -214,6 +210,6 @@ def load_tensors(
     return tensors
 
 
-def parameter_count(reader: gguf.GGUFReader) -> int:
+def parameter_count(reader: GGUFFile) -> int:
     """Number of weights in the file (a tied output layer is stored, and counted, once)."""
     return sum(int(t.n_elements) for t in reader.tensors)

@@ -24,7 +24,7 @@ from lmkernel.layers.activation import get_activation
 from lmkernel.layers.attention import AttentionMetadata, attend
 from lmkernel.layers.linear import dense
 from lmkernel.layers.norm import layer_norm
-from lmkernel.models.weights import load_with_tied_head
+from lmkernel.models.weights import embedding, load_with_tied_head
 
 MLM_ARCHITECTURE = "BertForMaskedLM"
 CLASSIFIER_ARCHITECTURE = "BertForSequenceClassification"
@@ -33,9 +33,9 @@ CLASSIFIER_ARCHITECTURE = "BertForSequenceClassification"
 class BertEmbeddings(nn.Module):
     def __init__(self, c: ModelConfig) -> None:
         super().__init__()
-        self.word_embeddings = nn.Embedding(c.vocab_size, c.hidden_size)
-        self.position_embeddings = nn.Embedding(c.max_position_embeddings, c.hidden_size)
-        self.token_type_embeddings = nn.Embedding(max(c.type_vocab_size, 1), c.hidden_size)
+        self.word_embeddings = embedding(c.vocab_size, c.hidden_size)
+        self.position_embeddings = embedding(c.max_position_embeddings, c.hidden_size)
+        self.token_type_embeddings = embedding(max(c.type_vocab_size, 1), c.hidden_size)
         self.LayerNorm = layer_norm(c.hidden_size, c.norm_eps)
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, types: torch.Tensor) -> torch.Tensor:

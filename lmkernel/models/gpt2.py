@@ -21,7 +21,7 @@ from lmkernel.layers.activation import get_activation
 from lmkernel.layers.attention import AttentionMetadata, KVLayer, attend
 from lmkernel.layers.linear import dense
 from lmkernel.layers.norm import layer_norm
-from lmkernel.models.weights import load_with_tied_head
+from lmkernel.models.weights import embedding, load_with_tied_head
 
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
@@ -66,8 +66,8 @@ class GPT2Block(nn.Module):
 class GPT2Model(nn.Module):
     def __init__(self, c: ModelConfig) -> None:
         super().__init__()
-        self.wte = nn.Embedding(c.vocab_size, c.hidden_size)
-        self.wpe = nn.Embedding(c.max_position_embeddings, c.hidden_size)
+        self.wte = embedding(c.vocab_size, c.hidden_size)
+        self.wpe = embedding(c.max_position_embeddings, c.hidden_size)
         self.h = nn.ModuleList(GPT2Block(c) for _ in range(c.num_layers))
         self.ln_f = layer_norm(c.hidden_size, c.norm_eps)
 

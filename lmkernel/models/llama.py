@@ -22,7 +22,7 @@ from lmkernel.layers.attention import AttentionMetadata, KVLayer, attend
 from lmkernel.layers.linear import dense
 from lmkernel.layers.norm import RMSNorm
 from lmkernel.layers.rotary import RotaryEmbedding, apply_rotary
-from lmkernel.models.weights import load_with_tied_head
+from lmkernel.models.weights import embedding, load_with_tied_head
 
 
 class LlamaAttention(nn.Module):
@@ -74,7 +74,7 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, c: ModelConfig) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.embed_tokens = embedding(c.vocab_size, c.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(c) for _ in range(c.num_layers))
         self.norm = RMSNorm(c.hidden_size, c.norm_eps)
 

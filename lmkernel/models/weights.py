@@ -36,6 +36,12 @@ def build_on_meta(cls: type[nn.Module], *args: object) -> nn.Module:
         return cls(*args)
 
 
+def embedding(num: int, dim: int) -> nn.Embedding:
+    """An embedding table left uninitialised: its values come from the checkpoint. (Random
+    initialisation on the meta device imports torch's compiler, 1.5 s of every start.)"""
+    return nn.Embedding(num, dim, _weight=torch.empty(num, dim))
+
+
 def load_with_tied_head(
     model: nn.Module, tensors: Mapping[str, torch.Tensor], source: str, head: str, embedding: str, tied: bool
 ) -> None:

@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 
 from lmkernel.compress.calibrate import calibration_sequences
-from lmkernel.compress.gptq import gptq_int4, gptq_quantize
+from lmkernel.compress.gptq import gptq_int4, gptq_quantize, second_moment
 from lmkernel.compress.quantize import quantize_model, storage_dtypes
 from lmkernel.errors import LmkError
 from lmkernel.eval.perplexity import perplexity
@@ -19,7 +19,7 @@ from lmkernel.layers.linear import DynamicInt8Linear, Int4Linear, Int8Linear
 from lmkernel.loader.hf_export import save_model_dir
 from lmkernel.loading import load_model
 
-FIRST_TOKENS = 4096
+FIRST_TOKENS = 2048
 
 
 @pytest.fixture(scope="module")
@@ -147,3 +147,8 @@ def test_minilm_dynamic_int8_embeddings_and_reload(minilm_dir, minilm, phraseban
     again = load_model(out)
     assert all(isinstance(again.model.get_submodule(n), DynamicInt8Linear) for n in done.quantized)
     assert torch.equal(again.embed(sentences[:8]), lm.embed(sentences[:8]))
+
+
+def test_second_moment_equals_the_full_product() -> None:
+    x = torch.randn(300, 600)
+    torch.testing.assert_close(second_moment(x), x.T @ x)
