@@ -277,7 +277,7 @@ def prune(
     method: Annotated[str, typer.Option(help="magnitude or wanda (unstructured), or structured")],
     output: Annotated[Path, typer.Option("-o", "--output", help="directory to write")],
     sparsity: Annotated[float | None, typer.Option(help="unstructured: fraction of each row's weights to zero, in [0, 1)")] = None,
-    ffn: Annotated[float, typer.Option(help="structured: fraction of FFN channels to remove")] = 0.0,
+    ffn: Annotated[float, typer.Option(help="structured: fraction of FFN channels to remove (the kept width is rounded to a multiple of 16)")] = 0.0,
     heads: Annotated[float, typer.Option(help="structured: fraction of query heads to remove (per key/value group)")] = 0.0,
     layers: Annotated[int, typer.Option(help="structured: how many decoder layers to remove")] = 0,
     calibration: Annotated[Path | None, typer.Option(help="calibration text for wanda and structured (default: WikiText-2 valid)")] = None,

@@ -81,10 +81,18 @@ class StructuredReport:
     parameters: tuple[int, int]  # (before, after)
 
 
-def _keep_count(total: int, fraction: float, what: str) -> int:
+FFN_MULTIPLE = 16  # kept FFN widths are rounded to this: matrix products run ~10% faster than on odd sizes
+
+
+def _keep_count(total: int, fraction: float, what: str, multiple: int = 1) -> int:
+    """How many of `total` to keep when removing `fraction` of them, rounded to a multiple of
+    `multiple` where `total` is one."""
     if not 0.0 <= fraction < 1.0:
         raise LmkError(f"--{what} must be in [0, 1); got {fraction}")
-    return total - round(total * fraction)
+    keep = total - round(total * fraction)
+    if fraction > 0 and total % multiple == 0:
+        keep = min(total, max(multiple, round(keep / multiple) * multiple))
+    return keep
 
 
 @torch.no_grad()
@@ -99,7 +107,7 @@ def prune_structured(lm: LoadedModel, calibration: list[list[int]], ffn: float =
         raise LmkError("this model is quantized; prune the float model, then quantize")
     if not 0 <= layers < c.num_layers:
         raise LmkError(f"--layers must be in [0, {c.num_layers - 1}] for this {c.num_layers}-layer model; got {layers}")
-    keep_ffn = _keep_count(c.intermediate_size, ffn, "ffn")
+    keep_ffn = _keep_count(c.intermediate_size, ffn, "ffn", FFN_MULTIPLE)
     group = c.num_heads // c.num_kv_heads
     keep_per_group = _keep_count(group, heads, "heads")
     if keep_per_group < 1:

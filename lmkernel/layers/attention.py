@@ -13,6 +13,7 @@ masked past each sequence's length).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -69,10 +70,11 @@ class PagedLayout:
     decode_groups: tuple[DecodeGroup, ...] = ()
     decode_batch: DecodeBatch | None = None
 
-    @property
-    def decode_seqs(self) -> set[int]:
+    @cached_property
+    def decode_seqs(self) -> frozenset[int]:
+        """Every single-token sequence (read once per step, asked by every layer)."""
         seqs = {i for g in self.decode_groups for i in g.seqs}
-        return seqs | set(self.decode_batch.seqs) if self.decode_batch is not None else seqs
+        return frozenset(seqs | set(self.decode_batch.seqs) if self.decode_batch is not None else seqs)
 
 
 @dataclass(frozen=True)
@@ -124,13 +126,17 @@ def attend(
 
     Grouped-query attention: each of the Hkv key/value heads serves Hq / Hkv query heads.
     """
-    out = torch.empty_like(q)
     bounds = meta.cu_seqlens
     paged = meta.paged if kv_cache is not None else None
     if paged is not None:
         k_cache, v_cache = kv_cache
         k_cache.index_copy_(0, paged.slot_mapping, k)
         v_cache.index_copy_(0, paged.slot_mapping, v)
+        batch = paged.decode_batch
+        if batch is not None and len(batch.seqs) == q.shape[0]:  # a step of decodes only: no rows to pick
+            scale_value = scale if scale is not None else q.shape[-1] ** -0.5
+            return paged_decode(q, k_cache, v_cache, batch.tables, batch.lens, batch.block_size, scale_value)
+    out = torch.empty_like(q)
     decode = paged.decode_seqs if paged is not None else set()
     for i in range(meta.num_sequences):
         if i in decode:

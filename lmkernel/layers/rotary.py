@@ -6,7 +6,9 @@ import math
 from typing import Any
 
 import torch
+
 from lmkernel.errors import UnsupportedModelError
+from lmkernel.layers import cpu_kernels
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 
@@ -106,6 +108,9 @@ class RotaryEmbedding:
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x [N, heads, head_dim] by the angles in cos/sin [N, head_dim]."""
+    fused = cpu_kernels.rotary(x, cos, sin)
+    if fused is not None:
+        return fused
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos[:, None, :] + rotated * sin[:, None, :]

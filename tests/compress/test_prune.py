@@ -65,10 +65,10 @@ def test_structured_prune_is_smaller_and_loads_in_transformers(smollm_gguf, text
     calibration = calibration_sequences(lm, text, count=8)
     pruned, report = prune_structured(lm, calibration, ffn=0.3, heads=0.25, layers=2)
     c = pruned.config
-    assert (c.intermediate_size, c.num_heads, c.num_kv_heads, c.num_layers) == (1075, 6, 3, 28)
+    assert (c.intermediate_size, c.num_heads, c.num_kv_heads, c.num_layers) == (1072, 6, 3, 28)
     assert report.heads == (9, 6) and len(report.layers_removed) == 2
     assert report.parameters[1] < 0.8 * report.parameters[0]
-    assert pruned.model.model.layers[0].mlp.down_proj.weight.shape == (576, 1075)
+    assert pruned.model.model.layers[0].mlp.down_proj.weight.shape == (576, 1072)
     pruned_ppl = perplexity(pruned, text, 512).perplexity
     print(f"structured: perplexity {dense_ppl:.2f} -> {pruned_ppl:.2f}, parameters {report.parameters}")
     assert dense_ppl < pruned_ppl < 20 * dense_ppl  # damaged, as it must be, but not noise
