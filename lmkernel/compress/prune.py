@@ -90,7 +90,7 @@ def _keep_count(total: int, fraction: float, what: str, multiple: int = 1) -> in
     if not 0.0 <= fraction < 1.0:
         raise LmkError(f"--{what} must be in [0, 1); got {fraction}")
     keep = total - round(total * fraction)
-    if fraction > 0 and total % multiple == 0:
+    if fraction > 0 and multiple > 1 and total % multiple == 0:
         keep = min(total, max(multiple, round(keep / multiple) * multiple))
     return keep
 
