@@ -1,13 +1,19 @@
-"""The two CPU kernels PyTorch lacks, compiled together on first use (about a minute, once).
+"""The CPU kernels PyTorch lacks, compiled together on first use (about a minute, once).
 
 - `paged_decode`: single-token attention that reads K/V through the block tables in one pass. PyTorch
   has no paged attention: the portable path gathers each context out of the cache and attention then
   reads it again. This kernel reads every key and value once, for all the query heads that share it
   (grouped-query attention), one OpenMP task per sequence.
-- `small_linear`: y = x W^T for one to four rows. PyTorch's matrix-vector product streams weights on
-  one core at about a third of the memory bandwidth; this one splits the output rows over every
-  thread and streams four weight rows side by side (AVX-512 or AVX2 with FMA, plain C++ elsewhere).
-  Batch-1 decode is nothing but these weight reads.
+- `small_linear`, `int8_linear`, `int8_group_linear`, `int4_linear`: y = x W^T for one to four rows,
+  W in float32/bfloat16, int8 or packed int4. PyTorch's matrix-vector product streams weights on one
+  core at about a third of the memory bandwidth; these split the output rows over every thread,
+  stream the weight rows (float and per-row int8 four side by side) with AVX-512 or AVX2 and FMA
+  (plain C++ elsewhere), and prefetch the rows that come next. Batch-1 decode is mostly these weight reads.
+- `rms_norm`, `rotary`: a decode step's few rows in one call each, where PyTorch spends 25-45 us in
+  four or five small operations.
+
+Each process builds in a private directory and publishes the library with one atomic rename, so a
+build killed half way never leaves a lock that later processes wait on.
 
 When the compiler or ninja is missing, callers keep using the portable PyTorch paths.
 """
