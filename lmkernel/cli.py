@@ -513,11 +513,12 @@ def serve(
     shutdown_grace: Annotated[float, typer.Option(help="seconds in-flight requests get after SIGTERM")] = 30.0,
     log_prompts: Annotated[bool, typer.Option(help="log prompts and outputs, with personal data redacted")] = False,
     quantization: Annotated[str | None, typer.Option(help="'keep': run a Q4_0/Q4_1 GGUF in its 4 bits")] = None,
+    lora: Annotated[list[str] | None, typer.Option("--lora", help="NAME=PATH: serve a PEFT LoRA adapter as MODEL:NAME; repeat for more")] = None,
 ) -> None:
     """Serve the OpenAI API (completions, chat, embeddings) over HTTP."""
     try:
         from lmkernel.serve.auth import read_keys_file
-        from lmkernel.serve.server import LaunchConfig, serve as run
+        from lmkernel.serve.server import LaunchConfig, parse_lora_options, serve as run
         from lmkernel.serve.app import ServerConfig
     except ImportError as exc:
         raise fail(LmkError(f"serving needs the serve extra: pip install -e '.[serve]' ({exc.name} is missing)")) from None
@@ -534,9 +535,137 @@ def serve(
             log_prompts=log_prompts,
         )
         launch = LaunchConfig(model, embedding_model, host, port, dtype, device, kv_cache_memory, max_num_seqs,
-                              max_num_batched_tokens, shutdown_grace, quantization)
+                              max_num_batched_tokens, shutdown_grace, quantization, parse_lora_options(lora or []))
         run(launch, config)
     except (LmkError, ValueError) as exc:
+        raise fail(exc) from None
+
+
+Opt = typer.Option
+
+
+@app.command()
+def train(
+    config: Annotated[Path | None, typer.Argument(help="a YAML file of settings, keys as the flags (eval, batch_size...)")] = None,
+    task: Annotated[str | None, Opt(help="clm (chat JSONL or text), mlm (BERT) or classify (text + label)")] = None,
+    model: Annotated[str | None, Opt(help="alias, Hugging Face directory, .gguf file or run directory")] = None,
+    data: Annotated[str | None, Opt(help="training data: .jsonl, .csv or .txt")] = None,
+    eval: Annotated[str | None, Opt("--eval", help="validation data, same format")] = None,
+    output: Annotated[str | None, Opt("-o", "--output", help="the run directory")] = None,
+    lora: Annotated[str | None, Opt(help="train a LoRA adapter, e.g. r=8,alpha=16 (default: full fine-tuning)")] = None,
+    epochs: Annotated[int | None, Opt()] = None,
+    max_steps: Annotated[int | None, Opt(help="optimizer steps to run (overrides --epochs)")] = None,
+    lr: Annotated[float | None, Opt(help="peak learning rate (default 1e-4 full, 5e-4 LoRA)")] = None,
+    batch_size: Annotated[int | None, Opt(help="examples per process and micro-batch (default 16)")] = None,
+    grad_accum: Annotated[int | None, Opt(help="micro-batches per optimizer step")] = None,
+    max_length: Annotated[int | None, Opt(help="tokens per sequence (clm: per packed row)")] = None,
+    schedule: Annotated[str | None, Opt(help="constant, linear or cosine, after warm-up")] = None,
+    warmup: Annotated[float | None, Opt(help="warm-up: a fraction of the steps (<1) or a step count")] = None,
+    optimizer: Annotated[str | None, Opt(help="adamw, sgd or adafactor")] = None,
+    weight_decay: Annotated[float | None, Opt()] = None,
+    clip: Annotated[float | None, Opt(help="gradient-norm clipping (0: off)")] = None,
+    bf16: Annotated[bool | None, Opt("--bf16/--no-bf16", help="bfloat16 autocast")] = None,
+    checkpointing: Annotated[bool | None, Opt("--checkpointing/--no-checkpointing",
+                                              help="activation checkpointing (default on: far less memory)")] = None,
+    dropout: Annotated[float | None, Opt(help="override the model's dropout")] = None,
+    early_stop: Annotated[int | None, Opt(help="patience: evaluations without gain before stopping")] = None,
+    metric: Annotated[str | None, Opt(help="validation metric to follow: loss, perplexity, accuracy, macro_f1")] = None,
+    eval_every: Annotated[int | None, Opt(help="steps between evaluations (default: each epoch)")] = None,
+    save_every: Annotated[int | None, Opt(help="steps between checkpoints (default: at each evaluation)")] = None,
+    keep_checkpoints: Annotated[int | None, Opt()] = None,
+    augment: Annotated[int | None, Opt(help="classify: augmented copies per sentence (deletion, swap, mixing)")] = None,
+    seed: Annotated[int | None, Opt()] = None,
+    device: Annotated[str | None, Opt(help="auto, cpu or cuda")] = None,
+    resume: Annotated[bool, Opt(help="continue the run in --output from its last checkpoint")] = False,
+    overwrite: Annotated[bool, Opt(help="replace an existing run directory")] = False,
+) -> None:
+    """Fine-tune a model (full or LoRA) into a run directory; `torchrun ... -m lmkernel.train` for several processes."""
+    given = {k: v for k, v in locals().items() if v is not None and k not in ("config", "resume", "overwrite")}
+    from lmkernel.loading import resolve_device
+    from lmkernel.train import distributed
+    from lmkernel.train.args import TrainArgs, read_yaml
+    from lmkernel.train.checkpoint import read_settings
+    from lmkernel.train.trainer import summary_table, train as run
+
+    flags = {("eval_data" if k == "eval" else k): v for k, v in given.items()}
+    try:
+        values: dict[str, object] = {}
+        source = "the command line"
+        if resume and output is not None and config is None:
+            values, source = read_settings(Path(output)), f"{output}/run.json"
+        if config is not None:
+            values, source = read_yaml(config), str(config)
+        values.update(flags)
+        args = TrainArgs.from_mapping(values, source).check()
+        group = distributed.init(resolve_device(args.device))
+        result = run(args, resume=resume, overwrite=overwrite, console=console, group=group)
+    except LmkError as exc:
+        raise fail(exc) from None
+    if group.is_main:
+        console.print(summary_table(result, args.metric or ("accuracy" if args.task == "classify" else "loss")))
+    distributed.shutdown(group)
+
+
+lora_app = typer.Typer(help="LoRA adapters in the PEFT format (train them with `lmk train --lora`).", no_args_is_help=True)
+app.add_typer(lora_app, name="lora")
+
+
+@lora_app.command("merge")
+def lora_merge(
+    base: Annotated[str, typer.Argument(help="the base model: alias, Hugging Face directory or .gguf file")],
+    adapter: Annotated[Path, typer.Argument(help="a PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors)")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="directory to write")],
+    overwrite: Annotated[bool, typer.Option(help="replace an existing output directory")] = False,
+) -> None:
+    """Fold ADAPTER into BASE and write a Hugging Face directory (float32) that lmkernel and transformers load;
+    a classification adapter gives a sequence-classification model with its labels."""
+    from lmkernel.train.lora import merge_adapter_dir
+
+    try:
+        out = merge_adapter_dir(base, adapter, output, overwrite)
+    except (LmkError, ValueError) as exc:
+        raise fail(exc) from None
+    console.print(f"merged {adapter} into {base}; wrote {out}")
+
+
+@bench_app.command("train")
+def bench_train(
+    model: Annotated[str, Opt(help="the encoder to fine-tune")] = "all-minilm-l6-v2",
+    steps: Annotated[int, Opt(help="steps each side runs for the speed and memory comparison")] = 40,
+    batch_size: Annotated[int, Opt()] = 16,
+    skip_quality: Annotated[bool, Opt(help="only the speed and memory comparison")] = False,
+) -> None:
+    """Fine-tuning on Financial PhraseBank: accuracy of full and LoRA runs with the defaults, and speed
+    and peak memory against Hugging Face Trainer (+ peft) on the same steps."""
+    from lmkernel.bench.train import run_child
+    from lmkernel.bench.workload import DEFAULT_TEXT
+
+    data = DEFAULT_TEXT.parents[1] / "financial-phrasebank"
+    try:
+        model_dir = str(resolve(model).path)
+        table = Table(title=f"{model}: {steps} steps of {batch_size} PhraseBank sentences, each side in a fresh process")
+        for col in ("method", "lmkernel tok/s", "peer tok/s", "speed", "lmkernel peak RSS MB", "peer peak RSS MB", "memory"):
+            table.add_column(col, justify="left" if col == "method" else "right")
+        for lora in (False, True):
+            flags = ["--model", model_dir, "--data", str(data / "train.jsonl"), "--steps", str(steps),
+                     "--batch-size", str(batch_size), *(["--lora"] if lora else [])]
+            ours, peer = run_child("ours", *flags), run_child("hf", *flags)
+            table.add_row("LoRA r=8" if lora else "full", f"{ours['tokens_per_s']:,.0f}", f"{peer['tokens_per_s']:,.0f}",
+                          f"{ours['tokens_per_s'] / peer['tokens_per_s']:.2f}x", f"{ours['peak_rss_bytes'] / 1e6:,.0f}",
+                          f"{peer['peak_rss_bytes'] / 1e6:,.0f}", f"{ours['peak_rss_bytes'] / peer['peak_rss_bytes']:.2f}x")
+        console.print(table)
+        if skip_quality:
+            return
+        table = Table(title="lmkernel defaults on the whole train split, scored on valid (best evaluation)")
+        for col in ("method", "accuracy", "macro-F1", "steps", "wall time s"):
+            table.add_column(col, justify="left" if col == "method" else "right")
+        for lora in (False, True):
+            q = run_child("quality", "--model", model_dir, "--data", str(data / "train.jsonl"),
+                          "--valid", str(data / "valid.jsonl"), *(["--lora"] if lora else []))
+            table.add_row("LoRA r=8" if lora else "full", f"{q['accuracy']:.4f}", f"{q['macro_f1']:.4f}",
+                          f"{q['best_step']}/{q['steps']}", f"{q['seconds']:.0f}")
+        console.print(table)
+    except (LmkError, RuntimeError) as exc:
         raise fail(exc) from None
 
 

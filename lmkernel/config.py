@@ -39,6 +39,10 @@ class ModelConfig:
     normalize_embeddings: bool = False
     max_seq_length: int | None = None  # truncation length for embeddings (sentence-transformers)
     id2label: dict[int, str] = field(default_factory=dict)
+    # Dropout probabilities, active only in training mode.
+    hidden_dropout: float = 0.0  # after embeddings and on each residual branch
+    attention_dropout: float = 0.0  # on the attention probabilities
+    classifier_dropout: float | None = None  # before a classification head; None: hidden_dropout
     hf_model_type: str = ""  # the config.json model_type (or GGUF general.architecture) as written
     hf_architecture: str = ""  # the config.json architectures[0], e.g. "BertForMaskedLM"; picks heads
 

@@ -17,3 +17,7 @@ class UnsupportedModelError(LmkError):
 
 class WeightsError(LmkError):
     """A weights file that is missing, truncated or inconsistent with its config."""
+
+
+class AdapterError(LmkError):
+    """A LoRA adapter (PEFT format) that is missing, malformed or does not fit its base model."""

@@ -7,7 +7,7 @@ engine is checked against it, and users call it to score text or embed sentences
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -15,9 +15,12 @@ from torch import nn
 
 from lmkernel.compress.quantize import DEFAULT_SKIP, QuantizationConfig, build_quantized, skipped
 from lmkernel.config import ModelConfig
-from lmkernel.errors import LmkError
+from lmkernel.errors import AdapterError, LmkError, ModelSourceError
 from lmkernel.layers.attention import AttentionMetadata
+from lmkernel.layers.lora import linear_layers, merged_dense
 from lmkernel.loader import gguf_file, hf_dir
+from lmkernel.loader.adapter import CONFIG_FILE, LoraAdapter, head_architecture, head_labels, hf_names, match_adapter, \
+    needs_head, read_adapter, to_peft_layout
 from lmkernel.loader.tokenizer import Tokenizer
 from lmkernel.models import model_class
 from lmkernel.models.weights import build_on_meta
@@ -171,40 +174,99 @@ def _open(source: ModelSource) -> tuple[ModelConfig, Tokenizer, gguf_file.GGUFFi
 
 def load_model(
     name_or_path: str | Path, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
-    quantization: str | None = None,
+    quantization: str | None = None, adapter: str | Path | None = None,
 ) -> LoadedModel:
     """Load an alias, a Hugging Face directory or a GGUF file into a `LoadedModel`; nothing is downloaded.
 
     `quantization="keep"` runs the linear layers of a GGUF in the bits they ship in, with no float
     round trip: Q4_0/Q4_1 as int4 layers and Q8_0 as int8 layers, groups of 32; a quantized
-    directory always loads as saved.
+    directory always loads as saved. `adapter` (a PEFT LoRA directory) is merged into the weights;
+    a LoRA directory given as the model loads the base its config names with it merged.
     """
     if quantization not in (None, "keep"):
         raise LmkError(f"quantization must be None or 'keep'; got {quantization!r}")
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     source = resolve(name_or_path)
+    lora = read_adapter(adapter) if adapter is not None else None
+    if source.kind == "lora_adapter":
+        if lora is not None:
+            raise AdapterError(f"{source.path}: is itself a LoRA adapter; pass its base model as the model")
+        lora = read_adapter(source.path)
+        source = adapter_base(lora)
+    return _load(source, torch_dtype, dev, quantization, lora)
+
+
+def adapter_base(lora: LoraAdapter) -> ModelSource:
+    """The base model an adapter's config names (base_model_name_or_path), or a clear error."""
+    where = f"{lora.path / CONFIG_FILE if lora.path else 'adapter'}: field 'base_model_name_or_path'"
+    base = lora.config.base_model_name_or_path
+    if not base:
+        raise AdapterError(f"{where} is empty; name the base model yourself (load_model(BASE, adapter=DIR), "
+                           "`lmk lora merge BASE DIR`)")
+    try:
+        source = resolve(base)
+    except ModelSourceError as exc:
+        raise AdapterError(f"{where} does not resolve: {exc}") from None
+    if source.kind == "lora_adapter":
+        raise AdapterError(f"{where} names another adapter ({base}); expected a base model")
+    return source
+
+
+def _load(source: ModelSource, dtype: torch.dtype, dev: torch.device, quantization: str | None,
+          lora: LoraAdapter | None) -> LoadedModel:
     config, tokenizer, reader = _open(source)
+    if lora is not None and needs_head(lora, config):  # a task head, e.g. a classifier
+        config = replace(config, hf_architecture=head_architecture(lora, config), id2label=head_labels(lora, config))
     model = build_on_meta(model_class(config), config)
     if reader is not None:
         linear = {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not skipped(n, DEFAULT_SKIP)}
         keep = linear.__contains__ if quantization == "keep" else None
-        tensors = gguf_file.load_tensors(source.path, reader, config, torch_dtype, dev, keep)
+        tensors = gguf_file.load_tensors(source.path, reader, config, dtype, dev, keep)
         kept4 = sorted(n for n in linear if f"{n}.qweight" in tensors)
         kept8 = sorted(n for n in linear if f"{n}.weight_scale" in tensors)
         for method, kept in (("int4", kept4), ("int8", kept8)):
             if kept:
                 build_quantized(model, QuantizationConfig(method, gguf_file.KEPT_GROUP, DEFAULT_SKIP, kept))
     else:
-        tensors = hf_dir.load_tensors(source.path, torch_dtype, dev)
+        tensors = hf_dir.load_tensors(source.path, dtype, dev)
         if (quant := hf_dir.quantization_config(source.path)) is not None:
             build_quantized(model, QuantizationConfig.from_json(quant, str(source.path / "config.json")))
-    model.load_weights(tensors, str(source.path))
-    return LoadedModel(config, tokenizer, model.eval(), source, torch_dtype, dev)
+    if lora is None:
+        model.load_weights(tensors, str(source.path))
+    else:
+        saved = {k: v.to(dev, dtype if v.is_floating_point() else v.dtype) for k, v in lora.saved.items()}
+        model.load_weights({**tensors, **saved}, f"{source.path} with the adapter {lora.path}")
+        config = _merge_adapter(model, config, lora)
+    return LoadedModel(config, tokenizer, model.eval(), source, dtype, dev)
+
+
+def _merge_adapter(model: nn.Module, config: ModelConfig, lora: LoraAdapter) -> ModelConfig:
+    """Fold the adapter's LoRA layers into the weights; returns the config (untied if a tied head got its own weight)."""
+    state = model.state_dict()
+    hf = {h: n for n, h in hf_names(state, config, head_architecture(lora, config)).items()}
+    for name, t in lora.saved.items():
+        ours = hf.get(name)
+        if ours is None or not torch.equal(to_peft_layout(ours, state[ours], config).cpu(), t.to(state[ours].dtype)):
+            raise AdapterError(f"{lora.source}: tensor '{name}' (modules_to_save) has no place of its own in this model "
+                               "(absent, or tied to another weight)")
+    distinct = len({id(p) for p in model.parameters()})
+    shapes = {n: (m.in_features, m.out_features) for n, m in linear_layers(model).items()}
+    for t in match_adapter(lora, shapes, config):
+        model.set_submodule(t.name, merged_dense(model.get_submodule(t.name), t.a, t.b, t.scaling, t.name))
+    if config.tie_word_embeddings and len({id(p) for p in model.parameters()}) > distinct:
+        config = replace(config, tie_word_embeddings=False)  # the tied head got a weight of its own
+        model.config = config
+    return config
 
 
 def describe(source: ModelSource) -> dict[str, object]:
     """What `lmk info` prints: read from configs and file headers, without loading any weights."""
+    if source.kind == "lora_adapter":
+        lora = read_adapter(source.path)
+        c = lora.config
+        return {"adapter": f"{source.path} (LoRA r={c.r}, alpha={c.lora_alpha:g}, {len(lora.lora)} layers, "
+                           f"task {c.task_type})", **describe(adapter_base(lora))}
     config, tokenizer, reader = _open(source)
     params = gguf_file.parameter_count(reader) if reader is not None else hf_dir.parameter_count(source.path)
     return {

@@ -47,7 +47,7 @@ class ModelSource:
 
     name: str
     path: Path
-    kind: str  # "gguf" or "hf_dir"
+    kind: str  # "gguf", "hf_dir" or "lora_adapter" (a PEFT adapter directory: base model plus adapter)
 
 
 def alias_location(alias: Alias) -> Path | None:
@@ -64,6 +64,11 @@ def alias_location(alias: Alias) -> Path | None:
         return None
     path = Path(list(spec.submodule_search_locations)[0]) / alias.relative_path
     return path if path.exists() else None
+
+
+RUN_FILE = "run.json"  # marks a training run directory (lmkernel.train)
+RUN_MODEL_DIR = "model"  # where a run keeps its best model
+ADAPTER_FILE = "adapter_config.json"
 
 
 def resolve(name_or_path: str | Path) -> ModelSource:
@@ -96,6 +101,12 @@ def _source_from_path(name: str, path: Path) -> ModelSource:
                 "(config.json plus safetensors weights)"
             )
         return ModelSource(name, path, "gguf")
+    if (path / RUN_FILE).is_file():  # a training run directory: its best (or final) model
+        if not (path / RUN_MODEL_DIR).is_dir():
+            raise ModelSourceError(f"{path}: a training run with no model yet; it saves {path / RUN_MODEL_DIR} when it ends")
+        return _source_from_path(name, path / RUN_MODEL_DIR)
+    if (path / ADAPTER_FILE).is_file() and not (path / "config.json").is_file():
+        return ModelSource(name, path, "lora_adapter")  # a PEFT LoRA adapter: the base it names plus the adapter
     if not (path / "config.json").is_file():
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:

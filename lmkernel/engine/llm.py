@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from rich.progress import Progress
 
 from lmkernel.config import CacheConfig, SchedulerConfig
+from lmkernel.engine.adapters import LoraAdapters, shared_copy
 from lmkernel.engine.llm_engine import LLMEngine
 from lmkernel.engine.request import RequestOutput
 from lmkernel.engine.sampling import SamplingParams
@@ -33,8 +36,11 @@ class ClassificationOutput:
 class LLM:
     """Load a model once; run batches of prompts through continuous batching on a paged KV cache.
 
-    `model` is an alias, a path, or an already loaded `LoadedModel` (then `dtype` and `device` are its own).
-    `quantization="keep"` runs a Q4_0/Q4_1 GGUF's linear layers in their shipped 4 bits.
+    `model` is an alias, a path (a LoRA adapter directory loads its base with the adapter merged), or
+    an already loaded `LoadedModel` (then `dtype` and `device` are its own). `quantization="keep"`
+    runs a Q4_0/Q4_1 GGUF's linear layers in their shipped 4 bits. `lora` ({name: adapter directory})
+    serves PEFT LoRA adapters beside the base model, picked per request with `SamplingParams(lora=name)`;
+    a `LoadedModel` given here is left as it is (the adapters wrap a copy that shares its weights).
     """
 
     def __init__(
@@ -51,10 +57,19 @@ class LLM:
         seed: int = 0,
         verbose: bool = True,
         quantization: str | None = None,
+        lora: Mapping[str, str | Path] | None = None,
     ) -> None:
         self.loaded = (
             model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device, quantization=quantization)
         )
+        adapters = None
+        if lora:
+            if self.loaded.config.is_encoder:
+                raise LmkError(f"{self.loaded.source.path}: LoRA serving needs a decoder; load an encoder's adapter as "
+                               "a model (LLM(adapter_dir))")
+            if isinstance(model, LoadedModel):
+                self.loaded = dataclasses.replace(self.loaded, model=shared_copy(self.loaded.model))
+            adapters = LoraAdapters(self.loaded.model, self.loaded.config, lora)
         self.tokenizer = self.loaded.tokenizer
         self.engine: LLMEngine | None = None
         self._ids = itertools.count()
@@ -70,7 +85,7 @@ class LLM:
             max_num_seqs=max_num_seqs,
             max_model_len=max_model_len or self.loaded.config.max_position_embeddings,
         )
-        self.engine = LLMEngine(self.loaded, cache, sched, seed)
+        self.engine = LLMEngine(self.loaded, cache, sched, seed, adapters)
         if verbose:
             s = self.engine.stats()
             print(f"lmkernel: KV cache of {s['kv_blocks_total']} blocks x {s['kv_block_size']} tokens = {s['kv_cache_tokens']} tokens")

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from lmkernel.config import CacheConfig, SchedulerConfig
+from lmkernel.engine.adapters import LoraAdapters, UnknownAdapterError
 from lmkernel.engine.model_runner import ModelRunner, ModelRunnerOutput
 from lmkernel.engine.request import CompletionOutput, Request, RequestOutput, RequestStatus
 from lmkernel.engine.sampling import SamplingParams
@@ -49,9 +50,11 @@ class _Group:
 
 
 class LLMEngine:
-    """Continuous batching over a paged KV cache for one decoder model."""
+    """Continuous batching over a paged KV cache for one decoder model, and the LoRA adapters
+    `adapters` applied to it (requests pick one with `SamplingParams.lora`)."""
 
-    def __init__(self, loaded: LoadedModel, cache: CacheConfig, scheduler: SchedulerConfig, seed: int = 0) -> None:
+    def __init__(self, loaded: LoadedModel, cache: CacheConfig, scheduler: SchedulerConfig, seed: int = 0,
+                 adapters: LoraAdapters | None = None) -> None:
         if loaded.config.is_encoder:
             raise LmkError(f"{loaded.source.path}: the generation engine needs a decoder; this is an encoder model")
         self.loaded, self.tokenizer = loaded, loaded.tokenizer
@@ -59,7 +62,8 @@ class LLMEngine:
         self.pool = BlockPool(self.kv_cache.num_blocks, cache.block_size, cache.enable_prefix_caching)
         max_len = min(scheduler.max_model_len, loaded.config.max_position_embeddings)
         self.scheduler = Scheduler(dataclasses.replace(scheduler, max_model_len=max_len), self.pool)
-        self.runner = ModelRunner(loaded.model, self.kv_cache, self.tokenizer, loaded.device, seed)
+        self.adapters = adapters
+        self.runner = ModelRunner(loaded.model, self.kv_cache, self.tokenizer, loaded.device, seed, adapters)
         self.groups: dict[str, _Group] = {}
         self.owner: dict[str, tuple[_Group, _Sample]] = {}
         self.arrivals = 0
@@ -70,12 +74,22 @@ class LLMEngine:
     def max_model_len(self) -> int:
         return self.scheduler.config.max_model_len
 
+    @property
+    def lora_names(self) -> list[str]:
+        """The LoRA adapters requests may name in `SamplingParams.lora`."""
+        return list(self.adapters.names) if self.adapters is not None else []
+
     def add_request(
         self, request_id: str, prompt: str | Sequence[int], params: SamplingParams, priority: int = 0
     ) -> None:
         """Queue a request; refuse at once one that could never fit."""
         if request_id in self.groups:
             raise ValueError(f"request id '{request_id}' is already in use")
+        if params.lora is not None:
+            if self.adapters is None:
+                raise UnknownAdapterError(f"SamplingParams.lora is '{params.lora}', but this engine serves no LoRA "
+                                          "adapters (start it with LLM(model, lora={name: path}))")
+            self.adapters.slot(params.lora)
         text = prompt if isinstance(prompt, str) else None
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         if not ids:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lmkernel.engine.adapters import LoraAdapters
 from lmkernel.engine.request import Logprob, PositionLogprobs, Request
 from lmkernel.engine.sampling import Sampler, top_logprobs
 from lmkernel.engine.scheduler import SchedulerOutput
@@ -26,10 +27,13 @@ class ModelRunnerOutput:
 
 
 class ModelRunner:
-    """Owns the model's forward on the KV cache, and the sampler."""
+    """Owns the model's forward on the KV cache, and the sampler; with `adapters`, routes each
+    request's tokens to its LoRA adapter for the forward and the logits."""
 
-    def __init__(self, model: torch.nn.Module, kv_cache: KVCache, tokenizer: Tokenizer, device: torch.device, seed: int = 0) -> None:
+    def __init__(self, model: torch.nn.Module, kv_cache: KVCache, tokenizer: Tokenizer, device: torch.device, seed: int = 0,
+                 adapters: LoraAdapters | None = None) -> None:
         self.model, self.kv_cache, self.tokenizer, self.device = model, kv_cache, tokenizer, device
+        self.adapters = adapters
         self.kv_layers = [kv_cache.layer(i) for i in range(len(kv_cache.keys))]
         self.sampler = Sampler(seed)
         self.generators: dict[str, torch.Generator] = {}
@@ -120,9 +124,17 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
         ids, positions, meta = self.layout(out)
-        hidden = self.model(ids, positions, meta, self.kv_layers)
+        slots: list[int] = []  # each chunk's adapter slot, with adapters
+        if self.adapters is None:
+            hidden = self.model(ids, positions, meta, self.kv_layers)
+        else:
+            slots = [self.adapters.slot(c.request.sampling_params.lora) for c in out.chunks]
+            per_token = [s for s, c in zip(slots, out.chunks) for _ in range(c.num_tokens)]
+            with self.adapters.routing(per_token, self.device):
+                hidden = self.model(ids, positions, meta, self.kv_layers)
         result = ModelRunnerOutput()
         rows: list[int] = []  # hidden rows that need logits
+        row_slots: list[int] = []  # their adapter slots, with adapters
         sample_at: list[tuple[Request, int]] = []
         prompt_at: list[tuple[Request, int, int, int]] = []  # (request, index in `rows`, count, first position)
         for i, chunk in enumerate(out.chunks):
@@ -138,9 +150,16 @@ class ModelRunner:
             if chunk.samples:
                 sample_at.append((request, len(rows)))
                 rows.append(first + chunk.num_tokens - 1)
+            if slots:
+                row_slots.extend([slots[i]] * (len(rows) - len(row_slots)))
         if not rows:
             return result
-        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)]).float()
+        picked = hidden[torch.tensor(rows, device=self.device)]
+        if self.adapters is None:
+            logits = self.model.compute_logits(picked).float()
+        else:
+            with self.adapters.routing(row_slots, self.device):
+                logits = self.model.compute_logits(picked).float()
         for request, at, count, start in prompt_at:
             scored = torch.log_softmax(logits[at : at + count], -1)
             n = request.sampling_params.prompt_logprobs

@@ -78,6 +78,11 @@ class Request:
         return len(self.token_ids) - self.num_prompt_tokens
 
     @property
+    def cache_salt(self) -> str:
+        """Mixed into the prefix-cache keys: K/V computed under a LoRA adapter are that adapter's alone."""
+        return f"lora:{self.sampling_params.lora}" if self.sampling_params.lora is not None else ""
+
+    @property
     def wants_prompt_logprobs(self) -> bool:
         return self.sampling_params.prompt_logprobs is not None
 

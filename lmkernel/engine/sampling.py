@@ -31,6 +31,7 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    lora: str | None = None  # the name of a LoRA adapter the engine serves; None: the base model
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -56,6 +57,8 @@ class SamplingParams:
         self._check(self.seed is None or isinstance(self.seed, int), "seed", "an integer or None")
         self._check(all(isinstance(s, str) and s for s in self.stop), "stop", "non-empty strings")
         self._check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids", "token ids >= 0")
+        self._check(self.lora is None or (isinstance(self.lora, str) and bool(self.lora)), "lora",
+                    "None or the name of a served LoRA adapter")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             self._check(

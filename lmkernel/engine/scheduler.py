@@ -95,7 +95,7 @@ class Scheduler:
                 continue
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             target = request.num_computed_tokens + num_new
-            while not self.pool.allocate(request.request_id, request.token_ids, target):
+            while not self.pool.allocate(request.request_id, request.token_ids, target, salt=request.cache_salt):
                 victim = max(self.running, key=lambda r: (r.priority, r.arrival_order))
                 budget += self._preempt(victim, out)
                 if victim is request:
@@ -112,10 +112,10 @@ class Scheduler:
             request = self.waiting[0]
             cached: list[int] = []
             if request.num_computed_tokens == 0 and not request.wants_prompt_logprobs:
-                cached = self.pool.find_cached_prefix(request.token_ids)
+                cached = self.pool.find_cached_prefix(request.token_ids, request.cache_salt)
             computed = len(cached) * self.pool.block_size
             num_new = min(request.num_tokens - computed, budget)
-            if not self.pool.allocate(request.request_id, request.token_ids, computed + num_new, cached):
+            if not self.pool.allocate(request.request_id, request.token_ids, computed + num_new, cached, request.cache_salt):
                 break
             self.waiting.pop(0)
             request.num_computed_tokens = computed

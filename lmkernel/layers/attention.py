@@ -93,6 +93,15 @@ class AttentionMetadata:
             offsets.append(offsets[-1] + int(n))
         return cls(tuple(offsets), causal, paged)
 
+    @cached_property
+    def padding(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch padded to [B, Lmax] (computed once, read by every layer): which cells hold a
+        real token, and the flat cell index of each token in order."""
+        lengths = torch.tensor(self.cu_seqlens).diff()
+        longest = int(lengths.max())
+        valid = torch.arange(longest)[None, :] < lengths[:, None]
+        return valid, valid.view(-1).nonzero().squeeze(1)
+
     @property
     def num_sequences(self) -> int:
         return len(self.cu_seqlens) - 1
@@ -114,6 +123,24 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None
     return o.squeeze(0).transpose(0, 1)
 
 
+def _padded_sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata, scale: float | None, dropout_p: float
+) -> torch.Tensor:
+    """Several whole sequences in one call, padded to the longest: a training batch or a batch of
+    sentences to embed (sorted by length, so little padding) pays one kernel instead of one a sequence."""
+    valid, cells = (t.to(q.device) for t in meta.padding)
+    batch, longest = valid.shape
+    mask = valid[:, None, None, :]  # [B, 1, 1, Lmax]: padded keys are never attended to
+    if meta.causal:
+        mask = mask & torch.ones(longest, longest, dtype=torch.bool, device=q.device).tril()
+    # One scatter in and one gather out, each row to a distinct cell: the backward passes are the
+    # same two plain copies (no per-sequence slices, no accumulation into shared rows).
+    padded = [t.new_zeros(batch * longest, *t.shape[1:]).index_copy(0, cells, t).view(batch, longest, *t.shape[1:])
+              .transpose(1, 2) for t in (q, k, v)]
+    o = F.scaled_dot_product_attention(*padded, attn_mask=mask, dropout_p=dropout_p, scale=scale, enable_gqa=True)
+    return o.transpose(1, 2).reshape(batch * longest, *q.shape[1:]).index_select(0, cells)
+
+
 def attend(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -121,13 +148,17 @@ def attend(
     meta: AttentionMetadata,
     scale: float | None = None,
     kv_cache: KVLayer | None = None,
+    dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """Scaled dot-product attention; q [N, Hq, D], k and v [N, Hkv, D] -> [N, Hq, D].
 
     Grouped-query attention: each of the Hkv key/value heads serves Hq / Hkv query heads.
+    `dropout_p` drops attention probabilities (training without a cache only).
     """
     bounds = meta.cu_seqlens
     paged = meta.paged if kv_cache is not None else None
+    if paged is None and meta.num_sequences > 1:
+        return _padded_sdpa(q, k, v, meta, scale, dropout_p)
     if paged is not None:
         k_cache, v_cache = kv_cache
         k_cache.index_copy_(0, paged.slot_mapping, k)
@@ -144,7 +175,7 @@ def attend(
         s, e = bounds[i], bounds[i + 1]
         slots = paged.context_slots.get(i) if paged is not None else None
         if slots is None:  # the whole context is in this step
-            out[s:e] = _sdpa(q[s:e], k[s:e], v[s:e], scale, is_causal=meta.causal)
+            out[s:e] = _sdpa(q[s:e], k[s:e], v[s:e], scale, is_causal=meta.causal, dropout_p=dropout_p)
             continue
         context, new = slots.shape[0], e - s
         allowed = torch.arange(context, device=q.device)[None, :] <= torch.arange(context - new, context, device=q.device)[:, None]

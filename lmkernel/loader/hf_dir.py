@@ -12,21 +12,21 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from lmkernel.config import ModelConfig
-from lmkernel.errors import UnsupportedModelError, WeightsError
+from lmkernel.errors import LmkError, UnsupportedModelError, WeightsError
 
 LLAMA_TYPES = ("llama", "mistral", "qwen2", "smollm", "smollm3")
 SUPPORTED_TYPES = (*LLAMA_TYPES, "gpt2", "bert")
 _SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    """Parse a JSON object from `path`, or raise a `WeightsError` naming the file."""
+def read_json(path: Path, error: type[LmkError] = WeightsError) -> dict[str, Any]:
+    """Parse a JSON object from `path`, or raise `error` naming the file."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise WeightsError(f"{path}: cannot read as JSON ({exc})") from None
+        raise error(f"{path}: cannot read as JSON ({exc})") from None
     if not isinstance(data, dict):
-        raise WeightsError(f"{path}: expected a JSON object, found {type(data).__name__}")
+        raise error(f"{path}: expected a JSON object, found {type(data).__name__}")
     return data
 
 
@@ -100,6 +100,8 @@ def parse_config(directory: Path) -> ModelConfig:
             norm_eps=float(raw.get("layer_norm_epsilon", 1e-5)),
             hidden_act=raw.get("activation_function", "gelu_new"),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", True)),
+            hidden_dropout=float(raw.get("resid_pdrop", 0.1)),
+            attention_dropout=float(raw.get("attn_pdrop", 0.1)),
             **common,
         )
     hidden = int(_require(raw, path, "hidden_size"))
@@ -118,6 +120,9 @@ def parse_config(directory: Path) -> ModelConfig:
             hidden_act=raw.get("hidden_act", "gelu"),
             type_vocab_size=int(raw.get("type_vocab_size", 2)),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", True)),
+            hidden_dropout=float(raw.get("hidden_dropout_prob", 0.1)),
+            attention_dropout=float(raw.get("attention_probs_dropout_prob", 0.1)),
+            classifier_dropout=raw.get("classifier_dropout"),
             **_sentence_transformers(directory),
             **common,
         )
@@ -139,6 +144,7 @@ def parse_config(directory: Path) -> ModelConfig:
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
         attention_bias=bool(raw.get("attention_bias", model_type == "qwen2")),
         sliding_window=window,
+        attention_dropout=float(raw.get("attention_dropout", 0.0)),
         **common,
     )
 

@@ -37,7 +37,7 @@ def hf_config(config: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
             "num_key_value_heads": config.num_kv_heads, "head_dim": config.head_dim,
             "max_position_embeddings": config.max_position_embeddings, "rms_norm_eps": config.norm_eps,
             "hidden_act": config.hidden_act, "rope_theta": config.rope_theta, "rope_scaling": config.rope_scaling,
-            "attention_bias": config.attention_bias,
+            "attention_bias": config.attention_bias, "attention_dropout": config.attention_dropout,
         }
         if config.sliding_window is not None:
             out.update(sliding_window=config.sliding_window, use_sliding_window=True)
@@ -46,12 +46,15 @@ def hf_config(config: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
         return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_embd": config.hidden_size,
                 "n_inner": config.intermediate_size, "n_layer": config.num_layers, "n_head": config.num_heads,
                 "n_positions": config.max_position_embeddings, "layer_norm_epsilon": config.norm_eps,
-                "activation_function": config.hidden_act, **common}
+                "activation_function": config.hidden_act, "resid_pdrop": config.hidden_dropout,
+                "embd_pdrop": config.hidden_dropout, "attn_pdrop": config.attention_dropout, **common}
     out = {"model_type": "bert", "architectures": [config.hf_architecture or "BertModel"],
            "hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size,
            "num_hidden_layers": config.num_layers, "num_attention_heads": config.num_heads,
            "max_position_embeddings": config.max_position_embeddings, "layer_norm_eps": config.norm_eps,
-           "hidden_act": config.hidden_act, "type_vocab_size": config.type_vocab_size}
+           "hidden_act": config.hidden_act, "type_vocab_size": config.type_vocab_size,
+           "hidden_dropout_prob": config.hidden_dropout, "attention_probs_dropout_prob": config.attention_dropout,
+           "classifier_dropout": config.classifier_dropout}
     if config.id2label:
         out.update(id2label={str(k): v for k, v in config.id2label.items()},
                    label2id={v: k for k, v in config.id2label.items()})
@@ -126,15 +129,20 @@ def save_model_dir(model: torch.nn.Module, config: ModelConfig, tokenizer: Token
             _sentence_transformer_files(config, tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+        publish(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def publish(tmp: Path, out_dir: Path) -> None:
+    """Put the finished directory `tmp` at `out_dir` by renames, replacing what was there."""
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out_dir)

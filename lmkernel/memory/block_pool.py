@@ -1,8 +1,10 @@
 """Fixed-size KV-cache blocks: free list, reference counts, block tables, and prefix caching.
 
 A full block is keyed by a hash of its tokens chained with the key of the block before it, so a key
-names a whole prefix. A freed block keeps its key and stays findable until it is handed out again;
-free blocks are reused least recently used first, and blocks that hold no cached prefix go first of all.
+names a whole prefix. The chain starts from a request's salt (its LoRA adapter, whose K/V differ
+from the base model's), so only requests with the same salt share blocks. A freed block keeps its
+key and stays findable until it is handed out again; free blocks are reused least recently used
+first, and blocks that hold no cached prefix go first of all.
 No torch here: the pool only does bookkeeping, the tensors live in `kv_cache.py`.
 """
 
@@ -31,6 +33,11 @@ def chain_hash(parent: bytes, tokens: Sequence[int]) -> bytes:
     h = hashlib.sha256(parent)
     h.update(",".join(map(str, tokens)).encode())
     return h.digest()
+
+
+def chain_root(salt: str) -> bytes:
+    """The parent key of a request's first block: empty, or a hash of its salt."""
+    return hashlib.sha256(b"salt:" + salt.encode()).digest() if salt else b""
 
 
 class BlockPool:
@@ -64,13 +71,13 @@ class BlockPool:
     def block_table(self, request_id: str) -> list[int]:
         return self.tables.get(request_id, [])
 
-    def find_cached_prefix(self, token_ids: Sequence[int]) -> list[int]:
+    def find_cached_prefix(self, token_ids: Sequence[int], salt: str = "") -> list[int]:
         """Blocks already holding this prompt's leading full blocks; at least one token is left to compute."""
         if not self.enable_prefix_caching:
             return []
         usable = (len(token_ids) - 1) // self.block_size
         blocks: list[int] = []
-        key = b""
+        key = chain_root(salt)
         for i in range(usable):
             key = chain_hash(key, token_ids[i * self.block_size : (i + 1) * self.block_size])
             block = self.cached.get(key)
@@ -88,7 +95,8 @@ class BlockPool:
         return self.blocks_for(num_tokens) - have + revived <= self.num_free_blocks
 
     def allocate(
-        self, request_id: str, token_ids: Sequence[int], num_tokens: int, cached_blocks: Sequence[int] = ()
+        self, request_id: str, token_ids: Sequence[int], num_tokens: int, cached_blocks: Sequence[int] = (),
+        salt: str = "",
     ) -> bool:
         """Grow the request's table to hold `num_tokens` tokens; False (and no change) when blocks run out.
 
@@ -110,7 +118,7 @@ class BlockPool:
                     del self.cached[key]
                 self.block_keys[block] = None
             table.append(block)
-        self._register_full_blocks(request_id, token_ids, num_tokens)
+        self._register_full_blocks(request_id, token_ids, num_tokens, salt)
         return True
 
     def free(self, request_id: str, computed_tokens: int | None = None) -> None:
@@ -142,13 +150,13 @@ class BlockPool:
             del self.free_blocks[block]
         self.ref_counts[block] += 1
 
-    def _register_full_blocks(self, request_id: str, token_ids: Sequence[int], num_tokens: int) -> None:
+    def _register_full_blocks(self, request_id: str, token_ids: Sequence[int], num_tokens: int, salt: str) -> None:
         if not self.enable_prefix_caching:
             return
         chain = self.chains.setdefault(request_id, [])
         table = self.tables[request_id]
         for i in range(len(chain), num_tokens // self.block_size):
-            key = chain_hash(chain[-1] if chain else b"", token_ids[i * self.block_size : (i + 1) * self.block_size])
+            key = chain_hash(chain[-1] if chain else chain_root(salt), token_ids[i * self.block_size : (i + 1) * self.block_size])
             chain.append(key)
             block = table[i]
             if key not in self.cached and self.block_keys[block] is None:

@@ -3,6 +3,8 @@
     h_0    = LayerNorm(word(tokens) + position(positions) + token_type(types))
     a_l    = LayerNorm(h_l + attention.output.dense(attn(query(h_l), key(h_l), value(h_l))))   bidirectional
     h_l+1  = LayerNorm(a_l + output.dense(gelu(intermediate.dense(a_l))))
+    (in training, dropout after the embeddings, on the attention probabilities and on each dense
+    output before its residual sum; and before the classifier)
     sentence = normalise(mean over the tokens of each sequence of h_L)          or h_L of [CLS]
     mlm      = decoder(LayerNorm(gelu(transform.dense(h_L)))) + bias            decoder shares word embeddings
     classes  = classifier(tanh(pooler.dense(h_L of [CLS])))
@@ -22,6 +24,7 @@ from torch import nn
 from lmkernel.config import ModelConfig
 from lmkernel.layers.activation import get_activation
 from lmkernel.layers.attention import AttentionMetadata, attend
+from lmkernel.layers.checkpoint import run_layer
 from lmkernel.layers.linear import dense
 from lmkernel.layers.norm import layer_norm
 from lmkernel.models.weights import embedding, load_with_tied_head
@@ -37,10 +40,11 @@ class BertEmbeddings(nn.Module):
         self.position_embeddings = embedding(c.max_position_embeddings, c.hidden_size)
         self.token_type_embeddings = embedding(max(c.type_vocab_size, 1), c.hidden_size)
         self.LayerNorm = layer_norm(c.hidden_size, c.norm_eps)
+        self.dropout = nn.Dropout(c.hidden_dropout)
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, types: torch.Tensor) -> torch.Tensor:
         x = self.word_embeddings(ids) + self.position_embeddings(positions) + self.token_type_embeddings(types)
-        return self.LayerNorm(x)
+        return self.dropout(self.LayerNorm(x))
 
 
 class BertSelfAttention(nn.Module):
@@ -50,11 +54,12 @@ class BertSelfAttention(nn.Module):
         self.query = dense(c.hidden_size, c.hidden_size, True)
         self.key = dense(c.hidden_size, c.hidden_size, True)
         self.value = dense(c.hidden_size, c.hidden_size, True)
+        self.dropout_p = c.attention_dropout
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         n = x.shape[0]
         q, k, v = (p(x).view(n, self.num_heads, self.head_dim) for p in (self.query, self.key, self.value))
-        return attend(q, k, v, meta).reshape(n, -1)
+        return attend(q, k, v, meta, dropout_p=self.dropout_p if self.training else 0.0).reshape(n, -1)
 
 
 class BertDenseNorm(nn.Module):
@@ -64,9 +69,10 @@ class BertDenseNorm(nn.Module):
         super().__init__()
         self.dense = dense(in_features, c.hidden_size, True)
         self.LayerNorm = layer_norm(c.hidden_size, c.norm_eps)
+        self.dropout = nn.Dropout(c.hidden_dropout)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(self.dense(x) + residual)
+        return self.LayerNorm(self.dropout(self.dense(x)) + residual)
 
 
 class BertAttention(nn.Module):
@@ -149,11 +155,14 @@ class BertModel(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
+        self.checkpoint_layers = False  # activation checkpointing in training (the trainer turns it on)
         has_classifier = config.hf_architecture == CLASSIFIER_ARCHITECTURE
         self.bert = BertBackbone(config, with_pooler=has_classifier)
         self.cls = BertMLMHead(config) if config.hf_architecture == MLM_ARCHITECTURE else None
         num_labels = len(config.id2label) or 2
         self.classifier = dense(config.hidden_size, num_labels, True) if has_classifier else None
+        p = config.hidden_dropout if config.classifier_dropout is None else config.classifier_dropout
+        self.dropout = nn.Dropout(p)
 
     def forward(
         self,
@@ -167,7 +176,7 @@ class BertModel(nn.Module):
             token_type_ids = torch.zeros_like(input_ids)
         h = self.bert.embeddings(input_ids, positions, token_type_ids)
         for layer in self.bert.encoder.layer:
-            h = layer(h, meta)
+            h = run_layer(layer, self.checkpoint_layers, h, meta)
         return h
 
     def pool(self, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -195,13 +204,17 @@ class BertModel(nn.Module):
         if self.classifier is None or self.bert.pooler is None:
             raise ValueError(f"this model has no classification head (architecture {self.config.hf_architecture!r})")
         first = hidden[torch.tensor(meta.cu_seqlens[:-1], device=hidden.device)]
-        return self.classifier(torch.tanh(self.bert.pooler.dense(first)))
+        return self.classifier(self.dropout(torch.tanh(self.bert.pooler.dense(first))))
 
     def load_weights(self, tensors: Mapping[str, torch.Tensor], source: str) -> None:
         """Load Hugging Face-named tensors from a bare or task checkpoint; the MLM decoder reuses word embeddings."""
         named = {(f"bert.{k}" if k.startswith(("embeddings.", "encoder.", "pooler.")) else k): v for k, v in tensors.items()}
         if "cls.predictions.decoder.bias" in named:
             named.setdefault("cls.predictions.bias", named["cls.predictions.decoder.bias"])
+        if self.cls is not None and "cls.predictions.transform.dense.weight" in named:
+            # A head given without its output bias (a LoRA adapter saves only the transform) starts at
+            # zero, as transformers initialises it.
+            named.setdefault("cls.predictions.bias", torch.zeros(self.config.vocab_size, dtype=named["cls.predictions.transform.dense.weight"].dtype))
         tied = self.cls is not None and self.config.tie_word_embeddings
         load_with_tied_head(
             self, named, source, "cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight", tied

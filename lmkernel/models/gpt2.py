@@ -19,6 +19,7 @@ from torch import nn
 from lmkernel.config import ModelConfig
 from lmkernel.layers.activation import get_activation
 from lmkernel.layers.attention import AttentionMetadata, KVLayer, attend
+from lmkernel.layers.checkpoint import run_layer
 from lmkernel.layers.linear import dense
 from lmkernel.layers.norm import layer_norm
 from lmkernel.models.weights import embedding, load_with_tied_head
@@ -32,11 +33,14 @@ class GPT2Attention(nn.Module):
         self.num_heads, self.head_dim = c.num_heads, c.head_dim
         self.c_attn = dense(c.hidden_size, 3 * c.hidden_size, True)
         self.c_proj = dense(c.hidden_size, c.hidden_size, True)
+        self.dropout_p = c.attention_dropout
+        self.resid_dropout = nn.Dropout(c.hidden_dropout)
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata, cache: KVLayer | None) -> torch.Tensor:
         n = x.shape[0]
         q, k, v = self.c_attn(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)
-        return self.c_proj(attend(q, k, v, meta, kv_cache=cache).reshape(n, -1))
+        o = attend(q, k, v, meta, kv_cache=cache, dropout_p=self.dropout_p if self.training else 0.0)
+        return self.resid_dropout(self.c_proj(o.reshape(n, -1)))
 
 
 class GPT2MLP(nn.Module):
@@ -45,9 +49,10 @@ class GPT2MLP(nn.Module):
         self.c_fc = dense(c.hidden_size, c.intermediate_size, True)
         self.c_proj = dense(c.intermediate_size, c.hidden_size, True)
         self.act = get_activation(c.hidden_act)
+        self.dropout = nn.Dropout(c.hidden_dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(self.act(self.c_fc(x)))
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
 
 
 class GPT2Block(nn.Module):
@@ -68,6 +73,7 @@ class GPT2Model(nn.Module):
         super().__init__()
         self.wte = embedding(c.vocab_size, c.hidden_size)
         self.wpe = embedding(c.max_position_embeddings, c.hidden_size)
+        self.drop = nn.Dropout(c.hidden_dropout)
         self.h = nn.ModuleList(GPT2Block(c) for _ in range(c.num_layers))
         self.ln_f = layer_norm(c.hidden_size, c.norm_eps)
 
@@ -78,6 +84,7 @@ class GPT2LMHeadModel(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
+        self.checkpoint_layers = False  # activation checkpointing in training (the trainer turns it on)
         self.transformer = GPT2Model(config)
         self.lm_head = dense(config.hidden_size, config.vocab_size, False)
 
@@ -93,9 +100,9 @@ class GPT2LMHeadModel(nn.Module):
         With `kv_caches` (one K/V pair per layer) and paged metadata, new K/V go into the cache and
         attention reads each sequence's whole context from it.
         """
-        h = self.transformer.wte(input_ids) + self.transformer.wpe(positions)
+        h = self.transformer.drop(self.transformer.wte(input_ids) + self.transformer.wpe(positions))
         for i, block in enumerate(self.transformer.h):
-            h = block(h, meta, kv_caches[i] if kv_caches is not None else None)
+            h = run_layer(block, self.checkpoint_layers, h, meta, kv_caches[i] if kv_caches is not None else None)
         return self.transformer.ln_f(h)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

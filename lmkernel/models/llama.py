@@ -19,6 +19,7 @@ from torch import nn
 from lmkernel.config import ModelConfig
 from lmkernel.layers.activation import get_activation
 from lmkernel.layers.attention import AttentionMetadata, KVLayer, attend
+from lmkernel.layers.checkpoint import run_layer
 from lmkernel.layers.linear import dense
 from lmkernel.layers.norm import RMSNorm
 from lmkernel.layers.rotary import RotaryEmbedding, apply_rotary
@@ -33,6 +34,7 @@ class LlamaAttention(nn.Module):
         self.k_proj = dense(c.hidden_size, c.num_kv_heads * c.head_dim, c.attention_bias)
         self.v_proj = dense(c.hidden_size, c.num_kv_heads * c.head_dim, c.attention_bias)
         self.o_proj = dense(c.num_heads * c.head_dim, c.hidden_size, False)
+        self.dropout_p = c.attention_dropout  # on the attention probabilities, in training
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata, cache: KVLayer | None
@@ -41,7 +43,8 @@ class LlamaAttention(nn.Module):
         q = apply_rotary(self.q_proj(x).view(n, self.num_heads, self.head_dim), cos, sin)
         k = apply_rotary(self.k_proj(x).view(n, self.num_kv_heads, self.head_dim), cos, sin)
         v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
-        return self.o_proj(attend(q, k, v, meta, kv_cache=cache).reshape(n, -1))
+        o = attend(q, k, v, meta, kv_cache=cache, dropout_p=self.dropout_p if self.training else 0.0)
+        return self.o_proj(o.reshape(n, -1))
 
 
 class LlamaMLP(nn.Module):
@@ -85,6 +88,7 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
+        self.checkpoint_layers = False  # activation checkpointing in training (the trainer turns it on)
         self.model = LlamaModel(config)
         self.lm_head = dense(config.hidden_size, config.vocab_size, False)
         self.rotary = RotaryEmbedding(
@@ -106,7 +110,7 @@ class LlamaForCausalLM(nn.Module):
         h = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary.cos_sin(positions, h.dtype, meta.cu_seqlens)
         for i, layer in enumerate(self.model.layers):
-            h = layer(h, cos, sin, meta, kv_caches[i] if kv_caches is not None else None)
+            h = run_layer(layer, self.checkpoint_layers, h, cos, sin, meta, kv_caches[i] if kv_caches is not None else None)
         return self.model.norm(h)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

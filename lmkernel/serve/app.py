@@ -189,16 +189,21 @@ def build_app(config: ServerConfig, engine: AsyncEngine | None, embedder: Loaded
         return JSONResponse(APIError(400, f"method {request.method} is not allowed on {request.url.path}").body(),
                             status_code=405)
 
-    def served() -> list[str]:
-        return [n for n in (config.model_name if engine else None, config.embedding_model_name if embedder else None) if n]
+    adapters = {f"{config.model_name}:{a}": a for a in engine.engine.lora_names} if engine and config.model_name else {}
 
-    def check_model(name: str, kind: str) -> None:
+    def served() -> list[str]:
+        names = [config.model_name if engine else None, *adapters, config.embedding_model_name if embedder else None]
+        return [n for n in names if n]
+
+    def check_model(name: str, kind: str) -> str | None:
+        """404 for a model not served, 400 for one that cannot do this; the LoRA adapter a MODEL:NAME asks for."""
         want = config.model_name if kind == "generate" else config.embedding_model_name
         if name not in served():
             raise APIError(404, f"model '{name}' does not exist; served: {', '.join(served())}", "model", "model_not_found")
-        if name != want:
+        if name != want and not (kind == "generate" and name in adapters):
             raise APIError(400, f"model '{name}' cannot serve {'embeddings' if kind == 'embed' else 'completions'}",
                            "model")
+        return adapters.get(name)
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -217,7 +222,8 @@ def build_app(config: ServerConfig, engine: AsyncEngine | None, embedder: Loaded
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
         gate.authenticate(request.headers.get("authorization"))
-        return {"object": "list", "data": [{"id": n, "object": "model", "created": created, "owned_by": "lmkernel"}
+        return {"object": "list", "data": [{"id": n, "object": "model", "created": created, "owned_by": "lmkernel",
+                                            **({"parent": config.model_name} if n in adapters else {})}
                                            for n in served()]}
 
     # -- generation -------------------------------------------------------------------------------
@@ -386,9 +392,9 @@ def build_app(config: ServerConfig, engine: AsyncEngine | None, embedder: Loaded
     async def completions(request: Request) -> Response:
         key = gate.authenticate(request.headers.get("authorization"))
         body: CompletionRequest = await _parse(request, CompletionRequest, config.max_body_bytes)
-        check_model(body.model, "generate")
+        adapter = check_model(body.model, "generate")
         prompts, texts = tokenize_prompts(body)
-        params = admit(key, prompts, _sampling(body, body.max_tokens, body.logprobs), "prompt")
+        params = admit(key, prompts, _with_adapter(_sampling(body, body.max_tokens, body.logprobs), adapter), "prompt")
         if body.echo and body.logprobs is not None:
             params = _replace(params, prompt_logprobs=body.logprobs)
         gen = _Generation(prompts, texts, params)
@@ -448,7 +454,7 @@ def build_app(config: ServerConfig, engine: AsyncEngine | None, embedder: Loaded
     async def chat(request: Request) -> Response:
         key = gate.authenticate(request.headers.get("authorization"))
         body: ChatCompletionRequest = await _parse(request, ChatCompletionRequest, config.max_body_bytes)
-        check_model(body.model, "generate")
+        adapter = check_model(body.model, "generate")
         if not body.messages:
             raise APIError(400, "messages must not be empty", "messages")
         for i, m in enumerate(body.messages):
@@ -464,7 +470,8 @@ def build_app(config: ServerConfig, engine: AsyncEngine | None, embedder: Loaded
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
         max_tokens = body.max_completion_tokens or body.max_tokens
-        params = admit(key, [ids], _sampling(body, max_tokens, top if body.logprobs else None), "messages")
+        params = admit(key, [ids], _with_adapter(_sampling(body, max_tokens, top if body.logprobs else None), adapter),
+                       "messages")
         gen = _Generation([ids], [json.dumps(conversation, ensure_ascii=False)], params)
         base = {"id": f"chatcmpl-{gen.id}", "object": "chat.completion.chunk", "created": int(time.time()),
                 "model": body.model}
@@ -574,3 +581,8 @@ def _sampling(body: CompletionRequest | ChatCompletionRequest, max_tokens: int |
 
 def _replace(params: SamplingParams, **changes: Any) -> SamplingParams:
     return dataclasses.replace(params, **changes)
+
+
+def _with_adapter(params: SamplingParams, adapter: str | None) -> SamplingParams:
+    """The params of a request for MODEL:ADAPTER; a base-model request's as they are."""
+    return params if adapter is None else dataclasses.replace(params, lora=adapter)

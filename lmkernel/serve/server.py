@@ -7,7 +7,7 @@ import logging
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import FrameType
 
 import uvicorn
@@ -34,6 +34,20 @@ class LaunchConfig:
     max_num_batched_tokens: int = 2048
     shutdown_grace: float = 30.0
     quantization: str | None = None
+    lora: dict[str, str] = field(default_factory=dict)  # adapter name -> PEFT LoRA directory, served as MODEL:NAME
+
+
+def parse_lora_options(specs: list[str]) -> dict[str, str]:
+    """`--lora NAME=PATH` options as {name: path}; each adapter is served as MODEL:NAME."""
+    out: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = (s.strip() for s in spec.partition("="))
+        if not sep or not name or not path or ":" in name:
+            raise LmkError(f"--lora '{spec}': expected NAME=PATH, with a name without ':' (served as MODEL:NAME)")
+        if name in out:
+            raise LmkError(f"--lora '{spec}': the name '{name}' is given twice")
+        out[name] = path
+    return out
 
 
 class _DrainingServer(uvicorn.Server):
@@ -76,7 +90,7 @@ def serve(launch: LaunchConfig, config: ServerConfig) -> None:
     if launch.model is not None:
         llm = LLM(launch.model, dtype=launch.dtype, device=launch.device, kv_cache_memory=launch.kv_cache_memory,
                   max_num_seqs=launch.max_num_seqs, max_num_batched_tokens=launch.max_num_batched_tokens,
-                  quantization=launch.quantization)
+                  quantization=launch.quantization, lora=launch.lora)
         if llm.engine is None:
             raise LmkError(f"{launch.model}: completions and chat need a decoder; this is an encoder (pass it as "
                            "--embedding-model)")

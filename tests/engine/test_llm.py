@@ -3,11 +3,16 @@ the plain reference path; sampling, stops, aborts and limits behave as documente
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+
 import pytest
 import torch
 
-from lmkernel import LLM, LmkError, SamplingParams
+from lmkernel import LLM, LmkError, SamplingParams, load_model
 from lmkernel.engine.llm_engine import PromptTooLongError
+from lmkernel.errors import AdapterError
+from lmkernel.layers.lora import MultiLoraLinear
 from lmkernel.memory.kv_cache import bytes_per_block
 
 BLOCK = 16
@@ -200,3 +205,80 @@ def test_compiled_decode_kernel_and_portable_path_agree(llm, wikitext_ids):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         for x, y, t in zip(a.outputs[0].logprobs, b.outputs[0].logprobs, a.outputs[0].token_ids):
             assert abs(x[t].logprob - y[t].logprob) <= 1e-4
+
+
+# -- LoRA adapters --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def adapters(smollm, tmp_path_factory) -> dict[str, Path]:
+    from lora_checks import random_llama_adapter
+
+    root = tmp_path_factory.mktemp("lora")
+    return {"a": random_llama_adapter(root / "a", smollm.config, seed=1),
+            "b": random_llama_adapter(root / "b", smollm.config, seed=2, targets=("k_proj", "o_proj", "up_proj"))}
+
+
+@pytest.fixture(scope="module")
+def lora_llm(smollm, adapters) -> LLM:
+    return LLM(smollm, kv_cache_memory="64MiB", max_num_batched_tokens=128, verbose=False, lora=adapters)
+
+
+def _greedy_matches(reference, prompt: list[int], generated: list[int]) -> bool:
+    """Whether `generated` is the reference's greedy continuation, allowing a flip at a near tie."""
+    ref = torch.log_softmax(reference.logits(prompt + generated)[len(prompt) - 1 : -1], -1)
+    best = ref.argmax(-1).tolist()
+    if best == generated:
+        return True
+    first = next(i for i, (a, b) in enumerate(zip(best, generated)) if a != b)
+    top2 = ref[first].topk(2).values
+    return (top2[0] - top2[1]).item() <= 1e-3
+
+
+def test_lora_generation_equals_the_merged_model(lora_llm, adapters, smollm, wikitext_ids):
+    merged = load_model(adapters["a"])  # the adapter directory as a model: the base it names, adapter merged
+    assert not any(isinstance(m, MultiLoraLinear) for m in smollm.model.modules())  # the caller's model untouched
+    assert any(isinstance(m, MultiLoraLinear) for m in lora_llm.loaded.model.modules())
+    prompts = [wikitext_ids[:40], wikitext_ids[100:300]]  # the second is prefilled in chunks of the 128-token budget
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, lora="a")
+    outs = lora_llm.generate(prompts, params)
+    base = lora_llm.generate(prompts, dataclasses.replace(params, lora=None))
+    for prompt, out, plain in zip(prompts, outs, base):
+        assert _greedy_matches(merged, prompt, out.outputs[0].token_ids)
+        assert out.outputs[0].token_ids != plain.outputs[0].token_ids  # the adapter matters
+
+
+def test_batch_mixing_adapters_and_the_base_gives_each_its_own_tokens(lora_llm, wikitext_ids):
+    names = [None, "a", "b", "a", None, "b"]
+    # The same prompt under the base and both adapters (same step, no shared blocks), and other lengths.
+    prompts = [wikitext_ids[:40]] * 3 + [wikitext_ids[50:50 + n] for n in (20, 77, 33)]
+    params = [SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, lora=n) for n in names]
+    alone = [lora_llm.generate([p], q)[0].outputs[0].token_ids for p, q in zip(prompts, params)]
+    mixed = lora_llm.generate(prompts, params)
+    assert [o.outputs[0].token_ids for o in mixed] == alone
+    assert len({tuple(t) for t in alone[:3]}) == 3  # base, a and b differ
+
+
+def test_prefix_cache_is_not_shared_across_adapters(lora_llm, wikitext_ids):
+    prompt = wikitext_ids[600:664]  # four full blocks; three can be reused (one token is always computed)
+    pool = lora_llm.engine.pool
+    runs = {}
+    for name in (None, "a", "b", "a"):
+        before = pool.stats.hits
+        runs.setdefault(name, []).append(
+            lora_llm.generate([prompt], SamplingParams(temperature=0, max_tokens=4, lora=name))[0].outputs[0].token_ids)
+        runs[name].append(pool.stats.hits - before)
+    assert runs[None][1] == 0 and runs["a"][1] == 0 and runs["b"][1] == 0  # a different adapter misses
+    assert runs["a"][3] == 3 * BLOCK and runs["a"][2] == runs["a"][0]  # the same adapter hits, with equal tokens
+
+
+def test_unknown_adapter_is_a_clear_error(lora_llm, llm, smollm, tmp_path):
+    with pytest.raises(LmkError, match="LoRA adapter 'c' is not loaded; this engine serves: a, b"):
+        lora_llm.generate(["Hi"], SamplingParams(lora="c"))
+    with pytest.raises(LmkError, match="serves no LoRA adapters"):
+        llm.generate(["Hi"], SamplingParams(lora="a"))
+    with pytest.raises(ValueError, match="SamplingParams.lora"):
+        SamplingParams(lora="")
+    with pytest.raises(AdapterError, match=f"{tmp_path / 'missing'}: no adapter_config.json"):
+        LLM(smollm, verbose=False, lora={"x": tmp_path / "missing"})
+    assert lora_llm.stats()["running"] == 0 and lora_llm.stats()["waiting"] == 0

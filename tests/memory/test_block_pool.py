@@ -101,3 +101,14 @@ def test_blocks_freed_before_they_were_computed_are_not_cached():
     pool.free("a", computed_tokens=4)
     assert len(pool.find_cached_prefix(prompt)) == 1
     assert pool.num_free_blocks == 8
+
+
+def test_salted_prefixes_are_shared_only_under_the_same_salt():
+    pool = BlockPool(num_blocks=10, block_size=4)
+    prompt = list(range(13))
+    assert pool.allocate("base", prompt, 13)
+    assert pool.allocate("lora-a", prompt, 13, salt="lora:a")
+    assert pool.find_cached_prefix(prompt, "lora:b") == []  # another adapter's K/V differ
+    assert pool.find_cached_prefix(prompt, "lora:a") == pool.block_table("lora-a")[:3]
+    assert pool.find_cached_prefix(prompt) == pool.block_table("base")[:3]
+    assert set(pool.block_table("base")).isdisjoint(pool.block_table("lora-a"))

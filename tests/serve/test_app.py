@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import json
 import time
 
@@ -22,9 +23,17 @@ EMBED = "all-minilm-l6-v2"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory):
+def adapter(smollm, tmp_path_factory: pytest.TempPathFactory):
+    """A random LoRA adapter the server serves as MODEL:tuned."""
+    from lora_checks import random_llama_adapter
+
+    return random_llama_adapter(tmp_path_factory.mktemp("lora") / "tuned", smollm.config, seed=1)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, adapter):
     s = start_server(tmp_path_factory.mktemp("serve"), MODEL, "--embedding-model", EMBED, "--api-key", KEY,
-                     "--kv-cache-memory", "256MiB", "--max-body-bytes", "65536")
+                     "--kv-cache-memory", "256MiB", "--max-body-bytes", "65536", "--lora", f"tuned={adapter}")
     yield s
     assert s.stop() == 0, s.log.read_text()
 
@@ -58,7 +67,7 @@ def assert_error(r: httpx.Response, status: int, param: str | None = None) -> di
 
 
 def test_models_health_ready(server: Server, client: openai.OpenAI) -> None:
-    assert sorted(m.id for m in client.models.list()) == sorted([MODEL, EMBED])
+    assert sorted(m.id for m in client.models.list()) == sorted([MODEL, f"{MODEL}:tuned", EMBED])
     assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
     assert httpx.get(f"{server.url}/ready").status_code == 200
 
@@ -135,6 +144,41 @@ def test_embeddings_equal_llm_embed(client: openai.OpenAI, minilm) -> None:
     by_ids = client.embeddings.create(model=EMBED, input=[ids])
     torch.testing.assert_close(torch.tensor(by_ids.data[0].embedding), expected[1], atol=1e-5, rtol=1e-4)
     assert floats.usage.prompt_tokens == sum(len(minilm.tokenizer.encode(t)) for t in texts)
+
+
+# -- LoRA adapters --------------------------------------------------------------------------------
+
+
+def test_adapter_is_served_as_model_colon_name(client: openai.OpenAI, smollm, adapter) -> None:
+    tuned = LLM(smollm, kv_cache_memory="64MiB", verbose=False, lora={"tuned": adapter})
+    listed = {m.id: m for m in client.models.list()}
+    assert listed[f"{MODEL}:tuned"].model_extra["parent"] == MODEL
+    prompt = "The capital of France is"
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    expected = tuned.generate(prompt, dataclasses.replace(params, lora="tuned"))[0].outputs[0].text
+    assert expected != tuned.generate(prompt, params)[0].outputs[0].text  # the adapter matters
+    got = client.completions.create(model=f"{MODEL}:tuned", prompt=prompt, max_tokens=8, temperature=0,
+                                    extra_body={"ignore_eos": True})
+    assert got.choices[0].text == expected and got.model == f"{MODEL}:tuned"
+    messages = [{"role": "user", "content": "Name a colour."}]
+    chat_expected = tuned.chat(messages, SamplingParams(temperature=0, max_tokens=6, lora="tuned"))[0].outputs[0].text
+    chat = client.chat.completions.create(model=f"{MODEL}:tuned", messages=messages, max_tokens=6, temperature=0)
+    assert chat.choices[0].message.content == chat_expected
+
+
+def test_unknown_adapter_is_404(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as err:
+        client.completions.create(model=f"{MODEL}:nope", prompt="Hi", max_tokens=2)
+    assert err.value.status_code == 404 and err.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model=f"{MODEL}:nope", messages=[{"role": "user", "content": "Hi"}])
+
+
+def test_bad_lora_option_is_one_clear_line() -> None:
+    from test_cli import invoke
+
+    out = invoke("serve", MODEL, "--lora", "tuned")
+    assert out.returncode == 1 and "--lora 'tuned': expected NAME=PATH" in out.stderr and "Traceback" not in out.stderr
 
 
 # -- errors ---------------------------------------------------------------------------------------

@@ -1,0 +1,146 @@
+"""`TrainArgs`: every setting of a training run in one dataclass, from `lmk train` flags or a YAML file
+with the same keys, checked before anything loads."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lmkernel.errors import LmkError
+from lmkernel.train.optim import OPTIMIZERS, SCHEDULES
+
+TASK_NAMES = ("clm", "mlm", "classify")
+DEFAULT_LR_FULL = 1e-4
+DEFAULT_LR_LORA = 5e-4
+METRICS = ("loss", "perplexity", "accuracy", "macro_f1")
+# Keys a YAML file may spell as the CLI flag does.
+ALIASES = {"eval": "eval_data", "o": "output", "output_dir": "output", "lr_schedule": "schedule"}
+
+
+@dataclass(frozen=True)
+class TrainArgs:
+    """One run's settings. Unset values (None) get the task's or the method's default."""
+
+    task: str
+    model: str
+    data: str
+    output: str
+    eval_data: str | None = None
+    lora: str | None = None  # "r=8,alpha=16,dropout=0.05,targets=q_proj+v_proj"; None: full fine-tuning
+    epochs: int = 3
+    max_steps: int | None = None  # optimizer steps; overrides `epochs` when set
+    lr: float | None = None  # peak learning rate; default 1e-4 full, 5e-4 LoRA
+    batch_size: int = 16  # examples (or packed rows) per process and micro-batch
+    grad_accum: int = 1
+    max_length: int | None = None  # tokens; default: the model's limit (1024 for clm)
+    schedule: str = "linear"
+    warmup: float = 0.06  # below 1: a fraction of the steps; from 1: a number of steps
+    optimizer: str = "adamw"
+    weight_decay: float = 0.01
+    clip: float = 1.0  # gradient-norm clipping; 0 turns it off
+    bf16: bool = False  # bfloat16 autocast
+    checkpointing: bool = True  # activation checkpointing: a third more compute, a fraction of the memory
+    dropout: float | None = None  # overrides the model's hidden and attention dropout
+    early_stop: int | None = None  # patience: evaluations without improvement before stopping
+    metric: str | None = None  # the validation metric to follow; default accuracy (classify) or loss
+    eval_every: int | None = None  # optimizer steps between evaluations; default once per epoch
+    save_every: int | None = None  # optimizer steps between checkpoints; default at each evaluation or epoch end
+    keep_checkpoints: int = 2
+    augment: int = 0  # classify: augmented copies of each training sentence (0: off)
+    seed: int = 0
+    device: str = "auto"
+
+    @property
+    def peak_lr(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        return DEFAULT_LR_LORA if self.lora else DEFAULT_LR_FULL
+
+    def check(self) -> TrainArgs:
+        """Raise an LmkError naming the first setting out of range; return self."""
+        problems = [
+            (self.task not in TASK_NAMES, "task", f"one of {', '.join(TASK_NAMES)}"),
+            (self.epochs < 1, "epochs", "at least 1"),
+            (self.max_steps is not None and self.max_steps < 1, "max-steps", "at least 1"),
+            (self.lr is not None and not self.lr > 0, "lr", "a positive number"),
+            (self.batch_size < 1, "batch-size", "at least 1"),
+            (self.grad_accum < 1, "grad-accum", "at least 1"),
+            (self.schedule not in SCHEDULES, "schedule", f"one of {', '.join(SCHEDULES)}"),
+            (self.warmup < 0, "warmup", "0 or more"),
+            (self.optimizer not in OPTIMIZERS, "optimizer", f"one of {', '.join(OPTIMIZERS)}"),
+            (self.weight_decay < 0, "weight-decay", "0 or more"),
+            (self.clip < 0, "clip", "0 or more"),
+            (self.dropout is not None and not 0 <= self.dropout < 1, "dropout", "from 0 up to (not including) 1"),
+            (self.early_stop is not None and self.early_stop < 1, "early-stop", "at least 1"),
+            (self.early_stop is not None and self.eval_data is None, "early-stop", "used with --eval data"),
+            (self.metric is not None and self.metric not in METRICS, "metric", f"one of {', '.join(METRICS)}"),
+            (self.metric in ("accuracy", "macro_f1") and self.task != "classify", "metric", "loss or perplexity for this task"),
+            (self.eval_every is not None and self.eval_every < 1, "eval-every", "at least 1"),
+            (self.save_every is not None and self.save_every < 1, "save-every", "at least 1"),
+            (self.keep_checkpoints < 1, "keep-checkpoints", "at least 1"),
+            (self.augment < 0, "augment", "0 or more"),
+            (self.augment > 0 and self.task != "classify", "augment", "used with --task classify"),
+        ]
+        for bad, name, expected in problems:
+            if bad:
+                value = getattr(self, name.replace("-", "_"))
+                raise LmkError(f"--{name} {value!r}: expected {expected}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], source: str) -> TrainArgs:
+        """Settings from a mapping (a YAML file, run.json); unknown keys and wrong types are errors naming `source`."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        out: dict[str, Any] = {}
+        for raw_key, value in values.items():
+            key = ALIASES.get(str(raw_key).replace("-", "_"), str(raw_key).replace("-", "_"))
+            if key not in fields:
+                raise LmkError(f"{source}: unknown setting '{raw_key}'; expected some of {', '.join(fields)}")
+            out[key] = _coerce(value, fields[key].type, raw_key, source)
+        missing = [name for name, f in fields.items() if f.default is dataclasses.MISSING and name not in out]
+        if missing:
+            raise LmkError(f"{source}: missing required setting(s) {', '.join(missing)}")
+        return cls(**out)
+
+
+def _coerce(value: Any, annotation: str, key: object, source: str) -> Any:
+    """A value checked against a field's annotation ("int", "float | None", ...)."""
+    kinds = [k.strip() for k in str(annotation).split("|")]
+    if value is None:
+        if "None" in kinds:
+            return None
+        raise LmkError(f"{source}: '{key}' must not be empty")
+    if "bool" in kinds:
+        if isinstance(value, bool):
+            return value
+    elif "int" in kinds:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif "float" in kinds:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif isinstance(value, (str, Path)):
+        return str(value)
+    expected = next(k for k in kinds if k != "None")
+    raise LmkError(f"{source}: '{key}' must be {expected}, got {value!r}")
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """The mapping in a YAML config file, or an LmkError naming the file."""
+    import yaml
+
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LmkError(f"{path}: no such config file") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise LmkError(f"{path}: not a readable YAML file ({exc})") from None
+    if not isinstance(loaded, dict):
+        raise LmkError(f"{path}: expected a mapping of settings (key: value lines)")
+    return loaded
