@@ -38,7 +38,8 @@ def phrasebank_small(tmp_path_factory) -> tuple[Path, Path]:
 
 def _classify_args(data: tuple[Path, Path], output: Path, **overrides) -> TrainArgs:
     settings = dict(task="classify", model="all-minilm-l6-v2", data=str(data[0]), eval_data=str(data[1]),
-                    output=str(output), epochs=6, batch_size=8, lr=2e-4, warmup=0, eval_every=6, save_every=4)
+                    output=str(output), epochs=6, batch_size=8, lr=2e-4, warmup=0, eval_every=6, save_every=4,
+                    checkpointing=False)
     return TrainArgs(**{**settings, **overrides})
 
 
@@ -83,7 +84,8 @@ def test_a_killed_run_resumes_to_the_same_losses(classify_run, phrasebank_small,
     resumed = _classify_args(phrasebank_small, tmp_path / "killed")
     cmd = [sys.executable, "-m", "lmkernel.train", "--task", "classify", "--model", "all-minilm-l6-v2",
            "--data", resumed.data, "--eval", resumed.eval_data, "-o", resumed.output, "--epochs", "6",
-           "--batch-size", "8", "--lr", "2e-4", "--warmup", "0", "--eval-every", "6", "--save-every", "4"]
+           "--batch-size", "8", "--lr", "2e-4", "--warmup", "0", "--eval-every", "6", "--save-every", "4",
+           "--no-checkpointing"]
     child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while latest_checkpoint(Path(resumed.output)) is None or latest_checkpoint(Path(resumed.output)).name < "step-00000008":
@@ -133,18 +135,6 @@ CHATS = [
     {"messages": [{"role": "user", "content": "Name a fruit that is yellow."},
                   {"role": "assistant", "content": "A banana is yellow."}]},
 ]
-
-
-def test_causal_lm_full_fine_tuning_learns_the_assistant_turns(tmp_path):
-    data = tmp_path / "chat.jsonl"
-    data.write_text("".join(json.dumps(c) + "\n" for c in CHATS))
-    args = TrainArgs(task="clm", model="smollm2-135m-instruct", data=str(data), output=str(tmp_path / "clm"),
-                     epochs=3, batch_size=2, max_length=128, lr=1e-4, warmup=0, save_every=100)
-    result = train(args)
-    losses = [loss for _, loss in _losses(Path(args.output))]
-    assert result.steps == 3 and losses[-1] < 0.6 * losses[0]
-    tuned = load_model(args.output)
-    assert tuned.config.architecture == "llama" and tuned.config.hf_architecture == "LlamaForCausalLM"
 
 
 def test_two_processes_train_as_one(phrasebank_small, tmp_path):
@@ -245,7 +235,7 @@ def test_a_lora_chat_run_is_served_beside_its_base(tmp_path):
     data.write_text("".join(json.dumps(c) + "\n" for c in CHATS))
     args = TrainArgs(task="clm", model="smollm2-135m-instruct", data=str(data), output=str(tmp_path / "clm-lora"),
                      epochs=4, batch_size=2, max_length=128, lr=3e-3, warmup=0, lora="r=8,alpha=16,dropout=0",
-                     save_every=100, checkpointing=False)
+                     save_every=100)  # activation checkpointing on, as by default
     result = train(args)
     losses = [loss for _, loss in _losses(Path(args.output))]
     assert result.steps == 4 and losses[-1] < 0.7 * losses[0]
