@@ -514,8 +514,16 @@ def serve(
     log_prompts: Annotated[bool, typer.Option(help="log prompts and outputs, with personal data redacted")] = False,
     quantization: Annotated[str | None, typer.Option(help="'keep': run a Q4_0/Q4_1 GGUF in its 4 bits")] = None,
     lora: Annotated[list[str] | None, typer.Option("--lora", help="NAME=PATH: serve a PEFT LoRA adapter as MODEL:NAME; repeat for more")] = None,
+    ray: Annotated[bool, typer.Option("--ray", help="serve as a Ray Serve deployment with autoscaling replicas")] = False,
+    ray_address: Annotated[str | None, typer.Option(help="with --ray: join this cluster ('auto', HOST:PORT, ray://...) instead of starting a local Ray")] = None,
+    min_replicas: Annotated[int, typer.Option(help="with --ray: replicas kept when idle")] = 1,
+    max_replicas: Annotated[int, typer.Option(help="with --ray: replicas the autoscaler may add up to")] = 1,
+    target_ongoing_requests: Annotated[float, typer.Option(help="with --ray: requests in flight per replica to scale towards")] = 8.0,
+    upscale_delay: Annotated[float, typer.Option(help="with --ray: seconds of high load before adding a replica")] = 5.0,
+    downscale_delay: Annotated[float, typer.Option(help="with --ray: seconds of low load before removing a replica")] = 60.0,
+    replica_cpus: Annotated[float, typer.Option(help="with --ray: CPUs (and torch threads) per replica")] = 1.0,
 ) -> None:
-    """Serve the OpenAI API (completions, chat, embeddings) over HTTP."""
+    """Serve the OpenAI API (completions, chat, embeddings) over HTTP, in one process or on Ray Serve."""
     try:
         from lmkernel.serve.auth import read_keys_file
         from lmkernel.serve.server import LaunchConfig, parse_lora_options, serve as run
@@ -536,12 +544,88 @@ def serve(
         )
         launch = LaunchConfig(model, embedding_model, host, port, dtype, device, kv_cache_memory, max_num_seqs,
                               max_num_batched_tokens, shutdown_grace, quantization, parse_lora_options(lora or []))
-        run(launch, config)
+        if not ray:
+            run(launch, config)
+            return
+        from lmkernel.cluster.ray_serve import ScaleConfig, serve_on_ray
+
+        serve_on_ray(launch, config, ScaleConfig(min_replicas, max_replicas, target_ongoing_requests, upscale_delay,
+                                                 downscale_delay, replica_cpus, ray_address))
     except (LmkError, ValueError) as exc:
         raise fail(exc) from None
 
 
 Opt = typer.Option
+
+
+@app.command()
+def monitor(
+    model: Annotated[str, Opt(help="a classifier: a run directory of `lmk train --task classify`, or its model")],
+    input: Annotated[str, Opt("--input", help="JSON lines with \"text\" (and \"time\"): a file, or - for standard input")],
+    label: Annotated[str, Opt(help="the label whose share is watched")] = "negative",
+    window: Annotated[int, Opt(help="records in the rolling window")] = 200,
+    baseline: Annotated[int, Opt(help="records before the window that set the expected share")] = 1000,
+    alert_z: Annotated[float, Opt(help="alert when the window's share is this many standard deviations above baseline")] = 3.0,
+    reset_z: Annotated[float, Opt(help="re-arm once the share falls back below this z")] = 1.0,
+    webhook: Annotated[str | None, Opt(help="POST each alert as JSON to this URL")] = None,
+    metrics_port: Annotated[int | None, Opt(help="serve Prometheus gauges on 127.0.0.1:PORT/metrics")] = None,
+    batch_size: Annotated[int | None, Opt(help="records classified at once (default 32 from a file, 1 from stdin)")] = None,
+    device: Device = "auto",
+) -> None:
+    """Classify a stream of texts and print one JSON line per alert when a label's share jumps; logs go to stderr."""
+    import json as _json
+    import sys
+
+    from lmkernel.apps.stream_monitor import MonitorConfig, ShareDetector, monitor as run, read_records
+    from lmkernel.engine.llm import LLM
+
+    def log(**event: object) -> None:
+        print(_json.dumps(event), file=sys.stderr, flush=True)
+
+    try:
+        detector = ShareDetector(MonitorConfig(label, window, baseline, alert_z, reset_z))
+        if input != "-" and not Path(input).is_file():
+            raise LmkError(f"--input {input}: no such file")
+        llm = LLM(model, device=device)
+        if getattr(llm.loaded.model, "classifier", None) is None:
+            raise LmkError(f"--model {model}: not a classifier (train one with `lmk train --task classify`)")
+        labels = list(llm.loaded.config.id2label.values())
+        if label not in labels:
+            raise LmkError(f"--label {label}: the classifier's labels are {', '.join(labels)}")
+        try:
+            from lmkernel.apps.monitor_sinks import MonitorMetrics, post_webhook
+        except ImportError as exc:
+            raise LmkError(f"lmk monitor needs the serve extra: pip install -e '.[serve]' ({exc.name} is missing)") from None
+        metrics = MonitorMetrics(labels, label)
+        if metrics_port is not None:
+            metrics.serve(metrics_port)
+    except (LmkError, ValueError, OSError) as exc:
+        raise fail(exc) from None
+    stream = sys.stdin if input == "-" else open(input, encoding="utf-8")
+
+    def on_alert(alert) -> None:
+        metrics.alert(alert)
+        log(event="alert", label=alert.label, index=alert.index, z=alert.z)
+        if webhook:
+            post_webhook(webhook, alert)
+
+    def on_batch(new: int, seen: int) -> None:
+        shares = detector.shares()
+        metrics.observe(new, shares, detector.baseline_share(), detector.z, detector.armed)
+        if seen // 500 > (seen - new) // 500:
+            log(event="progress", records=seen, shares={k: round(v, 3) for k, v in shares.items()})
+
+    records = read_records(stream, "<stdin>" if input == "-" else input,
+                           lambda line, reason: log(event="skipped", line=line, reason=reason))
+    try:
+        alerts = run(records, lambda texts: [c.label for c in llm.classify(texts)], detector, sys.stdout, on_alert,
+                     on_batch, batch_size or (1 if input == "-" else 32))
+    except KeyboardInterrupt:
+        alerts = None
+    finally:
+        if stream is not sys.stdin:
+            stream.close()
+    log(event="done", records=detector.records, alerts=alerts, shares={k: round(v, 3) for k, v in detector.shares().items()})
 
 
 @app.command()
@@ -553,7 +637,7 @@ def train(
     eval: Annotated[str | None, Opt("--eval", help="validation data, same format")] = None,
     output: Annotated[str | None, Opt("-o", "--output", help="the run directory")] = None,
     lora: Annotated[str | None, Opt(help="train a LoRA adapter, e.g. r=8,alpha=16 (default: full fine-tuning)")] = None,
-    epochs: Annotated[int | None, Opt()] = None,
+    epochs: Annotated[int | None, Opt(help="passes over the data (default 5 full, 3 LoRA)")] = None,
     max_steps: Annotated[int | None, Opt(help="optimizer steps to run (overrides --epochs)")] = None,
     lr: Annotated[float | None, Opt(help="peak learning rate (default 1e-4 full, 5e-4 LoRA)")] = None,
     batch_size: Annotated[int | None, Opt(help="examples per process and micro-batch (default 16)")] = None,

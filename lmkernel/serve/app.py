@@ -164,7 +164,7 @@ def build_app(config: ServerConfig, engine: AsyncEngine | None, embedder: Loaded
     app = FastAPI(title="lmkernel", docs_url=None, redoc_url=None)
     state = ServerState()
     gate = Gatekeeper(config.api_keys, config.requests_per_minute, config.tokens_per_minute)
-    metrics = Metrics(engine.stats if engine is not None else None)
+    metrics = Metrics(engine.stats if engine is not None else None, ready=lambda: not state.draining)
     app.state.server = state
     app.state.metrics = metrics
     created = int(time.time())

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
@@ -12,7 +14,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 class Metrics:
     """Request counts, latency histograms, token counters, and engine gauges read at scrape time."""
 
-    def __init__(self, engine_stats: Callable[[], dict[str, float | int]] | None) -> None:
+    def __init__(self, engine_stats: Callable[[], dict[str, float | int]] | None, ready: Callable[[], bool]) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("lmkernel_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=r)
@@ -33,12 +35,27 @@ class Metrics:
             "free": ("lmkernel_kv_cache_free_blocks", "Free KV-cache blocks", lambda s: s["kv_blocks_free"]),
             "total": ("lmkernel_kv_cache_total_blocks", "KV-cache blocks", lambda s: s["kv_blocks_total"]),
             "hits": ("lmkernel_prefix_cache_hit_rate", "Prefix-cache hits / queries", lambda s: s["prefix_cache_hit_rate"]),
-            "preempt": ("lmkernel_preemptions", "Requests preempted so far", lambda s: s["preemptions"]),
         }
         for name, doc, read in gauges.values():
             gauge = Gauge(name, doc, registry=r)
             if engine_stats is not None:
                 gauge.set_function(lambda read=read: float(read(engine_stats())))
+        if engine_stats is not None:
+            r.register(_EngineCounters(engine_stats))
+        self.ready = Gauge("lmkernel_ready", "1 while the server takes requests; 0 while it drains", registry=r)
+        self.ready.set_function(lambda: float(ready()))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _EngineCounters(Collector):
+    """Engine totals exported as counters (so `rate()` applies), read from the engine at scrape time."""
+
+    def __init__(self, engine_stats: Callable[[], dict[str, float | int]]) -> None:
+        self.engine_stats = engine_stats
+
+    def collect(self) -> list[Metric]:
+        stats = self.engine_stats()
+        return [CounterMetricFamily("lmkernel_preemptions", "Requests preempted (blocks freed, recomputed later)",
+                                    value=float(stats["preemptions"]))]

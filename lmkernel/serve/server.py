@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 
 import uvicorn
+from fastapi import FastAPI
 
 from lmkernel.engine.async_engine import AsyncEngine
 from lmkernel.engine.llm import LLM
@@ -77,8 +78,8 @@ class _DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-def serve(launch: LaunchConfig, config: ServerConfig) -> None:
-    """Load, listen and block until shut down."""
+def setup_logging() -> None:
+    """Request and server log lines (JSON) to standard error, once per process."""
     requests_log = logging.getLogger("lmkernel.requests")
     if not requests_log.handlers:
         handler = logging.StreamHandler(sys.stderr)
@@ -86,6 +87,10 @@ def serve(launch: LaunchConfig, config: ServerConfig) -> None:
         for name in ("lmkernel.requests", "lmkernel.serve"):
             logging.getLogger(name).addHandler(handler)
             logging.getLogger(name).setLevel(logging.INFO)
+
+
+def load_app(launch: LaunchConfig, config: ServerConfig) -> FastAPI:
+    """Load the models `launch` names and build the app over them (one process, or one Ray replica)."""
     engine = embedder = None
     if launch.model is not None:
         llm = LLM(launch.model, dtype=launch.dtype, device=launch.device, kv_cache_memory=launch.kv_cache_memory,
@@ -99,10 +104,19 @@ def serve(launch: LaunchConfig, config: ServerConfig) -> None:
         embedder = load_model(launch.embedding_model, dtype=launch.dtype, device=launch.device)
         if not embedder.config.is_encoder:
             raise LmkError(f"--embedding-model {launch.embedding_model}: embeddings need an encoder model; this is a decoder")
-    app = build_app(config, engine, embedder)
+    return build_app(config, engine, embedder)
+
+
+def serve(launch: LaunchConfig, config: ServerConfig) -> None:
+    """Load, listen and block until shut down."""
+    setup_logging()
+    app = load_app(launch, config)
     uv = uvicorn.Config(app, host=launch.host, port=launch.port, log_level="warning", access_log=False,
                         timeout_graceful_shutdown=1)
     server = _DrainingServer(uv, app.state.server, launch.shutdown_grace)
-    print(f"lmkernel: serving {', '.join(n for n in (config.model_name, config.embedding_model_name) if n)} "
-          f"on http://{launch.host}:{launch.port}", flush=True)
+    print(f"lmkernel: serving {served_names(config)} on http://{launch.host}:{launch.port}", flush=True)
     server.run()
+
+
+def served_names(config: ServerConfig) -> str:
+    return ", ".join(n for n in (config.model_name, config.embedding_model_name) if n)

@@ -142,7 +142,7 @@ def train(args: TrainArgs, resume: bool = False, overwrite: bool = False, consol
     parts = group.world * args.grad_accum
     global_batch = args.batch_size * parts
     steps_per_epoch = math.ceil(len(items) / global_batch)
-    total = args.max_steps or args.epochs * steps_per_epoch  # --max-steps overrides --epochs, as in transformers
+    total = args.max_steps or args.num_epochs * steps_per_epoch  # --max-steps overrides --epochs, as in transformers
     warmup = int(args.warmup) if args.warmup >= 1 else round(args.warmup * total)
     optimizer = build_optimizer(args.optimizer, model, args.peak_lr, args.weight_decay)
     scheduler = build_schedule(optimizer, args.schedule, warmup, total)

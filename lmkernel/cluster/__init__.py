@@ -1,0 +1,1 @@
+"""Scale-out: serving replicas on Ray Serve."""

@@ -1,0 +1,178 @@
+"""`lmk serve --ray`: the same OpenAI-compatible app as a Ray Serve deployment whose replicas Ray's autoscaler
+adds under load and removes when idle.
+
+Each replica loads the models and builds the app exactly as `lmk serve` does in one process; Ray's HTTP
+proxy spreads requests over the replicas and counts the ones in flight, which is what the autoscaler
+follows (`target_ongoing_requests` per replica). The driver process stays in the foreground, logs each
+change in the number of running replicas as a JSON line on standard error, and on SIGTERM or Ctrl-C
+removes the application (and stops the Ray instance it started, if it started one).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any
+
+from fastapi import FastAPI
+
+from lmkernel.errors import LmkError
+from lmkernel.registry import resolve
+from lmkernel.serve.app import ServerConfig
+from lmkernel.serve.server import LaunchConfig, load_app, served_names, setup_logging
+
+try:
+    import ray
+    from ray import serve
+except ImportError as exc:  # the optional extra
+    raise LmkError(f"--ray needs Ray Serve: pip install 'lmkernel[ray]' ({exc.name} is missing)") from None
+
+APP_NAME = "lmkernel"
+DEPLOYMENT_NAME = "LmkernelServer"
+PROXY_PATIENCE = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30"}
+
+
+@dataclass(frozen=True)
+class ScaleConfig:
+    """How many replicas, when to add and remove them, and which Ray cluster to run on."""
+
+    min_replicas: int = 1
+    max_replicas: int = 1
+    target_ongoing_requests: float = 8.0  # requests in flight per replica that the autoscaler aims for
+    upscale_delay: float = 5.0  # seconds the load must stay above target before a replica is added
+    downscale_delay: float = 60.0  # seconds of low load before a replica is removed
+    replica_cpus: float = 1.0  # Ray CPUs reserved per replica (also its torch threads)
+    ray_address: str | None = None  # None: start a local Ray; "auto" or "HOST:PORT" or "ray://HOST:PORT": join one
+
+    def check(self) -> ScaleConfig:
+        problems = [
+            (self.min_replicas < 0, "--min-replicas", "0 or more"),
+            (self.max_replicas < max(1, self.min_replicas), "--max-replicas", "at least 1 and at least --min-replicas"),
+            (not self.target_ongoing_requests > 0, "--target-ongoing-requests", "a positive number"),
+            (self.upscale_delay < 0, "--upscale-delay", "0 or more seconds"),
+            (self.downscale_delay < 0, "--downscale-delay", "0 or more seconds"),
+            (not self.replica_cpus > 0, "--replica-cpus", "a positive number"),
+        ]
+        for bad, flag, expected in problems:
+            if bad:
+                raise LmkError(f"{flag} must be {expected}")
+        return self
+
+
+@serve.ingress()
+class LmkernelServer:
+    """One replica: the models and the app of a single-process `lmk serve`."""
+
+    def __init__(self, launch: LaunchConfig, config: ServerConfig) -> None:
+        setup_logging()
+        self.lmkernel_app = load_app(launch, config)  # not `app`: Ray's wrapper owns that name
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return self.lmkernel_app
+
+
+def deployment(launch: LaunchConfig, config: ServerConfig, scale: ScaleConfig) -> Any:
+    """The bound Serve application: autoscaling bounds, per-replica resources and graceful shutdown."""
+    options = serve.deployment(
+        LmkernelServer,
+        name=DEPLOYMENT_NAME,
+        autoscaling_config={
+            "min_replicas": scale.min_replicas,
+            "initial_replicas": max(1, scale.min_replicas),
+            "max_replicas": scale.max_replicas,
+            "target_ongoing_requests": scale.target_ongoing_requests,
+            "upscale_delay_s": scale.upscale_delay,
+            "downscale_delay_s": scale.downscale_delay,
+            "metrics_interval_s": 1.0,
+            "look_back_period_s": 5.0,
+        },
+        # A replica takes as many requests as its engine batches; past that they wait in Ray's queue,
+        # which the autoscaler counts as load.
+        max_ongoing_requests=max(launch.max_num_seqs, int(scale.target_ongoing_requests) + 1),
+        ray_actor_options={"num_cpus": scale.replica_cpus},
+        graceful_shutdown_timeout_s=launch.shutdown_grace,
+        health_check_period_s=5.0,
+    )
+    return options.bind(launch, config)
+
+
+def running_replicas() -> dict[str, int]:
+    """Replica counts of the deployment by state (RUNNING, STARTING, STOPPING...)."""
+    app = serve.status().applications.get(APP_NAME)
+    if app is None or DEPLOYMENT_NAME not in app.deployments:
+        return {}
+    return {str(getattr(state, "value", state)): n for state, n in app.deployments[DEPLOYMENT_NAME].replica_states.items()}
+
+
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail fast on a HOST:PORT (or ray://HOST:PORT) where nothing listens: Ray itself retries for minutes."""
+    if address == "auto":
+        return
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        raise LmkError(f"--ray-address {address}: expected auto, HOST:PORT or ray://HOST:PORT")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise LmkError(f"--ray-address {address}: no Ray cluster answers there ({exc.strerror or exc})") from None
+
+
+def serve_on_ray(launch: LaunchConfig, config: ServerConfig, scale: ScaleConfig) -> None:
+    """Deploy on Ray Serve, report scaling until SIGTERM or Ctrl-C, then remove the deployment."""
+    scale.check()
+    for name in (launch.model, launch.embedding_model):
+        if name is not None:
+            resolve(name)  # an unknown model fails here, not in every replica
+    started_ray = scale.ray_address is None
+    if started_ray:
+        # Ray's processes inherit this one's environment. A small machine under load starts the HTTP proxy
+        # slower than Ray's 5 s readiness check, which then kills and restarts it in a loop.
+        for name, value in PROXY_PATIENCE.items():
+            os.environ.setdefault(name, value)
+        ray.init(include_dashboard=False, log_to_driver=False, object_store_memory=256 << 20,
+                 logging_level="WARNING")
+    else:
+        check_reachable(scale.ray_address)
+        try:
+            ray.init(address=scale.ray_address, log_to_driver=False, logging_level="WARNING")
+        except (ConnectionError, RuntimeError, ray.exceptions.AuthenticationError) as exc:
+            raise LmkError(f"--ray-address {scale.ray_address}: Ray could not join that cluster ({exc}). A cluster with "
+                           "token authentication needs RAY_AUTH_MODE=token here and its token (~/.ray/auth_token or "
+                           "RAY_AUTH_TOKEN)") from None
+    stop = threading.Event()
+
+    def on_signal(sig: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        serve.start(http_options={"host": launch.host, "port": launch.port})
+        try:
+            serve.run(deployment(launch, config, scale), name=APP_NAME, route_prefix="/", blocking=False)
+        except RuntimeError as exc:
+            raise LmkError(f"Ray Serve could not start the lmkernel replicas: {exc}") from None
+        print(f"lmkernel: serving {served_names(config)} on http://{launch.host}:{launch.port} with Ray Serve "
+              f"({scale.min_replicas} to {scale.max_replicas} replicas)", flush=True)
+        last: dict[str, int] = {}
+        while not stop.wait(1.0):
+            counts = running_replicas()
+            if counts != last:
+                print(json.dumps({"event": "replicas", "running": counts.get("RUNNING", 0), "states": counts}),
+                      file=sys.stderr, flush=True)
+                last = counts
+    finally:
+        print(json.dumps({"event": "shutdown"}), file=sys.stderr, flush=True)
+        if started_ray:
+            serve.shutdown()
+            ray.shutdown()
+        else:
+            serve.delete(APP_NAME)
+            if not serve.status().applications:  # Serve was there for lmkernel alone: leave the cluster as found
+                serve.shutdown()
