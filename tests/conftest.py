@@ -13,6 +13,14 @@ from lmkernel.registry import ALIASES, alias_location
 # The references must never reach for a hub: everything they read is on disk.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two pytest workers on two cores: one thread each (and in every process they start),
+    # or OpenMP's spinning threads would fight over the cores.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ.pop("COLUMNS", None)  # xdist sets 80, which the CLI's rich console would keep for good
+    import torch
+
+    torch.set_num_threads(1)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
