@@ -522,6 +522,7 @@ def serve(
     upscale_delay: Annotated[float, typer.Option(help="with --ray: seconds of high load before adding a replica")] = 5.0,
     downscale_delay: Annotated[float, typer.Option(help="with --ray: seconds of low load before removing a replica")] = 60.0,
     replica_cpus: Annotated[float, typer.Option(help="with --ray: CPUs (and torch threads) per replica")] = 1.0,
+    metrics_targets: Annotated[str | None, typer.Option(help="with --ray: keep this Prometheus file_sd JSON listing each replica's /metrics address")] = None,
 ) -> None:
     """Serve the OpenAI API (completions, chat, embeddings) over HTTP, in one process or on Ray Serve."""
     try:
@@ -550,7 +551,7 @@ def serve(
         from lmkernel.cluster.ray_serve import ScaleConfig, serve_on_ray
 
         serve_on_ray(launch, config, ScaleConfig(min_replicas, max_replicas, target_ongoing_requests, upscale_delay,
-                                                 downscale_delay, replica_cpus, ray_address))
+                                                 downscale_delay, replica_cpus, ray_address, metrics_targets))
     except (LmkError, ValueError) as exc:
         raise fail(exc) from None
 

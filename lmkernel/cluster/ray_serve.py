@@ -17,6 +17,7 @@ import socket
 import sys
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -29,12 +30,16 @@ from lmkernel.serve.server import LaunchConfig, load_app, served_names, setup_lo
 
 try:
     import ray
+    from prometheus_client import start_http_server
     from ray import serve
+    from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_get, _internal_kv_list, _internal_kv_put
 except ImportError as exc:  # the optional extra
     raise LmkError(f"--ray needs Ray Serve: pip install 'lmkernel[ray]' ({exc.name} is missing)") from None
 
 APP_NAME = "lmkernel"
 DEPLOYMENT_NAME = "LmkernelServer"
+KV_NAMESPACE = "lmkernel"
+METRICS_KEY_PREFIX = f"{APP_NAME}/metrics/"
 PROXY_PATIENCE = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30"}
 
 
@@ -49,6 +54,7 @@ class ScaleConfig:
     downscale_delay: float = 60.0  # seconds of low load before a replica is removed
     replica_cpus: float = 1.0  # Ray CPUs reserved per replica (also its torch threads)
     ray_address: str | None = None  # None: start a local Ray; "auto" or "HOST:PORT" or "ray://HOST:PORT": join one
+    metrics_targets: str | None = None  # a Prometheus file_sd JSON file kept listing every replica's metrics address
 
     def check(self) -> ScaleConfig:
         problems = [
@@ -67,14 +73,27 @@ class ScaleConfig:
 
 @serve.ingress()
 class LmkernelServer:
-    """One replica: the models and the app of a single-process `lmk serve`."""
+    """One replica: the models and the app of a single-process `lmk serve`, plus its own /metrics port.
+
+    Behind Ray's proxy a scrape of /metrics reaches one replica at random, so each replica also serves its
+    metrics on a port of its own and files the address in Ray's key-value store, where the driver finds it.
+    """
 
     def __init__(self, launch: LaunchConfig, config: ServerConfig) -> None:
         setup_logging()
         self.lmkernel_app = load_app(launch, config)  # not `app`: Ray's wrapper owns that name
+        self.metrics_http, _ = start_http_server(0, addr=launch.host, registry=self.lmkernel_app.state.metrics.registry)
+        host = ray.util.get_node_ip_address() if launch.host in ("0.0.0.0", "::") else launch.host
+        self.metrics_key = METRICS_KEY_PREFIX + serve.get_replica_context().replica_id.unique_id
+        _internal_kv_put(self.metrics_key, f"{host}:{self.metrics_http.server_port}", namespace=KV_NAMESPACE)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return self.lmkernel_app
+
+    def __del__(self) -> None:
+        if hasattr(self, "metrics_http"):
+            _internal_kv_del(self.metrics_key, namespace=KV_NAMESPACE)
+            self.metrics_http.shutdown()
 
 
 def deployment(launch: LaunchConfig, config: ServerConfig, scale: ScaleConfig) -> Any:
@@ -110,6 +129,30 @@ def running_replicas() -> dict[str, int]:
     return {str(getattr(state, "value", state)): n for state, n in app.deployments[DEPLOYMENT_NAME].replica_states.items()}
 
 
+def metrics_targets() -> list[str]:
+    """HOST:PORT of every live replica's metrics; entries of replicas that died without cleaning up are dropped."""
+    targets = []
+    for key in _internal_kv_list(METRICS_KEY_PREFIX, namespace=KV_NAMESPACE):
+        value = _internal_kv_get(key, namespace=KV_NAMESPACE)
+        if value is None:
+            continue
+        host, _, port = value.decode().rpartition(":")
+        try:
+            socket.create_connection((host, int(port)), timeout=1.0).close()
+        except OSError:
+            _internal_kv_del(key, namespace=KV_NAMESPACE)
+            continue
+        targets.append(value.decode())
+    return sorted(targets)
+
+
+def write_targets(path: Path, targets: list[str]) -> None:
+    """A Prometheus file_sd file (`file_sd_configs`), replaced atomically so Prometheus never reads half of it."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps([{"targets": targets, "labels": {"deployment": APP_NAME}}], indent=1) + "\n")
+    os.replace(tmp, path)
+
+
 def check_reachable(address: str, timeout: float = 5.0) -> None:
     """Fail fast on a HOST:PORT (or ray://HOST:PORT) where nothing listens: Ray itself retries for minutes."""
     if address == "auto":
@@ -129,6 +172,11 @@ def serve_on_ray(launch: LaunchConfig, config: ServerConfig, scale: ScaleConfig)
     for name in (launch.model, launch.embedding_model):
         if name is not None:
             resolve(name)  # an unknown model fails here, not in every replica
+    if scale.metrics_targets is not None:
+        try:
+            write_targets(Path(scale.metrics_targets), [])
+        except OSError as exc:
+            raise LmkError(f"--metrics-targets {scale.metrics_targets}: cannot write there ({exc.strerror})") from None
     started_ray = scale.ray_address is None
     if started_ray:
         # Ray's processes inherit this one's environment. A small machine under load starts the HTTP proxy
@@ -161,12 +209,19 @@ def serve_on_ray(launch: LaunchConfig, config: ServerConfig, scale: ScaleConfig)
         print(f"lmkernel: serving {served_names(config)} on http://{launch.host}:{launch.port} with Ray Serve "
               f"({scale.min_replicas} to {scale.max_replicas} replicas)", flush=True)
         last: dict[str, int] = {}
+        last_targets: list[str] | None = None
         while not stop.wait(1.0):
             counts = running_replicas()
             if counts != last:
                 print(json.dumps({"event": "replicas", "running": counts.get("RUNNING", 0), "states": counts}),
                       file=sys.stderr, flush=True)
                 last = counts
+            targets = metrics_targets()
+            if targets != last_targets:
+                print(json.dumps({"event": "metrics_targets", "targets": targets}), file=sys.stderr, flush=True)
+                if scale.metrics_targets is not None:
+                    write_targets(Path(scale.metrics_targets), targets)
+                last_targets = targets
     finally:
         print(json.dumps({"event": "shutdown"}), file=sys.stderr, flush=True)
         if started_ray:

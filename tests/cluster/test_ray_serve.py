@@ -63,9 +63,22 @@ class RayServer:
             raise
 
 
+def targets(path: Path) -> list[str]:
+    return json.loads(path.read_text())[0]["targets"] if path.exists() else []
+
+
+def completions_counted(address: str) -> float:
+    """Completions a replica answered with 200, from its own metrics port."""
+    text = httpx.get(f"http://{address}/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("lmkernel_requests_total{") and 'endpoint="/v1/completions"' in line and 'status="200"' in line)
+
+
 def test_replicas_follow_the_load(tmp_path: Path) -> None:
+    sd_file = tmp_path / "targets.json"
     server = RayServer(tmp_path / "serve.log", "--min-replicas", "1", "--max-replicas", "2",
-                       "--target-ongoing-requests", "2", "--upscale-delay", "1", "--downscale-delay", "3")
+                       "--target-ongoing-requests", "2", "--upscale-delay", "1", "--downscale-delay", "3",
+                       "--metrics-targets", str(sd_file))
     try:
         server.wait(lambda: server.replicas()[-1:] == [1], "one replica reported", 30)
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
@@ -90,6 +103,11 @@ def test_replicas_follow_the_load(tmp_path: Path) -> None:
             for t in users:
                 t.join()
         assert len(answers) >= 8 and all(n == 16 and text for n, text in answers), answers
+        # Each replica's own metrics port is in the file_sd file, and between them they counted every answer.
+        server.wait(lambda: len(targets(sd_file)) == 2, "both replicas' metrics addresses listed", 30)
+        assert all(t.startswith("127.0.0.1:") for t in targets(sd_file))
+        per_replica = [completions_counted(t) for t in targets(sd_file)]
+        assert sum(per_replica) == len(answers) and min(per_replica) > 0, per_replica
         chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Say hi"}], max_tokens=4,
                                               stream=True)
         assert "".join(c.choices[0].delta.content or "" for c in chat)
@@ -97,6 +115,7 @@ def test_replicas_follow_the_load(tmp_path: Path) -> None:
         counts = server.replicas()
         server.wait(lambda: server.replicas()[len(counts):].count(1) > 0 and server.replicas()[-1] == 1,
                     "back to one replica when idle", 90)
+        server.wait(lambda: len(targets(sd_file)) == 1, "the removed replica's metrics address dropped", 30)
     finally:
         code = server.stop()
     assert code == 0, server.log.read_text()[-4000:]
