@@ -96,18 +96,18 @@ def test_replicas_follow_the_load(tmp_path: Path) -> None:
             t.start()
         try:
             server.wait(lambda: 2 in server.replicas(), "a second replica under load", 180)
-            # Both replicas answer while the load lasts.
-            time.sleep(3)
+            # The load goes on until the new replica has answered too (its own metrics port says so).
+            server.wait(lambda: len(targets(sd_file)) == 2 and min(map(completions_counted, targets(sd_file))) > 0,
+                        "both replicas answering", 120)
         finally:
             scaled.set()
             for t in users:
                 t.join()
         assert len(answers) >= 8 and all(n == 16 and text for n, text in answers), answers
         # Each replica's own metrics port is in the file_sd file, and between them they counted every answer.
-        server.wait(lambda: len(targets(sd_file)) == 2, "both replicas' metrics addresses listed", 30)
         assert all(t.startswith("127.0.0.1:") for t in targets(sd_file))
-        per_replica = [completions_counted(t) for t in targets(sd_file)]
-        assert sum(per_replica) == len(answers) and min(per_replica) > 0, per_replica
+        server.wait(lambda: sum(map(completions_counted, targets(sd_file))) == len(answers),
+                    "every answer counted by the replica that gave it", 10)
         chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Say hi"}], max_tokens=4,
                                               stream=True)
         assert "".join(c.choices[0].delta.content or "" for c in chat)
