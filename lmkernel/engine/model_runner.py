@@ -40,6 +40,9 @@ class ModelRunner:
         if device.type == "cpu":
             cpu_kernels.build()
         self.use_kernel = cpu_kernels.paged_decode_available(kv_cache.keys[0])
+        # Decode steps of a few sequences through one compiled call, where the model offers one.
+        fused = getattr(model, "fused_decode", None) if self.use_kernel and adapters is None else None
+        self.fused = fused() if fused is not None else None
 
     def add_generator(self, request_id: str, seed: int) -> None:
         self.generators[request_id] = torch.Generator().manual_seed(seed)
@@ -126,7 +129,9 @@ class ModelRunner:
         ids, positions, meta = self.layout(out)
         slots: list[int] = []  # each chunk's adapter slot, with adapters
         if self.adapters is None:
-            hidden = self.model(ids, positions, meta, self.kv_layers)
+            hidden = self.fused(ids, positions, meta, self.kv_layers) if self.fused is not None else None
+            if hidden is None:
+                hidden = self.model(ids, positions, meta, self.kv_layers)
         else:
             slots = [self.adapters.slot(c.request.sampling_params.lora) for c in out.chunks]
             per_token = [s for s, c in zip(slots, out.chunks) for _ in range(c.num_tokens)]
@@ -154,7 +159,8 @@ class ModelRunner:
                 row_slots.extend([slots[i]] * (len(rows) - len(row_slots)))
         if not rows:
             return result
-        picked = hidden[torch.tensor(rows, device=self.device)]
+        every_row = rows == list(range(hidden.shape[0]))  # a decode step: no rows to pick
+        picked = hidden if every_row else hidden[torch.tensor(rows, device=self.device)]
         if self.adapters is None:
             logits = self.model.compute_logits(picked).float()
         else:
@@ -167,10 +173,11 @@ class ModelRunner:
                 self._position(scored[j], request.token_ids[start + j + 1], n) for j in range(count)
             ]
         if sample_at:
-            result_rows = torch.tensor([at for _, at in sample_at], device=logits.device)
+            at_rows = [at for _, at in sample_at]
+            sample_logits = logits if at_rows == list(range(logits.shape[0])) else logits[torch.tensor(at_rows, device=logits.device)]
             reqs = [r for r, _ in sample_at]
             sampled = self.sampler(
-                logits[result_rows],
+                sample_logits,
                 [r.sampling_params for r in reqs],
                 [r.token_ids for r in reqs],
                 [r.num_prompt_tokens for r in reqs],

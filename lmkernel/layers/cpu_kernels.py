@@ -41,6 +41,7 @@ _SOURCE = r"""
 #include <cmath>
 #include <cstring>
 #include <vector>
+#include <omp.h>
 
 static inline float to_f32(float v) { return v; }
 static inline float to_f32(int8_t v) { return static_cast<float>(v); }
@@ -162,58 +163,73 @@ torch::Tensor small_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch
   return yf.to(x.scalar_type());
 }
 
-torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                           torch::Tensor tables, torch::Tensor lens, int64_t block_size, double scale) {
-  // q [B, Hq, D]; caches [slots, Hkv, D]; tables [B, max_blocks] (int64); lens [B] (int64)
-  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k_cache.size(1);
-  const int64_t G = Hq / Hkv, nb = tables.size(1);
-  auto out = torch::empty_like(q);
-  const float* qp = q.data_ptr<float>();
-  const float* kp = k_cache.data_ptr<float>();
-  const float* vp = v_cache.data_ptr<float>();
-  const int64_t* tp = tables.data_ptr<int64_t>();
-  const int64_t* lp = lens.data_ptr<int64_t>();
-  float* op = out.data_ptr<float>();
-  const float sc = static_cast<float>(scale);
-#pragma omp parallel for schedule(dynamic)
-  for (int64_t b = 0; b < B; ++b) {
-    // One sequence per task: each cache row (all KV heads of a token) is read once, whole.
-    const int64_t L = lp[b];
-    std::vector<float> scores(Hq * L);
-    const float* qb = qp + b * Hq * D;
-    for (int64_t j = 0; j < L; ++j) {
-      const int64_t slot = tp[b * nb + j / block_size] * block_size + j % block_size;
-      const float* krow = kp + slot * Hkv * D;
-      for (int64_t hq = 0; hq < Hq; ++hq) {
-        const float* kh = krow + (hq / G) * D;
-        const float* qh = qb + hq * D;
+static void attend_heads(const float* qb, const float* kp, const float* vp, const int64_t* table, int64_t L,
+                         int64_t block_size, int64_t Hkv, int64_t G, int64_t D, int64_t hkv, int64_t g0, int64_t g1,
+                         float sc, float* ob) {
+  // Query heads g0..g1 of the G that share KV head hkv, for one sequence over its L cached tokens: each
+  // cached key and value row of that head is read once for all of them. qb, ob: the sequence's [Hq, D].
+  const int64_t n = g1 - g0;
+  std::vector<float> scores(n * L);
+  const float* q0 = qb + (hkv * G + g0) * D;
+  for (int64_t j0 = 0; j0 < L; j0 += block_size) {
+    const float* kb = kp + (table[j0 / block_size] * block_size * Hkv + hkv) * D;
+    for (int64_t j = j0; j < std::min(L, j0 + block_size); ++j) {
+      const float* kh = kb + (j - j0) * Hkv * D;
+      for (int64_t g = 0; g < n; ++g) {
+        const float* qh = q0 + g * D;
         float s = 0.f;
         for (int64_t d = 0; d < D; ++d) s += qh[d] * kh[d];
-        scores[hq * L + j] = s * sc;
+        scores[g * L + j] = s * sc;
       }
     }
-    for (int64_t hq = 0; hq < Hq; ++hq) {
-      float* sh = scores.data() + hq * L;
-      float m = -INFINITY;
-      for (int64_t j = 0; j < L; ++j) m = sh[j] > m ? sh[j] : m;
-      float total = 0.f;
-      for (int64_t j = 0; j < L; ++j) { sh[j] = std::exp(sh[j] - m); total += sh[j]; }
-      const float inv = 1.f / total;
-      for (int64_t j = 0; j < L; ++j) sh[j] *= inv;
-    }
-    float* ob = op + b * Hq * D;
-    for (int64_t i = 0; i < Hq * D; ++i) ob[i] = 0.f;
-    for (int64_t j = 0; j < L; ++j) {
-      const int64_t slot = tp[b * nb + j / block_size] * block_size + j % block_size;
-      const float* vrow = vp + slot * Hkv * D;
-      for (int64_t hq = 0; hq < Hq; ++hq) {
-        const float pr = scores[hq * L + j];
-        const float* vh = vrow + (hq / G) * D;
-        float* oh = ob + hq * D;
+  }
+  for (int64_t g = 0; g < n; ++g) {
+    float* sh = scores.data() + g * L;
+    float m = -INFINITY;
+    for (int64_t j = 0; j < L; ++j) m = sh[j] > m ? sh[j] : m;
+    float total = 0.f;
+    for (int64_t j = 0; j < L; ++j) { sh[j] = std::exp(sh[j] - m); total += sh[j]; }
+    const float inv = 1.f / total;
+    for (int64_t j = 0; j < L; ++j) sh[j] *= inv;
+  }
+  float* o0 = ob + (hkv * G + g0) * D;
+  for (int64_t i = 0; i < n * D; ++i) o0[i] = 0.f;
+  for (int64_t j0 = 0; j0 < L; j0 += block_size) {
+    const float* vb = vp + (table[j0 / block_size] * block_size * Hkv + hkv) * D;
+    for (int64_t j = j0; j < std::min(L, j0 + block_size); ++j) {
+      const float* vh = vb + (j - j0) * Hkv * D;
+      for (int64_t g = 0; g < n; ++g) {
+        const float pr = scores[g * L + j];
+        float* oh = o0 + g * D;
         for (int64_t d = 0; d < D; ++d) oh[d] += pr * vh[d];
       }
     }
   }
+}
+
+static void attend_all(const float* qp, const float* kp, const float* vp, const int64_t* tp, const int64_t* lp,
+                       int64_t B, int64_t nb, int64_t block_size, int64_t Hq, int64_t Hkv, int64_t D, float sc,
+                       float* op) {
+  // One task per (sequence, KV head), each reading that head's keys and values once for its query
+  // heads; with fewer such pairs than twice the threads (batch-1 decode), one task per query head
+  // instead, so that every thread has work (the shared rows are then read again, from cache).
+  const int64_t G = Hq / Hkv;
+  const int64_t split = B * Hkv < 2 * omp_get_max_threads() ? G : 1, tasks = B * Hkv * split;
+#pragma omp parallel for schedule(dynamic)
+  for (int64_t t = 0; t < tasks; ++t) {
+    const int64_t b = t / (Hkv * split), hkv = t / split % Hkv, part = t % split;
+    const int64_t g0 = part * G / split, g1 = (part + 1) * G / split;
+    attend_heads(qp + b * Hq * D, kp, vp, tp + b * nb, lp[b], block_size, Hkv, G, D, hkv, g0, g1, sc, op + b * Hq * D);
+  }
+}
+
+torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                           torch::Tensor tables, torch::Tensor lens, int64_t block_size, double scale) {
+  // q [B, Hq, D]; caches [slots, Hkv, D]; tables [B, max_blocks] (int64); lens [B] (int64)
+  auto out = torch::empty_like(q);
+  attend_all(q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), tables.data_ptr<int64_t>(),
+             lens.data_ptr<int64_t>(), q.size(0), tables.size(1), block_size, q.size(1), k_cache.size(1), q.size(2),
+             static_cast<float>(scale), out.data_ptr<float>());
   return out;
 }
 
@@ -395,37 +411,121 @@ torch::Tensor int4_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scales
 }
 
 // ---- decode-sized elementwise steps: one call where PyTorch makes five ---------------------------
-torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
-  // x [N, D] float32 contiguous, w [D] float32 -> x / rms(x) * w, row by row.
-  const int64_t N = x.size(0), D = x.size(1);
-  auto y = torch::empty_like(x);
-  const float* xp = x.data_ptr<float>(); const float* wp = w.data_ptr<float>(); float* yp = y.data_ptr<float>();
+static void rms_rows(const float* xp, const float* wp, float* yp, int64_t N, int64_t D, float eps) {
   for (int64_t n = 0; n < N; ++n) {
     const float* xr = xp + n * D; float* yr = yp + n * D;
     float ss = 0.f;
     for (int64_t d = 0; d < D; ++d) ss += xr[d] * xr[d];
-    const float inv = 1.f / std::sqrt(ss / static_cast<float>(D) + static_cast<float>(eps));
+    const float inv = 1.f / std::sqrt(ss / static_cast<float>(D) + eps);
     for (int64_t d = 0; d < D; ++d) yr[d] = xr[d] * inv * wp[d];
   }
-  return y;
 }
 
-torch::Tensor rotary(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
-  // x [N, H, D] float32 contiguous, cos/sin [N, D] float32 -> x rotated (halves: x1 cos - x2 sin, x2 cos + x1 sin).
-  const int64_t N = x.size(0), H = x.size(1), D = x.size(2), half = D / 2;
-  auto y = torch::empty_like(x);
-  const float* xp = x.data_ptr<float>(); const float* cp = cos.data_ptr<float>(); const float* sp = sin.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
+static void rotate_rows(const float* xp, const float* cp, const float* sp, float* yp, int64_t N, int64_t H, int64_t D) {
+  // x [N, H, D], cos/sin [N, D]; y may be x itself.
+  const int64_t half = D / 2;
   for (int64_t n = 0; n < N; ++n)
     for (int64_t h = 0; h < H; ++h) {
       const float* xr = xp + (n * H + h) * D; float* yr = yp + (n * H + h) * D;
       const float* c = cp + n * D; const float* sn = sp + n * D;
       for (int64_t d = 0; d < half; ++d) {
-        yr[d] = xr[d] * c[d] - xr[d + half] * sn[d];
-        yr[d + half] = xr[d + half] * c[d + half] + xr[d] * sn[d + half];
+        const float x1 = xr[d], x2 = xr[d + half];
+        yr[d] = x1 * c[d] - x2 * sn[d];
+        yr[d + half] = x2 * c[d + half] + x1 * sn[d + half];
       }
     }
+}
+
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
+  // x [N, D] float32 contiguous, w [D] float32 -> x / rms(x) * w, row by row.
+  auto y = torch::empty_like(x);
+  rms_rows(x.data_ptr<float>(), w.data_ptr<float>(), y.data_ptr<float>(), x.size(0), x.size(1), static_cast<float>(eps));
   return y;
+}
+
+torch::Tensor rotary(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
+  // x [N, H, D] float32 contiguous, cos/sin [N, D] float32 -> x rotated (halves: x1 cos - x2 sin, x2 cos + x1 sin).
+  auto y = torch::empty_like(x);
+  rotate_rows(x.data_ptr<float>(), cos.data_ptr<float>(), sin.data_ptr<float>(), y.data_ptr<float>(), x.size(0),
+              x.size(1), x.size(2));
+  return y;
+}
+
+// ---- a whole Llama decoder for a decode step of one to four sequences, in one call ---------------
+struct Projection { const float* w; const float* bias; float* y; int64_t N; };
+
+static void project(int64_t M, const float* x, int64_t K, const Projection* ps, int count) {
+  // y_p = x W_p^T (+ b_p) for projections that read the same input, their output rows in one parallel loop.
+  // Small chunks so that each thread's contiguous share is even to within a few rows.
+  const int64_t chunk = 16;
+  int64_t first[5] = {0, 0, 0, 0, 0};
+  for (int p = 0; p < count; ++p) first[p + 1] = first[p] + (ps[p].N + chunk - 1) / chunk;
+  const int64_t total = first[count];
+#pragma omp parallel for schedule(static)
+  for (int64_t c = 0; c < total; ++c) {
+    int p = 0;
+    while (c >= first[p + 1]) ++p;
+    const int64_t n0 = (c - first[p]) * chunk, n1 = std::min(ps[p].N, n0 + chunk);
+    run_rows(M, x, ps[p].w, nullptr, ps[p].y, n0, n1, K, ps[p].N);
+    if (ps[p].bias)
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = n0; n < n1; ++n) ps[p].y[m * ps[p].N + n] += ps[p].bias[n];
+  }
+}
+
+static const float* f32(const torch::Tensor& t) { return t.numel() ? t.data_ptr<float>() : nullptr; }
+
+torch::Tensor llama_decode(torch::Tensor h, std::vector<torch::Tensor> weights, std::vector<torch::Tensor> k_caches,
+                           std::vector<torch::Tensor> v_caches, torch::Tensor cos, torch::Tensor sin,
+                           torch::Tensor slots, torch::Tensor tables, torch::Tensor lens, int64_t block_size,
+                           int64_t num_heads, int64_t num_kv_heads, double eps, double scale) {
+  // h [B <= 4, hidden] float32: the step's embedded tokens, one per sequence -> hidden states after the
+  // last layer (before the final norm). weights: per layer, in order, input norm, q, k, v, o,
+  // post-attention norm, gate, up, down, q bias, k bias, v bias (an empty tensor: no bias). Every
+  // layer writes its new K/V at `slots` and attends through the block tables, as `paged_decode`.
+  const int64_t B = h.size(0), Dm = h.size(1), D = cos.size(1), Hq = num_heads, Hkv = num_kv_heads;
+  const int64_t I = weights[6].size(0), layers = static_cast<int64_t>(k_caches.size());
+  auto out = h.to(torch::kFloat32).clone().contiguous();
+  auto buf = torch::empty({B * (Dm + (Hq + 2 * Hkv) * D + Hq * D + 2 * I)}, out.options());
+  float* hp = out.data_ptr<float>();
+  float* xn = buf.data_ptr<float>();
+  float* q = xn + B * Dm;
+  float* k = q + B * Hq * D;
+  float* v = k + B * Hkv * D;
+  float* att = v + B * Hkv * D;
+  float* gate = att + B * Hq * D;
+  float* up = gate + B * I;
+  const float* cp = cos.data_ptr<float>(); const float* sp = sin.data_ptr<float>();
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  const float e = static_cast<float>(eps), sc = static_cast<float>(scale);
+  for (int64_t l = 0; l < layers; ++l) {
+    const torch::Tensor* w = weights.data() + l * 12;
+    rms_rows(hp, f32(w[0]), xn, B, Dm, e);
+    const Projection qkv[3] = {{f32(w[1]), f32(w[9]), q, Hq * D}, {f32(w[2]), f32(w[10]), k, Hkv * D},
+                               {f32(w[3]), f32(w[11]), v, Hkv * D}};
+    project(B, xn, Dm, qkv, 3);
+    rotate_rows(q, cp, sp, q, B, Hq, D);
+    rotate_rows(k, cp, sp, k, B, Hkv, D);
+    float* kc = k_caches[l].data_ptr<float>();
+    float* vc = v_caches[l].data_ptr<float>();
+    for (int64_t b = 0; b < B; ++b) {
+      std::memcpy(kc + slot[b] * Hkv * D, k + b * Hkv * D, Hkv * D * sizeof(float));
+      std::memcpy(vc + slot[b] * Hkv * D, v + b * Hkv * D, Hkv * D * sizeof(float));
+    }
+    attend_all(q, kc, vc, tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), B, tables.size(1), block_size, Hq, Hkv,
+               D, sc, att);
+    const Projection o[1] = {{f32(w[4]), nullptr, xn, Dm}};
+    project(B, att, Hq * D, o, 1);
+    for (int64_t i = 0; i < B * Dm; ++i) hp[i] += xn[i];
+    rms_rows(hp, f32(w[5]), xn, B, Dm, e);
+    const Projection gu[2] = {{f32(w[6]), nullptr, gate, I}, {f32(w[7]), nullptr, up, I}};
+    project(B, xn, Dm, gu, 2);
+    for (int64_t i = 0; i < B * I; ++i) gate[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
+    const Projection down[1] = {{f32(w[8]), nullptr, xn, Dm}};
+    project(B, gate, I, down, 1);
+    for (int64_t i = 0; i < B * Dm; ++i) hp[i] += xn[i];
+  }
+  return out;
 }
 """
 
@@ -441,7 +541,7 @@ def _cpu_flags() -> str:
 
 
 _FUNCTIONS = ["paged_decode", "small_linear", "int4_chunk", "pack_int4", "int8_linear", "int8_group_linear",
-              "int4_linear", "rms_norm", "rotary"]
+              "int4_linear", "rms_norm", "rotary", "llama_decode"]
 _CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
 
 
@@ -572,7 +672,7 @@ def _small_float_rows(x: torch.Tensor) -> bool:
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
     """RMS norm of the rows of x [N, D] (a decode step's few rows) in one call; None where PyTorch's runs."""
-    if x.dim() != 2 or not _small_float_rows(x) or weight.dtype != torch.float32 or weight.requires_grad:
+    if x.dim() != 2 or not _small_float_rows(x) or weight.dtype != torch.float32 or (torch.is_grad_enabled() and weight.requires_grad):
         return None
     kernel = _kernel()
     return None if kernel is None else kernel.rms_norm(x, weight, eps)
@@ -584,3 +684,23 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
         return None
     kernel = _kernel()
     return None if kernel is None else kernel.rotary(x, cos, sin)
+
+
+def llama_decode_available() -> bool:
+    """Whether the whole-decoder kernel has been built (CPU)."""
+    return _kernel() is not None
+
+
+def llama_decode(
+    h: torch.Tensor, weights: list[torch.Tensor], k_caches: list[torch.Tensor], v_caches: list[torch.Tensor],
+    cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor,
+    block_size: int, num_heads: int, num_kv_heads: int, eps: float, scale: float,
+) -> torch.Tensor:
+    """Every Llama decoder layer for one new token of each of B <= 4 sequences, in one call.
+
+    weights: twelve per layer (input norm, q, k, v, o, post-attention norm, gate, up, down, and the
+    q/k/v biases, an empty tensor where there is none), float32 and contiguous. New K/V go to `slots`;
+    attention reads each sequence's context through `tables` and `lens` as `paged_decode` does.
+    """
+    return _kernel().llama_decode(h, weights, k_caches, v_caches, cos.contiguous(), sin.contiguous(), slots, tables,
+                                  lens, block_size, num_heads, num_kv_heads, eps, scale)

@@ -17,10 +17,11 @@ import torch
 from torch import nn
 
 from lmkernel.config import ModelConfig
+from lmkernel.layers import cpu_kernels
 from lmkernel.layers.activation import get_activation
 from lmkernel.layers.attention import AttentionMetadata, KVLayer, attend
 from lmkernel.layers.checkpoint import run_layer
-from lmkernel.layers.linear import dense
+from lmkernel.layers.linear import Dense, dense
 from lmkernel.layers.norm import RMSNorm
 from lmkernel.layers.rotary import RotaryEmbedding, apply_rotary
 from lmkernel.models.weights import embedding, load_with_tied_head
@@ -116,8 +117,63 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
 
+    def fused_decode(self) -> FusedDecode | None:
+        """The decoder as one compiled call for decode steps, where it applies: on CPU, in float32,
+        every projection a plain dense layer (not quantized, not LoRA-wrapped), SiLU; else None."""
+        c = self.config
+        if self.training or c.hidden_act not in ("silu", "swish") or not cpu_kernels.llama_decode_available():
+            return None
+        no_bias = torch.empty(0)
+        weights: list[torch.Tensor] = []
+        for layer in self.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+            if any(type(m) is not Dense for m in linears) or any(m.bias is not None for m in linears[3:]):
+                return None
+            weights += [layer.input_layernorm.weight, *(m.weight for m in linears[:4]), layer.post_attention_layernorm.weight,
+                        *(m.weight for m in linears[4:]), *(no_bias if m.bias is None else m.bias for m in linears[:3])]
+        if any(w.device.type != "cpu" or w.dtype != torch.float32 or not w.is_contiguous() for w in weights if w.numel()):
+            return None
+        return FusedDecode(self, [w.detach() for w in weights])
+
     def load_weights(self, tensors: Mapping[str, torch.Tensor], source: str) -> None:
         """Load Hugging Face-named tensors; a tied head reuses the embedding matrix."""
         load_with_tied_head(
             self, tensors, source, "lm_head.weight", "model.embed_tokens.weight", self.config.tie_word_embeddings
         )
+
+
+class FusedDecode:
+    """Every decoder layer of a `LlamaForCausalLM` in one compiled CPU call, for steps where each of
+    one to four sequences adds one token: the equations above, without ~30 framework calls per layer.
+
+    Built once by the model runner (an engine's model does not change under it). Calling it on a step
+    it does not cover (a prefill, more than four sequences) returns None, and the model's own forward runs.
+    """
+
+    MAX_SEQUENCES = 4
+
+    def __init__(self, model: LlamaForCausalLM, weights: list[torch.Tensor]) -> None:
+        self.model, self.weights = model, weights
+        self._caches: tuple[object, list[torch.Tensor], list[torch.Tensor]] | None = None  # the runner's, split once
+        c = model.config
+        self.num_heads, self.num_kv_heads, self.eps, self.scale = c.num_heads, c.num_kv_heads, c.norm_eps, c.head_dim**-0.5
+
+    def __call__(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, kv_caches: Sequence[KVLayer]
+    ) -> torch.Tensor | None:
+        paged = meta.paged
+        batch = paged.decode_batch if paged is not None else None
+        n = input_ids.shape[0]
+        if batch is None or len(batch.seqs) != n or n > self.MAX_SEQUENCES or kv_caches[0][0].dtype != torch.float32:
+            return None
+        if self._caches is None or self._caches[0] is not kv_caches:
+            self._caches = (kv_caches, [k for k, _ in kv_caches], [v for _, v in kv_caches])
+        m = self.model
+        h = m.model.embed_tokens(input_ids)
+        cos, sin = m.rotary.cos_sin(positions, h.dtype, meta.cu_seqlens)
+        h = cpu_kernels.llama_decode(
+            h, self.weights, self._caches[1], self._caches[2], cos, sin, paged.slot_mapping,
+            batch.tables, batch.lens, batch.block_size, self.num_heads, self.num_kv_heads, self.eps, self.scale,
+        )
+        return m.model.norm(h)

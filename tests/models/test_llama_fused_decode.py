@@ -1,0 +1,98 @@
+"""The whole-decoder kernel for decode steps (`FusedDecode`) against llama.py's layer-by-layer forward,
+in the engine: SmolLM2 (grouped KV heads, no biases) and a Qwen2 (Q/K/V biases)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from model_checks import load_dir, perturb_vectors
+
+from lmkernel import LLM, SamplingParams
+from lmkernel.layers import cpu_kernels
+from lmkernel.models.llama import FusedDecode
+
+
+def _generate_both_ways(llm: LLM, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> tuple[list, list, int]:
+    """Outputs with the fused decode step, the same without it, and how many steps it ran."""
+    runner = llm.engine.runner
+    fused = runner.fused
+    assert isinstance(fused, FusedDecode), "a float32 Llama on CPU should decode through the fused kernel"
+    calls = 0
+
+    def counted(*args: object) -> torch.Tensor | None:
+        nonlocal calls
+        out = fused(*args)
+        calls += out is not None
+        return out
+
+    try:
+        runner.fused = counted
+        with_fused = llm.generate(prompts, params)
+        runner.fused = None
+        layer_by_layer = llm.generate(prompts, params)
+    finally:
+        runner.fused = fused
+    return with_fused, layer_by_layer, calls
+
+
+def _assert_same(a_outputs: list, b_outputs: list) -> None:
+    for a, b in zip(a_outputs, b_outputs):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for x, y, t in zip(a.outputs[0].logprobs, b.outputs[0].logprobs, a.outputs[0].token_ids):
+            assert abs(x[t].logprob - y[t].logprob) <= 1e-4
+
+
+def test_fused_decode_equals_the_layer_by_layer_forward(smollm, wikitext_lines):
+    ids = smollm.tokenizer.encode(" ".join(wikitext_lines[:200]))
+    llm = LLM(smollm, kv_cache_memory="64MiB", enable_prefix_caching=False, verbose=False)
+    # Five prompts of different lengths and output budgets: steps of 5 decodes (beyond the kernel: the
+    # layer-by-layer forward runs), then 4, 3, 2 and 1 as requests finish; contexts cross block edges.
+    prompts = [ids[i * 50 : i * 50 + n] for i, n in enumerate((3, 17, 40, 95, 160))]
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, logprobs=1) for n in (4, 8, 12, 16, 20)]
+    with_fused, plain, calls = _generate_both_ways(llm, prompts, params)
+    _assert_same(with_fused, plain)
+    assert [len(o.outputs[0].token_ids) for o in with_fused] == [4, 8, 12, 16, 20]
+    # Decode steps: 3 with five sequences (fused declines), then 4 + 4 + 4 + 4 with 4..1 sequences.
+    assert calls == 16
+    assert llm.stats()["kv_blocks_free"] == llm.stats()["kv_blocks_total"]
+
+
+@pytest.fixture()
+def qwen2(tmp_path) -> torch.nn.Module:
+    """A small random Qwen2 (Q/K/V biases, two query heads per KV head) loaded by llama.py."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(3)
+    config = Qwen2Config(
+        vocab_size=1000, hidden_size=64, intermediate_size=136, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256,
+    )
+    perturb_vectors(Qwen2ForCausalLM(config), 0.3).save_pretrained(tmp_path, safe_serialization=True)
+    model = load_dir(tmp_path)
+    assert model.config.attention_bias
+    return model
+
+
+def test_fused_decode_with_qkv_bias_and_grouped_heads(qwen2, smollm):
+    loaded = dataclasses.replace(smollm, config=qwen2.config, model=qwen2)  # SmolLM2's tokenizer: ids < 1000 decode
+    llm = LLM(loaded, kv_cache_memory=8 << 20, block_size=4, verbose=False)
+    prompts = [[5, 17, 300, 999, 42, 7, 7, 8], [1, 2, 3], list(range(100, 130))]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=1)
+    with_fused, plain, calls = _generate_both_ways(llm, prompts, params)
+    _assert_same(with_fused, plain)
+    assert calls == 11  # every decode step
+
+
+def test_fused_decode_is_declined_where_it_does_not_apply(qwen2):
+    from lmkernel.compress.quantize import quantize_model
+
+    assert cpu_kernels.llama_decode_available() and qwen2.fused_decode() is not None
+    qwen2.train()
+    assert qwen2.fused_decode() is None  # training: autograd needs the layer-by-layer forward
+    qwen2.eval()
+    assert qwen2.to(torch.bfloat16).fused_decode() is None
+    qwen2.float()
+    quantize_model(qwen2, "int8")
+    assert qwen2.fused_decode() is None  # quantized projections have their own kernels
