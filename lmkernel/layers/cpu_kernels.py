@@ -452,39 +452,85 @@ torch::Tensor rotary(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
 }
 
 // ---- a whole Llama decoder for a decode step of one to four sequences, in one call ---------------
-struct Projection { const float* w; const float* bias; float* y; int64_t N; };
+enum WeightKind { FLOAT32 = 0, INT8_ROW = 1, INT8_GROUP = 2, INT4 = 3 };
+
+struct Projection {
+  // y [M, N] = x W^T (+ bias); W float32, int8 with per-row or per-group scales, or int4 in the layout
+  // of pack_int4 (scales and mins per group, input padded with zeros to Kw = a multiple of the group).
+  int kind; const void* w; const float* scale; const float* mins; int64_t Kw, G; const float* bias; float* y; int64_t N;
+};
+
+static Projection projection(const torch::Tensor& w, const torch::Tensor& scale, const torch::Tensor& mins,
+                             const torch::Tensor& bias, float* y) {
+  Projection p{FLOAT32, w.data_ptr(), nullptr, nullptr, w.size(1), 0, bias.defined() && bias.numel() ? bias.data_ptr<float>() : nullptr,
+               y, w.size(0)};
+  if (w.scalar_type() == torch::kChar) {
+    p.scale = scale.data_ptr<float>();
+    p.kind = scale.dim() == 1 ? INT8_ROW : INT8_GROUP;
+    p.G = scale.dim() == 1 ? 0 : p.Kw / scale.size(1);
+  } else if (w.scalar_type() == torch::kByte) {
+    p.kind = INT4; p.Kw = 2 * w.size(1); p.G = p.Kw / scale.size(1);
+    p.scale = scale.data_ptr<float>(); p.mins = mins.data_ptr<float>();
+  }
+  return p;
+}
+
+template <int M>
+static void project_rows(const Projection& p, const float* x, int64_t n0, int64_t n1) {
+  switch (p.kind) {
+    case FLOAT32: rows_kernel<M>(x, static_cast<const float*>(p.w), nullptr, p.y, n0, n1, p.Kw, p.N); break;
+    case INT8_ROW: rows_kernel<M>(x, static_cast<const int8_t*>(p.w), p.scale, p.y, n0, n1, p.Kw, p.N); break;
+    case INT8_GROUP: int8_group_rows<M>(x, static_cast<const int8_t*>(p.w), p.scale, p.y, n0, n1, p.Kw, p.N, p.G); break;
+    default: int4_rows<M>(x, static_cast<const uint8_t*>(p.w), p.scale, p.mins, p.y, n0, n1, p.Kw, p.N, p.G); break;
+  }
+}
 
 static void project(int64_t M, const float* x, int64_t K, const Projection* ps, int count) {
   // y_p = x W_p^T (+ b_p) for projections that read the same input, their output rows in one parallel loop.
   // Small chunks so that each thread's contiguous share is even to within a few rows.
   const int64_t chunk = 16;
   int64_t first[5] = {0, 0, 0, 0, 0};
-  for (int p = 0; p < count; ++p) first[p + 1] = first[p] + (ps[p].N + chunk - 1) / chunk;
+  const float* xs[4];
+  std::vector<float> padded[4];
+  for (int p = 0; p < count; ++p) {
+    first[p + 1] = first[p] + (ps[p].N + chunk - 1) / chunk;
+    xs[p] = x;
+    if (ps[p].Kw != K) {  // int4 with the input padded to whole groups
+      padded[p].assign(M * ps[p].Kw, 0.f);
+      for (int64_t m = 0; m < M; ++m) std::memcpy(padded[p].data() + m * ps[p].Kw, x + m * K, K * sizeof(float));
+      xs[p] = padded[p].data();
+    }
+  }
   const int64_t total = first[count];
 #pragma omp parallel for schedule(static)
   for (int64_t c = 0; c < total; ++c) {
     int p = 0;
     while (c >= first[p + 1]) ++p;
-    const int64_t n0 = (c - first[p]) * chunk, n1 = std::min(ps[p].N, n0 + chunk);
-    run_rows(M, x, ps[p].w, nullptr, ps[p].y, n0, n1, K, ps[p].N);
-    if (ps[p].bias)
+    const Projection& pr = ps[p];
+    const int64_t n0 = (c - first[p]) * chunk, n1 = std::min(pr.N, n0 + chunk);
+    switch (M) {
+      case 1: project_rows<1>(pr, xs[p], n0, n1); break;
+      case 2: project_rows<2>(pr, xs[p], n0, n1); break;
+      case 3: project_rows<3>(pr, xs[p], n0, n1); break;
+      default: project_rows<4>(pr, xs[p], n0, n1); break;
+    }
+    if (pr.bias)
       for (int64_t m = 0; m < M; ++m)
-        for (int64_t n = n0; n < n1; ++n) ps[p].y[m * ps[p].N + n] += ps[p].bias[n];
+        for (int64_t n = n0; n < n1; ++n) pr.y[m * pr.N + n] += pr.bias[n];
   }
 }
-
-static const float* f32(const torch::Tensor& t) { return t.numel() ? t.data_ptr<float>() : nullptr; }
 
 torch::Tensor llama_decode(torch::Tensor h, std::vector<torch::Tensor> weights, std::vector<torch::Tensor> k_caches,
                            std::vector<torch::Tensor> v_caches, torch::Tensor cos, torch::Tensor sin,
                            torch::Tensor slots, torch::Tensor tables, torch::Tensor lens, int64_t block_size,
                            int64_t num_heads, int64_t num_kv_heads, double eps, double scale) {
   // h [B <= 4, hidden] float32: the step's embedded tokens, one per sequence -> hidden states after the
-  // last layer (before the final norm). weights: per layer, in order, input norm, q, k, v, o,
-  // post-attention norm, gate, up, down, q bias, k bias, v bias (an empty tensor: no bias). Every
-  // layer writes its new K/V at `slots` and attends through the block tables, as `paged_decode`.
+  // last layer (before the final norm). weights: per layer, in order, the input and post-attention
+  // norms, then (weight, scale, mins) for each of q, k, v, o, gate, up, down (see `projection`; an
+  // empty tensor where a kind has none), then the q, k, v biases (empty: none). Every layer writes its
+  // new K/V at `slots` and attends through the block tables, as `paged_decode`.
   const int64_t B = h.size(0), Dm = h.size(1), D = cos.size(1), Hq = num_heads, Hkv = num_kv_heads;
-  const int64_t I = weights[6].size(0), layers = static_cast<int64_t>(k_caches.size());
+  const int64_t I = weights[14].size(0), layers = static_cast<int64_t>(k_caches.size());
   auto out = h.to(torch::kFloat32).clone().contiguous();
   auto buf = torch::empty({B * (Dm + (Hq + 2 * Hkv) * D + Hq * D + 2 * I)}, out.options());
   float* hp = out.data_ptr<float>();
@@ -498,11 +544,14 @@ torch::Tensor llama_decode(torch::Tensor h, std::vector<torch::Tensor> weights, 
   const float* cp = cos.data_ptr<float>(); const float* sp = sin.data_ptr<float>();
   const int64_t* slot = slots.data_ptr<int64_t>();
   const float e = static_cast<float>(eps), sc = static_cast<float>(scale);
+  const torch::Tensor none;
   for (int64_t l = 0; l < layers; ++l) {
-    const torch::Tensor* w = weights.data() + l * 12;
-    rms_rows(hp, f32(w[0]), xn, B, Dm, e);
-    const Projection qkv[3] = {{f32(w[1]), f32(w[9]), q, Hq * D}, {f32(w[2]), f32(w[10]), k, Hkv * D},
-                               {f32(w[3]), f32(w[11]), v, Hkv * D}};
+    const torch::Tensor* w = weights.data() + l * 26;
+    const torch::Tensor* lin = w + 2;  // (weight, scale, mins) x 7
+    const torch::Tensor* bias = w + 23;
+    auto proj = [&](int i, const torch::Tensor& b, float* y) { return projection(lin[3 * i], lin[3 * i + 1], lin[3 * i + 2], b, y); };
+    rms_rows(hp, w[0].data_ptr<float>(), xn, B, Dm, e);
+    const Projection qkv[3] = {proj(0, bias[0], q), proj(1, bias[1], k), proj(2, bias[2], v)};
     project(B, xn, Dm, qkv, 3);
     rotate_rows(q, cp, sp, q, B, Hq, D);
     rotate_rows(k, cp, sp, k, B, Hkv, D);
@@ -514,14 +563,14 @@ torch::Tensor llama_decode(torch::Tensor h, std::vector<torch::Tensor> weights, 
     }
     attend_all(q, kc, vc, tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), B, tables.size(1), block_size, Hq, Hkv,
                D, sc, att);
-    const Projection o[1] = {{f32(w[4]), nullptr, xn, Dm}};
+    const Projection o[1] = {proj(3, none, xn)};
     project(B, att, Hq * D, o, 1);
     for (int64_t i = 0; i < B * Dm; ++i) hp[i] += xn[i];
-    rms_rows(hp, f32(w[5]), xn, B, Dm, e);
-    const Projection gu[2] = {{f32(w[6]), nullptr, gate, I}, {f32(w[7]), nullptr, up, I}};
+    rms_rows(hp, w[1].data_ptr<float>(), xn, B, Dm, e);
+    const Projection gu[2] = {proj(4, none, gate), proj(5, none, up)};
     project(B, xn, Dm, gu, 2);
     for (int64_t i = 0; i < B * I; ++i) gate[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
-    const Projection down[1] = {{f32(w[8]), nullptr, xn, Dm}};
+    const Projection down[1] = {proj(6, none, xn)};
     project(B, gate, I, down, 1);
     for (int64_t i = 0; i < B * Dm; ++i) hp[i] += xn[i];
   }

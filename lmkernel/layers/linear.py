@@ -256,6 +256,12 @@ class Int4Linear(nn.Module):
             self._packed = (packed, scales_zeros)
         return self._packed
 
+    def cpu_packed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The codes in the CPU kernel's nibble layout, and float32 scales and minimums (built once)."""
+        if self._packed is None or self._packed[0].dtype != torch.uint8:
+            self._packed = (cpu_kernels.pack_int4(self.codes()), self.scales.float(), self.mins.float())
+        return self._packed
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
         if self.padded != self.in_features:
@@ -265,9 +271,7 @@ class Int4Linear(nn.Module):
             y = torch._weight_int4pack_mm(flat.contiguous(), packed, self.group_size, scales_zeros)
         elif flat.shape[0] <= DECODE_ROWS and cpu_kernels.int4_chunk() is not None:
             # PyTorch's CPU int4 kernel has no fast path without AVX-512; ours streams the nibbles.
-            if self._packed is None:
-                self._packed = (cpu_kernels.pack_int4(self.codes()), self.scales.float(), self.mins.float())
-            packed, scales, mins = self._packed
+            packed, scales, mins = self.cpu_packed()
             y = torch.cat([cpu_kernels.int4_linear(rows, packed, scales, mins, self.group_size)
                            for rows in flat.split(cpu_kernels.SMALL_LINEAR_MAX_ROWS)]).to(x.dtype)
         else:

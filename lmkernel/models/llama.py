@@ -21,7 +21,7 @@ from lmkernel.layers import cpu_kernels
 from lmkernel.layers.activation import get_activation
 from lmkernel.layers.attention import AttentionMetadata, KVLayer, attend
 from lmkernel.layers.checkpoint import run_layer
-from lmkernel.layers.linear import Dense, dense
+from lmkernel.layers.linear import Dense, Int4Linear, Int8Linear, dense
 from lmkernel.layers.norm import RMSNorm
 from lmkernel.layers.rotary import RotaryEmbedding, apply_rotary
 from lmkernel.models.weights import embedding, load_with_tied_head
@@ -118,21 +118,22 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(hidden)
 
     def fused_decode(self) -> FusedDecode | None:
-        """The decoder as one compiled call for decode steps, where it applies: on CPU, in float32,
-        every projection a plain dense layer (not quantized, not LoRA-wrapped), SiLU; else None."""
+        """The decoder as one compiled call for decode steps, where it applies: on CPU, in float32, every
+        projection a plain dense, int8 or int4 layer (not LoRA-wrapped), SiLU; else None."""
         c = self.config
         if self.training or c.hidden_act not in ("silu", "swish") or not cpu_kernels.llama_decode_available():
             return None
-        no_bias = torch.empty(0)
         weights: list[torch.Tensor] = []
         for layer in self.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
             linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-            if any(type(m) is not Dense for m in linears) or any(m.bias is not None for m in linears[3:]):
+            parts = [_fused_parts(m) for m in linears]
+            norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
+            if any(p is None for p in parts) or any(m.bias is not None for m in linears[3:]):
                 return None
-            weights += [layer.input_layernorm.weight, *(m.weight for m in linears[:4]), layer.post_attention_layernorm.weight,
-                        *(m.weight for m in linears[4:]), *(no_bias if m.bias is None else m.bias for m in linears[:3])]
-        if any(w.device.type != "cpu" or w.dtype != torch.float32 or not w.is_contiguous() for w in weights if w.numel()):
+            weights += [*norms, *(t for p in parts for t in p), *(_NONE if m.bias is None else m.bias for m in linears[:3])]
+        if any(w.device.type != "cpu" or (w.is_floating_point() and w.dtype != torch.float32) or not w.is_contiguous()
+               for w in weights):
             return None
         return FusedDecode(self, [w.detach() for w in weights])
 
@@ -141,6 +142,22 @@ class LlamaForCausalLM(nn.Module):
         load_with_tied_head(
             self, tensors, source, "lm_head.weight", "model.embed_tokens.weight", self.config.tie_word_embeddings
         )
+
+
+_NONE = torch.empty(0)
+
+
+def _fused_parts(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(weight, scale, mins) of a projection as the fused decode kernel reads it, or None for a kind it
+    does not run (LoRA wrappers, dynamic int8)."""
+    if type(layer) is Dense:
+        return layer.weight, _NONE, _NONE
+    if type(layer) is Int8Linear:
+        return layer.weight, layer.weight_scale.float().contiguous(), _NONE
+    if type(layer) is Int4Linear:
+        packed, scales, mins = layer.cpu_packed()
+        return packed, scales, mins
+    return None
 
 
 class FusedDecode:

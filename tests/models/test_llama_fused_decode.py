@@ -75,7 +75,12 @@ def qwen2(tmp_path) -> torch.nn.Module:
     return model
 
 
-def test_fused_decode_with_qkv_bias_and_grouped_heads(qwen2, smollm):
+@pytest.mark.parametrize("weights", ["float32", "int8", "int4"])
+def test_fused_decode_with_qkv_bias_and_grouped_heads(qwen2, smollm, weights):
+    from lmkernel.compress.quantize import quantize_model
+
+    if weights != "float32":  # int4 in groups of 32: down_proj's 136 inputs are padded to 160
+        quantize_model(qwen2, weights, group_size=32 if weights == "int4" else None)
     loaded = dataclasses.replace(smollm, config=qwen2.config, model=qwen2)  # SmolLM2's tokenizer: ids < 1000 decode
     llm = LLM(loaded, kv_cache_memory=8 << 20, block_size=4, verbose=False)
     prompts = [[5, 17, 300, 999, 42, 7, 7, 8], [1, 2, 3], list(range(100, 130))]
@@ -85,8 +90,24 @@ def test_fused_decode_with_qkv_bias_and_grouped_heads(qwen2, smollm):
     assert calls == 11  # every decode step
 
 
+def test_fused_decode_runs_the_gguf_in_its_own_bits(smollm_gguf, smollm, wikitext_lines):
+    """SmolLM2 as shipped: Q4_1 projections as int4 groups of 32 (and any Q8_0 as int8 groups)."""
+    from lmkernel import load_model
+    from lmkernel.layers.linear import Int4Linear
+
+    kept = load_model(smollm_gguf, quantization="keep")
+    assert isinstance(kept.model.model.layers[0].mlp.up_proj, Int4Linear)
+    llm = LLM(kept, kv_cache_memory="32MiB", verbose=False)
+    ids = smollm.tokenizer.encode(" ".join(wikitext_lines[:50]))
+    prompts = [ids[:20], ids[30:100]]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=1)
+    with_fused, plain, calls = _generate_both_ways(llm, prompts, params)
+    _assert_same(with_fused, plain)
+    assert calls == 7
+
+
 def test_fused_decode_is_declined_where_it_does_not_apply(qwen2):
-    from lmkernel.compress.quantize import quantize_model
+    from lmkernel.layers.linear import DynamicInt8Linear
 
     assert cpu_kernels.llama_decode_available() and qwen2.fused_decode() is not None
     qwen2.train()
@@ -94,5 +115,6 @@ def test_fused_decode_is_declined_where_it_does_not_apply(qwen2):
     qwen2.eval()
     assert qwen2.to(torch.bfloat16).fused_decode() is None
     qwen2.float()
-    quantize_model(qwen2, "int8")
-    assert qwen2.fused_decode() is None  # quantized projections have their own kernels
+    mlp = qwen2.model.layers[1].mlp
+    mlp.up_proj = DynamicInt8Linear.from_float(mlp.up_proj)
+    assert qwen2.fused_decode() is None  # a kind of layer the kernel does not run
