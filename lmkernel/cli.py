@@ -412,9 +412,7 @@ def bench_compress(
             change = r.quality / base.quality - 1 if quality == "perplexity" else r.quality - 1
             table.add_row(r.name, f"{r.size_bytes / 1e6:.1f} ({base.size_bytes / r.size_bytes:.2f}x)",
                           f"{r.rss_bytes / 1e6:.0f}", f"{r.quality:.4f} ({change:+.2%})",
-                          f"{r.decode_b1:.1f} ({r.decode_b1 / base.decode_b1:.2f}x)",
-                          f"{r.decode_b16:.1f} ({r.decode_b16 / base.decode_b16:.2f}x)",
-                          f"{r.prefill:.0f} ({r.prefill / base.prefill:.2f}x)")
+                          *(f"{v:.{0 if i == 2 else 1}f} ({x:.2f}x)" for i, (v, x) in enumerate(zip(r.speeds(), r.speedup))))
         console.print(table)
 
 

@@ -3,6 +3,8 @@ quality (perplexity, or embedding cosine for an encoder) and speed.
 
 The parent process builds each variant into a directory; each is then measured in a fresh child
 process (`python -m lmkernel.bench.compress DIR ...`), so resident memory is that variant's alone.
+The decoder variants' speeds are then timed in the parent, all loaded together and taken in turn
+round after round, so every ratio compares runs from the same minutes of this shared, noisy machine.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -25,6 +28,8 @@ from lmkernel.loading import LoadedModel, load_model
 
 DECODE_TOKENS = 64
 PREFILL_TOKENS = 512
+SPEED_ROUNDS = 3
+PREFILL_REPEATS = 3  # a prefill is short: more tries per round against the machine's noise
 
 
 @dataclass
@@ -36,6 +41,10 @@ class VariantResult:
     decode_b1: float  # tokens/s at batch 1 (encoders: sentences/s one at a time)
     decode_b16: float  # tokens/s over 16 requests (encoders: sentences/s in batches of 16)
     prefill: float  # prompt tokens/s in one 512-token pass (encoders: tokens/s in batches of 16)
+    speedup: tuple[float, float, float] = (1.0, 1.0, 1.0)  # the three speeds against the first variant's
+
+    def speeds(self) -> tuple[float, float, float]:
+        return self.decode_b1, self.decode_b16, self.prefill
 
 
 def resident_bytes() -> int:
@@ -54,50 +63,68 @@ def _best(fn: Callable[[], float], rounds: int = 3) -> float:
     return min(fn() for _ in range(rounds))
 
 
-def _prefill_tps(lm: LoadedModel, ids: list[int]) -> float:
+def _prefill_seconds(lm: LoadedModel, ids: list[int]) -> float:
+    """Seconds of one forward over `ids` as one prompt."""
     meta = AttentionMetadata.for_lengths([len(ids)], causal=not lm.config.is_encoder)
     x, pos = torch.tensor(ids, device=lm.device), torch.arange(len(ids), device=lm.device)
-
-    def once() -> float:
-        start = time.perf_counter()
-        with torch.inference_mode():
-            lm.model(x, pos, meta)
-        return time.perf_counter() - start
-
-    return len(ids) / _best(once)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        lm.model(x, pos, meta)
+    return time.perf_counter() - start
 
 
-def _decode_tps(lm: LoadedModel, prompts: list[list[int]]) -> float:
-    """Decoded tokens/s of the engine running `prompts` (which fit one step) together, prefill excluded."""
-    from lmkernel.engine.llm import LLM
+def _decode_seconds(engine: object, prompts: list[list[int]]) -> float:
+    """Seconds per decode step of the engine running `prompts` (which fit one step) together, prefill excluded."""
     from lmkernel.engine.sampling import SamplingParams
 
-    engine = LLM(lm, kv_cache_memory="256MiB", verbose=False)._engine()
-
-    def once() -> float:
-        for i, p in enumerate(prompts):
-            engine.add_request(f"r{i}", p, SamplingParams(temperature=0, max_tokens=DECODE_TOKENS, ignore_eos=True))
-        engine.step()  # every prompt fits one step's token budget: all prefilled, first tokens out
-        start, steps = time.perf_counter(), 0
-        while engine.has_unfinished_requests():
-            engine.step()
-            steps += 1
-        return (time.perf_counter() - start) / max(steps, 1)
-
-    return len(prompts) / _best(once)
+    for i, p in enumerate(prompts):
+        engine.add_request(f"r{i}", p, SamplingParams(temperature=0, max_tokens=DECODE_TOKENS, ignore_eos=True))
+    engine.step()  # every prompt fits one step's token budget: all prefilled, first tokens out
+    start, steps = time.perf_counter(), 0
+    while engine.has_unfinished_requests():
+        engine.step()
+        steps += 1
+    return (time.perf_counter() - start) / max(steps, 1)
 
 
 def measure_decoder(path: Path, quantization: str | None, text: str, max_tokens: int) -> VariantResult:
+    """Size, resident memory after a prefill, and perplexity (speeds: `time_decoders`)."""
     from lmkernel.eval.perplexity import perplexity
 
     lm = load_model(path, quantization=quantization)
     ids = lm.tokenizer.encode(text, add_special_tokens=False)
-    prefill = _prefill_tps(lm, ids[:PREFILL_TOKENS])
+    _prefill_seconds(lm, ids[:PREFILL_TOKENS])
     rss = resident_bytes()
     ppl = perplexity(lm, text, max_tokens).perplexity
-    b1 = _decode_tps(lm, [ids[:32]])
-    b16 = _decode_tps(lm, [ids[i * 32 : i * 32 + 32] for i in range(16)])
-    return VariantResult(path.name, size_on_disk(path), rss, ppl, b1, b16, prefill)
+    return VariantResult(path.name, size_on_disk(path), rss, ppl, 0.0, 0.0, 0.0)
+
+
+def time_decoders(variants: list[tuple[str, Path, str | None]], results: list[VariantResult], text: str,
+                  log: Callable[[str], None], rounds: int = SPEED_ROUNDS) -> None:
+    """Fill in the speeds of `results`: every variant loaded at once, each measurement taken for every
+    variant in turn, `rounds` times (prefill `PREFILL_REPEATS` times a round). Speeds come from the
+    median times; each speed-up is the median of the ratios of measurements taken back to back with the
+    first variant's, so that a slow minute of the machine slows both sides of a ratio alike."""
+    from lmkernel.engine.llm import LLM
+
+    models = [load_model(path, quantization=quant) for _, path, quant in variants]
+    engines = [LLM(lm, kv_cache_memory="256MiB", verbose=False)._engine() for lm in models]
+    ids = models[0].tokenizer.encode(text, add_special_tokens=False)
+    one, sixteen = [ids[:32]], [ids[i * 32 : i * 32 + 32] for i in range(16)]
+    seconds: list[list[list[float]]] = [[[], [], []] for _ in variants]  # [variant][b1, b16, prefill][sample]
+    for r in range(rounds):
+        log(f"timing round {r + 1} of {rounds}")
+        for _ in range(PREFILL_REPEATS):
+            for i, lm in enumerate(models):
+                seconds[i][2].append(_prefill_seconds(lm, ids[:PREFILL_TOKENS]))
+        for i, engine in enumerate(engines):
+            seconds[i][0].append(_decode_seconds(engine, one))
+            seconds[i][1].append(_decode_seconds(engine, sixteen))
+    work = (1, 16, PREFILL_TOKENS)  # tokens per measured second: one step of 1 or 16 requests, one prefill
+    for result, own in zip(results, seconds):
+        result.decode_b1, result.decode_b16, result.prefill = (n / statistics.median(t) for n, t in zip(work, own))
+        result.speedup = tuple(statistics.median(b / t for b, t in zip(base, mine))  # type: ignore[assignment]
+                               for base, mine in zip(seconds[0], own))
 
 
 def measure_encoder(path: Path, sentences: list[str], reference: torch.Tensor) -> VariantResult:
@@ -169,13 +196,15 @@ def build_decoder_variants(model: str, workdir: Path, text: str, calibration_win
 def run_decoder(model: str, workdir: Path, text_file: Path, max_tokens: int, calibration_windows: int,
                 log: Callable[[str], None]) -> list[VariantResult]:
     text = text_file.read_text(encoding="utf-8")
+    variants = build_decoder_variants(model, workdir, text, calibration_windows, log)
     results = []
-    for name, path, quant in build_decoder_variants(model, workdir, text, calibration_windows, log):
+    for name, path, quant in variants:
         log(f"measuring {name}")
         r = _child([str(path), "--kind", "decoder", "--text", str(text_file), "--max-tokens", str(max_tokens),
                     *(["--quantization", quant] if quant else [])])
         r.name = name
         results.append(r)
+    time_decoders(variants, results, text, log)
     return results
 
 
@@ -208,6 +237,8 @@ def run_encoder(model: str, workdir: Path, sentences: list[str], log: Callable[[
         r = _child([str(path), "--kind", "encoder", "--sentences", str(workdir / "sentences.json"), "--reference", str(ref_file)])
         r.name = name
         results.append(r)
+    for r in results:
+        r.speedup = tuple(mine / base for mine, base in zip(r.speeds(), results[0].speeds()))  # type: ignore[assignment]
     return results
 
 
