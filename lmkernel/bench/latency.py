@@ -6,6 +6,7 @@ step can be on this machine; the ratio floor / measured says how close the engin
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -38,22 +39,25 @@ class LatencyResult:
     floor_ms: float
     bandwidth_gbs: float
     peer_ms_per_token: float | None = None
-
-    @property
-    def fraction_of_floor(self) -> float:
-        return self.floor_ms / self.ms_per_token
+    kv_utilisation: float | None = None
+    fraction_of_floor: float = 0.0  # median of paired rounds (see `measure`)
 
 
-def decode_latency(llm: LLM, prompt: list[int], new_tokens: int) -> float:
-    """Milliseconds per decoded token for one request, prefill excluded."""
+def decode_latency(llm: LLM, prompt: list[int], new_tokens: int) -> tuple[float, float | None]:
+    """Milliseconds per decoded token for one request, prefill excluded, and the KV-cache utilisation
+    over those steps (tokens stored / token slots allocated, read between steps, outside the timing)."""
     engine = llm.engine
     engine.add_request("latency", prompt, SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True))
     engine.step()  # prefill and first token
-    start, steps = time.perf_counter(), 0
+    seconds, steps, stored, slots = 0.0, 0, 0, 0
     while engine.has_unfinished_requests():
+        start = time.perf_counter()
         engine.step()
+        seconds += time.perf_counter() - start
         steps += 1
-    return (time.perf_counter() - start) * 1000 / max(steps, 1)
+        s = engine.stats()
+        stored, slots = stored + s["kv_tokens_stored"], slots + s["kv_slots_allocated"]
+    return seconds * 1000 / max(steps, 1), (stored / slots if slots else None)
 
 
 def hf_decode_latency(model: torch.nn.Module, prompt: list[int], new_tokens: int) -> float:
@@ -71,15 +75,24 @@ def hf_decode_latency(model: torch.nn.Module, prompt: list[int], new_tokens: int
 
 
 def measure(
-    llm: LLM, prompt: list[int], new_tokens: int, rounds: int = 3, peer: torch.nn.Module | None = None
+    llm: LLM, prompt: list[int], new_tokens: int, rounds: int = 5, peer: torch.nn.Module | None = None
 ) -> LatencyResult:
-    """Alternate bandwidth, lmkernel and (optionally) transformers measurements; keep the best of each
-    (the machine is shared and noisy)."""
-    bandwidth, ms, peer_ms = 0.0, float("inf"), float("inf")
+    """Alternate bandwidth, lmkernel and (optionally) transformers measurements (the machine is shared
+    and noisy). Speeds and bandwidth are the best of the rounds; the fraction of the floor is the median
+    over rounds of each decode against the better of the bandwidths read just before and just after it,
+    so that both sides of the ratio come from the same minute."""
+    weights = weight_bytes(llm.loaded.model)
+    bandwidth, ms, peer_ms, utilisation, fractions = read_bandwidth(), float("inf"), float("inf"), None, []
+    before = bandwidth
     for _ in range(rounds):
-        bandwidth = max(bandwidth, read_bandwidth())
-        ms = min(ms, decode_latency(llm, prompt, new_tokens))
+        round_ms, utilisation = decode_latency(llm, prompt, new_tokens)
+        after = read_bandwidth()
+        fractions.append(weights / max(before, after) * 1000 / round_ms)
+        bandwidth, ms, before = max(bandwidth, after), min(ms, round_ms), after
         if peer is not None:
             peer_ms = min(peer_ms, hf_decode_latency(peer, prompt, new_tokens))
-    floor = weight_bytes(llm.loaded.model) / bandwidth * 1000
-    return LatencyResult(ms, floor, bandwidth / 1e9, peer_ms if peer is not None else None)
+            before = read_bandwidth()
+            bandwidth = max(bandwidth, before)
+    floor = weights / bandwidth * 1000
+    return LatencyResult(ms, floor, bandwidth / 1e9, peer_ms if peer is not None else None, utilisation,
+                         statistics.median(fractions))

@@ -68,6 +68,9 @@ static inline vec vload(const int8_t* p) {
 }
 static inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
 static inline float vsum(vec a) { return _mm512_reduce_add_ps(a); }
+static inline vec _lmk_vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
+static inline vec _lmk_vset(float a) { return _mm512_set1_ps(a); }
+static inline void _lmk_vstore(float* p, vec a) { _mm512_storeu_ps(p, a); }
 #elif defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define LMK_SIMD 1
@@ -83,12 +86,22 @@ static inline vec vload(const int8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
 static inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+static inline vec _lmk_vadd(vec a, vec b) { return _mm256_add_ps(a, b); }
+static inline vec _lmk_vset(float a) { return _mm256_set1_ps(a); }
+static inline void _lmk_vstore(float* p, vec a) { _mm256_storeu_ps(p, a); }
 static inline float vsum(vec a) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
 }
+#endif
+
+#ifdef LMK_SIMD
+constexpr bool LMK_SIMD_ON = true;
+#else
+constexpr bool LMK_SIMD_ON = false;
+constexpr int W = 8;
 #endif
 
 static inline void prefetch(const void* p) { __builtin_prefetch(p, 0, 3); }
@@ -163,46 +176,70 @@ torch::Tensor small_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch
   return yf.to(x.scalar_type());
 }
 
-static void attend_heads(const float* qb, const float* kp, const float* vp, const int64_t* table, int64_t L,
-                         int64_t block_size, int64_t Hkv, int64_t G, int64_t D, int64_t hkv, int64_t g0, int64_t g1,
-                         float sc, float* ob) {
-  // Query heads g0..g1 of the G that share KV head hkv, for one sequence over its L cached tokens: each
-  // cached key and value row of that head is read once for all of them. qb, ob: the sequence's [Hq, D].
-  const int64_t n = g1 - g0;
-  std::vector<float> scores(n * L);
-  const float* q0 = qb + (hkv * G + g0) * D;
-  for (int64_t j0 = 0; j0 < L; j0 += block_size) {
-    const float* kb = kp + (table[j0 / block_size] * block_size * Hkv + hkv) * D;
-    for (int64_t j = j0; j < std::min(L, j0 + block_size); ++j) {
-      const float* kh = kb + (j - j0) * Hkv * D;
-      for (int64_t g = 0; g < n; ++g) {
-        const float* qh = q0 + g * D;
-        float s = 0.f;
-        for (int64_t d = 0; d < D; ++d) s += qh[d] * kh[d];
-        scores[g * L + j] = s * sc;
-      }
+static inline float dot(const float* a, const float* b, int64_t D, bool simd) {
+  float s = 0.f;
+#ifdef LMK_SIMD
+  if (simd) {
+    vec a0 = vzero(), a1 = vzero();
+    int64_t d = 0;
+    for (; d + 2 * W <= D; d += 2 * W) {
+      a0 = vfma(vload(a + d), vload(b + d), a0);
+      a1 = vfma(vload(a + d + W), vload(b + d + W), a1);
+    }
+    for (; d < D; d += W) a0 = vfma(vload(a + d), vload(b + d), a0);
+    return vsum(_lmk_vadd(a0, a1));
+  }
+#endif
+  for (int64_t d = 0; d < D; ++d) s += a[d] * b[d];
+  return s;
+}
+
+static inline void axpy(float a, const float* x, float* y, int64_t D, bool simd) {
+#ifdef LMK_SIMD
+  if (simd) {
+    const vec av = _lmk_vset(a);
+    for (int64_t d = 0; d < D; d += W) _lmk_vstore(y + d, vfma(av, vload(x + d), vload(y + d)));
+    return;
+  }
+#endif
+  for (int64_t d = 0; d < D; ++d) y[d] += a * x[d];
+}
+
+static void attend_span(const float* qb, const float* kp, const float* vp, const int64_t* table, int64_t j_begin,
+                        int64_t j_end, int64_t block_size, int64_t Hkv, int64_t G, int64_t D, int64_t hkv, float sc,
+                        float* o, float* mx, float* sum) {
+  // The G query heads that share KV head hkv, over cached tokens [j_begin, j_end) of one sequence: each
+  // key and value row of that head is read once for all G. Leaves, per head, the running maximum score,
+  // the sum of exp(score - maximum) and the value rows weighted by those terms (not yet divided), so
+  // that spans of one sequence can be merged (flash-decoding).
+  const int64_t n = j_end - j_begin;
+  const bool simd = LMK_SIMD_ON && D % W == 0;
+  const float* q0 = qb + hkv * G * D;
+  std::vector<float> scores(G * std::max<int64_t>(n, 1));
+  // Cached token j sits in row slot(j) = table[j / block_size] * block_size + j % block_size, taken a block at a time.
+  for (int64_t j = j_begin; j < j_end;) {
+    const int64_t blk = j / block_size, end = std::min(j_end, (blk + 1) * block_size);
+    const int64_t shift = (table[blk] - blk) * block_size;  // token j of this block is cache row j + shift
+    for (; j < end; ++j) {
+      const float* kh = kp + ((j + shift) * Hkv + hkv) * D;
+      for (int64_t g = 0; g < G; ++g) scores[g * n + j - j_begin] = dot(q0 + g * D, kh, D, simd) * sc;
     }
   }
-  for (int64_t g = 0; g < n; ++g) {
-    float* sh = scores.data() + g * L;
-    float m = -INFINITY;
-    for (int64_t j = 0; j < L; ++j) m = sh[j] > m ? sh[j] : m;
-    float total = 0.f;
-    for (int64_t j = 0; j < L; ++j) { sh[j] = std::exp(sh[j] - m); total += sh[j]; }
-    const float inv = 1.f / total;
-    for (int64_t j = 0; j < L; ++j) sh[j] *= inv;
+  for (int64_t g = 0; g < G; ++g) {
+    float* sh = scores.data() + g * n;
+    float m = -INFINITY, total = 0.f;
+    for (int64_t j = 0; j < n; ++j) m = sh[j] > m ? sh[j] : m;
+    for (int64_t j = 0; j < n; ++j) { sh[j] = std::exp(sh[j] - m); total += sh[j]; }
+    mx[g] = m;
+    sum[g] = total;
   }
-  float* o0 = ob + (hkv * G + g0) * D;
-  for (int64_t i = 0; i < n * D; ++i) o0[i] = 0.f;
-  for (int64_t j0 = 0; j0 < L; j0 += block_size) {
-    const float* vb = vp + (table[j0 / block_size] * block_size * Hkv + hkv) * D;
-    for (int64_t j = j0; j < std::min(L, j0 + block_size); ++j) {
-      const float* vh = vb + (j - j0) * Hkv * D;
-      for (int64_t g = 0; g < n; ++g) {
-        const float pr = scores[g * L + j];
-        float* oh = o0 + g * D;
-        for (int64_t d = 0; d < D; ++d) oh[d] += pr * vh[d];
-      }
+  for (int64_t i = 0; i < G * D; ++i) o[i] = 0.f;
+  for (int64_t j = j_begin; j < j_end;) {
+    const int64_t blk = j / block_size, end = std::min(j_end, (blk + 1) * block_size);
+    const int64_t shift = (table[blk] - blk) * block_size;
+    for (; j < end; ++j) {
+      const float* vh = vp + ((j + shift) * Hkv + hkv) * D;
+      for (int64_t g = 0; g < G; ++g) axpy(scores[g * n + j - j_begin], vh, o + g * D, D, simd);
     }
   }
 }
@@ -210,16 +247,35 @@ static void attend_heads(const float* qb, const float* kp, const float* vp, cons
 static void attend_all(const float* qp, const float* kp, const float* vp, const int64_t* tp, const int64_t* lp,
                        int64_t B, int64_t nb, int64_t block_size, int64_t Hq, int64_t Hkv, int64_t D, float sc,
                        float* op) {
-  // One task per (sequence, KV head), each reading that head's keys and values once for its query
-  // heads; with fewer such pairs than twice the threads (batch-1 decode), one task per query head
-  // instead, so that every thread has work (the shared rows are then read again, from cache).
-  const int64_t G = Hq / Hkv;
-  const int64_t split = B * Hkv < 2 * omp_get_max_threads() ? G : 1, tasks = B * Hkv * split;
+  // One task per (sequence, KV head, span of the context). With fewer (sequence, KV head) pairs than
+  // twice the threads (batch-1 decode), each context is cut into spans so that every thread has work
+  // while each cached row is still read once; the spans' partial results are then merged.
+  const int64_t G = Hq / Hkv, pairs = B * Hkv, threads = omp_get_max_threads();
+  const int64_t spans = pairs >= 2 * threads ? 1 : (2 * threads + pairs - 1) / pairs;
+  std::vector<float> part_o(pairs * spans * G * D), part_m(pairs * spans * G), part_l(pairs * spans * G);
 #pragma omp parallel for schedule(dynamic)
-  for (int64_t t = 0; t < tasks; ++t) {
-    const int64_t b = t / (Hkv * split), hkv = t / split % Hkv, part = t % split;
-    const int64_t g0 = part * G / split, g1 = (part + 1) * G / split;
-    attend_heads(qp + b * Hq * D, kp, vp, tp + b * nb, lp[b], block_size, Hkv, G, D, hkv, g0, g1, sc, op + b * Hq * D);
+  for (int64_t t = 0; t < pairs * spans; ++t) {
+    const int64_t b = t / (Hkv * spans), hkv = t / spans % Hkv, c = t % spans, L = lp[b];
+    attend_span(qp + b * Hq * D, kp, vp, tp + b * nb, c * L / spans, (c + 1) * L / spans, block_size, Hkv, G, D, hkv,
+                sc, part_o.data() + t * G * D, part_m.data() + t * G, part_l.data() + t * G);
+  }
+  for (int64_t pr = 0; pr < pairs; ++pr) {
+    const int64_t b = pr / Hkv, hkv = pr % Hkv;
+    for (int64_t g = 0; g < G; ++g) {
+      float m = -INFINITY, total = 0.f;
+      for (int64_t c = 0; c < spans; ++c) m = std::max(m, part_m[(pr * spans + c) * G + g]);
+      float* out = op + b * Hq * D + (hkv * G + g) * D;
+      for (int64_t d = 0; d < D; ++d) out[d] = 0.f;
+      for (int64_t c = 0; c < spans; ++c) {
+        const int64_t at = (pr * spans + c) * G + g;
+        if (part_l[at] == 0.f) continue;  // an empty span
+        const float w = std::exp(part_m[at] - m);
+        total += w * part_l[at];
+        for (int64_t d = 0; d < D; ++d) out[d] += w * part_o[at * D + d];
+      }
+      const float inv = 1.f / total;
+      for (int64_t d = 0; d < D; ++d) out[d] *= inv;
+    }
   }
 }
 
@@ -248,8 +304,6 @@ static inline void vload_u4(const uint8_t* p, vec& lo, vec& hi) {
   hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
 }
 static inline vec vset(float a) { return _mm256_set1_ps(a); }
-#else
-constexpr int W = 8;
 #endif
 
 int64_t int4_chunk() { return 2 * W; }  // codes per chunk of the kernel's nibble layout

@@ -76,3 +76,27 @@ def test_fused_elementwise_kernels_decline_prefill_grad_and_other_dtypes() -> No
     assert cpu_kernels.rms_norm(torch.randn(2, 8, dtype=torch.bfloat16), w, 1e-5) is None
     assert cpu_kernels.rms_norm(torch.randn(2, 8, requires_grad=True), w, 1e-5) is None
     assert cpu_kernels.rotary(torch.randn(2, 3, 8).transpose(0, 1), torch.randn(3, 8), torch.randn(3, 8)) is None
+
+
+@pytest.mark.parametrize("threads", [1, 4])  # 4: batch-1 contexts are cut into spans and merged
+@pytest.mark.parametrize("lengths", [[1], [37], [1000], [5, 300], [17, 16, 1, 250, 64]])
+def test_paged_decode_matches_attention_over_the_gathered_context(lengths: list[int], threads: int) -> None:
+    g = torch.Generator().manual_seed(len(lengths))
+    block, blocks, heads, kv_heads, dim = 16, 128, 9, 3, 64
+    k_cache = torch.randn(blocks * block, kv_heads, dim, generator=g)
+    v_cache = torch.randn(blocks * block, kv_heads, dim, generator=g)
+    tables = [torch.randperm(blocks, generator=g)[: -(-n // block)].tolist() for n in lengths]  # scattered blocks
+    width = max(len(t) for t in tables)
+    q = torch.randn(len(lengths), heads, dim, generator=g)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)  # the kernel's OpenMP runtime is torch's
+    try:
+        got = cpu_kernels.paged_decode(q, k_cache, v_cache, torch.tensor([t + [0] * (width - len(t)) for t in tables]),
+                                       torch.tensor(lengths), block, 0.125)
+    finally:
+        torch.set_num_threads(before)
+    for i, (n, table) in enumerate(zip(lengths, tables)):
+        slots = torch.tensor(table)[torch.arange(n) // block] * block + torch.arange(n) % block
+        ref = F.scaled_dot_product_attention(q[i][:, None], k_cache[slots].transpose(0, 1), v_cache[slots].transpose(0, 1),
+                                             scale=0.125, enable_gqa=True)
+        torch.testing.assert_close(got[i], ref[:, 0], rtol=1e-5, atol=1e-5)
