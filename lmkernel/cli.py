@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 from pathlib import Path
 from typing import Annotated
@@ -237,8 +239,11 @@ def quantize(
     output: Annotated[Path, typer.Option("-o", "--output", help="directory to write")],
     group_size: Annotated[int, typer.Option(help="int4 group along the input dimension: 32, 64, 128 or 256")] = 128,
     rounding: Annotated[str, typer.Option(help="int4: gptq (calibrated, default) or nearest")] = "gptq",
-    calibration: Annotated[Path | None, typer.Option(help="calibration text for gptq (default: WikiText-2 valid)")] = None,
+    calibration: Annotated[Path | None, typer.Option(help="calibration text for gptq and the refinement (default: WikiText-2 valid)")] = None,
     calibration_sequences: Annotated[int, typer.Option(help="how many 128-token windows gptq reads")] = 128,
+    refine_steps: Annotated[int | None, typer.Option(
+        help="int4: steps tuning the scales/minimums so the model's next-token distribution matches the float "
+             "model's (codes fixed; 4 windows a step); default one pass over the calibration windows, 0 = off")] = None,
     skip: Annotated[list[str] | None, typer.Option(help="module name patterns left in float (default: heads)")] = None,
     dtype: Dtype = "float32",
     overwrite: Annotated[bool, typer.Option(help="replace an existing output directory")] = False,
@@ -256,15 +261,29 @@ def quantize(
         check_method(method, group_size)
         if rounding not in ("gptq", "nearest"):
             raise LmkError(f"--rounding must be gptq or nearest; got '{rounding}'")
+        if refine_steps is not None and (refine_steps < 0 or (refine_steps > 0 and method != "int4")):
+            raise LmkError(f"--refine-steps applies to int4 and must be >= 0; got {refine_steps} with --method {method}")
         use_gptq = method == "int4" and rounding == "gptq"
+        refine = method == "int4" and refine_steps != 0
         prepare_output(output, overwrite)
         lm = load_model(model, dtype=dtype, device="cpu")
+        if refine_steps is None and lm.config.is_encoder:
+            refine = False  # next-token refinement is for causal models
         skipped = tuple(skip) if skip else DEFAULT_SKIP
+        seqs = windows(lm, read_text(calibration or DEFAULT_TEXT), calibration_sequences) if use_gptq or refine else []
+        teacher = copy.deepcopy(lm.model) if refine else None
         if use_gptq:
-            seqs = windows(lm, read_text(calibration or DEFAULT_TEXT), calibration_sequences)
             done = gptq_quantize(lm, seqs, group_size, skipped)
         else:
             done = quantize_model(lm.model, method, group_size, skipped)
+        if teacher is not None:
+            from lmkernel.compress.refine import refine_int4
+
+            refined = refine_int4(lm, teacher, seqs, refine_steps, log=console.print)
+            console.print(f"refined int4 scales/minimums: KL to float {refined.first_kl:.4f} -> {refined.last_kl:.4f} "
+                          f"nats/token over {refined.steps} steps")
+            done = dataclasses.replace(done, refine_steps=refined.steps)
+            del teacher
         save_model_dir(lm.model, lm.config, lm.tokenizer, lm.dtype, output, overwrite,
                        {"quantization_config": done.to_json()}, store_as=storage_dtypes(lm.model))
     except (LmkError, ValueError) as exc:

@@ -98,6 +98,24 @@ def test_quantize_then_evaluate_and_generate_from_the_directory(tmp_path, smollm
     assert out.returncode == 1 and "empty" in out.stderr
 
 
+def test_quantize_int4_refines_on_the_given_calibration_text(tmp_path, wikitext_lines):
+    calibration = tmp_path / "calibration.txt"
+    calibration.write_text("\n".join(wikitext_lines[:12]))
+    out_dir = tmp_path / "smollm-int4"
+    # Only the last layer in int4 (the rest skipped), to keep the run short.
+    float_layers = ("--skip", "lm_head", "--skip", "model.layers.[0-9].*", "--skip", "model.layers.1?.*", "--skip", "model.layers.2[0-8].*")
+    out = run("quantize", "smollm2-135m-instruct", "--method", "int4", "--rounding", "nearest", "--refine-steps", "1",
+              "--calibration-sequences", "1", "--calibration", str(calibration), *float_layers, "-o", str(out_dir))
+    assert out.returncode == 0, out.stderr
+    assert "refined int4 scales/minimums" in out.stdout and "over 1 steps" in out.stdout
+    config = json.loads((out_dir / "config.json").read_text())["quantization_config"]
+    assert config["rounding"] == "nearest" and config["refine_steps"] == 1 and config["group_size"] == 128
+    assert len(config["quantized_modules"]) == 7 and all(m.startswith("model.layers.29.") for m in config["quantized_modules"])
+
+    bad = invoke("quantize", "smollm2-135m-instruct", "--method", "int8", "--refine-steps", "3", "-o", str(tmp_path / "y"))
+    assert bad.returncode == 1 and "--refine-steps applies to int4" in bad.stderr and not (tmp_path / "y").exists()
+
+
 def test_prune_refuses_bad_sparsity_and_writes_nothing(tmp_path):
     out = invoke("prune", "smollm2-135m-instruct", "--method", "magnitude", "--sparsity", "1.5", "-o", str(tmp_path / "p"))
     assert out.returncode == 1 and "--sparsity" in out.stderr and "Traceback" not in out.stderr

@@ -10,6 +10,7 @@ round after round, so every ratio compares runs from the same minutes of this sh
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -17,7 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -160,6 +161,7 @@ def build_decoder_variants(model: str, workdir: Path, text: str, calibration_win
     from lmkernel.compress.gptq import gptq_quantize
     from lmkernel.compress.prune import prune_structured, prune_unstructured
     from lmkernel.compress.quantize import quantize_model, storage_dtypes
+    from lmkernel.compress.refine import refine_int4
     from lmkernel.loader.hf_export import save_model_dir
     from lmkernel.registry import resolve
 
@@ -175,9 +177,14 @@ def build_decoder_variants(model: str, workdir: Path, text: str, calibration_win
     log("int8")
     lm = load_model(model)
     variants.append(("int8", save(lm, "int8", {"quantization_config": quantize_model(lm.model, "int8").to_json()}), None))
-    log("int4-g128 (GPTQ)")
+    log("int4-g128 (GPTQ, then scales/minimums refined against float32)")
     lm = load_model(model)
-    done = gptq_quantize(lm, calibration_sequences(lm, text, calibration_windows, start=8192), 128)
+    teacher = copy.deepcopy(lm.model)
+    windows = calibration_sequences(lm, text, calibration_windows, start=8192)
+    done = gptq_quantize(lm, windows, 128)
+    refined = refine_int4(lm, teacher, windows, log=log)
+    done = replace(done, refine_steps=refined.steps)
+    del teacher
     variants.append(("int4-g128", save(lm, "int4-g128", {"quantization_config": done.to_json()}), None))
     source = resolve(model)
     if source.kind == "gguf":

@@ -30,10 +30,11 @@ class QuantizationConfig:
     skip: tuple[str, ...] = DEFAULT_SKIP
     quantized: list[str] = field(default_factory=list)
     rounding: str = "nearest"  # or "gptq"; informational, the stored layout is the same
+    refine_steps: int = 0  # int4: steps of end-to-end scale/minimum refinement (compress/refine.py)
 
     def to_json(self) -> dict[str, object]:
         return {"quant_method": "lmkernel", "method": self.method, "group_size": self.group_size,
-                "rounding": self.rounding,
+                "rounding": self.rounding, "refine_steps": self.refine_steps,
                 "modules_not_converted": list(self.skip), "quantized_modules": list(self.quantized)}
 
     @classmethod
@@ -41,8 +42,11 @@ class QuantizationConfig:
         if data.get("quant_method") != "lmkernel" or data.get("method") not in METHODS:
             raise LmkError(f"{source}: quantization_config {data} is not one lmkernel wrote "
                            f"(expected quant_method 'lmkernel' and method in {METHODS})")
+        steps = data.get("refine_steps", 0)
+        if not isinstance(steps, int) or steps < 0:
+            raise LmkError(f"{source}: quantization_config.refine_steps must be a whole number >= 0; got {steps!r}")
         return cls(str(data["method"]), data.get("group_size"), tuple(data.get("modules_not_converted", ())),  # type: ignore[arg-type]
-                   list(data.get("quantized_modules", [])), str(data.get("rounding", "nearest")))  # type: ignore[arg-type]
+                   list(data.get("quantized_modules", [])), str(data.get("rounding", "nearest")), steps)  # type: ignore[arg-type]
 
 
 def is_quantized(model: nn.Module) -> bool:

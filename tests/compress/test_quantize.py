@@ -153,3 +153,14 @@ def test_minilm_dynamic_int8_embeddings_and_reload(minilm_dir, minilm, phraseban
 def test_second_moment_equals_the_full_product() -> None:
     x = torch.randn(300, 600)
     torch.testing.assert_close(second_moment(x), x.T @ x)
+
+
+def test_quantization_config_round_trips_and_names_a_bad_field() -> None:
+    from lmkernel.compress.quantize import QuantizationConfig
+
+    config = QuantizationConfig("int4", 128, quantized=["model.layers.0.mlp.up_proj"], rounding="gptq", refine_steps=32)
+    assert QuantizationConfig.from_json(config.to_json(), "config.json") == config
+    with pytest.raises(LmkError, match="config.json: quantization_config.refine_steps must be a whole number"):
+        QuantizationConfig.from_json({**config.to_json(), "refine_steps": "many"}, "config.json")
+    with pytest.raises(LmkError, match="not one lmkernel wrote"):
+        QuantizationConfig.from_json({"quant_method": "gptq"}, "config.json")
