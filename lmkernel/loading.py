@@ -13,9 +13,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lmkernel.compress.quantize import DEFAULT_SKIP, QuantizationConfig, build_quantized, skipped
+from lmkernel.compress.quantize import QuantizationConfig, build_quantized
 from lmkernel.config import ModelConfig
 from lmkernel.errors import AdapterError, LmkError, ModelSourceError
+from lmkernel.layers import cpu_kernels
 from lmkernel.layers.attention import AttentionMetadata
 from lmkernel.layers.lora import linear_layers, merged_dense
 from lmkernel.loader import gguf_file, hf_dir
@@ -23,7 +24,7 @@ from lmkernel.loader.adapter import CONFIG_FILE, LoraAdapter, head_architecture,
     needs_head, read_adapter, to_peft_layout
 from lmkernel.loader.tokenizer import Tokenizer
 from lmkernel.models import model_class
-from lmkernel.models.weights import build_on_meta
+from lmkernel.models.weights import build_on_meta, keep_gguf_blocks
 from lmkernel.registry import ModelSource, resolve
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -172,19 +173,24 @@ def _open(source: ModelSource) -> tuple[ModelConfig, Tokenizer, gguf_file.GGUFFi
     return hf_dir.parse_config(source.path), Tokenizer.from_hf_dir(source.path), None
 
 
+QUANTIZATION_CHOICES = ("auto", "keep", None)
+
+
 def load_model(
     name_or_path: str | Path, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
-    quantization: str | None = None, adapter: str | Path | None = None,
+    quantization: str | None = "auto", adapter: str | Path | None = None,
 ) -> LoadedModel:
     """Load an alias, a Hugging Face directory or a GGUF file into a `LoadedModel`; nothing is downloaded.
 
-    `quantization="keep"` runs the linear layers of a GGUF in the bits they ship in, with no float
-    round trip: Q4_0/Q4_1 as int4 layers and Q8_0 as int8 layers, groups of 32; a quantized
-    directory always loads as saved. `adapter` (a PEFT LoRA directory) is merged into the weights;
-    a LoRA directory given as the model loads the base its config names with it merged.
+    `quantization="keep"` runs a GGUF's weights in the blocks they ship in (every linear layer and the
+    embedding table, memory-mapped: no float copy of a weight is made), on the CPU kernels;
+    `quantization=None` dequantizes them to `dtype`. "auto" (the default) keeps them on CPU and
+    dequantizes for CUDA, and whenever an adapter is merged into the weights. A quantized directory
+    always loads as saved. `adapter` (a PEFT LoRA directory) is merged into the weights; a LoRA
+    directory given as the model loads the base its config names with it merged.
     """
-    if quantization not in (None, "keep"):
-        raise LmkError(f"quantization must be None or 'keep'; got {quantization!r}")
+    if quantization not in QUANTIZATION_CHOICES:
+        raise LmkError(f"quantization must be one of {QUANTIZATION_CHOICES}; got {quantization!r}")
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     source = resolve(name_or_path)
@@ -194,7 +200,23 @@ def load_model(
             raise AdapterError(f"{source.path}: is itself a LoRA adapter; pass its base model as the model")
         lora = read_adapter(source.path)
         source = adapter_base(lora)
-    return _load(source, torch_dtype, dev, quantization, lora)
+    keep = _keep_gguf(quantization, source, dev, lora)
+    return _load(source, torch_dtype, dev, keep, lora)
+
+
+def _keep_gguf(quantization: str | None, source: ModelSource, dev: torch.device, lora: LoraAdapter | None) -> bool:
+    """Whether a GGUF's weights stay in their blocks (see `load_model`); an explicit "keep" that cannot be
+    honoured is refused rather than ignored."""
+    if source.kind != "gguf" or quantization is None:
+        return False
+    if quantization == "auto":
+        return dev.type == "cpu" and lora is None
+    if dev.type != "cpu":
+        raise LmkError(f"{source.path}: quantization='keep' runs GGUF blocks on the CPU kernels; for {dev} load it "
+                       "with quantization=None (dequantized) or 'auto'")
+    if lora is not None:
+        raise LmkError(f"{source.path}: an adapter is merged into float weights; load it with quantization=None or 'auto'")
+    return True
 
 
 def adapter_base(lora: LoraAdapter) -> ModelSource:
@@ -213,21 +235,20 @@ def adapter_base(lora: LoraAdapter) -> ModelSource:
     return source
 
 
-def _load(source: ModelSource, dtype: torch.dtype, dev: torch.device, quantization: str | None,
+def _load(source: ModelSource, dtype: torch.dtype, dev: torch.device, keep_gguf: bool,
           lora: LoraAdapter | None) -> LoadedModel:
     config, tokenizer, reader = _open(source)
     if lora is not None and needs_head(lora, config):  # a task head, e.g. a classifier
         config = replace(config, hf_architecture=head_architecture(lora, config), id2label=head_labels(lora, config))
     model = build_on_meta(model_class(config), config)
     if reader is not None:
-        linear = {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not skipped(n, DEFAULT_SKIP)}
-        keep = linear.__contains__ if quantization == "keep" else None
-        tensors = gguf_file.load_tensors(source.path, reader, config, dtype, dev, keep)
-        kept4 = sorted(n for n in linear if f"{n}.qweight" in tensors)
-        kept8 = sorted(n for n in linear if f"{n}.weight_scale" in tensors)
-        for method, kept in (("int4", kept4), ("int8", kept8)):
-            if kept:
-                build_quantized(model, QuantizationConfig(method, gguf_file.KEPT_GROUP, DEFAULT_SKIP, kept))
+        layers = {n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))}
+        loaded = gguf_file.load_tensors(source.path, reader, config, dtype, dev, layers.__contains__ if keep_gguf else None,
+                                        _dequantize_blocks)
+        tensors = loaded.tensors
+        row_bytes = {name: tensors[f"{name}.blocks"].shape[1] for name in loaded.kept}
+        tied = "lm_head" if config.tie_word_embeddings and "lm_head" in layers else None
+        keep_gguf_blocks(model, loaded.kept, row_bytes, dtype, tied, "model.embed_tokens")
     else:
         tensors = hf_dir.load_tensors(source.path, dtype, dev)
         if (quant := hf_dir.quantization_config(source.path)) is not None:
@@ -239,6 +260,11 @@ def _load(source: ModelSource, dtype: torch.dtype, dev: torch.device, quantizati
         model.load_weights({**tensors, **saved}, f"{source.path} with the adapter {lora.path}")
         config = _merge_adapter(model, config, lora)
     return LoadedModel(config, tokenizer, model.eval(), source, dtype, dev)
+
+
+def _dequantize_blocks(blocks: torch.Tensor, gguf_type: int, width: int) -> torch.Tensor | None:
+    """GGUF blocks to float32 by the compiled kernels (a second a billion weights); None where they cannot."""
+    return cpu_kernels.gguf_dequantize(blocks, gguf_type, width) if cpu_kernels.gguf_block_layout(gguf_type) else None
 
 
 def _merge_adapter(model: nn.Module, config: ModelConfig, lora: LoraAdapter) -> ModelConfig:

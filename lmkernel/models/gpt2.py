@@ -112,4 +112,4 @@ class GPT2LMHeadModel(nn.Module):
         """Load Hugging Face-named tensors, transposing Conv1D weights; a tied head reuses wte."""
         named = {(k if k.startswith(("transformer.", "lm_head.")) else f"transformer.{k}"): v for k, v in tensors.items()}
         named = {k: (v.t().contiguous() if k.endswith(_CONV1D) else v) for k, v in named.items()}
-        load_with_tied_head(self, named, source, "lm_head.weight", "transformer.wte.weight", self.config.tie_word_embeddings)
+        load_with_tied_head(self, named, source, "lm_head", "transformer.wte", self.config.tie_word_embeddings)

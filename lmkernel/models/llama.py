@@ -21,7 +21,7 @@ from lmkernel.layers import cpu_kernels
 from lmkernel.layers.activation import get_activation
 from lmkernel.layers.attention import AttentionMetadata, KVLayer, attend
 from lmkernel.layers.checkpoint import run_layer
-from lmkernel.layers.linear import Dense, Int4Linear, Int8Linear, dense
+from lmkernel.layers.linear import Dense, GGUFLinear, Int4Linear, Int8Linear, dense
 from lmkernel.layers.norm import RMSNorm
 from lmkernel.layers.rotary import RotaryEmbedding, apply_rotary
 from lmkernel.models.weights import embedding, load_with_tied_head
@@ -119,62 +119,64 @@ class LlamaForCausalLM(nn.Module):
 
     def fused_decode(self) -> FusedDecode | None:
         """The decoder as one compiled call for decode steps, where it applies: on CPU, in float32, every
-        projection a plain dense, int8 or int4 layer (not LoRA-wrapped), SiLU; else None."""
+        projection a plain dense, int8, int4 or GGUF-blocks layer (not LoRA-wrapped), SiLU; else None."""
         c = self.config
         if self.training or c.hidden_act not in ("silu", "swish") or not cpu_kernels.llama_decode_available():
             return None
-        weights: list[torch.Tensor] = []
+        layers = []
         for layer in self.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-            parts = [_fused_parts(m) for m in linears]
+            linears = dict(q=attn.q_proj, k=attn.k_proj, v=attn.v_proj, o=attn.o_proj, gate=mlp.gate_proj,
+                           up=mlp.up_proj, down=mlp.down_proj)
+            parts = {name: _projection(m) for name, m in linears.items()}
             norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
-            if any(p is None for p in parts) or any(m.bias is not None for m in linears[3:]):
+            if any(p is None for p in parts.values()) or any(n.device.type != "cpu" or n.dtype != torch.float32 for n in norms):
                 return None
-            weights += [*norms, *(t for p in parts for t in p), *(_NONE if m.bias is None else m.bias for m in linears[:3])]
-        if any(w.device.type != "cpu" or (w.is_floating_point() and w.dtype != torch.float32) or not w.is_contiguous()
-               for w in weights):
-            return None
-        return FusedDecode(self, [w.detach() for w in weights])
+            layers.append(cpu_kernels.decoder_layer(*(n.detach().contiguous() for n in norms), **parts))
+        return FusedDecode(self, cpu_kernels.llama_decoder(layers, c.num_heads, c.num_kv_heads, c.head_dim, c.norm_eps))
 
     def load_weights(self, tensors: Mapping[str, torch.Tensor], source: str) -> None:
         """Load Hugging Face-named tensors; a tied head reuses the embedding matrix."""
         load_with_tied_head(
-            self, tensors, source, "lm_head.weight", "model.embed_tokens.weight", self.config.tie_word_embeddings
+            self, tensors, source, "lm_head", "model.embed_tokens", self.config.tie_word_embeddings
         )
 
 
-_NONE = torch.empty(0)
-
-
-def _fused_parts(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """(weight, scale, mins) of a projection as the fused decode kernel reads it, or None for a kind it
-    does not run (LoRA wrappers, dynamic int8)."""
+def _projection(layer: nn.Module) -> object | None:
+    """A projection as the fused decode kernel reads it, or None for a kind it does not run (LoRA
+    wrappers, dynamic int8, weights not float32 on CPU)."""
+    if any(t.device.type != "cpu" for t in layer.buffers()) or any(p.device.type != "cpu" for p in layer.parameters()):
+        return None
+    bias = None if getattr(layer, "bias", None) is None else layer.bias.detach().float().contiguous()
+    if type(layer) is GGUFLinear:
+        return cpu_kernels.projection("gguf", layer.blocks, layer.in_features, bias=bias, gguf_type=layer.gguf_type)
     if type(layer) is Dense:
-        return layer.weight, _NONE, _NONE
+        if layer.weight.dtype != torch.float32:
+            return None
+        return cpu_kernels.projection("float32", layer.weight.detach().contiguous(), layer.in_features, bias=bias)
     if type(layer) is Int8Linear:
-        return layer.weight, layer.weight_scale.float().contiguous(), _NONE
+        kind = "int8" if layer.group_size is None else "int8_group"
+        return cpu_kernels.projection(kind, layer.weight, layer.in_features, scale=layer.weight_scale.float().contiguous(),
+                                      bias=bias)
     if type(layer) is Int4Linear:
         packed, scales, mins = layer.cpu_packed()
-        return packed, scales, mins
+        return cpu_kernels.projection("int4", packed, layer.in_features, scale=scales, mins=mins, bias=bias)
     return None
 
 
 class FusedDecode:
     """Every decoder layer of a `LlamaForCausalLM` in one compiled CPU call, for steps where each of
-    one to four sequences adds one token: the equations above, without ~30 framework calls per layer.
+    one to sixteen sequences adds one token: the equations above, without ~30 framework calls per layer.
 
-    Built once by the model runner (an engine's model does not change under it). Calling it on a step
-    it does not cover (a prefill, more than four sequences) returns None, and the model's own forward runs.
+    Built once by the model runner (an engine's model does not change under it); the kernel holds each
+    layer's weights by name. Calling it on a step it does not cover (a prefill, more sequences) returns
+    None, and the model's own forward runs.
     """
 
-    MAX_SEQUENCES = 4
-
-    def __init__(self, model: LlamaForCausalLM, weights: list[torch.Tensor]) -> None:
-        self.model, self.weights = model, weights
+    def __init__(self, model: LlamaForCausalLM, decoder: object) -> None:
+        self.model, self.decoder = model, decoder
+        self.max_sequences = decoder.MAX_SEQUENCES
         self._caches: tuple[object, list[torch.Tensor], list[torch.Tensor]] | None = None  # the runner's, split once
-        c = model.config
-        self.num_heads, self.num_kv_heads, self.eps, self.scale = c.num_heads, c.num_kv_heads, c.norm_eps, c.head_dim**-0.5
 
     def __call__(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, kv_caches: Sequence[KVLayer]
@@ -182,15 +184,13 @@ class FusedDecode:
         paged = meta.paged
         batch = paged.decode_batch if paged is not None else None
         n = input_ids.shape[0]
-        if batch is None or len(batch.seqs) != n or n > self.MAX_SEQUENCES or kv_caches[0][0].dtype != torch.float32:
+        if batch is None or len(batch.seqs) != n or n > self.max_sequences or kv_caches[0][0].dtype != torch.float32:
             return None
         if self._caches is None or self._caches[0] is not kv_caches:
             self._caches = (kv_caches, [k for k, _ in kv_caches], [v for _, v in kv_caches])
         m = self.model
-        h = m.model.embed_tokens(input_ids)
+        h = m.model.embed_tokens(input_ids).float().contiguous()
         cos, sin = m.rotary.cos_sin(positions, h.dtype, meta.cu_seqlens)
-        h = cpu_kernels.llama_decode(
-            h, self.weights, self._caches[1], self._caches[2], cos, sin, paged.slot_mapping,
-            batch.tables, batch.lens, batch.block_size, self.num_heads, self.num_kv_heads, self.eps, self.scale,
-        )
+        h = self.decoder.forward(h, self._caches[1], self._caches[2], cos.contiguous(), sin.contiguous(),
+                                 paged.slot_mapping, batch.tables, batch.lens, batch.block_size)
         return m.model.norm(h)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from lmkernel.errors import WeightsError
+from lmkernel.layers.linear import GGUFEmbedding, GGUFLinear
 
 
 def load_named_tensors(model: nn.Module, tensors: Mapping[str, torch.Tensor], source: str) -> None:
@@ -45,14 +46,38 @@ def embedding(num: int, dim: int) -> nn.Embedding:
 def load_with_tied_head(
     model: nn.Module, tensors: Mapping[str, torch.Tensor], source: str, head: str, embedding: str, tied: bool
 ) -> None:
-    """`load_named_tensors`, where a tied output layer `head` shares the `embedding` matrix.
+    """`load_named_tensors`, where a tied output layer (module `head`) shares the `embedding` matrix.
 
     Checkpoints of tied models often omit the head; it is filled from the embedding, then the two
-    parameters are made one.
+    tensors are made one (the `weight`, or the `blocks` of a table kept in GGUF blocks).
     """
+    table = model.get_submodule(embedding)
+    field = "blocks" if isinstance(table, GGUFEmbedding) else "weight"
     named = dict(tensors)
-    if tied and embedding in named:
-        named.setdefault(head, named[embedding])
+    if tied and f"{embedding}.{field}" in named:
+        named.setdefault(f"{head}.{field}", named[f"{embedding}.{field}"])
     load_named_tensors(model, named, source)
     if tied:
-        model.get_submodule(head.rsplit(".", 1)[0]).weight = model.get_submodule(embedding.rsplit(".", 1)[0]).weight
+        setattr(model.get_submodule(head), field, getattr(table, field))
+
+
+def keep_gguf_blocks(model: nn.Module, kept: Mapping[str, int], row_bytes: Mapping[str, int], dtype: torch.dtype,
+                     tied_head: str | None = None, embedding: str | None = None) -> None:
+    """Swap, by name, the linear layers and embedding tables whose weights stay in GGUF blocks for
+    `GGUFLinear` / `GGUFEmbedding` of the stored type (before the blocks are loaded). A `tied_head`
+    reading a kept `embedding` becomes a `GGUFLinear` over the same blocks."""
+    layers = dict(kept)
+    if tied_head is not None and embedding in layers:
+        layers[tied_head] = layers[embedding]
+        row_bytes = {**row_bytes, tied_head: row_bytes[embedding]}
+    for name, gguf_type in layers.items():
+        old = model.get_submodule(name)
+        if isinstance(old, nn.Linear):
+            new: nn.Module = GGUFLinear(old.in_features, old.out_features, old.bias is not None, gguf_type,
+                                        row_bytes[name], dtype)
+        elif isinstance(old, nn.Embedding):
+            new = GGUFEmbedding(old.num_embeddings, old.embedding_dim, gguf_type, row_bytes[name], dtype)
+        else:
+            raise WeightsError(f"module '{name}' holds GGUF blocks but is a {type(old).__name__}")
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)

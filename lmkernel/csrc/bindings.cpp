@@ -1,0 +1,39 @@
+// The Python module: every entry point of kernels.h, and the named weight records of the fused decode.
+#include <torch/extension.h>
+
+#include "kernels.h"
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("small_linear", &lmk::small_linear, "x [M<=4, K] @ w[N, K]^T (+ bias), w float32 or bfloat16");
+  m.def("int4_chunk", &lmk::int4_chunk, "codes per chunk of the int4 kernel's nibble layout");
+  m.def("pack_int4", &lmk::pack_int4, "codes [N, K] -> the int4 kernel's layout [N, K/2]");
+  m.def("int8_linear", &lmk::int8_linear, "x [M<=4, K] times int8 w [N, K] with per-row scales");
+  m.def("int8_group_linear", &lmk::int8_group_linear, "x [M<=4, K] times int8 w [N, K] with per-group scales");
+  m.def("int4_linear", &lmk::int4_linear, "x [M<=4, K] times a pack_int4 weight");
+  m.def("gguf_block_layout", &lmk::gguf_block_layout, "(weights, bytes, activation family) of a GGML type; [] if none");
+  m.def("gguf_linear", &lmk::gguf_linear, "x [M, K] float32 times GGUF blocks w [N, row bytes] -> [M, N]");
+  m.def("gguf_dequantize", &lmk::gguf_dequantize, "GGUF blocks [N, row bytes] -> float32 [N, K]");
+  m.def("gguf_embedding", &lmk::gguf_embedding, "rows `ids` of GGUF blocks, dequantized -> float32 [T, K]");
+  m.def("paged_decode", &lmk::paged_decode, "one query per sequence against its paged K/V context");
+  m.def("rms_norm", &lmk::rms_norm, "RMS norm of a few rows");
+  m.def("rotary", &lmk::rotary, "rotary embedding of a few rows");
+  py::class_<lmk::Projection>(m, "Projection", py::module_local())
+      .def(py::init<std::string, torch::Tensor, c10::optional<torch::Tensor>, c10::optional<torch::Tensor>,
+                    c10::optional<torch::Tensor>, int64_t, int64_t>(),
+           py::arg("kind"), py::arg("weight"), py::arg("scale") = py::none(), py::arg("mins") = py::none(),
+           py::arg("bias") = py::none(), py::arg("gguf_type") = -1, py::arg("in_features"))
+      .def_readonly("out_features", &lmk::Projection::out_features)
+      .def_readonly("in_features", &lmk::Projection::in_features);
+  py::class_<lmk::DecoderLayer>(m, "DecoderLayer", py::module_local())
+      .def(py::init<torch::Tensor, torch::Tensor, lmk::Projection, lmk::Projection, lmk::Projection, lmk::Projection,
+                    lmk::Projection, lmk::Projection, lmk::Projection>(),
+           py::arg("input_norm"), py::arg("post_norm"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("o"),
+           py::arg("gate"), py::arg("up"), py::arg("down"));
+  py::class_<lmk::LlamaDecoder>(m, "LlamaDecoder", py::module_local())
+      .def(py::init<std::vector<lmk::DecoderLayer>, int64_t, int64_t, int64_t, double>(), py::arg("layers"),
+           py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("eps"))
+      .def("forward", &lmk::LlamaDecoder::forward, py::call_guard<py::gil_scoped_release>())
+      .def_readonly_static("MAX_SEQUENCES", &lmk::LlamaDecoder::MAX_SEQUENCES);
+}

@@ -1,0 +1,165 @@
+// GGUF blocks: their layouts, dequantization (the reference; rows for embeddings and float tiles) and
+// the quantization of activations that meet them (the dot products are in gguf_dot.cpp).
+#include "gguf_blocks.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "simd.h"
+
+namespace lmk {
+
+BlockInfo block_info(int type, bool* known) {
+  *known = true;
+  switch (type) {
+    case GGML_F32: return {1, 4, ACT_FLOAT};
+    case GGML_F16: return {1, 2, ACT_FLOAT};
+    case GGML_BF16: return {1, 2, ACT_FLOAT};
+    case GGML_Q4_0: return {32, 18, ACT_Q8_32};
+    case GGML_Q4_1: return {32, 20, ACT_Q8_32};
+    case GGML_Q5_0: return {32, 22, ACT_Q8_32};
+    case GGML_Q5_1: return {32, 24, ACT_Q8_32};
+    case GGML_Q8_0: return {32, 34, ACT_Q8_32};
+    case GGML_Q4_K: return {256, 144, ACT_Q8_256};
+    case GGML_Q5_K: return {256, 176, ACT_Q8_256};
+    case GGML_Q6_K: return {256, 210, ACT_Q8_256};
+    default: *known = false; return {1, 1, ACT_FLOAT};
+  }
+}
+
+
+// ---- dequantization: one block of each type into float32 ----------------------------------------
+static void dequant_block(int type, const uint8_t* b, float* y) {
+  switch (type) {
+    case GGML_Q4_0: case GGML_Q4_1: {
+      const float d = half(b), m = type == GGML_Q4_1 ? half(b + 2) : -8.f * d;
+      const uint8_t* qs = b + (type == GGML_Q4_1 ? 4 : 2);
+      for (int j = 0; j < 16; ++j) {
+        y[j] = d * (qs[j] & 0xF) + m;
+        y[j + 16] = d * (qs[j] >> 4) + m;
+      }
+      break;
+    }
+    case GGML_Q5_0: case GGML_Q5_1: {
+      const bool one = type == GGML_Q5_1;
+      const float d = half(b), m = one ? half(b + 2) : -16.f * d;
+      uint32_t qh;
+      std::memcpy(&qh, b + (one ? 4 : 2), 4);
+      const uint8_t* qs = b + (one ? 8 : 6);
+      for (int j = 0; j < 16; ++j) {
+        y[j] = d * ((qs[j] & 0xF) | (((qh >> j) & 1) << 4)) + m;
+        y[j + 16] = d * ((qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4)) + m;
+      }
+      break;
+    }
+    case GGML_Q8_0: {
+      const float d = half(b);
+      const int8_t* qs = reinterpret_cast<const int8_t*>(b + 2);
+      for (int j = 0; j < 32; ++j) y[j] = d * qs[j];
+      break;
+    }
+    case GGML_Q4_K: case GGML_Q5_K: {
+      const bool five = type == GGML_Q5_K;
+      const float d = half(b), dmin = half(b + 2);
+      const uint8_t* scales = b + 4;
+      const uint8_t* qh = b + 16;
+      const uint8_t* qs = b + (five ? 48 : 16);
+      uint8_t sc[8], mn[8];
+      k4_scales(scales, sc, mn);
+      for (int j = 0; j < 4; ++j) {
+        const int sc0 = sc[2 * j], m0 = mn[2 * j], sc1 = sc[2 * j + 1], m1 = mn[2 * j + 1];
+        for (int l = 0; l < 32; ++l) {
+          const int lo = (qs[32 * j + l] & 0xF) + (five && (qh[l] >> (2 * j) & 1) ? 16 : 0);
+          const int hi = (qs[32 * j + l] >> 4) + (five && (qh[l] >> (2 * j + 1) & 1) ? 16 : 0);
+          y[64 * j + l] = d * sc0 * lo - dmin * m0;
+          y[64 * j + 32 + l] = d * sc1 * hi - dmin * m1;
+        }
+      }
+      break;
+    }
+    case GGML_Q6_K: {
+      const float d = half(b + 208);
+      for (int h = 0; h < 2; ++h) {
+        const uint8_t* ql = b + 64 * h;
+        const uint8_t* qh = b + 128 + 32 * h;
+        const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192 + 8 * h);
+        float* yh = y + 128 * h;
+        for (int l = 0; l < 32; ++l) {
+          const int is = l / 16;
+          const int q1 = ((ql[l] & 0xF) | ((qh[l] >> 0 & 3) << 4)) - 32;
+          const int q2 = ((ql[l + 32] & 0xF) | ((qh[l] >> 2 & 3) << 4)) - 32;
+          const int q3 = ((ql[l] >> 4) | ((qh[l] >> 4 & 3) << 4)) - 32;
+          const int q4 = ((ql[l + 32] >> 4) | ((qh[l] >> 6 & 3) << 4)) - 32;
+          yh[l] = d * sc[is] * q1;
+          yh[l + 32] = d * sc[is + 2] * q2;
+          yh[l + 64] = d * sc[is + 4] * q3;
+          yh[l + 96] = d * sc[is + 6] * q4;
+        }
+      }
+      break;
+    }
+    default: break;
+  }
+}
+
+void dequantize_rows(int type, const uint8_t* w, int64_t row_bytes, int64_t rows, int64_t K, float* y) {
+  bool known;
+  const BlockInfo info = block_info(type, &known);
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint8_t* row = w + r * row_bytes;
+    float* yr = y + r * K;
+    if (type == GGML_F32) {
+      std::memcpy(yr, row, K * sizeof(float));
+    } else if (type == GGML_F16 || type == GGML_BF16) {
+      const uint16_t* h = reinterpret_cast<const uint16_t*>(row);
+      for (int64_t k = 0; k < K; ++k) yr[k] = type == GGML_F16 ? fp16_to_f32(h[k]) : to_f32(h[k]);
+    } else {
+      for (int64_t b = 0; b < K / info.elements; ++b) dequant_block(type, row + b * info.bytes, yr + b * info.elements);
+    }
+  }
+}
+
+// ---- activations: int8 with a scale per block ----------------------------------------------------
+void quantize_acts(const float* x, int64_t M, int64_t K, ActFamily family, QuantizedActs& out) {
+  out.family = family;
+  out.M = M;
+  out.K = K;
+  out.x = x;
+  if (family == ACT_FLOAT) return;
+  const int64_t B = family == ACT_Q8_32 ? 32 : 256, nb = K / B;
+  out.q.resize(M * K);
+  out.d.resize(M * nb);
+  if (family == ACT_Q8_32) out.s.resize(M * nb);
+  else out.bsums.resize(M * K / 16), out.bsums32.resize(M * K / 32);
+#pragma omp parallel for schedule(static) if (M >= 8)
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* xb = x + m * K + b * B;
+      int8_t* qb = out.q.data() + m * K + b * B;
+      float amax = 0.f;
+      for (int64_t i = 0; i < B; ++i) amax = std::max(amax, std::fabs(xb[i]));
+      const float d = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
+      int sum = 0;
+      for (int64_t i = 0; i < B; ++i) {
+        const int v = static_cast<int>(std::nearbyint(xb[i] * id));
+        qb[i] = static_cast<int8_t>(std::min(127, std::max(-127, v)));
+        sum += qb[i];
+      }
+      out.d[m * nb + b] = d;
+      if (family == ACT_Q8_32) {
+        out.s[m * nb + b] = d * static_cast<float>(sum);
+      } else {
+        int16_t* s16 = out.bsums.data() + (m * K + b * B) / 16;
+        for (int64_t g = 0; g < B / 16; ++g) {
+          int sum16 = 0;
+          for (int i = 0; i < 16; ++i) sum16 += qb[16 * g + i];
+          s16[g] = static_cast<int16_t>(sum16);
+        }
+        for (int64_t g = 0; g < B / 32; ++g)
+          out.bsums32[(m * K + b * B) / 32 + g] = static_cast<int16_t>(s16[2 * g] + s16[2 * g + 1]);
+      }
+    }
+}
+
+}  // namespace lmk
