@@ -15,93 +15,12 @@
 
 #include "dense_rows.h"
 #include "gguf_blocks.h"
+#include "gguf_simd.h"
 #include "simd.h"
 
 namespace lmk {
 
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#define LMK_INT_SIMD 1
-
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-#define LMK_VNNI256(a, b, c) _mm256_dpbusd_epi32(a, b, c)
-#define LMK_VNNI256W(a, b, c) _mm256_dpwssd_epi32(a, b, c)
-#elif defined(__AVXVNNI__)
-#define LMK_VNNI256(a, b, c) _mm256_dpbusd_avx_epi32(a, b, c)
-#define LMK_VNNI256W(a, b, c) _mm256_dpwssd_avx_epi32(a, b, c)
-#endif
-
-static inline float hsum8(__m256 a) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-static inline float hsum4(__m128 s) {
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-static inline __m256i load32(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
-
-// 16 bytes of nibbles -> 32 codes: low nibbles first, then high ones.
-static inline __m256i nibbles32(const uint8_t* p) {
-  const __m128i t = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(t, 4), t), _mm256_set1_epi8(0x0F));
-}
-
-// Bit j of the 32-bit word at p -> 0x10 in byte j (the fifth bit of Q5_0 / Q5_1 codes).
-static inline __m256i fifth_bits32(const uint8_t* p) {
-  uint32_t bits;
-  std::memcpy(&bits, p, 4);
-  const __m256i spread = _mm256_shuffle_epi8(
-      _mm256_set1_epi32(static_cast<int>(bits)),
-      _mm256_set_epi64x(0x0303030303030303LL, 0x0202020202020202LL, 0x0101010101010101LL, 0));
-  const __m256i select = _mm256_set1_epi64x(static_cast<long long>(0x8040201008040201ULL));
-  const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, select), select);
-  return _mm256_and_si256(set, _mm256_set1_epi8(0x10));
-}
-
-// Sums of four products of unsigned codes u (<= 255 with VNNI, else <= 63) and signed values s.
-static inline __m256i dot_us8(__m256i u, __m256i s) {
-#ifdef LMK_VNNI256
-  return LMK_VNNI256(_mm256_setzero_si256(), u, s);
-#else
-  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
-#endif
-}
-
-// acc + the pairwise products of u and s, each pair times its 16-bit scale (one per 16 weights).
-static inline __m256i dot_scaled(__m256i acc, __m256i u, __m256i s, __m256i scale16) {
-  const __m256i p = _mm256_maddubs_epi16(u, s);
-#ifdef LMK_VNNI256W
-  return LMK_VNNI256W(acc, p, scale16);
-#else
-  return _mm256_add_epi32(acc, _mm256_madd_epi16(p, scale16));
-#endif
-}
-
-// ---- legacy types: blocks of 32 ------------------------------------------------------------------
-template <int TYPE> struct Legacy;
-template <> struct Legacy<GGML_Q4_0> { static constexpr int64_t bytes = 18; };
-template <> struct Legacy<GGML_Q4_1> { static constexpr int64_t bytes = 20; };
-template <> struct Legacy<GGML_Q5_0> { static constexpr int64_t bytes = 22; };
-template <> struct Legacy<GGML_Q5_1> { static constexpr int64_t bytes = 24; };
-template <> struct Legacy<GGML_Q8_0> { static constexpr int64_t bytes = 34; };
-
-// The 32 codes of a block as unsigned bytes (Q8_0: its signed values), its scale d, and the offset
-// each weight carries: w = d code + offset.
-template <int TYPE>
-static inline __m256i legacy_codes(const uint8_t* b, float* d, float* offset) {
-  *d = half(b);
-  if (TYPE == GGML_Q4_0) { *offset = -8.f * *d; return nibbles32(b + 2); }
-  if (TYPE == GGML_Q4_1) { *offset = half(b + 2); return nibbles32(b + 4); }
-  if (TYPE == GGML_Q5_0) { *offset = -16.f * *d; return _mm256_or_si256(nibbles32(b + 6), fifth_bits32(b + 2)); }
-  if (TYPE == GGML_Q5_1) { *offset = half(b + 2); return _mm256_or_si256(nibbles32(b + 8), fifth_bits32(b + 4)); }
-  *offset = 0.f;
-  return load32(b + 2);
-}
+#ifdef LMK_INT_SIMD
 
 template <int TYPE, int M>
 static void dot_legacy(const uint8_t* w, const QuantizedActs& a, int64_t m0, float* y, int64_t ldy) {
@@ -128,107 +47,34 @@ static void dot_legacy(const uint8_t* w, const QuantizedActs& a, int64_t m0, flo
   for (int m = 0; m < M; ++m) y[m * ldy] = hsum8(acc[m]) + offsets[m];
 }
 
-// ---- k-quants: super-blocks of 256 ---------------------------------------------------------------
-template <int TYPE> struct KQuant;
-template <> struct KQuant<GGML_Q4_K> { static constexpr int64_t bytes = 144; };
-template <> struct KQuant<GGML_Q5_K> { static constexpr int64_t bytes = 176; };
-template <> struct KQuant<GGML_Q6_K> { static constexpr int64_t bytes = 210; };
-
-#if defined(__AVX512BW__) && defined(__AVX512VL__)
-// 64 weights a vector. Codes of Q4_K / Q5_K: the 32 bytes of one 64-weight span hold weights l (low
-// nibble) and l + 32 (high nibble); loaded into both halves of a vector and shifted by 0 or 4.
-static inline __m512i both_halves(const uint8_t* p) {
-  return _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-static inline __m512i shift_halves(__m512i v, int lo, int hi) {  // 16-bit lanes 0-15 by lo, 16-31 by hi
-  return _mm512_srlv_epi16(v, _mm512_inserti64x4(_mm512_set1_epi16(static_cast<short>(lo)),
-                                                 _mm256_set1_epi16(static_cast<short>(hi)), 1));
-}
-static inline __m512i dot_scaled512(__m512i acc, __m512i u, __m512i s, __m512i scale16) {
-  const __m512i p = _mm512_maddubs_epi16(u, s);
-#if defined(__AVX512VNNI__)
-  return _mm512_dpwssd_epi32(acc, p, scale16);
-#else
-  return _mm512_add_epi32(acc, _mm512_madd_epi16(p, scale16));
-#endif
-}
-
+#ifdef LMK_K512
+// 64 weights a vector.
 template <int TYPE, int M>
 static void dot_k(const uint8_t* w, const QuantizedActs& a, int64_t m0, float* y, int64_t ldy) {
   constexpr int64_t BYTES = KQuant<TYPE>::bytes;
   const int64_t K = a.K, nb = K / 256;
-  const __m512i low4 = _mm512_set1_epi8(0x0F), low2 = _mm512_set1_epi8(3), one = _mm512_set1_epi8(1);
   __m512 acc[M];
   __m128 offsets[M];
   for (int m = 0; m < M; ++m) { acc[m] = _mm512_setzero_ps(); offsets[m] = _mm_setzero_ps(); }
-  // The scale lanes of each span, built once (permutation indices are constants).
   __m512i pick[4];
-  for (int j = 0; j < 4; ++j) {
-    alignas(64) int16_t idx[32];
-    for (int i = 0; i < 32; ++i) idx[i] = TYPE == GGML_Q6_K ? static_cast<int16_t>(4 * j + i / 8) : static_cast<int16_t>(2 * j + i / 16);
-    pick[j] = _mm512_load_si512(idx);
-  }
+  for (int j = 0; j < 4; ++j) pick[j] = span_scale_index<TYPE>(j);
   for (int64_t b = 0; b < nb; ++b) {
-    const int8_t* xq[M];
-    float dx[M];
+    KSpans s;
+    unpack_k512<TYPE>(w + b * BYTES, pick, s);
     for (int m = 0; m < M; ++m) {
-      xq[m] = a.q.data() + (m0 + m) * K + b * 256;
-      dx[m] = a.d[(m0 + m) * nb + b];
-    }
-    {
-      const uint8_t* blk = w + b * BYTES;
-      __m512i iacc[M];
-      for (int m = 0; m < M; ++m) iacc[m] = _mm512_setzero_si512();
+      const int8_t* xq = a.q.data() + (m0 + m) * K + b * 256;
+      const float dx = a.d[(m0 + m) * nb + b];
+      __m512i iacc = _mm512_setzero_si512();
+      for (int j = 0; j < 4; ++j) iacc = dot_scaled512(iacc, s.codes[j], _mm512_loadu_si512(xq + 64 * j), s.scales[j]);
       if (TYPE == GGML_Q6_K) {
-        const float d = half(blk + 208);
-        const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 192)));
-        const __m512i scales = _mm512_castsi256_si512(sc16);
-        for (int h = 0; h < 2; ++h) {
-          const __m512i ql = _mm512_loadu_si512(blk + 64 * h);
-          const __m512i qh = both_halves(blk + 128 + 32 * h);
-          const __m512i c0 = _mm512_or_si512(_mm512_and_si512(ql, low4),
-                                             _mm512_slli_epi16(_mm512_and_si512(shift_halves(qh, 0, 2), low2), 4));
-          const __m512i c1 = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(ql, 4), low4),
-                                             _mm512_slli_epi16(_mm512_and_si512(shift_halves(qh, 4, 6), low2), 4));
-          const __m512i s0 = _mm512_permutexvar_epi16(pick[2 * h], scales);
-          const __m512i s1 = _mm512_permutexvar_epi16(pick[2 * h + 1], scales);
-          for (int m = 0; m < M; ++m) {
-            iacc[m] = dot_scaled512(iacc[m], c0, _mm512_loadu_si512(xq[m] + 128 * h), s0);
-            iacc[m] = dot_scaled512(iacc[m], c1, _mm512_loadu_si512(xq[m] + 128 * h + 64), s1);
-          }
-        }
-        for (int m = 0; m < M; ++m) {
-          // Each weight's -32, times its scale, meets the sums of 16 activations: same factor d * dx.
-          const __m256i bs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.bsums.data() + ((m0 + m) * K + b * 256) / 16));
-          const __m256i off = _mm256_slli_epi32(_mm256_madd_epi16(sc16, bs), 5);
-          iacc[m] = _mm512_sub_epi32(iacc[m], _mm512_zextsi256_si512(off));
-          acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[m]), _mm512_set1_ps(d * dx[m]), acc[m]);
-        }
+        // Each weight's -32, times its scale, meets the sums of 16 activations: the same factor d dx.
+        const __m256i bs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.bsums.data() + ((m0 + m) * K + b * 256) / 16));
+        iacc = _mm512_sub_epi32(iacc, _mm512_zextsi256_si512(_mm256_slli_epi32(_mm256_madd_epi16(s.sc16, bs), 5)));
       } else {
-        const float d = half(blk), dmin = half(blk + 2);
-        alignas(8) uint8_t sc[8], mn[8];
-        k4_scales(blk + 4, sc, mn);
-        uint64_t sc64, mn64;
-        std::memcpy(&sc64, sc, 8);
-        std::memcpy(&mn64, mn, 8);
-        const __m512i scales = _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(static_cast<long long>(sc64))));
-        const __m128i mins = _mm_cvtepu8_epi16(_mm_cvtsi64_si128(static_cast<long long>(mn64)));
-        const uint8_t* qs = blk + (TYPE == GGML_Q5_K ? 48 : 16);
-        __m512i qh;
-        if (TYPE == GGML_Q5_K) qh = both_halves(blk + 16);
-        for (int j = 0; j < 4; ++j) {
-          __m512i codes = _mm512_and_si512(shift_halves(both_halves(qs + 32 * j), 0, 4), low4);
-          if (TYPE == GGML_Q5_K)
-            codes = _mm512_or_si512(codes, _mm512_slli_epi16(_mm512_and_si512(shift_halves(qh, 2 * j, 2 * j + 1), one), 4));
-          const __m512i s = _mm512_permutexvar_epi16(pick[j], scales);
-          for (int m = 0; m < M; ++m) iacc[m] = dot_scaled512(iacc[m], codes, _mm512_loadu_si512(xq[m] + 64 * j), s);
-        }
-        for (int m = 0; m < M; ++m) {
-          acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[m]), _mm512_set1_ps(d * dx[m]), acc[m]);
-          const __m128i bs = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a.bsums32.data() + ((m0 + m) * K + b * 256) / 32));
-          offsets[m] = _mm_fmadd_ps(_mm_cvtepi32_ps(_mm_madd_epi16(mins, bs)), _mm_set1_ps(-dmin * dx[m]), offsets[m]);
-        }
+        const __m128i bs = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a.bsums32.data() + ((m0 + m) * K + b * 256) / 32));
+        offsets[m] = _mm_fmadd_ps(_mm_cvtepi32_ps(_mm_madd_epi16(s.mins, bs)), _mm_set1_ps(-s.dmin * dx), offsets[m]);
       }
+      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc), _mm512_set1_ps(s.d * dx), acc[m]);
     }
   }
   for (int m = 0; m < M; ++m) y[m * ldy] = _mm512_reduce_add_ps(acc[m]) + hsum4(offsets[m]);

@@ -6,9 +6,12 @@
 
 #include "checks.h"
 #include "gguf_blocks.h"
+#include "gguf_gemm.h"
 #include "kernels.h"
 
 namespace lmk {
+
+static constexpr int64_t GEMM_ROWS = 16;  // from this many rows of x on, the prefill kernel runs
 
 static BlockInfo checked_layout(int64_t type, const torch::Tensor& w, int64_t K) {
   bool known;
@@ -30,7 +33,8 @@ std::vector<int64_t> gguf_block_layout(int64_t type) {
 
 torch::Tensor gguf_linear(torch::Tensor x, torch::Tensor w, int64_t type, c10::optional<torch::Tensor> bias) {
   // x [M, K] float32, w uint8 [N, bytes of a row] -> [M, N] float32. Rows of x are quantized to 8 bits
-  // per block (legacy and k-quant types); each thread takes 16 weight rows at a time and runs every
+  // per block (legacy and k-quant types). From GEMM_ROWS rows on, the prefill kernel repacks tiles of
+  // weight rows once (gguf_gemm.cpp); below, each thread takes 16 weight rows at a time and runs every
   // row of x against them, four at a time, while they are in its cache.
   check_tensor(x, "x", torch::kFloat32, 2);
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
@@ -45,6 +49,10 @@ torch::Tensor gguf_linear(torch::Tensor x, torch::Tensor w, int64_t type, c10::o
   const uint8_t* wp = w.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
   const int64_t row_bytes = w.size(1), chunk = 16, nchunks = (N + chunk - 1) / chunk;
+  if (M >= GEMM_ROWS && gguf_gemm(static_cast<int>(type), wp, row_bytes, N, acts, yp)) {
+    if (bias.has_value()) y.add_(*bias);
+    return y;
+  }
 #pragma omp parallel for schedule(static)
   for (int64_t c = 0; c < nchunks; ++c) {
     const int64_t n0 = c * chunk, n1 = std::min(N, n0 + chunk);

@@ -5,7 +5,8 @@
 - `small_linear`, `int8_linear`, `int8_group_linear`, `int4_linear` (dense_linear.cpp): y = x W^T for
   one to four rows, W float32/bfloat16, int8 or packed int4, the output rows split over the threads,
   weight rows streamed with AVX-512 or AVX2 and FMA (plain C++ elsewhere) and prefetched ahead.
-- `gguf_linear`, `gguf_embedding`, `gguf_dequantize` (gguf_linear.cpp, gguf_blocks.cpp, gguf_dot.cpp): GGUF weights
+- `gguf_linear`, `gguf_embedding`, `gguf_dequantize` (gguf_linear.cpp, gguf_blocks.cpp, gguf_dot.cpp,
+  gguf_gemm.cpp): GGUF weights
   in their own blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K; F32/F16/BF16 rows); activation
   rows are quantized to 8 bits per block and multiplied in integers (AVX2 `maddubs`, VNNI where present).
 - `rms_norm`, `rotary` (elementwise.cpp): a decode step's few rows in one call each.
@@ -37,7 +38,7 @@ import torch
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
-_SOURCES = ("bindings.cpp", "dense_linear.cpp", "gguf_blocks.cpp", "gguf_dot.cpp", "gguf_linear.cpp", "attention.cpp",
+_SOURCES = ("bindings.cpp", "dense_linear.cpp", "gguf_blocks.cpp", "gguf_dot.cpp", "gguf_gemm.cpp", "gguf_linear.cpp", "attention.cpp",
             "elementwise.cpp", "llama_decode.cpp")
 _CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
 

@@ -1,0 +1,17 @@
+// Prefill (many rows of x) on GGUF blocks: tiles of weight rows repacked once per call (gguf_gemm.cpp).
+#pragma once
+
+#include <cstdint>
+
+#include "gguf_blocks.h"
+
+namespace lmk {
+
+// Whether this build has the prefill kernel for `type` with rows of K weights (AVX-512 with VNNI).
+bool gemm_supports(int type, int64_t K);
+
+// y [M, N] = x W^T for the quantized rows `a` (a.M rows of a.K) and N weight rows of `row_bytes`
+// bytes; false (nothing written) where `gemm_supports` is false.
+bool gguf_gemm(int type, const uint8_t* w, int64_t row_bytes, int64_t N, const QuantizedActs& a, float* y);
+
+}  // namespace lmk
