@@ -80,6 +80,15 @@ def info(model: Annotated[str, typer.Argument(help="alias, Hugging Face director
 Model = Annotated[str, typer.Argument(help="alias, Hugging Face directory or .gguf file")]
 Dtype = Annotated[str, typer.Option(help="auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16 or float16")]
 Device = Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda")]
+Quantization = Annotated[str, typer.Option(
+    help="GGUF weights: auto (kept in their blocks on CPU, dequantized for CUDA), keep, or dequantize")]
+
+
+def quantization_arg(value: str) -> str | None:
+    """The `--quantization` choice as `load_model` takes it (None: dequantize)."""
+    if value not in ("auto", "keep", "dequantize"):
+        raise LmkError(f"--quantization must be auto, keep or dequantize; got '{value}'")
+    return None if value == "dequantize" else value
 KVMemory = Annotated[str, typer.Option("--kv-cache-memory", help="KV-cache budget, e.g. 512MiB or 2GiB")]
 
 
@@ -221,7 +230,7 @@ def bench_latency(
     dtype: Dtype = "auto",
     device: Device = "auto",
     hf: Annotated[bool, typer.Option(help="also measure transformers generate at batch 1")] = True,
-    quantization: Annotated[str | None, typer.Option(help="'keep': run a Q4_0/Q4_1 GGUF in its 4 bits")] = None,
+    quantization: Quantization = "auto",
 ) -> None:
     """Batch-1 decode ms/token against the floor of weight bytes / read bandwidth measured in this run."""
     from lmkernel.bench.latency import measure
@@ -230,7 +239,8 @@ def bench_latency(
     from lmkernel.engine.llm import LLM
 
     try:
-        llm = LLM(model, dtype=dtype, device=device, kv_cache_memory="256MiB", verbose=False, quantization=quantization)
+        llm = LLM(model, dtype=dtype, device=device, kv_cache_memory="256MiB", verbose=False,
+                  quantization=quantization_arg(quantization))
         prompt = wikitext_workload(llm.tokenizer, 1, (prompt_tokens, prompt_tokens), (1, 1)).prompts[0]
     except (LmkError, ValueError) as exc:
         raise fail(exc) from None
@@ -285,7 +295,7 @@ def quantize(
         use_gptq = method == "int4" and rounding == "gptq"
         refine = method == "int4" and refine_steps != 0
         prepare_output(output, overwrite)
-        lm = load_model(model, dtype=dtype, device="cpu")
+        lm = load_model(model, dtype=dtype, device="cpu", quantization=None)  # compression starts from float weights
         if refine_steps is None and lm.config.is_encoder:
             refine = False  # next-token refinement is for causal models
         skipped = tuple(skip) if skip else DEFAULT_SKIP
@@ -340,7 +350,7 @@ def prune(
         if method != "structured" and (sparsity is None or not 0.0 <= sparsity < 1.0):
             raise LmkError(f"--method {method} needs --sparsity in [0, 1) (the fraction of each row to zero); got {sparsity}")
         prepare_output(output, overwrite)
-        lm = load_model(model)
+        lm = load_model(model, quantization=None)  # pruning starts from float weights
         seqs = windows(lm, read_text(calibration or DEFAULT_TEXT), calibration_sequences) if method != "magnitude" else None
         if method == "structured":
             lm, done = prune_structured(lm, seqs or [], ffn, heads, layers)
@@ -375,6 +385,7 @@ def eval_perplexity(
     window: Annotated[int | None, typer.Option(help="context per window (default: the model's)")] = None,
     dtype: Dtype = "float32",
     device: Device = "auto",
+    quantization: Quantization = "auto",
     json_out: Annotated[bool, typer.Option("--json", help="print one JSON object as the last line")] = False,
 ) -> None:
     """Sliding-window perplexity (stride half the window) of a causal LM over a text file."""
@@ -385,7 +396,8 @@ def eval_perplexity(
         text = read_text(data)
         if max_tokens is not None and max_tokens < 2:
             raise LmkError(f"--max-tokens must be at least 2; got {max_tokens}")
-        result = perplexity(load_model(model, dtype=dtype, device=device), text, max_tokens, window)
+        lm = load_model(model, dtype=dtype, device=device, quantization=quantization_arg(quantization))
+        result = perplexity(lm, text, max_tokens, window)
     except (LmkError, ValueError) as exc:
         raise fail(exc) from None
     report(f"perplexity {result.perplexity:.4f} over {result.tokens} tokens",
@@ -551,7 +563,7 @@ def serve(
     request_timeout: Annotated[float | None, typer.Option(help="seconds before a request is aborted")] = None,
     shutdown_grace: Annotated[float, typer.Option(help="seconds in-flight requests get after SIGTERM")] = 30.0,
     log_prompts: Annotated[bool, typer.Option(help="log prompts and outputs, with personal data redacted")] = False,
-    quantization: Annotated[str | None, typer.Option(help="'keep': run a Q4_0/Q4_1 GGUF in its 4 bits")] = None,
+    quantization: Quantization = "auto",
     lora: Annotated[list[str] | None, typer.Option("--lora", help="NAME=PATH: serve a PEFT LoRA adapter as MODEL:NAME; repeat for more")] = None,
     ray: Annotated[bool, typer.Option("--ray", help="serve as a Ray Serve deployment with autoscaling replicas")] = False,
     ray_address: Annotated[str | None, typer.Option(help="with --ray: join this cluster ('auto', HOST:PORT, ray://...) instead of starting a local Ray")] = None,
@@ -583,7 +595,8 @@ def serve(
             log_prompts=log_prompts,
         )
         launch = LaunchConfig(model, embedding_model, host, port, dtype, device, kv_cache_memory, max_num_seqs,
-                              max_num_batched_tokens, shutdown_grace, quantization, parse_lora_options(lora or []))
+                              max_num_batched_tokens, shutdown_grace, quantization_arg(quantization),
+                              parse_lora_options(lora or []))
         if not ray:
             run(launch, config)
             return

@@ -28,7 +28,7 @@ class ModelConfig:
     rope_scaling: dict[str, Any] | None = None
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # bias on the Q, K and V projections (Qwen2)
-    sliding_window: int | None = None
+    sliding_window: int | None = None  # attention reaches back this many tokens (Mistral v0.1); None: all
     type_vocab_size: int = 0  # BERT token-type embeddings
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
@@ -52,8 +52,23 @@ class ModelConfig:
         return self.architecture == "bert"
 
     @property
+    def max_context(self) -> int:
+        """The longest context a request may have: the positions the model was trained for, and no more
+        than its sliding window (lmkernel attends to the whole context, so longer ones are refused)."""
+        return min(self.max_position_embeddings, self.sliding_window or self.max_position_embeddings)
+
+    @property
+    def context_limit_reason(self) -> str:
+        """What sets `max_context`, for error messages."""
+        if self.sliding_window is not None and self.sliding_window < self.max_position_embeddings:
+            return (f"the model's sliding window of {self.sliding_window} tokens (lmkernel refuses longer contexts "
+                    "rather than attend to only part of them)")
+        return f"the model's context length of {self.max_position_embeddings} tokens"
+
+    @property
     def eos_token_ids(self) -> list[int]:
-        """End-of-sequence ids as a list, whatever form the source gave them in."""
+        """End-of-sequence ids as a list, whatever form the source gave them in; generation stops at any
+        of them (Qwen2.5 ends a turn with <|im_end|> and a text with <|endoftext|>)."""
         if self.eos_token_id is None:
             return []
         if isinstance(self.eos_token_id, int):

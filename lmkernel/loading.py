@@ -18,6 +18,7 @@ from lmkernel.config import ModelConfig
 from lmkernel.errors import AdapterError, LmkError, ModelSourceError
 from lmkernel.layers import cpu_kernels
 from lmkernel.layers.attention import AttentionMetadata
+from lmkernel.layers.linear import GGUFEmbedding, GGUFLinear
 from lmkernel.layers.lora import linear_layers, merged_dense
 from lmkernel.loader import gguf_file, hf_dir
 from lmkernel.loader.adapter import CONFIG_FILE, LoraAdapter, head_architecture, head_labels, hf_names, match_adapter, \
@@ -76,8 +77,14 @@ class LoadedModel:
 
     @property
     def num_parameters(self) -> int:
-        """Distinct parameters (a tied head counts once)."""
-        return sum(p.numel() for p in {id(p): p for p in self.model.parameters()}.values())
+        """Distinct weights (a tied head counts once; a weight kept in GGUF blocks counts its elements)."""
+        counts = {id(p): p.numel() for p in self.model.parameters()}
+        for m in self.model.modules():
+            if isinstance(m, GGUFLinear):
+                counts[id(m.blocks)] = m.in_features * m.out_features
+            elif isinstance(m, GGUFEmbedding):
+                counts[id(m.blocks)] = m.num_embeddings * m.embedding_dim
+        return sum(counts.values())
 
     @torch.inference_mode()
     def logits(self, token_ids: Sequence[int]) -> torch.Tensor:
@@ -94,7 +101,7 @@ class LoadedModel:
     def max_input_tokens(self) -> int:
         """The most tokens one input may have."""
         c = self.config
-        return min(c.max_seq_length or c.max_position_embeddings, c.max_position_embeddings)
+        return min(c.max_seq_length or c.max_context, c.max_context)
 
     def length_batches(self, texts: Sequence[str], max_batch_tokens: int) -> Iterator[tuple[list[int], list[list[int]]]]:
         """Tokenized texts (truncated to the model's limit) in batches of similar length.
@@ -143,10 +150,8 @@ class LoadedModel:
         bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
         if bad:
             raise LmkError(f"token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size})")
-        if len(ids) > self.config.max_position_embeddings:
-            raise LmkError(
-                f"{len(ids)} tokens exceed the model's context length of {self.config.max_position_embeddings}"
-            )
+        if len(ids) > self.config.max_context:
+            raise LmkError(f"{len(ids)} tokens exceed {self.config.context_limit_reason}")
         return ids
 
 

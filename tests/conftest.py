@@ -107,10 +107,12 @@ def st_minilm(minilm_dir: Path):
 
 @pytest.fixture(scope="session")
 def smollm(smollm_gguf: Path):
-    """lmkernel's SmolLM2, float32 on CPU, loaded once."""
+    """lmkernel's SmolLM2 dequantized to float32 on CPU, loaded once: the exact reference the engine's
+    mechanics are checked against (kept GGUF blocks quantize activations, so paths that round a value
+    differently by 1e-7 may pick another 8-bit step)."""
     from lmkernel import load_model
 
-    return load_model(smollm_gguf)
+    return load_model(smollm_gguf, quantization=None)
 
 
 @pytest.fixture(scope="session")
@@ -119,3 +121,38 @@ def minilm(minilm_dir: Path):
     from lmkernel import load_model
 
     return load_model(minilm_dir)
+
+
+LLAMA_CPP_SDIST = "llama-cpp-python==0.3.36"
+VOCABS = ("llama-spm", "bert-bge", "qwen2", "gpt-2", "llama-bpe")
+
+
+@pytest.fixture(scope="session")
+def llama_cpp_vocabs() -> Path:
+    """llama.cpp's tokenizer test files (vocabulary-only GGUFs with inputs and expected ids, MIT), taken
+    once from the llama-cpp-python source package into the model cache."""
+    import shutil
+    import subprocess
+    import sys
+    import tarfile
+    import tempfile
+
+    from lmkernel.registry import model_cache
+
+    target = model_cache().parent / "test-data" / "llama.cpp-vocabs"
+    if all((target / f"ggml-vocab-{v}.gguf.out").is_file() for v in VOCABS):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q", "-d", tmp,
+                        LLAMA_CPP_SDIST], check=True, capture_output=True)
+        staging = Path(tmp) / "vocabs"
+        staging.mkdir()
+        with tarfile.open(next(Path(tmp).glob("llama_cpp_python-*.tar.gz"))) as archive:
+            for member in archive.getmembers():
+                name = Path(member.name).name
+                if "/vendor/llama.cpp/models/" in member.name and any(name.startswith(f"ggml-vocab-{v}.gguf") for v in VOCABS):
+                    (staging / name).write_bytes(archive.extractfile(member).read())
+        shutil.rmtree(target, ignore_errors=True)
+        staging.replace(target)
+    return target

@@ -49,12 +49,12 @@ def test_info_on_bad_input_is_one_clear_line(tmp_path):
     assert "error:" in out.stderr and "nothing-here" in out.stderr and "Traceback" not in out.stderr
 
 
-def test_generate_streams_the_greedy_completion(smollm):
+def test_generate_streams_the_greedy_completion():
     from lmkernel import LLM, SamplingParams
 
     out = run("generate", "smollm2-135m-instruct", "The capital of France is", "--max-tokens", "10", "--temperature", "0", "--device", "cpu")
     assert out.returncode == 0, out.stderr
-    expected = LLM(smollm, kv_cache_memory="64MiB", verbose=False).generate(
+    expected = LLM("smollm2-135m-instruct", kv_cache_memory="64MiB", verbose=False).generate(
         ["The capital of France is"], SamplingParams(temperature=0, max_tokens=10)
     )[0].outputs[0].text
     assert out.stdout.rstrip("\n") == expected

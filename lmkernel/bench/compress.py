@@ -171,14 +171,14 @@ def build_decoder_variants(model: str, workdir: Path, text: str, calibration_win
 
     variants: list[tuple[str, Path, str | None]] = []
     log("float32")
-    variants.append(("float32", save(load_model(model), "float32"), None))
+    variants.append(("float32", save(load_model(model, quantization=None), "float32"), None))
     log("bfloat16")
-    variants.append(("bfloat16", save(load_model(model, dtype="bfloat16"), "bfloat16"), None))
+    variants.append(("bfloat16", save(load_model(model, dtype="bfloat16", quantization=None), "bfloat16"), None))
     log("int8")
-    lm = load_model(model)
+    lm = load_model(model, quantization=None)
     variants.append(("int8", save(lm, "int8", {"quantization_config": quantize_model(lm.model, "int8").to_json()}), None))
     log("int4-g128 (GPTQ, then scales/minimums refined against float32)")
-    lm = load_model(model)
+    lm = load_model(model, quantization=None)
     teacher = copy.deepcopy(lm.model)
     windows = calibration_sequences(lm, text, calibration_windows, start=8192)
     done = gptq_quantize(lm, windows, 128)
@@ -190,11 +190,11 @@ def build_decoder_variants(model: str, workdir: Path, text: str, calibration_win
     if source.kind == "gguf":
         variants.append(("gguf-kept", source.path, "keep"))
     log("wanda 50%")
-    lm = load_model(model)
+    lm = load_model(model, quantization=None)
     prune_unstructured(lm, "wanda", 0.5, calibration_sequences(lm, text, calibration_windows, start=8192))
     variants.append(("wanda-50", save(lm, "wanda-50"), None))
     log("structured, 30% of FFN channels")
-    lm = load_model(model)
+    lm = load_model(model, quantization=None)
     pruned, _ = prune_structured(lm, calibration_sequences(lm, text, calibration_windows, start=8192), ffn=0.3)
     variants.append(("structured-ffn30", save(pruned, "structured-ffn30"), None))
     return variants
@@ -225,17 +225,17 @@ def run_encoder(model: str, workdir: Path, sentences: list[str], log: Callable[[
         store_as = storage_dtypes(lm.model) if extra else None  # quantized: embeddings in bfloat16
         return save_model_dir(lm.model, lm.config, lm.tokenizer, lm.dtype, workdir / name, True, extra, store_as=store_as)
 
-    reference = load_model(model)
+    reference = load_model(model, quantization=None)
     ref_file = workdir / "reference.pt"
     torch.save(reference.embed(sentences), ref_file)
     (workdir / "sentences.json").write_text(json.dumps(sentences))
     variants = [("float32", save(reference, "float32"))]
-    variants.append(("bfloat16", save(load_model(model, dtype="bfloat16"), "bfloat16")))
+    variants.append(("bfloat16", save(load_model(model, dtype="bfloat16", quantization=None), "bfloat16")))
     for method in ("int8", "int8-dynamic", "int4"):
-        lm = load_model(model)
+        lm = load_model(model, quantization=None)
         done = quantize_model(lm.model, method, 128)
         variants.append((method if method != "int4" else "int4-g128", save(lm, method, {"quantization_config": done.to_json()})))
-    lm = load_model(model)
+    lm = load_model(model, quantization=None)
     prune_unstructured(lm, "wanda", 0.5, calibration_sequences(lm, "\n".join(sentences), 32))
     variants.append(("wanda-50", save(lm, "wanda-50")))
     results = []

@@ -60,10 +60,14 @@ class LLMEngine:
         self.loaded, self.tokenizer = loaded, loaded.tokenizer
         self.kv_cache = allocate_kv_cache(loaded.config, cache, loaded.dtype, loaded.device)
         self.pool = BlockPool(self.kv_cache.num_blocks, cache.block_size, cache.enable_prefix_caching)
-        max_len = min(scheduler.max_model_len, loaded.config.max_position_embeddings)
+        max_len = min(scheduler.max_model_len, loaded.config.max_context)
         self.scheduler = Scheduler(dataclasses.replace(scheduler, max_model_len=max_len), self.pool)
         self.adapters = adapters
-        self.runner = ModelRunner(loaded.model, self.kv_cache, self.tokenizer, loaded.device, seed, adapters)
+        # Generation ends at any end-of-sequence id the model lists, and at the tokenizer's own.
+        self.eos_ids = frozenset(loaded.config.eos_token_ids) | (
+            {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set())
+        self.runner = ModelRunner(loaded.model, self.kv_cache, self.tokenizer, loaded.device, seed, adapters,
+                                  self.eos_ids)
         self.groups: dict[str, _Group] = {}
         self.owner: dict[str, tuple[_Group, _Sample]] = {}
         self.arrivals = 0
@@ -104,7 +108,8 @@ class LLMEngine:
             raise PromptTooLongError(
                 f"prompt of {len(ids)} tokens plus max_tokens {params.max_tokens} is {len(ids) + params.max_tokens} "
                 f"tokens, more than this engine can hold for one request ({limit}: context length "
-                f"{self.max_model_len}, KV cache {self.pool.num_blocks * self.pool.block_size} tokens)"
+                f"{self.max_model_len}, KV cache {self.pool.num_blocks * self.pool.block_size} tokens; the context is "
+                f"bounded by {self.loaded.config.context_limit_reason})"
             )
         group = _Group(request_id, text, ids, params)
         for j in range(params.n):
@@ -172,9 +177,9 @@ class LLMEngine:
         request, params = sample.request, sample.request.sampling_params
         sample.text += sample.detokenizer.add(token)
         enough = request.num_output_tokens >= params.min_tokens
-        eos = self.tokenizer.eos_token_id
-        if enough and ((token == eos and not params.ignore_eos) or token in params.stop_token_ids):
-            sample.finish_reason, request.stop_reason = "stop", (token if token != eos else None)
+        is_eos = token in self.eos_ids
+        if enough and ((is_eos and not params.ignore_eos) or token in params.stop_token_ids):
+            sample.finish_reason, request.stop_reason = "stop", (None if is_eos and not params.ignore_eos else token)
             sample.text += sample.detokenizer.flush()
         elif enough and params.stop:
             window = max(map(len, params.stop)) + 8

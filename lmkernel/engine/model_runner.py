@@ -31,8 +31,9 @@ class ModelRunner:
     request's tokens to its LoRA adapter for the forward and the logits."""
 
     def __init__(self, model: torch.nn.Module, kv_cache: KVCache, tokenizer: Tokenizer, device: torch.device, seed: int = 0,
-                 adapters: LoraAdapters | None = None) -> None:
+                 adapters: LoraAdapters | None = None, eos_ids: frozenset[int] = frozenset()) -> None:
         self.model, self.kv_cache, self.tokenizer, self.device = model, kv_cache, tokenizer, device
+        self.eos_ids = sorted(eos_ids)
         self.adapters = adapters
         self.kv_layers = [kv_cache.layer(i) for i in range(len(kv_cache.keys))]
         self.sampler = Sampler(seed)
@@ -195,8 +196,7 @@ class ModelRunner:
         p = request.sampling_params
         if request.num_output_tokens >= p.min_tokens:
             return []
-        eos = [] if p.ignore_eos or self.tokenizer.eos_token_id is None else [self.tokenizer.eos_token_id]
-        return eos + p.stop_token_ids
+        return ([] if p.ignore_eos else self.eos_ids) + p.stop_token_ids
 
     def _position(self, logprobs: torch.Tensor, token: int, n: int) -> PositionLogprobs:
         return {

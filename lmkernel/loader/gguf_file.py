@@ -97,14 +97,32 @@ def parse_config(path: Path, reader: GGUFFile, metadata: dict[str, Any]) -> Mode
         rope_theta=float(metadata.get(f"{arch}.rope.freq_base", 10000.0)),
         rope_scaling=scaling,
         tie_word_embeddings="output.weight" not in names,
+        sliding_window=metadata.get(f"{arch}.attention.sliding_window") or None,
         attention_bias="blk.0.attn_q.bias" in names,
         bos_token_id=metadata.get("tokenizer.ggml.bos_token_id"),
-        eos_token_id=metadata.get("tokenizer.ggml.eos_token_id"),
+        eos_token_id=end_of_generation_ids(metadata) or None,
         pad_token_id=metadata.get("tokenizer.ggml.padding_token_id"),
         stored_dtype=stored_dtype(reader),
         hf_model_type=arch,
         hf_architecture="LlamaForCausalLM",
     )
+
+
+# Control tokens that end a turn or a text in the families people run (llama.cpp's list): Llama-3's
+# <|eot_id|>, ChatML's <|im_end|>, Phi's <|end|>, Gemma's <end_of_turn>, GPT-2's and Qwen's <|endoftext|>, ...
+_END_TEXTS = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<EOT>", "_<EOT>",
+              "<|end_of_text|>", "<end_of_utterance>", "<｜end▁of▁sentence｜>")
+_CONTROL = 3
+
+
+def end_of_generation_ids(metadata: dict[str, Any]) -> list[int]:
+    """Every id that ends generation: the file's eos (first), eot and eom ids, and each control token
+    spelled as one of the usual ends of a turn or a text."""
+    tokens = metadata.get("tokenizer.ggml.tokens") or []
+    types = metadata.get("tokenizer.ggml.token_type") or []
+    ids = [metadata.get(f"tokenizer.ggml.{key}_token_id") for key in ("eos", "eot", "eom")]
+    ids += [i for i, (text, kind) in enumerate(zip(tokens, types)) if kind == _CONTROL and text in _END_TEXTS]
+    return [int(i) for i in dict.fromkeys(ids) if i is not None and 0 <= int(i) < max(len(tokens), 1)]
 
 
 def stored_dtype(reader: GGUFFile) -> str:

@@ -66,6 +66,19 @@ def _sentence_transformers(directory: Path) -> dict[str, Any]:
     return out
 
 
+def _eos_ids(directory: Path, raw: dict[str, Any]) -> int | list[int] | None:
+    """config.json's eos_token_id, with every other one generation_config.json lists (Qwen2.5 lists
+    <|im_end|> and <|endoftext|>)."""
+    ids: list[Any] = []
+    sources = [raw.get("eos_token_id")]
+    if (directory / "generation_config.json").is_file():
+        sources.append(read_json(directory / "generation_config.json").get("eos_token_id"))
+    for value in sources:
+        ids += value if isinstance(value, list) else [value]
+    ids = [int(i) for i in dict.fromkeys(ids) if isinstance(i, int)]
+    return None if not ids else ids[0] if len(ids) == 1 else ids
+
+
 def parse_config(directory: Path) -> ModelConfig:
     """Read `config.json` (and sentence-transformers files beside it) into a `ModelConfig`."""
     path = directory / "config.json"
@@ -79,7 +92,7 @@ def parse_config(directory: Path) -> ModelConfig:
     common: dict[str, Any] = dict(
         vocab_size=int(_require(raw, path, "vocab_size")),
         bos_token_id=raw.get("bos_token_id"),
-        eos_token_id=raw.get("eos_token_id"),
+        eos_token_id=_eos_ids(directory, raw),
         pad_token_id=raw.get("pad_token_id"),
         stored_dtype=stored_dtype(directory),
         hf_model_type=model_type,

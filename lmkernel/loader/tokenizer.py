@@ -15,7 +15,7 @@ from typing import Any
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as Backend
 
 from lmkernel.errors import LmkError, ModelSourceError, UnsupportedModelError
@@ -46,10 +46,11 @@ _CONTROL, _USER_DEFINED = 3, 4
 _NAMED = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 # transformers builds GGUF vocabularies through GPT2Tokenizer / LlamaTokenizer, whose default specials
 # it adds (appending them when the vocabulary lacks them) before reading the file's own.
-_BUILDER_DEFAULTS = {"gpt2": ("<|endoftext|>",), "llama": ("<s>", "</s>", "<unk>")}
+_BUILDER_DEFAULTS = {"gpt2": ("<|endoftext|>",), "llama": ("<s>", "</s>", "<unk>"), "bert": ()}
 # SentencePiece files of these architectures need builders transformers special-cases.
 _SPM_SPECIAL_ARCHS = ("gemma", "gemma2", "gemma3", "phi3")
-_GGUF_SPECIALS = {"bos_token": "bos", "eos_token": "eos", "unk_token": "unknown", "pad_token": "padding"}
+_GGUF_SPECIALS = {"bos_token": "bos", "eos_token": "eos", "unk_token": "unknown", "pad_token": "padding",
+                  "cls_token": "cls", "sep_token": "seperator", "mask_token": "mask"}  # "seperator": GGUF's spelling
 _CLEANUPS = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
              (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))  # fmt: skip
 
@@ -145,12 +146,14 @@ class Tokenizer:
         if kind not in _BUILDER_DEFAULTS or (kind == "llama" and arch in _SPM_SPECIAL_ARCHS):
             raise UnsupportedModelError(
                 f"{source}: GGUF tokenizer model '{kind}' (architecture '{arch}') is not supported; expected 'gpt2' "
-                f"(byte-level BPE) or 'llama' (SentencePiece BPE, not for {', '.join(_SPM_SPECIAL_ARCHS)})"
+                f"(byte-level BPE), 'llama' (SentencePiece BPE, not for {', '.join(_SPM_SPECIAL_ARCHS)}) or 'bert' (WordPiece)"
             )
         tokens = list(metadata.get("tokenizer.ggml.tokens") or [])
         if not tokens:
             raise ModelSourceError(f"{source}: GGUF metadata has no 'tokenizer.ggml.tokens'")
         types = list(metadata.get("tokenizer.ggml.token_type") or [])
+        if kind == "bert":
+            return _wordpiece(tokens, types, metadata, source)
         backend = _byte_level(tokens, metadata) if kind == "gpt2" else _sentencepiece(tokens, metadata, source)
         backend.add_tokens([AddedToken(t, special=True) for t in _BUILDER_DEFAULTS[kind]])
         spelled = set(_byte_alphabet().values()) if kind == "gpt2" else None
@@ -242,7 +245,10 @@ def _byte_level(tokens: list[str], metadata: Mapping[str, Any]) -> Backend:
 
 
 def _sentencepiece(tokens: list[str], metadata: Mapping[str, Any], source: str) -> Backend:
-    """SentencePiece-style BPE with byte fallback (Llama 1/2, Mistral); merges recovered from scores if absent."""
+    """SentencePiece-style BPE with byte fallback (Llama 1/2, Mistral, TinyLlama); merges recovered from
+    scores if absent. As llama.cpp and transformers do it: every space becomes "▁" and the text gets one
+    more in front (`tokenizer.ggml.add_space_prefix`, on unless the file says otherwise), so " Hello"
+    is "▁" + "▁Hello" and a lone space is "▁▁"; nothing splits the text before the merges."""
     vocab = {t: i for i, t in enumerate(tokens)}
     if "tokenizer.ggml.merges" in metadata:
         merges = [tuple(m.split(" ")) for m in metadata["tokenizer.ggml.merges"]]
@@ -251,11 +257,47 @@ def _sentencepiece(tokens: list[str], metadata: Mapping[str, Any], source: str) 
     else:
         raise ModelSourceError(f"{source}: GGUF SentencePiece vocabulary has neither 'tokenizer.ggml.merges' nor scores")
     backend = Backend(models.BPE(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True))
-    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    prefix = bool(metadata.get("tokenizer.ggml.add_space_prefix", True))
+    backend.normalizer = normalizers.Sequence(
+        [*([normalizers.Prepend("▁")] if prefix else []), normalizers.Replace(" ", "▁")])
+    backend.pre_tokenizer = None
     backend.decoder = decoders.Sequence(
-        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(content=" ", left=1)]
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+         *([decoders.Strip(content=" ", left=1)] if prefix else [])]
     )
     return backend
+
+
+def _wordpiece(tokens: list[str], types: list[int], metadata: Mapping[str, Any], source: str) -> Tokenizer:
+    """BERT's WordPiece from a GGUF vocabulary. llama.cpp writes word-initial pieces with a leading "▁" and
+    continuations bare ("##" dropped), bracketed specials as they are; this spells them back. Text is
+    lowercased and split on spaces and punctuation (BERT's normalizer and pre-tokenizer, as llama.cpp does),
+    and [CLS] ... [SEP] surround each sequence."""
+    def spelled(token: str) -> str:
+        if token.startswith("[") and token.endswith("]"):
+            return token
+        return token[1:] if token.startswith("▁") else "##" + token
+
+    vocab: dict[str, int] = {}
+    for i, token in enumerate(tokens):
+        vocab.setdefault(spelled(token), i)
+    indices = {name: metadata.get(f"tokenizer.ggml.{key}_token_id") for name, key in _GGUF_SPECIALS.items()}
+    specials = {name: tokens[i] if i is not None and 0 <= i < len(tokens) else None for name, i in indices.items()}
+    if specials["unk_token"] is None:
+        raise ModelSourceError(f"{source}: GGUF WordPiece vocabulary has no 'tokenizer.ggml.unknown_token_id'")
+    backend = Backend(models.WordPiece(vocab=vocab, unk_token=specials["unk_token"], max_input_chars_per_word=100))
+    backend.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=None,
+                                                    lowercase=True)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.decoder = decoders.WordPiece(prefix="##")
+    control = [t for t, k in zip(tokens, types) if k == _CONTROL]
+    backend.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in control])
+    cls, sep = specials["cls_token"], specials["sep_token"]
+    if cls is not None and sep is not None:
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{cls}:0 $A:0 {sep}:0", pair=f"{cls}:0 $A:0 {sep}:0 $B:1 {sep}:1",
+            special_tokens=[(cls, vocab[cls]), (sep, vocab[sep])])
+    return Tokenizer(backend, specials, metadata.get("tokenizer.chat_template"), source, clean_up_spaces=True)
 
 
 def _merges_from_scores(vocab: dict[str, int], scores: dict[str, float]) -> list[tuple[str, str]]:

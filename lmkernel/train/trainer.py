@@ -110,7 +110,7 @@ def train(args: TrainArgs, resume: bool = False, overwrite: bool = False, consol
     _check_run_dir(args, resume, overwrite)
     torch.manual_seed(args.seed)
 
-    loaded = load_model(args.model, device="cpu")
+    loaded = load_model(args.model, device="cpu", quantization=None)  # training updates float weights
     task_class = TASKS[args.task]
     task: Task = (Classification(loaded.tokenizer, loaded.config, args.max_length, args.seed, args.augment)
                   if task_class is Classification else task_class(loaded.tokenizer, loaded.config, args.max_length, args.seed))

@@ -21,7 +21,7 @@ def text(wikitext_lines: list[str]) -> str:
 def test_wanda_half_sparsity_per_row_and_loads_in_transformers(smollm_gguf, text: str, tmp_path) -> None:
     from transformers import AutoModelForCausalLM
 
-    lm = load_model(smollm_gguf)
+    lm = load_model(smollm_gguf, quantization=None)
     dense_ppl = perplexity(lm, text, 512).perplexity
     report = prune_unstructured(lm, "wanda", 0.5, calibration_sequences(lm, text, count=8))
     assert len(report.layers) == 7 * lm.config.num_layers
@@ -44,7 +44,7 @@ def test_wanda_half_sparsity_per_row_and_loads_in_transformers(smollm_gguf, text
 
 
 def test_magnitude_and_bad_values(smollm_gguf) -> None:
-    lm = load_model(smollm_gguf)
+    lm = load_model(smollm_gguf, quantization=None)
     for sparsity in (-0.1, 1.0, 1.5):
         with pytest.raises(LmkError, match="sparsity"):
             prune_unstructured(lm, "magnitude", sparsity)
@@ -60,7 +60,7 @@ def test_magnitude_and_bad_values(smollm_gguf) -> None:
 def test_structured_prune_is_smaller_and_loads_in_transformers(smollm_gguf, text: str, tmp_path) -> None:
     from transformers import AutoModelForCausalLM
 
-    lm = load_model(smollm_gguf)
+    lm = load_model(smollm_gguf, quantization=None)
     dense_ppl = perplexity(lm, text, 512).perplexity
     calibration = calibration_sequences(lm, text, count=8)
     pruned, report = prune_structured(lm, calibration, ffn=0.3, heads=0.25, layers=2)

@@ -55,7 +55,7 @@ def _change(lm, wikitext: str, float_ppl: float, label: str) -> float:
 
 
 def test_int8_perplexity_and_reload(smollm_gguf, wikitext: str, float_ppl: float, tmp_path) -> None:
-    lm = load_model(smollm_gguf)
+    lm = load_model(smollm_gguf, quantization=None)
     done = quantize_model(lm.model, "int8")
     assert len(done.quantized) == 7 * lm.config.num_layers and "lm_head" not in done.quantized
     assert all(isinstance(lm.model.get_submodule(n), Int8Linear) for n in done.quantized)
@@ -64,7 +64,7 @@ def test_int8_perplexity_and_reload(smollm_gguf, wikitext: str, float_ppl: float
 
 
 def test_int4_g128_gptq_perplexity_and_reload(smollm_gguf, wikitext: str, float_ppl: float, tmp_path) -> None:
-    lm = load_model(smollm_gguf)
+    lm = load_model(smollm_gguf, quantization=None)
     # 96 windows of 128 tokens, taken after the tokens perplexity scores: +7.0% here, against +6.3% with
     # the default 128 (BENCHMARKS.md) at three quarters of the time, which `make test` needs.
     calibration = calibration_sequences(lm, wikitext, count=96, start=FIRST_TOKENS)
@@ -95,7 +95,7 @@ def test_gptq_beats_rounding_to_nearest_on_the_calibration_inputs() -> None:
 
 
 def test_bad_requests_leave_nothing_behind(smollm_gguf, tmp_path) -> None:
-    lm = load_model(smollm_gguf)
+    lm = load_model(smollm_gguf, quantization=None)
     with pytest.raises(LmkError, match="group-size"):
         quantize_model(lm.model, "int4", group_size=100)
     with pytest.raises(LmkError, match="method"):
@@ -112,23 +112,30 @@ def test_bad_requests_leave_nothing_behind(smollm_gguf, tmp_path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["out"], "no temporary directory left behind"
 
 
-def test_gguf_kept_in_its_4_bits(smollm_gguf, smollm) -> None:
+def test_gguf_kept_in_its_own_blocks(smollm_gguf, smollm) -> None:
+    """SmolLM2 as shipped: the Q4_1 projections and the Q8_0 embedding (and head) stay in their blocks,
+    the same values as the float model dequantized from the file, in about a sixth of its memory."""
+    from lmkernel.layers.linear import GGUFLinear
+
     kept = load_model(smollm_gguf, quantization="keep")
-    layers = [m for m in kept.model.modules() if isinstance(m, Int4Linear)]
-    assert len(layers) == 7 * kept.config.num_layers and all(m.group_size == 32 for m in layers)
-    assert not isinstance(kept.model.lm_head, Int4Linear)
+    layers = [m for m in kept.model.modules() if isinstance(m, GGUFLinear)]
+    assert len(layers) == 7 * kept.config.num_layers + 1  # and the head
+    assert {m.gguf_type for m in layers} == {3, 8}  # Q4_1, Q8_0
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.7.mlp.down_proj", "lm_head"):
+        ours = kept.model.get_submodule(name)
+        assert torch.equal(ours.dequantized(), smollm.model.get_submodule(name).weight), name
     ids = smollm.tokenizer.encode("The European lobster is a species of clawed lobster found in")
     with torch.inference_mode():
-        diff = (kept.logits(ids) - smollm.logits(ids)).abs().max()
-    assert diff <= 1e-3, "the same 4-bit values as the float model dequantized from the file"
-    q_proj = kept.model.model.layers[0].self_attn.q_proj
-    dense = smollm.model.model.layers[0].self_attn.q_proj.weight
-    assert torch.allclose(q_proj.dequantized(), dense, atol=1e-6)
+        got, ref = torch.log_softmax(kept.logits(ids), -1), torch.log_softmax(smollm.logits(ids), -1)
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9  # activations in 8 bits: close, not equal
+    kl = (ref.exp() * (ref - got)).sum(-1)  # nats from the float model's next-token distribution, per position
+    assert kl.max() < 0.05, kl
+
     def resident(model: torch.nn.Module) -> int:
         distinct = {t.data_ptr(): t for t in model.state_dict().values()}
         return sum(t.numel() * t.element_size() for t in distinct.values())
 
-    assert resident(kept.model) < 0.4 * resident(smollm.model)
+    assert resident(kept.model) < 0.2 * resident(smollm.model)
     with pytest.raises(LmkError, match="quantization"):
         load_model(smollm_gguf, quantization="int3")
 

@@ -33,7 +33,7 @@ def _kl_to_float(lm, float_lm, windows: list[list[int]]) -> float:
 
 def test_refinement_moves_int4_closer_to_float_on_unseen_text(smollm_gguf, smollm, wikitext_lines, tmp_path) -> None:
     text = "\n".join(wikitext_lines)
-    lm = load_model(smollm_gguf)
+    lm = load_model(smollm_gguf, quantization=None)
     done = quantize_model(lm.model, "int4", 128, skip=("lm_head", *FLOAT_LAYERS))
     assert len(done.quantized) == 7
     tune = calibration_sequences(lm, text, count=48, length=32, start=8192)

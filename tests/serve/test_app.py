@@ -44,8 +44,9 @@ def client(server: Server) -> openai.OpenAI:
 
 
 @pytest.fixture(scope="module")
-def llm(smollm) -> LLM:
-    return LLM(smollm, kv_cache_memory="64MiB", verbose=False)
+def llm() -> LLM:
+    """The model as the server loads it (the GGUF in its own blocks), in this process."""
+    return LLM(MODEL, kv_cache_memory="64MiB", verbose=False)
 
 
 def post(server: Server, path: str, body: object, key: str | None = KEY, timeout: float = 120) -> httpx.Response:
@@ -150,7 +151,7 @@ def test_embeddings_equal_llm_embed(client: openai.OpenAI, minilm) -> None:
 
 
 def test_adapter_is_served_as_model_colon_name(client: openai.OpenAI, smollm, adapter) -> None:
-    tuned = LLM(smollm, kv_cache_memory="64MiB", verbose=False, lora={"tuned": adapter})
+    tuned = LLM(MODEL, kv_cache_memory="64MiB", verbose=False, lora={"tuned": adapter})  # as the server: GGUF blocks
     listed = {m.id: m for m in client.models.list()}
     assert listed[f"{MODEL}:tuned"].model_extra["parent"] == MODEL
     prompt = "The capital of France is"

@@ -25,7 +25,7 @@ PROMPT = "The capital of France is Paris, and the capital of Italy is"
 @pytest.fixture(scope="module")
 def llama(smollm_gguf, tmp_path_factory):
     """A fresh SmolLM2 with LoRA on every projection (random B, so it matters), saved by us."""
-    lm = load_model(smollm_gguf)
+    lm = load_model(smollm_gguf, quantization=None)
     ids = lm.tokenizer.encode(PROMPT)
     base_logits = lm.logits(ids)
     base_state = dict(lm.model.state_dict())

@@ -243,8 +243,9 @@ def test_a_lora_chat_run_is_served_beside_its_base(tmp_path):
     prompt = [{"role": "user", "content": "Name a fruit that is yellow."}]
     greedy = SamplingParams(temperature=0, max_tokens=8)
     merged = LLM(args.output, kv_cache_memory="64MiB", verbose=False).chat([prompt], greedy)[0].outputs[0].text
+    # The merged model is float (an adapter merges into dequantized weights): serve the base in float too.
     llm = LLM("smollm2-135m-instruct", lora={"tuned": str(tmp_path / "clm-lora" / "model")}, kv_cache_memory="64MiB",
-              verbose=False)
+              verbose=False, quantization=None)
     both = llm.chat([prompt, prompt], [SamplingParams(temperature=0, max_tokens=8, lora="tuned"), greedy])
     assert both[0].outputs[0].text == merged
     assert both[1].outputs[0].text == llm.chat([prompt], greedy)[0].outputs[0].text  # the base, in the same batch

@@ -1,0 +1,59 @@
+"""Time from a model file to its first token, and the memory loading it adds, each measured in a fresh
+process (after the library is imported, so that neither side is charged for its imports)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from lmkernel.errors import LmkError
+
+
+def resident_bytes() -> int:
+    """This process's resident set size now."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    seconds: float  # file to first token
+    resident: int  # bytes of resident memory the load added (weights mapped and touched, caches, buffers)
+
+
+def lmkernel_script(model: str, threads: int, kv_cache_memory: str) -> str:
+    """A Python program that loads `model` with lmkernel and prints what `LoadResult` holds."""
+    return f"""
+import json, time, torch
+torch.set_num_threads({threads})
+from lmkernel import LLM, SamplingParams
+from lmkernel.bench.load import resident_bytes
+from lmkernel.layers import cpu_kernels
+cpu_kernels.build()  # the compiled library is imported, as every library's is before the clock starts
+before = resident_bytes()
+start = time.perf_counter()
+llm = LLM({model!r}, kv_cache_memory={kv_cache_memory!r}, verbose=False)
+llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
+seconds = time.perf_counter() - start
+print(json.dumps({{"seconds": seconds, "resident": resident_bytes() - before}}))
+"""
+
+
+def run_script(script: str, what: str) -> LoadResult:
+    """Run a measuring program in a fresh interpreter; its last line of output is the result."""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900)
+    if done.returncode != 0:
+        raise LmkError(f"measuring {what} failed: {(done.stderr.strip().splitlines() or ['no output'])[-1]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return LoadResult(float(result["seconds"]), int(result["resident"]))
+
+
+def best_of(script: str, what: str, rounds: int) -> LoadResult:
+    """The fastest of `rounds` fresh loads (the file in the page cache from the first), with its memory."""
+    results = [run_script(script, what) for _ in range(rounds)]
+    return min(results, key=lambda r: r.seconds)

@@ -1,0 +1,127 @@
+"""The GGUF block kernels against the gguf package's dequantization, on random blocks of every type."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from lmkernel.layers import cpu_kernels
+from lmkernel.layers.linear import GGUFEmbedding, GGUFLinear
+
+T = gguf.GGMLQuantizationType
+LEGACY = (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0)
+K_QUANTS = (T.Q4_K, T.Q5_K, T.Q6_K)
+FLOATS = (T.F32, T.F16, T.BF16)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built() -> None:
+    assert cpu_kernels.build(), "the CPU kernels should compile on this machine"
+
+
+def random_blocks(qtype: T, rows: int, width: int, seed: int) -> np.ndarray:
+    """uint8 [rows, bytes of a row] of valid blocks: quantized Gaussian weights where the gguf package can
+    quantize to the type, else random bytes with small positive float16 scales (k-quants)."""
+    rng = np.random.default_rng(seed)
+    if qtype == T.F32:
+        return rng.standard_normal((rows, width)).astype(np.float32).view(np.uint8)
+    if qtype in FLOATS or qtype in LEGACY:
+        return np.ascontiguousarray(gguf.quants.quantize(rng.standard_normal((rows, width)).astype(np.float32) * 0.05,
+                                                         qtype)).view(np.uint8).reshape(rows, -1)
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    blocks = rng.integers(0, 256, size=(rows * width // block, size), dtype=np.uint8)
+    scales = rng.uniform(0.001, 0.02, size=(len(blocks), 2)).astype(np.float16).view(np.uint8)
+    if qtype == T.Q6_K:
+        blocks[:, -2:] = scales[:, :2]
+    else:  # d and dmin open Q4_K / Q5_K blocks
+        blocks[:, 0:4] = scales
+    return blocks.reshape(rows, width // block * size)
+
+
+def reference(blocks: np.ndarray, qtype: T, width: int) -> torch.Tensor:
+    return torch.from_numpy(gguf.quants.dequantize(blocks, qtype).astype(np.float32)).reshape(blocks.shape[0], width)
+
+
+def exact_activations(rows: int, width: int, block: int, seed: int) -> torch.Tensor:
+    """Rows whose 8-bit quantization per `block` values is exact (integers times a scale, each block
+    reaching 127), so the kernels' integer arithmetic can be held to the float product exactly."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(-127, 128, (rows, width // block, block), generator=g).float()
+    q[..., 0] = 127
+    return (q * torch.rand(rows, width // block, 1, generator=g)).reshape(rows, width)
+
+
+@pytest.mark.parametrize("qtype", [*LEGACY, *K_QUANTS, *FLOATS], ids=lambda t: t.name)
+def test_dequantize_and_embedding_rows_equal_the_gguf_package(qtype: T) -> None:
+    width = 512
+    blocks = random_blocks(qtype, 37, width, seed=int(qtype))
+    expected = reference(blocks, qtype, width)
+    stored = torch.from_numpy(blocks.copy())
+    assert torch.equal(cpu_kernels.gguf_dequantize(stored, int(qtype), width), expected)
+    ids = torch.tensor([5, 0, 36, 5])
+    assert torch.equal(cpu_kernels.gguf_embedding(ids, stored, int(qtype), width), expected[ids])
+
+
+# Rows 1-16 run the decode kernels (one weight row a stream); 17 and more the prefill kernels (tiles
+# repacked once, where the CPU has them). 41 weight rows: a partial tile, and an odd row at its end.
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 16, 17, 70])
+@pytest.mark.parametrize("qtype", [*LEGACY, *K_QUANTS], ids=lambda t: t.name)
+def test_linear_equals_the_product_of_dequantized_weights_and_quantized_activations(qtype: T, rows: int) -> None:
+    width = 768 if qtype in LEGACY else 512  # 768 = 24 blocks of 32: a span of 64 is two of them
+    blocks = torch.from_numpy(random_blocks(qtype, 41, width, seed=rows))
+    block = 32 if qtype in LEGACY else 256
+    x = exact_activations(rows, width, block, seed=rows)
+    bias = torch.randn(41)
+    got = cpu_kernels.gguf_linear(x, blocks, int(qtype), bias)
+    expected = (x.double() @ reference(blocks.numpy(), qtype, width).double().T + bias.double()).float()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("qtype", FLOATS, ids=lambda t: t.name)
+def test_float_blocks_multiply_in_float(qtype: T) -> None:
+    blocks = torch.from_numpy(random_blocks(qtype, 19, 200, seed=1))
+    x = torch.randn(3, 200)
+    expected = x @ reference(blocks.numpy(), qtype, 200).T
+    torch.testing.assert_close(cpu_kernels.gguf_linear(x, blocks, int(qtype)), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_activation_quantization_error_is_what_eight_bits_give() -> None:
+    """Gaussian activations (not exactly representable): the integer path stays within ~1% of float."""
+    blocks = torch.from_numpy(random_blocks(T.Q4_K, 64, 1536, seed=3))
+    x = torch.randn(4, 1536)
+    expected = x @ reference(blocks.numpy(), T.Q4_K, 1536).T
+    error = (cpu_kernels.gguf_linear(x, blocks, int(T.Q4_K)) - expected).norm() / expected.norm()
+    assert 1e-4 < error < 0.015
+
+
+def test_layers_over_blocks_run_like_their_float_weights() -> None:
+    blocks = torch.from_numpy(random_blocks(T.Q8_0, 48, 256, seed=4))
+    weight = reference(blocks.numpy(), T.Q8_0, 256)
+    layer = GGUFLinear(256, 48, bias=False, gguf_type=int(T.Q8_0), row_bytes=blocks.shape[1])
+    layer.blocks = blocks
+    x = exact_activations(6, 256, 32, seed=5).reshape(2, 3, 256)
+    torch.testing.assert_close(layer(x), x @ weight.T, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(layer.dequantized(), weight)
+    table = GGUFEmbedding(48, 256, int(T.Q8_0), blocks.shape[1])
+    table.blocks = blocks
+    assert torch.equal(table(torch.tensor([[1, 2], [47, 0]])), weight[torch.tensor([[1, 2], [47, 0]])])
+
+
+def test_wrong_arguments_raise_instead_of_reading_past_a_buffer() -> None:
+    blocks = torch.from_numpy(random_blocks(T.Q4_K, 8, 512, seed=6))
+    with pytest.raises(RuntimeError, match="is not a whole number of blocks"):
+        cpu_kernels.gguf_linear(torch.randn(1, 500), blocks, int(T.Q4_K))
+    with pytest.raises(RuntimeError, match="expected size"):
+        cpu_kernels.gguf_linear(torch.randn(1, 768), blocks, int(T.Q4_K))
+    with pytest.raises(RuntimeError, match="dtype"):
+        cpu_kernels.gguf_linear(torch.randn(1, 512, dtype=torch.float64), blocks, int(T.Q4_K))
+    with pytest.raises(RuntimeError, match="contiguous"):
+        cpu_kernels.gguf_linear(torch.randn(512, 2).T, blocks, int(T.Q4_K))
+    with pytest.raises(RuntimeError, match="has no kernel"):
+        cpu_kernels.gguf_linear(torch.randn(1, 512), blocks, int(T.Q2_K))
+    with pytest.raises(RuntimeError, match="outside"):
+        cpu_kernels.gguf_embedding(torch.tensor([8]), blocks, int(T.Q4_K), 512)
+    assert cpu_kernels.gguf_block_layout(int(T.Q2_K)) is None
+    assert cpu_kernels.gguf_block_layout(int(T.Q4_K)) == (256, 144)
