@@ -226,18 +226,24 @@ def bench_latency(
     model: Annotated[str, typer.Option()] = "smollm2-135m-instruct",
     prompt_tokens: Annotated[int, typer.Option(help="prompt length; 16-token KV blocks leave the last one half empty on average")] = 128,
     new_tokens: Annotated[int, typer.Option()] = 128,
+    prefill_tokens: Annotated[int, typer.Option(help="with --peer llama.cpp: the prompt whose processing is timed")] = 512,
     rounds: Annotated[int, typer.Option()] = 5,
     dtype: Dtype = "auto",
     device: Device = "auto",
-    hf: Annotated[bool, typer.Option(help="also measure transformers generate at batch 1")] = True,
+    peer: Annotated[str, typer.Option(help="transformers (generate at batch 1), llama.cpp (same GGUF file: decode, "
+                                           "prompt processing, load time, memory) or none")] = "transformers",
     quantization: Quantization = "auto",
 ) -> None:
-    """Batch-1 decode ms/token against the floor of weight bytes / read bandwidth measured in this run."""
+    """Batch-1 decode ms/token against the floor of weight bytes / read bandwidth measured in this run, and
+    against a peer on the same model in the same run."""
     from lmkernel.bench.latency import measure
-    from lmkernel.bench.peers import load_hf_causal_lm
     from lmkernel.bench.workload import wikitext_workload
     from lmkernel.engine.llm import LLM
 
+    if peer not in ("transformers", "llama.cpp", "none"):
+        raise fail(LmkError(f"--peer must be transformers, llama.cpp or none; got '{peer}'"))
+    if peer == "llama.cpp":
+        return _bench_against_llama_cpp(model, prompt_tokens, new_tokens, prefill_tokens, rounds, quantization_arg(quantization))
     try:
         llm = LLM(model, dtype=dtype, device=device, kv_cache_memory="256MiB", verbose=False,
                   quantization=quantization_arg(quantization))
@@ -245,10 +251,12 @@ def bench_latency(
     except (LmkError, ValueError) as exc:
         raise fail(exc) from None
     try:
-        peer = load_hf_causal_lm(llm.loaded.source, llm.loaded.dtype).to(llm.loaded.device) if hf else None
+        from lmkernel.bench.peers import load_hf_causal_lm
+
+        hf = load_hf_causal_lm(llm.loaded.source, llm.loaded.dtype).to(llm.loaded.device) if peer == "transformers" else None
     except LmkError as exc:
         raise fail(exc) from None
-    r = measure(llm, prompt, new_tokens, rounds, peer)
+    r = measure(llm, prompt, new_tokens, rounds, hf)
     console.print(f"read bandwidth {r.bandwidth_gbs:.1f} GB/s; floor {r.floor_ms:.2f} ms/token ({llm.loaded.dtype})")
     console.print(f"lmkernel batch-1 decode: {r.ms_per_token:.2f} ms/token = {1000 / r.ms_per_token:.1f} tok/s")
     console.print(f"fraction of the floor: {r.fraction_of_floor:.0%} (median over rounds of each decode against the "
@@ -259,6 +267,50 @@ def bench_latency(
         p = r.peer_ms_per_token
         console.print(f"transformers generate batch-1 decode: {p:.2f} ms/token = {1000 / p:.1f} tok/s, "
                       f"{r.floor_ms / p:.0%} of the floor; lmkernel is {p / r.ms_per_token:.2f}x as fast")
+
+
+def _bench_against_llama_cpp(model: str, prompt_tokens: int, new_tokens: int, prefill_tokens: int, rounds: int,
+                             quantization: str | None) -> None:
+    """`lmk bench latency --peer llama.cpp`: the same GGUF file in lmkernel and in llama.cpp, same threads."""
+    import torch
+
+    from lmkernel.bench.latency import compare_llama_cpp
+    from lmkernel.bench.llama_cpp_peer import CONTEXT, LlamaCppPeer, load_script
+    from lmkernel.bench.load import best_of, lmkernel_script
+    from lmkernel.bench.workload import wikitext_workload
+    from lmkernel.engine.llm import LLM
+
+    threads = torch.get_num_threads()
+    try:
+        source = resolve(model)
+        if source.kind != "gguf":
+            raise LmkError(f"{model}: llama.cpp runs GGUF files; this is a {source.kind}")
+        file_size = source.path.stat().st_size
+        loads = [best_of(lmkernel_script(model, threads, CONTEXT), "lmkernel's load", 3),
+                 best_of(load_script(source.path, threads), "llama.cpp's load", 3)]
+        llm = LLM(model, kv_cache_memory="256MiB", verbose=False, enable_prefix_caching=False, quantization=quantization)
+        texts = wikitext_workload(llm.tokenizer, 2, (max(prompt_tokens, prefill_tokens),) * 2, (1, 1)).prompts
+        other = LlamaCppPeer(source.path, threads)
+        r = compare_llama_cpp(llm, other, texts[0][:prompt_tokens], texts[1][:prefill_tokens], new_tokens, rounds)
+    except (LmkError, ValueError) as exc:
+        raise fail(exc) from None
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "unknown CPU")
+    flags = Path("/proc/cpuinfo").read_text()
+    isa = "AVX-512 VNNI" if "avx512_vnni" in flags else "AVX-512" if "avx512f" in flags else "AVX2"
+    console.print(f"{model} ({source.path.name}, {file_size / 1e6:,.0f} MB) on {cpu} ({isa}), {threads} threads; "
+                  f"medians of {rounds} alternating rounds")
+    table = Table("", "lmkernel", "llama.cpp", "lmkernel / llama.cpp")
+    (ours_ms, peer_ms), (ours_tps, peer_tps) = r.decode_ms, r.prefill_tps
+    table.add_row(f"batch-1 decode after {prompt_tokens} tokens", f"{1000 / ours_ms:.1f} tok/s ({ours_ms:.2f} ms)",
+                  f"{1000 / peer_ms:.1f} tok/s ({peer_ms:.2f} ms)", f"{r.decode_ratio:.2f}x")
+    table.add_row(f"prompt processing, {prefill_tokens} tokens", f"{ours_tps:.1f} tok/s", f"{peer_tps:.1f} tok/s",
+                  f"{r.prefill_ratio:.2f}x")
+    table.add_row("load: file to first token", f"{loads[0].seconds:.2f} s", f"{loads[1].seconds:.2f} s",
+                  f"{loads[0].seconds / loads[1].seconds:.2f}x the time")
+    table.add_row(f"resident memory the load adds ({CONTEXT}-token KV cache)", f"{loads[0].resident / 1e6:,.0f} MB ({loads[0].resident / file_size:.2f}x file)",
+                  f"{loads[1].resident / 1e6:,.0f} MB ({loads[1].resident / file_size:.2f}x file)", "")
+    console.print(table)
 
 
 @app.command()

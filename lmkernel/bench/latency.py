@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -96,3 +97,51 @@ def measure(
     floor = weights / bandwidth * 1000
     return LatencyResult(ms, floor, bandwidth / 1e9, peer_ms if peer is not None else None, utilisation,
                          statistics.median(fractions))
+
+
+PAUSE = 1.0  # seconds between one side's measurement and the other's
+
+
+@dataclass
+class PeerComparison:
+    """lmkernel against llama.cpp on one GGUF file: medians over alternating rounds, and the median of
+    each round's ratio (a noisy minute slows both sides of a ratio alike)."""
+
+    decode_ms: tuple[float, float]  # lmkernel, llama.cpp: ms per greedy token at batch 1
+    prefill_tps: tuple[float, float]  # prompt tokens per second, one prompt from an empty cache
+    decode_ratio: float  # llama.cpp ms / lmkernel ms (> 1: lmkernel faster)
+    prefill_ratio: float  # lmkernel tok/s / llama.cpp tok/s
+
+
+def prefill_tokens_per_second(llm: LLM, prompt: list[int]) -> float:
+    """One prompt through the engine from an empty cache (no prefix reuse), to its first token."""
+    engine = llm.engine
+    start = time.perf_counter()
+    engine.add_request("prefill", prompt, SamplingParams(temperature=0, max_tokens=1))
+    while engine.has_unfinished_requests():
+        engine.step()
+    return len(prompt) / (time.perf_counter() - start)
+
+
+def compare_llama_cpp(llm: LLM, peer: object, prompt: list[int], long_prompt: list[int], new_tokens: int,
+                      rounds: int) -> PeerComparison:
+    """Alternate lmkernel and llama.cpp (`bench.llama_cpp_peer.LlamaCppPeer`): batch-1 greedy decode
+    after `prompt`, and the prefill of `long_prompt`. `llm` must not reuse cached prefixes."""
+    ours_ms, peer_ms, ours_tps, peer_tps = [], [], [], []
+
+    def settled(measure: Callable[[], float]) -> float:
+        time.sleep(PAUSE)  # each side's worker threads spin a while after their work; let them go idle
+        return measure()
+
+    settled(lambda: decode_latency(llm, prompt, 8)[0])  # warm both: first calls fault the mapped weights in
+    settled(lambda: peer.decode_ms(prompt, 8))
+    for _ in range(rounds):
+        ours_ms.append(settled(lambda: decode_latency(llm, prompt, new_tokens)[0]))
+        peer_ms.append(settled(lambda: peer.decode_ms(prompt, new_tokens)))
+        ours_tps.append(settled(lambda: prefill_tokens_per_second(llm, long_prompt)))
+        peer_tps.append(settled(lambda: peer.prefill_tokens_per_second(long_prompt)))
+    median = statistics.median
+    return PeerComparison(
+        (median(ours_ms), median(peer_ms)), (median(ours_tps), median(peer_tps)),
+        median(p / o for o, p in zip(ours_ms, peer_ms)), median(o / p for o, p in zip(ours_tps, peer_tps)),
+    )

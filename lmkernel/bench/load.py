@@ -26,18 +26,21 @@ class LoadResult:
     resident: int  # bytes of resident memory the load added (weights mapped and touched, caches, buffers)
 
 
-def lmkernel_script(model: str, threads: int, kv_cache_memory: str) -> str:
-    """A Python program that loads `model` with lmkernel and prints what `LoadResult` holds."""
+def lmkernel_script(model: str, threads: int, context: int) -> str:
+    """A Python program that loads `model` with lmkernel (a KV cache of `context` tokens) and prints what
+    `LoadResult` holds."""
     return f"""
 import json, time, torch
 torch.set_num_threads({threads})
-from lmkernel import LLM, SamplingParams
+from lmkernel import LLM, SamplingParams, load_model
 from lmkernel.bench.load import resident_bytes
 from lmkernel.layers import cpu_kernels
+from lmkernel.memory.kv_cache import bytes_per_block
 cpu_kernels.build()  # the compiled library is imported, as every library's is before the clock starts
 before = resident_bytes()
 start = time.perf_counter()
-llm = LLM({model!r}, kv_cache_memory={kv_cache_memory!r}, verbose=False)
+loaded = load_model({model!r})
+llm = LLM(loaded, kv_cache_memory=bytes_per_block(loaded.config, 16, loaded.dtype) * -(-{context} // 16), verbose=False)
 llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
 seconds = time.perf_counter() - start
 print(json.dumps({{"seconds": seconds, "resident": resident_bytes() - before}}))

@@ -88,11 +88,15 @@ void attend_all(const float* qp, const float* kp, const float* vp, const int64_t
   const int64_t G = Hq / Hkv, pairs = B * Hkv, threads = omp_get_max_threads();
   const int64_t spans = pairs >= 2 * threads ? 1 : (2 * threads + pairs - 1) / pairs;
   std::vector<float> part_o(pairs * spans * G * D), part_m(pairs * spans * G), part_l(pairs * spans * G);
-#pragma omp parallel for schedule(dynamic)
-  for (int64_t t = 0; t < pairs * spans; ++t) {
-    const int64_t b = t / (Hkv * spans), hkv = t / spans % Hkv, c = t % spans, L = lp[b];
-    attend_span(qp + b * Hq * D, kp, vp, tp + b * nb, c * L / spans, (c + 1) * L / spans, block_size, Hkv, G, D, hkv,
-                sc, part_o.data() + t * G * D, part_m.data() + t * G, part_l.data() + t * G);
+#pragma omp parallel
+  {
+    FlushDenormals flush;  // once a thread, for the whole loop
+#pragma omp for schedule(dynamic)
+    for (int64_t t = 0; t < pairs * spans; ++t) {
+      const int64_t b = t / (Hkv * spans), hkv = t / spans % Hkv, c = t % spans, L = lp[b];
+      attend_span(qp + b * Hq * D, kp, vp, tp + b * nb, c * L / spans, (c + 1) * L / spans, block_size, Hkv, G, D, hkv,
+                  sc, part_o.data() + t * G * D, part_m.data() + t * G, part_l.data() + t * G);
+    }
   }
   for (int64_t pr = 0; pr < pairs; ++pr) {
     const int64_t b = pr / Hkv, hkv = pr % Hkv;

@@ -1,9 +1,20 @@
 // The Python module: every entry point of kernels.h, and the named weight records of the fused decode.
+#include <malloc.h>
 #include <torch/extension.h>
 
 #include "kernels.h"
 
 namespace py = pybind11;
+
+// A prefill's temporaries are tens of megabytes each (512 rows of an 8,960-wide layer: 18 MB), made and
+// dropped several times a layer. glibc maps each allocation past 128 KiB afresh and unmaps it when
+// freed, so every page of every temporary faults on first use (a twentieth of a prefill). Keep
+// allocations up to 32 MiB (glibc's most) on the heap, and the heap from shrinking after each one.
+static const bool heap_for_large_temporaries = [] {
+  mallopt(M_MMAP_THRESHOLD, 32 << 20);
+  mallopt(M_TRIM_THRESHOLD, 256 << 20);
+  return true;
+}();
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("small_linear", &lmk::small_linear, "x [M<=4, K] @ w[N, K]^T (+ bias), w float32 or bfloat16");
@@ -17,8 +28,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gguf_dequantize", &lmk::gguf_dequantize, "GGUF blocks [N, row bytes] -> float32 [N, K]");
   m.def("gguf_embedding", &lmk::gguf_embedding, "rows `ids` of GGUF blocks, dequantized -> float32 [T, K]");
   m.def("paged_decode", &lmk::paged_decode, "one query per sequence against its paged K/V context");
-  m.def("rms_norm", &lmk::rms_norm, "RMS norm of a few rows");
-  m.def("rotary", &lmk::rotary, "rotary embedding of a few rows");
+  m.def("rms_norm", &lmk::rms_norm, "RMS norm of rows");
+  m.def("rotary", &lmk::rotary, "rotary embedding of rows [N, heads, D]");
+  m.def("silu_mul", &lmk::silu_mul, "silu(gate) * up");
   py::class_<lmk::Projection>(m, "Projection", py::module_local())
       .def(py::init<std::string, torch::Tensor, c10::optional<torch::Tensor>, c10::optional<torch::Tensor>,
                     c10::optional<torch::Tensor>, int64_t, int64_t>(),

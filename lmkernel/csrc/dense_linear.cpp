@@ -7,6 +7,7 @@
 #include "checks.h"
 #include "dense_rows.h"
 #include "kernels.h"
+#include "simd.h"
 
 namespace lmk {
 
@@ -34,11 +35,15 @@ torch::Tensor small_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch
   const bool is_bf16 = w.scalar_type() == torch::kBFloat16;
   const void* wp = w.data_ptr();
   const int64_t chunk = 64, nchunks = (N + chunk - 1) / chunk;
-#pragma omp parallel for schedule(static)
-  for (int64_t c = 0; c < nchunks; ++c) {
-    const int64_t n0 = c * chunk, n1 = std::min(N, n0 + chunk);
-    if (is_bf16) run_rows(M, xp, static_cast<const uint16_t*>(wp), nullptr, yp, n0, n1, K, N);
-    else run_rows(M, xp, static_cast<const float*>(wp), nullptr, yp, n0, n1, K, N);
+#pragma omp parallel
+  {
+    FlushDenormals flush;  // once a thread, for the whole loop
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < nchunks; ++c) {
+      const int64_t n0 = c * chunk, n1 = std::min(N, n0 + chunk);
+      if (is_bf16) run_rows(M, xp, static_cast<const uint16_t*>(wp), nullptr, yp, n0, n1, K, N);
+      else run_rows(M, xp, static_cast<const float*>(wp), nullptr, yp, n0, n1, K, N);
+    }
   }
   if (bias.has_value()) yf.add_(bias->to(torch::kFloat32));
   return yf.to(x.scalar_type());
@@ -76,14 +81,18 @@ torch::Tensor int8_group_linear(torch::Tensor x, torch::Tensor w, torch::Tensor 
   const float* xp = xf.data_ptr<float>(); const float* sp = sf.data_ptr<float>();
   const int8_t* wp = w.data_ptr<int8_t>(); float* yp = y.data_ptr<float>();
   const int64_t chunk = 32, nchunks = (N + chunk - 1) / chunk;
-#pragma omp parallel for schedule(static)
-  for (int64_t c = 0; c < nchunks; ++c) {
-    const int64_t n0 = c * chunk, n1 = std::min(N, n0 + chunk);
-    switch (M) {
-      case 1: int8_group_rows<1>(xp, wp, sp, yp, n0, n1, K, N, G); break;
-      case 2: int8_group_rows<2>(xp, wp, sp, yp, n0, n1, K, N, G); break;
-      case 3: int8_group_rows<3>(xp, wp, sp, yp, n0, n1, K, N, G); break;
-      default: int8_group_rows<4>(xp, wp, sp, yp, n0, n1, K, N, G); break;
+#pragma omp parallel
+  {
+    FlushDenormals flush;  // once a thread, for the whole loop
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < nchunks; ++c) {
+      const int64_t n0 = c * chunk, n1 = std::min(N, n0 + chunk);
+      switch (M) {
+        case 1: int8_group_rows<1>(xp, wp, sp, yp, n0, n1, K, N, G); break;
+        case 2: int8_group_rows<2>(xp, wp, sp, yp, n0, n1, K, N, G); break;
+        case 3: int8_group_rows<3>(xp, wp, sp, yp, n0, n1, K, N, G); break;
+        default: int8_group_rows<4>(xp, wp, sp, yp, n0, n1, K, N, G); break;
+      }
     }
   }
   return y;
@@ -101,10 +110,14 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scale)
   const float* xp = xf.data_ptr<float>(); const float* sp = sf.data_ptr<float>();
   const int8_t* wp = w.data_ptr<int8_t>(); float* yp = y.data_ptr<float>();
   const int64_t chunk = 64, nchunks = (N + chunk - 1) / chunk;
-#pragma omp parallel for schedule(static)
-  for (int64_t c = 0; c < nchunks; ++c) {
-    const int64_t n0 = c * chunk, n1 = std::min(N, n0 + chunk);
-    run_rows(M, xp, wp, sp, yp, n0, n1, K, N);
+#pragma omp parallel
+  {
+    FlushDenormals flush;  // once a thread, for the whole loop
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < nchunks; ++c) {
+      const int64_t n0 = c * chunk, n1 = std::min(N, n0 + chunk);
+      run_rows(M, xp, wp, sp, yp, n0, n1, K, N);
+    }
   }
   return y;
 }
@@ -127,14 +140,18 @@ torch::Tensor int4_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scales
   const float* xp = xf.data_ptr<float>(); const float* sp = sf.data_ptr<float>(); const float* mp = mf.data_ptr<float>();
   const uint8_t* wp = w.data_ptr<uint8_t>(); float* yp = y.data_ptr<float>();
   const int64_t chunk = 32, nchunks = (N + chunk - 1) / chunk;
-#pragma omp parallel for schedule(static)
-  for (int64_t c = 0; c < nchunks; ++c) {
-    const int64_t n0 = c * chunk, n1 = std::min(N, n0 + chunk);
-    switch (M) {
-      case 1: int4_rows<1>(xp, wp, sp, mp, yp, n0, n1, K, N, G); break;
-      case 2: int4_rows<2>(xp, wp, sp, mp, yp, n0, n1, K, N, G); break;
-      case 3: int4_rows<3>(xp, wp, sp, mp, yp, n0, n1, K, N, G); break;
-      default: int4_rows<4>(xp, wp, sp, mp, yp, n0, n1, K, N, G); break;
+#pragma omp parallel
+  {
+    FlushDenormals flush;  // once a thread, for the whole loop
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < nchunks; ++c) {
+      const int64_t n0 = c * chunk, n1 = std::min(N, n0 + chunk);
+      switch (M) {
+        case 1: int4_rows<1>(xp, wp, sp, mp, yp, n0, n1, K, N, G); break;
+        case 2: int4_rows<2>(xp, wp, sp, mp, yp, n0, n1, K, N, G); break;
+        case 3: int4_rows<3>(xp, wp, sp, mp, yp, n0, n1, K, N, G); break;
+        default: int4_rows<4>(xp, wp, sp, mp, yp, n0, n1, K, N, G); break;
+      }
     }
   }
   return y;

@@ -120,7 +120,7 @@ void dequantize_rows(int type, const uint8_t* w, int64_t row_bytes, int64_t rows
   }
 }
 
-// ---- activations: int8 with a scale per block ----------------------------------------------------
+// ---- activations: 8 + 6 bits with a scale per block ---------------------------------------------
 void quantize_acts(const float* x, int64_t M, int64_t K, ActFamily family, QuantizedActs& out) {
   out.family = family;
   out.M = M;
@@ -128,38 +128,47 @@ void quantize_acts(const float* x, int64_t M, int64_t K, ActFamily family, Quant
   out.x = x;
   if (family == ACT_FLOAT) return;
   const int64_t B = family == ACT_Q8_32 ? 32 : 256, nb = K / B;
+  const bool rest = family == ACT_Q8_32;
   out.q.resize(M * K);
+  out.r.resize(rest ? M * K : 0);
   out.d.resize(M * nb);
-  if (family == ACT_Q8_32) out.s.resize(M * nb);
-  else out.bsums.resize(M * K / 16), out.bsums32.resize(M * K / 32);
-#pragma omp parallel for schedule(static) if (M >= 8)
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t b = 0; b < nb; ++b) {
-      const float* xb = x + m * K + b * B;
-      int8_t* qb = out.q.data() + m * K + b * B;
-      float amax = 0.f;
-      for (int64_t i = 0; i < B; ++i) amax = std::max(amax, std::fabs(xb[i]));
-      const float d = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
-      int sum = 0;
-      for (int64_t i = 0; i < B; ++i) {
-        const int v = static_cast<int>(std::nearbyint(xb[i] * id));
-        qb[i] = static_cast<int8_t>(std::min(127, std::max(-127, v)));
-        sum += qb[i];
-      }
-      out.d[m * nb + b] = d;
-      if (family == ACT_Q8_32) {
-        out.s[m * nb + b] = d * static_cast<float>(sum);
-      } else {
-        int16_t* s16 = out.bsums.data() + (m * K + b * B) / 16;
-        for (int64_t g = 0; g < B / 16; ++g) {
-          int sum16 = 0;
-          for (int i = 0; i < 16; ++i) sum16 += qb[16 * g + i];
-          s16[g] = static_cast<int16_t>(sum16);
+  out.sums32.resize(M * K / 32);
+  if (family == ACT_Q8_256) out.sums16.resize(M * K / 16), out.qsums16.resize(M * K / 16);
+  if (rest) out.lanes.resize(M * K / 4);
+#pragma omp parallel if (M >= 8)
+  {
+    FlushDenormals flush;  // once a thread, for the whole loop
+#pragma omp for schedule(static)
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t b = 0; b < nb; ++b) {
+        const float* xb = x + m * K + b * B;
+        int8_t* qb = out.q.data() + m * K + b * B;
+        int8_t* rb = rest ? out.r.data() + m * K + b * B : nullptr;
+        float amax = 0.f;
+        for (int64_t i = 0; i < B; ++i) amax = std::max(amax, std::fabs(xb[i]));
+        const float d = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
+        out.d[m * nb + b] = d;
+        if (rest) std::fill_n(out.lanes.data() + (m * K + b * B) / 4, B / 4, d / REST_STEPS);
+        for (int64_t i = 0; i < B; ++i) {
+          const float v = xb[i] * id;  // in steps of d
+          const float q = std::min(127.f, std::max(-127.f, std::nearbyint(v)));
+          qb[i] = static_cast<int8_t>(q);
+          if (rest) rb[i] = static_cast<int8_t>(std::min(32.f, std::max(-32.f, std::nearbyint((v - q) * REST_STEPS))));
         }
-        for (int64_t g = 0; g < B / 32; ++g)
-          out.bsums32[(m * K + b * B) / 32 + g] = static_cast<int16_t>(s16[2 * g] + s16[2 * g + 1]);
+        for (int64_t g = 0; g < B / 16; ++g) {
+          int sum = 0;  // in steps of d / 64
+          for (int i = 0; i < 16; ++i) sum += REST_STEPS * qb[16 * g + i] + (rest ? rb[16 * g + i] : 0);
+          const float value = d / REST_STEPS * static_cast<float>(sum);
+          if (family == ACT_Q8_256) {
+            out.sums16[(m * K + b * B) / 16 + g] = value;
+            out.qsums16[(m * K + b * B) / 16 + g] = static_cast<int16_t>(sum / REST_STEPS);  // no rest here: exact
+          }
+          float& s32 = out.sums32[(m * K + b * B) / 32 + g / 2];
+          s32 = g % 2 ? s32 + value : value;
+        }
       }
     }
+  }
 }
 
 }  // namespace lmk

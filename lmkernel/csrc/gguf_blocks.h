@@ -34,15 +34,26 @@ struct BlockInfo {
 // Layout of a supported type; `known` false for any other id.
 BlockInfo block_info(int type, bool* known);
 
-// Activation rows [M, K] quantized for one family: int8 values, a scale per block, and for Q8_32 the
-// scaled sum of each block (d * sum q), for Q8_256 the sum of each 16 values.
+// Activation rows [M, K] quantized for one family: q (|q| <= 127) the nearest step of d = max|x| / 127
+// over each block, and, for the legacy family, r (|r| <= 32) the rest in steps of d / 64, so that
+// x = d (q + r / 64). Legacy kernels multiply both in integers and combine them as 64 q + r: the
+// products carry 14 bits of each activation. With 8 alone, a kept model's greedy text departs from
+// the float model's at near ties of two tokens; legacy kernels are bound by their float work per
+// block of 32, so the rest costs them little. K-quant kernels, bound by integer multiplies, take 8
+// bits per 256 (llama.cpp's choice for both families is 8 bits).
+static constexpr int REST_STEPS = 64;
+
 struct QuantizedActs {
   ActFamily family = ACT_FLOAT;
   int64_t M = 0, K = 0;
-  const float* x = nullptr;  // the float rows (ACT_FLOAT reads these)
-  std::vector<int8_t> q;
-  std::vector<float> d, s;
-  std::vector<int16_t> bsums, bsums32;  // Q8_256: sums of each 16 and each 32 values
+  const float* x = nullptr;        // the float rows (ACT_FLOAT reads these)
+  std::vector<int8_t> q, r;        // [M, K]; r: ACT_Q8_32 only
+  std::vector<float> d;            // [M, K / block]: the scale of q (r's is d / 64)
+  std::vector<float> sums32;       // [M, K / 32]: the sum of each 32 activations, as quantized
+  std::vector<float> sums16;       // ACT_Q8_256: [M, K / 16], the sum of each 16
+  std::vector<int16_t> qsums16;    // ACT_Q8_256: [M, K / 16], the sum of each 16 values of q
+  std::vector<float> lanes;        // ACT_Q8_32: [M, K / 4], d / 64 for each 4 activations (512-bit kernels'
+                                   // per-lane scales: lanes 0-7 of a 64-weight span are its first block)
 };
 
 // The halves of GGUF blocks (IEEE float16).

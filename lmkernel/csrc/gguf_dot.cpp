@@ -30,54 +30,119 @@ static void dot_legacy(const uint8_t* w, const QuantizedActs& a, int64_t m0, flo
   float offsets[M];
   for (int m = 0; m < M; ++m) { acc[m] = _mm256_setzero_ps(); offsets[m] = 0.f; }
   const int8_t* xq = a.q.data() + m0 * K;
+  const int8_t* xr = a.r.data() + m0 * K;
   const float* xd = a.d.data() + m0 * nb;
-  const float* xs = a.s.data() + m0 * nb;
+  const float* xs = a.sums32.data() + m0 * nb;
   for (int64_t b = 0; b < nb; ++b) {
     float d, offset;
     const __m256i codes = legacy_codes<TYPE>(w + b * BYTES, &d, &offset);
+    const __m256i u = TYPE == GGML_Q8_0 ? _mm256_sign_epi8(codes, codes) : codes;
     for (int m = 0; m < M; ++m) {
-      const __m256i x = load32(xq + m * K + b * 32);
-      __m256i sums;
-      if (TYPE == GGML_Q8_0) sums = dot_us8(_mm256_sign_epi8(codes, codes), _mm256_sign_epi8(x, codes));
-      else sums = dot_us8(codes, x);
-      acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(d * xd[m * nb + b]), acc[m]);
+      __m256i q = load32(xq + m * K + b * 32), r = load32(xr + m * K + b * 32);
+      if (TYPE == GGML_Q8_0) {  // signed weights: their magnitudes against the activations' signs flipped to match
+        q = _mm256_sign_epi8(q, codes);
+        r = _mm256_sign_epi8(r, codes);
+      }
+      const __m256i sums = dot_us8(_mm256_slli_epi32(dot_us8(_mm256_setzero_si256(), u, q), 6), u, r);  // 64 q + r
+      acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(d * xd[m * nb + b] / REST_STEPS), acc[m]);
       if (TYPE != GGML_Q8_0) offsets[m] += offset * xs[m * nb + b];
     }
   }
   for (int m = 0; m < M; ++m) y[m * ldy] = hsum8(acc[m]) + offsets[m];
 }
 
+#if defined(LMK_K512) && defined(__AVX512VNNI__)
+#define LMK_LEGACY512 1
+// Two blocks of 32 a vector, their codes in weight order: low then high nibbles of one block, then of
+// the next (Q8_0: their signed values). Sets each block's scale and offset.
+template <int TYPE>
+static inline __m512i legacy_codes512(const uint8_t* b0, const uint8_t* b1, float* d, float* offset) {
+  d[0] = half(b0);
+  d[1] = half(b1);
+  if (TYPE == GGML_Q8_0) {
+    offset[0] = offset[1] = 0.f;
+    return _mm512_inserti64x4(_mm512_castsi256_si512(load32(b0 + 2)), load32(b1 + 2), 1);
+  }
+  constexpr int QS = TYPE == GGML_Q4_0 ? 2 : TYPE == GGML_Q4_1 ? 4 : TYPE == GGML_Q5_0 ? 6 : 8;
+  constexpr bool MIN = TYPE == GGML_Q4_1 || TYPE == GGML_Q5_1, FIVE = TYPE == GGML_Q5_0 || TYPE == GGML_Q5_1;
+  for (int h = 0; h < 2; ++h) offset[h] = MIN ? half((h ? b1 : b0) + 2) : (FIVE ? -16.f : -8.f) * d[h];
+  const __m128i t0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b0 + QS));
+  const __m128i t1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b1 + QS));
+  __m512i v = _mm512_castsi128_si512(t0);
+  v = _mm512_inserti32x4(v, _mm_srli_epi16(t0, 4), 1);
+  v = _mm512_inserti32x4(v, t1, 2);
+  v = _mm512_inserti32x4(v, _mm_srli_epi16(t1, 4), 3);
+  __m512i codes = _mm512_and_si512(v, _mm512_set1_epi8(0x0F));
+  if (FIVE) {  // the fifth bits: bit j of a block's 32-bit word is weight j's
+    uint32_t h0, h1;
+    std::memcpy(&h0, b0 + (MIN ? 4 : 2), 4);
+    std::memcpy(&h1, b1 + (MIN ? 4 : 2), 4);
+    const __mmask64 high = _cvtu64_mask64(static_cast<uint64_t>(h0) | static_cast<uint64_t>(h1) << 32);
+    codes = _mm512_or_si512(codes, _mm512_maskz_mov_epi8(high, _mm512_set1_epi8(0x10)));
+  }
+  return codes;
+}
+
+// 64 weights (two blocks) a vector: codes against q and r (`dpbusd`, 64 q + r), each block's 8 lanes
+// scaled by its d times the activations' per-lane scale.
+template <int TYPE, int M>
+static void dot_legacy512(const uint8_t* w, const QuantizedActs& a, int64_t m0, float* y, int64_t ldy) {
+  constexpr int64_t BYTES = Legacy<TYPE>::bytes;
+  const int64_t K = a.K, spans = K / 64;
+  __m512 acc[M];
+  float offsets[M];
+  for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps(), offsets[m] = 0.f;
+  for (int64_t s = 0; s < spans; ++s) {
+    float d[2], offset[2];
+    const __m512i codes = legacy_codes512<TYPE>(w + 2 * s * BYTES, w + (2 * s + 1) * BYTES, d, offset);
+    const __m512i u = TYPE == GGML_Q8_0 ? _mm512_abs_epi8(codes) : codes;
+    const __mmask64 negative = TYPE == GGML_Q8_0 ? _mm512_movepi8_mask(codes) : 0;
+    const __m512 dl = _mm512_insertf32x8(_mm512_set1_ps(d[0]), _mm256_set1_ps(d[1]), 1);
+    for (int m = 0; m < M; ++m) {
+      const int64_t at = (m0 + m) * K + 64 * s;
+      __m512i q = _mm512_loadu_si512(a.q.data() + at), r = _mm512_loadu_si512(a.r.data() + at);
+      if (TYPE == GGML_Q8_0) {  // signed weights: their magnitudes against the activations' signs flipped to match
+        q = _mm512_mask_sub_epi8(q, negative, _mm512_setzero_si512(), q);
+        r = _mm512_mask_sub_epi8(r, negative, _mm512_setzero_si512(), r);
+      }
+      const __m512i sums = _mm512_dpbusd_epi32(_mm512_slli_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), u, q), 6), u, r);
+      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(dl, _mm512_loadu_ps(a.lanes.data() + at / 4)), acc[m]);
+      if (TYPE != GGML_Q8_0) offsets[m] += offset[0] * a.sums32[at / 32] + offset[1] * a.sums32[at / 32 + 1];
+    }
+  }
+  for (int m = 0; m < M; ++m) y[m * ldy] = _mm512_reduce_add_ps(acc[m]) + offsets[m];
+}
+#endif
+
 #ifdef LMK_K512
-// 64 weights a vector.
+// 64 weights a vector: per span, the codes against q, pairs scaled by their sub-block scales into one
+// int32 accumulator per super-block.
 template <int TYPE, int M>
 static void dot_k(const uint8_t* w, const QuantizedActs& a, int64_t m0, float* y, int64_t ldy) {
   constexpr int64_t BYTES = KQuant<TYPE>::bytes;
   const int64_t K = a.K, nb = K / 256;
   __m512 acc[M];
-  __m128 offsets[M];
-  for (int m = 0; m < M; ++m) { acc[m] = _mm512_setzero_ps(); offsets[m] = _mm_setzero_ps(); }
+  __m256 off32[M];  // Q4_K / Q5_K: the weights' offsets against the activations' sums, per 32
+  for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps(), off32[m] = _mm256_setzero_ps();
   __m512i pick[4];
   for (int j = 0; j < 4; ++j) pick[j] = span_scale_index<TYPE>(j);
   for (int64_t b = 0; b < nb; ++b) {
     KSpans s;
     unpack_k512<TYPE>(w + b * BYTES, pick, s);
     for (int m = 0; m < M; ++m) {
-      const int8_t* xq = a.q.data() + (m0 + m) * K + b * 256;
-      const float dx = a.d[(m0 + m) * nb + b];
+      const int64_t at = (m0 + m) * K + b * 256;
       __m512i iacc = _mm512_setzero_si512();
-      for (int j = 0; j < 4; ++j) iacc = dot_scaled512(iacc, s.codes[j], _mm512_loadu_si512(xq + 64 * j), s.scales[j]);
-      if (TYPE == GGML_Q6_K) {
-        // Each weight's -32, times its scale, meets the sums of 16 activations: the same factor d dx.
-        const __m256i bs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.bsums.data() + ((m0 + m) * K + b * 256) / 16));
-        iacc = _mm512_sub_epi32(iacc, _mm512_zextsi256_si512(_mm256_slli_epi32(_mm256_madd_epi16(s.sc16, bs), 5)));
-      } else {
-        const __m128i bs = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a.bsums32.data() + ((m0 + m) * K + b * 256) / 32));
-        offsets[m] = _mm_fmadd_ps(_mm_cvtepi32_ps(_mm_madd_epi16(s.mins, bs)), _mm_set1_ps(-s.dmin * dx), offsets[m]);
+      for (int j = 0; j < 4; ++j) iacc = dot_scaled512(iacc, s.codes[j], _mm512_loadu_si512(a.q.data() + at + 64 * j), s.scales[j]);
+      if constexpr (TYPE == GGML_Q6_K) {  // each weight's -32, times its scale, meets the sum of its 16 q
+        const __m256i qs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.qsums16.data() + at / 16));
+        iacc = _mm512_sub_epi32(iacc, _mm512_zextsi256_si512(_mm256_slli_epi32(_mm256_madd_epi16(s.sc16, qs), 5)));
+      } else {  // each weight's offset meets the sum of its 32 activations
+        off32[m] = _mm256_fmadd_ps(s.offsets, _mm256_loadu_ps(a.sums32.data() + at / 32), off32[m]);
       }
-      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc), _mm512_set1_ps(s.d * dx), acc[m]);
+      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc), _mm512_set1_ps(s.d * a.d[(m0 + m) * nb + b]), acc[m]);
     }
   }
-  for (int m = 0; m < M; ++m) y[m * ldy] = _mm512_reduce_add_ps(acc[m]) + hsum4(offsets[m]);
+  for (int m = 0; m < M; ++m) y[m * ldy] = _mm512_reduce_add_ps(acc[m]) + hsum8(off32[m]);
 }
 #else
 // 32 weights a vector.
@@ -90,82 +155,57 @@ static void dot_k(const uint8_t* w, const QuantizedActs& a, int64_t m0, float* y
   float offsets[M];
   for (int m = 0; m < M; ++m) { acc[m] = _mm256_setzero_ps(); offsets[m] = 0.f; }
   for (int64_t b = 0; b < nb; ++b) {
-    const int8_t* xq[M];
-    const int16_t* bs[M];
-    float dx[M];
-    for (int m = 0; m < M; ++m) {
-      xq[m] = a.q.data() + (m0 + m) * K + b * 256;
-      bs[m] = a.bsums.data() + ((m0 + m) * K + b * 256) / 16;
-      dx[m] = a.d[(m0 + m) * nb + b];
+    const uint8_t* blk = w + b * BYTES;
+    // The super-block as 8 groups of 32 codes, each with its 16-bit scales (one per 16 weights) and
+    // the offset of each of its weights, per 16.
+    __m256i codes[8], scales[8];
+    float offset16[16];
+    float d;
+    if (TYPE == GGML_Q6_K) {
+      d = half(blk + 208);
+      const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 192);
+      for (int i = 0; i < 16; ++i) offset16[i] = -32.f * d * sc[i];
+      for (int h = 0; h < 2; ++h) {
+        const uint8_t* ql = blk + 64 * h;
+        const __m256i qa = load32(ql), qb = load32(ql + 32), q2 = load32(blk + 128 + 32 * h);
+        codes[4 * h] = _mm256_or_si256(_mm256_and_si256(qa, low4), _mm256_slli_epi16(_mm256_and_si256(q2, low2), 4));
+        codes[4 * h + 1] = _mm256_or_si256(_mm256_and_si256(qb, low4),
+                                           _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(q2, 2), low2), 4));
+        codes[4 * h + 2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(qa, 4), low4),
+                                           _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(q2, 4), low2), 4));
+        codes[4 * h + 3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(qb, 4), low4),
+                                           _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(q2, 6), low2), 4));
+        for (int g = 0; g < 4; ++g)
+          scales[4 * h + g] = _mm256_set_m128i(_mm_set1_epi16(sc[8 * h + 2 * g + 1]), _mm_set1_epi16(sc[8 * h + 2 * g]));
+      }
+    } else {
+      d = half(blk);
+      const float dmin = half(blk + 2);
+      alignas(8) uint8_t sc[8], mn[8];
+      k4_scales(blk + 4, sc, mn);
+      for (int i = 0; i < 16; ++i) offset16[i] = -dmin * mn[i / 2];
+      const uint8_t* qs = blk + (TYPE == GGML_Q5_K ? 48 : 16);
+      const __m256i hbits = TYPE == GGML_Q5_K ? load32(blk + 16) : _mm256_setzero_si256();
+      for (int j = 0; j < 4; ++j) {
+        const __m256i q = load32(qs + 32 * j);
+        codes[2 * j] = _mm256_and_si256(q, low4);
+        codes[2 * j + 1] = _mm256_and_si256(_mm256_srli_epi16(q, 4), low4);
+        if (TYPE == GGML_Q5_K) {
+          codes[2 * j] = _mm256_or_si256(codes[2 * j], _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hbits, 2 * j), one), 4));
+          codes[2 * j + 1] =
+              _mm256_or_si256(codes[2 * j + 1], _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hbits, 2 * j + 1), one), 4));
+        }
+        scales[2 * j] = _mm256_set1_epi16(sc[2 * j]);
+        scales[2 * j + 1] = _mm256_set1_epi16(sc[2 * j + 1]);
+      }
     }
-    {
-      const uint8_t* blk = w + b * BYTES;
-      __m256i iacc[M];
-      for (int m = 0; m < M; ++m) iacc[m] = _mm256_setzero_si256();
-      float d, offset_scale;
-      int isum_off[M];
-      if (TYPE == GGML_Q6_K) {
-        d = half(blk + 208);
-        offset_scale = -32.f * d;
-        const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 192);
-        const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc)));
-        for (int m = 0; m < M; ++m) {
-          const __m256i prod = _mm256_madd_epi16(sc16, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bs[m])));
-          const __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(prod), _mm256_extracti128_si256(prod, 1));
-          const __m128i s2 = _mm_add_epi32(s4, _mm_unpackhi_epi64(s4, s4));
-          isum_off[m] = _mm_cvtsi128_si32(_mm_add_epi32(s2, _mm_shuffle_epi32(s2, 1)));
-        }
-        for (int h = 0; h < 2; ++h) {
-          const uint8_t* ql = blk + 64 * h;
-          const int8_t* s8 = sc + 8 * h;
-          const __m256i qa = load32(ql), qb = load32(ql + 32), q2 = load32(blk + 128 + 32 * h);
-          const __m256i c[4] = {
-              _mm256_or_si256(_mm256_and_si256(qa, low4), _mm256_slli_epi16(_mm256_and_si256(q2, low2), 4)),
-              _mm256_or_si256(_mm256_and_si256(qb, low4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(q2, 2), low2), 4)),
-              _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(qa, 4), low4),
-                              _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(q2, 4), low2), 4)),
-              _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(qb, 4), low4),
-                              _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(q2, 6), low2), 4)),
-          };
-          for (int g = 0; g < 4; ++g) {
-            const __m256i scale = _mm256_set_m128i(_mm_set1_epi16(s8[2 * g + 1]), _mm_set1_epi16(s8[2 * g]));
-            for (int m = 0; m < M; ++m) iacc[m] = dot_scaled(iacc[m], c[g], load32(xq[m] + 128 * h + 32 * g), scale);
-          }
-        }
-      } else {
-        d = half(blk);
-        offset_scale = -half(blk + 2);
-        alignas(8) uint8_t sc[8], mn[8];
-        k4_scales(blk + 4, sc, mn);
-        uint64_t mn64;
-        std::memcpy(&mn64, mn, 8);
-        const __m128i mins = _mm_cvtepu8_epi16(_mm_cvtsi64_si128(static_cast<long long>(mn64)));
-        for (int m = 0; m < M; ++m) {
-          const __m128i prod = _mm_madd_epi16(mins, _mm_loadu_si128(reinterpret_cast<const __m128i*>(
-                                                        a.bsums32.data() + ((m0 + m) * K + b * 256) / 32)));
-          const __m128i s2 = _mm_add_epi32(prod, _mm_unpackhi_epi64(prod, prod));
-          isum_off[m] = _mm_cvtsi128_si32(_mm_add_epi32(s2, _mm_shuffle_epi32(s2, 1)));
-        }
-        const uint8_t* qs = blk + (TYPE == GGML_Q5_K ? 48 : 16);
-        const __m256i hbits = TYPE == GGML_Q5_K ? load32(blk + 16) : _mm256_setzero_si256();
-        for (int j = 0; j < 4; ++j) {
-          const __m256i q = load32(qs + 32 * j);
-          __m256i lo = _mm256_and_si256(q, low4), hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), low4);
-          if (TYPE == GGML_Q5_K) {
-            lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hbits, 2 * j), one), 4));
-            hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hbits, 2 * j + 1), one), 4));
-          }
-          const __m256i s_lo = _mm256_set1_epi16(sc[2 * j]), s_hi = _mm256_set1_epi16(sc[2 * j + 1]);
-          for (int m = 0; m < M; ++m) {
-            iacc[m] = dot_scaled(iacc[m], lo, load32(xq[m] + 64 * j), s_lo);
-            iacc[m] = dot_scaled(iacc[m], hi, load32(xq[m] + 64 * j + 32), s_hi);
-          }
-        }
-      }
-      for (int m = 0; m < M; ++m) {
-        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[m]), _mm256_set1_ps(d * dx[m]), acc[m]);
-        offsets[m] += offset_scale * dx[m] * static_cast<float>(isum_off[m]);
-      }
+    for (int m = 0; m < M; ++m) {
+      const int64_t at = (m0 + m) * K + b * 256;
+      __m256i iacc = _mm256_setzero_si256();
+      for (int g = 0; g < 8; ++g) iacc = dot_scaled(iacc, codes[g], load32(a.q.data() + at + 32 * g), scales[g]);
+      acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc), _mm256_set1_ps(d * a.d[(m0 + m) * nb + b]), acc[m]);
+      const float* sums16 = a.sums16.data() + at / 16;
+      for (int i = 0; i < 16; ++i) offsets[m] += offset16[i] * sums16[i];
     }
   }
   for (int m = 0; m < M; ++m) y[m * ldy] = hsum8(acc[m]) + offsets[m];
@@ -189,6 +229,18 @@ static void dot_portable(int type, const uint8_t* w, const QuantizedActs& a, int
 template <int M>
 static bool run(int type, const uint8_t* w, const QuantizedActs& a, int64_t m0, float* y, int64_t ldy) {
 #ifdef LMK_INT_SIMD
+#ifdef LMK_LEGACY512
+  if (a.K % 64 == 0) {
+    switch (type) {
+      case GGML_Q4_0: dot_legacy512<GGML_Q4_0, M>(w, a, m0, y, ldy); return true;
+      case GGML_Q4_1: dot_legacy512<GGML_Q4_1, M>(w, a, m0, y, ldy); return true;
+      case GGML_Q5_0: dot_legacy512<GGML_Q5_0, M>(w, a, m0, y, ldy); return true;
+      case GGML_Q5_1: dot_legacy512<GGML_Q5_1, M>(w, a, m0, y, ldy); return true;
+      case GGML_Q8_0: dot_legacy512<GGML_Q8_0, M>(w, a, m0, y, ldy); return true;
+      default: break;
+    }
+  }
+#endif
   switch (type) {
     case GGML_Q4_0: dot_legacy<GGML_Q4_0, M>(w, a, m0, y, ldy); return true;
     case GGML_Q4_1: dot_legacy<GGML_Q4_1, M>(w, a, m0, y, ldy); return true;

@@ -1,16 +1,16 @@
 // Prefill on GGUF blocks: y = x W^T for many rows of x (AVX-512 with VNNI).
 //
 // The decode kernels unpack a block for every four rows of x; with hundreds of rows that unpacking is
-// most of the work. Here each thread repacks a tile of weight rows once into spans of 64 unsigned
-// codes with their scale lanes, then runs every row of x against the tile, two weight rows by four
-// activation rows at a time, from cache:
-//   k-quants: the codes times int8 activations, pairs summed (`maddubs`) and scaled by their sub-block
-//     scale into int32 (`dpwssd`), one float scaling per super-block (d of the weights, of the
-//     activations);
-//   legacy types: codes times activations summed in fours (`dpbusd`), scaled per block of 32 in float.
-// The offset of each 32 weights (minimums, or -8 / -16 / -128 of symmetric types) meets the sum of
-// the activations it multiplies in a short float dot product per output; Q6_K's -32 is folded into
-// its integer sums.
+// most of the work. Here each thread repacks a tile of weight rows once, then runs every row of x
+// against the tile, two weight rows by four activation rows at a time, from cache. The activations
+// come as 8 + 6 bits (x = d (q + r / 64), gguf_blocks.h):
+//   k-quants (8-bit activations per 256): the codes times int8 activations, pairs summed (`maddubs`)
+//     and scaled by their sub-block scale into int32 (`dpwssd`), one float scaling per super-block (d
+//     of the weights, of the activations);
+//   legacy types (8 + 6 bits per 32, x = d (q + r / 64)): unsigned codes times q and times r summed in
+//     fours (`dpbusd`), combined as 64 q + r, scaled per block of 32 in float.
+// Each weight's offset (minimums, -8 / -16 / -128 of symmetric types) meets the sum of the activations it
+// multiplies in float; Q6_K's -32 is folded into its integer sums.
 #include "gguf_gemm.h"
 
 #include <algorithm>
@@ -21,40 +21,43 @@
 
 namespace lmk {
 
-#if defined(LMK_K512) && defined(__AVX512VNNI__) && !defined(LMK_NOGEMM)
+#if defined(LMK_K512) && defined(__AVX512VNNI__)
 
 static constexpr int64_t TILE = 16;  // weight rows repacked at once by one thread
-static constexpr int R = 2, C = 6;   // the register block: weight rows x activation rows
+// The register block: 2 weight rows by C activation rows (legacy types hold q, r and lane scales a row).
+static constexpr int R = 2;
+template <int TYPE> static constexpr int C = TYPE == GGML_Q4_K || TYPE == GGML_Q5_K || TYPE == GGML_Q6_K ? 5 : 4;
 static constexpr int64_t MAX_K_QUANT_K = 3072;
+
+template <int TYPE> static constexpr bool is_legacy = TYPE != GGML_Q4_K && TYPE != GGML_Q5_K && TYPE != GGML_Q6_K;
 
 bool gemm_supports(int type, int64_t K) {
   switch (type) {
     case GGML_Q4_0: case GGML_Q4_1: case GGML_Q5_0: case GGML_Q5_1: case GGML_Q8_0: return K % 64 == 0;
-    // Past MAX_K_QUANT_K, a register block's activation rows and repacked weight rows no longer fit
-    // the L1 cache together, and the decode kernels (which read the blocks as stored) run faster.
+    // Past MAX_K_QUANT_K, two repacked weight rows and a block of activation rows no longer fit the L1
+    // cache together, and the decode kernels (which read the blocks as stored) ran faster.
     case GGML_Q4_K: case GGML_Q5_K: case GGML_Q6_K: return K % 256 == 0 && K <= MAX_K_QUANT_K;
     default: return false;
   }
 }
 
-// One thread's repacked tile: for each row, spans of 64 codes and 64 bytes of scale lanes (16-bit
-// scales of weight pairs for k-quants, float scales of 4-weight lanes for legacy types).
+// One thread's repacked tile, 2 bytes a weight: spans of 64 unsigned codes, each followed by 64 bytes of
+// scale lanes (k-quants: the 16-bit scale of each pair of weights; legacy types: the float scale of
+// each 4-weight lane).
 struct Tile {
   int64_t spans = 0, sbs = 0, groups = 0;
-  std::vector<uint8_t> codes, lanes;
-  std::vector<float> d;        // k-quants: [row][super-block]
-  std::vector<float> offsets;  // [row][32-weight group] (not Q6_K)
-  std::vector<int16_t> sc16;   // Q6_K: [row][super-block][16]
+  std::vector<uint8_t> data;
+  std::vector<float> d;         // k-quants: [row][super-block]
+  std::vector<float> offsets;   // [row][32-weight group] (not Q6_K)
+  std::vector<int16_t> sc16;    // Q6_K: [row][super-block][16], the scales
 
-  Tile(int64_t K) : spans(K / 64), sbs(K / 256), groups(K / 32) {
-    codes.resize(TILE * K);
-    lanes.resize(TILE * K);
+  explicit Tile(int64_t K) : spans(K / 64), sbs(K / 256), groups(K / 32) {
+    data.resize(TILE * K * 2);
     d.resize(TILE * std::max<int64_t>(sbs, 1));
     offsets.resize(TILE * groups);
     sc16.resize(TILE * std::max<int64_t>(sbs, 1) * 16);
   }
-  uint8_t* code(int64_t r, int64_t span) { return codes.data() + (r * spans + span) * 64; }
-  uint8_t* lane(int64_t r, int64_t span) { return lanes.data() + (r * spans + span) * 64; }
+  uint8_t* span(int64_t r, int64_t s) { return data.data() + (r * spans + s) * 128; }
 };
 
 template <int TYPE>
@@ -68,10 +71,10 @@ static void repack_legacy(const uint8_t* w, int64_t K, Tile& t, int64_t r) {
         codes = _mm256_xor_si256(codes, _mm256_set1_epi8(static_cast<char>(0x80)));
         off[h] = -128.f * d[h];
       }
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(t.code(r, s) + 32 * h), codes);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(t.span(r, s) + 32 * h), codes);
       t.offsets[r * t.groups + 2 * s + h] = off[h];
     }
-    _mm512_storeu_ps(t.lane(r, s), _mm512_insertf32x8(_mm512_set1_ps(d[0]), _mm256_set1_ps(d[1]), 1));
+    _mm512_storeu_ps(t.span(r, s) + 64, _mm512_insertf32x8(_mm512_set1_ps(d[0]), _mm256_set1_ps(d[1]), 1));
   }
 }
 
@@ -82,81 +85,59 @@ static void repack_k(const uint8_t* w, int64_t K, Tile& t, int64_t r, const __m5
     KSpans s;
     unpack_k512<TYPE>(w + b * BYTES, pick, s);
     for (int j = 0; j < 4; ++j) {
-      _mm512_storeu_si512(t.code(r, 4 * b + j), s.codes[j]);
-      _mm512_storeu_si512(t.lane(r, 4 * b + j), s.scales[j]);
+      _mm512_storeu_si512(t.span(r, 4 * b + j), s.codes[j]);
+      _mm512_storeu_si512(t.span(r, 4 * b + j) + 64, s.scales[j]);
     }
     t.d[r * t.sbs + b] = s.d;
     if (TYPE == GGML_Q6_K) {
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(t.sc16.data() + (r * t.sbs + b) * 16), s.sc16);
     } else {
-      alignas(16) int16_t mins[8];
-      _mm_store_si128(reinterpret_cast<__m128i*>(mins), s.mins);
-      for (int j = 0; j < 8; ++j) t.offsets[r * t.groups + 8 * b + j] = -s.dmin * mins[j];
+      _mm256_storeu_ps(t.offsets.data() + r * t.groups + 8 * b, s.offsets);
     }
   }
 }
 
-// Activation-side values the microkernels read besides the int8 rows.
-struct ActExtras {
-  std::vector<float> sums;   // [row][32-group]: scale times the sum of the group's int8 values
-  std::vector<float> lanes;  // legacy: [row][span][16] the scale of each 4-value lane
-};
-
-static void act_extras(const QuantizedActs& a, bool legacy, ActExtras& e) {
-  const int64_t M = a.M, K = a.K, groups = K / 32;
-  e.sums.resize(M * groups);
-  if (legacy) e.lanes.resize(M * K / 4);
-#pragma omp parallel for schedule(static)
-  for (int64_t m = 0; m < M; ++m) {
-    for (int64_t g = 0; g < groups; ++g) {
-      if (legacy) {
-        e.sums[m * groups + g] = a.s[m * groups + g];
-        const float dx = a.d[m * groups + g];
-        std::fill_n(e.lanes.data() + (m * groups + g) * 8, 8, dx);
-      } else {
-        e.sums[m * groups + g] = a.d[m * (K / 256) + g / 8] * static_cast<float>(a.bsums32[m * groups + g]);
-      }
-    }
-  }
-}
-
+// Rows r0.. of the tile against activation rows c0.., over weights [k0, k1) of each row; the result is
+// added to y (zeroed first).
 template <int TYPE, int RR, int CC>
-static void micro(Tile& t, int64_t r0, const QuantizedActs& a, const ActExtras& e, int64_t c0, float* y, int64_t ldy,
-                  int64_t n0) {
-  constexpr bool LEGACY = TYPE != GGML_Q4_K && TYPE != GGML_Q5_K && TYPE != GGML_Q6_K;
+static void micro(Tile& t, int64_t r0, const QuantizedActs& a, int64_t c0, int64_t k0, int64_t k1, float* y,
+                  int64_t ldy, int64_t n0) {
   const int64_t K = a.K, spans = K / 64;
-  const int8_t* xq[CC];
-  for (int c = 0; c < CC; ++c) xq[c] = a.q.data() + (c0 + c) * K;
   __m512 facc[RR][CC];
   for (int r = 0; r < RR; ++r)
     for (int c = 0; c < CC; ++c) facc[r][c] = _mm512_setzero_ps();
-  if (LEGACY) {
-    for (int64_t s = 0; s < spans; ++s) {
-      __m512i x[CC];
+  if constexpr (is_legacy<TYPE>) {
+    const int8_t* xq[CC];
+    const int8_t* xr[CC];
+    for (int c = 0; c < CC; ++c) xq[c] = a.q.data() + (c0 + c) * K, xr[c] = a.r.data() + (c0 + c) * K;
+    for (int64_t s = k0 / 64; s < k1 / 64; ++s) {
+      __m512i q[CC], rest[CC];
       __m512 xl[CC];
       for (int c = 0; c < CC; ++c) {
-        x[c] = _mm512_loadu_si512(xq[c] + 64 * s);
-        xl[c] = _mm512_loadu_ps(e.lanes.data() + ((c0 + c) * spans + s) * 16);
+        q[c] = _mm512_loadu_si512(xq[c] + 64 * s);
+        rest[c] = _mm512_loadu_si512(xr[c] + 64 * s);
+        xl[c] = _mm512_loadu_ps(a.lanes.data() + ((c0 + c) * spans + s) * 16);
       }
       for (int r = 0; r < RR; ++r) {
-        const __m512i codes = _mm512_loadu_si512(t.code(r0 + r, s));
-        const __m512 wl = _mm512_loadu_ps(t.lane(r0 + r, s));
+        const __m512i codes = _mm512_loadu_si512(t.span(r0 + r, s));
+        const __m512 wl = _mm512_loadu_ps(t.span(r0 + r, s) + 64);
         for (int c = 0; c < CC; ++c) {
-          const __m512i sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, x[c]);
+          const __m512i sums = _mm512_dpbusd_epi32(
+              _mm512_slli_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, q[c]), 6), codes, rest[c]);
           facc[r][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(wl, xl[c]), facc[r][c]);
         }
       }
     }
   } else {
-    // Integer sums of a super-block in registers; the float accumulators, touched once a super-block,
-    // stay in memory (registers go to the activation rows).
+    // Integer sums of a super-block, then one float scaling each (d of the weights times d of the
+    // activations): 2 x 5 of each accumulator, 5 activation vectors, a row's codes and scales.
     const int64_t nsb = K / 256;
-    alignas(64) float fmem[RR][CC][16] = {};
-    for (int64_t b = 0; b < nsb; ++b) {
+    const int8_t* xq[CC];
+    for (int c = 0; c < CC; ++c) xq[c] = a.q.data() + (c0 + c) * K;
+    for (int64_t b = k0 / 256; b < k1 / 256; ++b) {
       __m512i iacc[RR][CC];
       for (int r = 0; r < RR; ++r)
         for (int c = 0; c < CC; ++c) iacc[r][c] = _mm512_setzero_si512();
-#pragma GCC unroll 4
       for (int j = 0; j < 4; ++j) {
         __m512i x[CC];
         for (int c = 0; c < CC; ++c) {
@@ -164,42 +145,41 @@ static void micro(Tile& t, int64_t r0, const QuantizedActs& a, const ActExtras& 
           __asm__("" : "+v"(x[c]));  // keep it in a register for every weight row (one load, not RR)
         }
         for (int r = 0; r < RR; ++r) {
-          const __m512i codes = _mm512_loadu_si512(t.code(r0 + r, 4 * b + j));
-          const __m512i scale = _mm512_loadu_si512(t.lane(r0 + r, 4 * b + j));
+          const __m512i codes = _mm512_loadu_si512(t.span(r0 + r, 4 * b + j));
+          const __m512i scale = _mm512_loadu_si512(t.span(r0 + r, 4 * b + j) + 64);
           for (int c = 0; c < CC; ++c)
             iacc[r][c] = _mm512_dpwssd_epi32(iacc[r][c], _mm512_maddubs_epi16(codes, x[c]), scale);
         }
       }
+      __m512 dx[CC];
+      for (int c = 0; c < CC; ++c) dx[c] = _mm512_set1_ps(a.d[(c0 + c) * nsb + b]);
       for (int r = 0; r < RR; ++r) {
-        const float dw = t.d[(r0 + r) * t.sbs + b];
+        const __m512 dw = _mm512_set1_ps(t.d[(r0 + r) * t.sbs + b]);
         __m256i sc16 = _mm256_setzero_si256();
-        if (TYPE == GGML_Q6_K)
+        if constexpr (TYPE == GGML_Q6_K)
           sc16 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.sc16.data() + ((r0 + r) * t.sbs + b) * 16));
         for (int c = 0; c < CC; ++c) {
-          if (TYPE == GGML_Q6_K) {
-            const __m256i bs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.bsums.data() + ((c0 + c) * K + 256 * b) / 16));
-            iacc[r][c] = _mm512_sub_epi32(iacc[r][c], _mm512_zextsi256_si512(_mm256_slli_epi32(_mm256_madd_epi16(sc16, bs), 5)));
+          if constexpr (TYPE == GGML_Q6_K) {
+            const __m256i qs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.qsums16.data() + ((c0 + c) * K + 256 * b) / 16));
+            iacc[r][c] = _mm512_sub_epi32(iacc[r][c], _mm512_zextsi256_si512(_mm256_slli_epi32(_mm256_madd_epi16(sc16, qs), 5)));
           }
-          const float dx = a.d[(c0 + c) * nsb + b];
-          _mm512_store_ps(fmem[r][c], _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[r][c]), _mm512_set1_ps(dw * dx),
-                                                      _mm512_load_ps(fmem[r][c])));
+          facc[r][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[r][c]), _mm512_mul_ps(dw, dx[c]), facc[r][c]);
         }
       }
     }
-    for (int r = 0; r < RR; ++r)
-      for (int c = 0; c < CC; ++c) facc[r][c] = _mm512_load_ps(fmem[r][c]);
   }
-  if (TYPE != GGML_Q6_K) {  // the offsets: per output, a dot product over the 32-weight groups
-    const int64_t groups = K / 32;
+
+  if constexpr (TYPE != GGML_Q6_K) {  // the offsets: per output, a dot product over the 32-weight groups
+    const int64_t groups = K / 32, g1 = k1 / 32;
     for (int r = 0; r < RR; ++r) {
       const float* wo = t.offsets.data() + (r0 + r) * groups;
       for (int c = 0; c < CC; ++c) {
-        const float* xs = e.sums.data() + (c0 + c) * groups;
+        const float* xs = a.sums32.data() + (c0 + c) * groups;
         __m512 acc = _mm512_setzero_ps();
-        int64_t g = 0;
-        for (; g + 16 <= groups; g += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(wo + g), _mm512_loadu_ps(xs + g), acc);
-        if (g < groups) {
-          const __mmask16 tail = static_cast<__mmask16>((1u << (groups - g)) - 1);
+        int64_t g = k0 / 32;
+        for (; g + 16 <= g1; g += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(wo + g), _mm512_loadu_ps(xs + g), acc);
+        if (g < g1) {
+          const __mmask16 tail = static_cast<__mmask16>((1u << (g1 - g)) - 1);
           acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, wo + g), _mm512_maskz_loadu_ps(tail, xs + g), acc);
         }
         facc[r][c] = _mm512_add_ps(facc[r][c], acc);
@@ -207,24 +187,25 @@ static void micro(Tile& t, int64_t r0, const QuantizedActs& a, const ActExtras& 
     }
   }
   for (int r = 0; r < RR; ++r)
-    for (int c = 0; c < CC; ++c) y[(c0 + c) * ldy + n0 + r] = _mm512_reduce_add_ps(facc[r][c]);
+    for (int c = 0; c < CC; ++c) y[(c0 + c) * ldy + n0 + r] += _mm512_reduce_add_ps(facc[r][c]);
 }
 
+// One or two weight rows of the tile against every activation row, C at a time: the rows' repacked
+// weights stay in the L1 cache while the activations pass them.
 template <int TYPE, int RR>
-static void micro_rows(Tile& t, int64_t r0, const QuantizedActs& a, const ActExtras& e, float* y, int64_t ldy, int64_t n0) {
+static void micro_rows(Tile& t, int64_t r0, const QuantizedActs& a, float* y, int64_t ldy, int64_t n0) {
+  const int64_t K = a.K;
   int64_t c0 = 0;
-  for (; c0 + C <= a.M; c0 += C) micro<TYPE, RR, C>(t, r0, a, e, c0, y, ldy, n0);
-  for (; c0 < a.M; ++c0) micro<TYPE, RR, 1>(t, r0, a, e, c0, y, ldy, n0);
+  for (; c0 + C<TYPE> <= a.M; c0 += C<TYPE>) micro<TYPE, RR, C<TYPE>>(t, r0, a, c0, 0, K, y, ldy, n0);
+  for (; c0 < a.M; ++c0) micro<TYPE, RR, 1>(t, r0, a, c0, 0, K, y, ldy, n0);
 }
 
 template <int TYPE>
 static void gemm_type(const uint8_t* w, int64_t row_bytes, int64_t N, const QuantizedActs& a, float* y) {
-  constexpr bool LEGACY = TYPE != GGML_Q4_K && TYPE != GGML_Q5_K && TYPE != GGML_Q6_K;
   const int64_t K = a.K, tiles = (N + TILE - 1) / TILE;
-  ActExtras e;
-  act_extras(a, LEGACY, e);
 #pragma omp parallel
   {
+    FlushDenormals flush;  // once a thread, for the whole region
     Tile t(K);
     __m512i pick[4];
     for (int j = 0; j < 4; ++j) pick[j] = span_scale_index<TYPE == GGML_Q6_K ? GGML_Q6_K : GGML_Q4_K>(j);
@@ -233,12 +214,13 @@ static void gemm_type(const uint8_t* w, int64_t row_bytes, int64_t N, const Quan
       const int64_t n0 = tile * TILE, rows = std::min(TILE, N - n0);
       for (int64_t r = 0; r < rows; ++r) {
         const uint8_t* wr = w + (n0 + r) * row_bytes;
-        if constexpr (LEGACY) repack_legacy<TYPE>(wr, K, t, r);
+        if constexpr (is_legacy<TYPE>) repack_legacy<TYPE>(wr, K, t, r);
         else repack_k<TYPE>(wr, K, t, r, pick);
       }
+      for (int64_t m = 0; m < a.M; ++m) std::fill_n(y + m * N + n0, rows, 0.f);
       int64_t r = 0;
-      for (; r + R <= rows; r += R) micro_rows<TYPE, R>(t, r, a, e, y, N, n0 + r);
-      for (; r < rows; ++r) micro_rows<TYPE, 1>(t, r, a, e, y, N, n0 + r);
+      for (; r + R <= rows; r += R) micro_rows<TYPE, R>(t, r, a, y, N, n0 + r);
+      for (; r < rows; ++r) micro_rows<TYPE, 1>(t, r, a, y, N, n0 + r);
     }
   }
 }

@@ -8,6 +8,7 @@
 #include "gguf_blocks.h"
 #include "gguf_gemm.h"
 #include "kernels.h"
+#include "simd.h"
 
 namespace lmk {
 
@@ -53,12 +54,16 @@ torch::Tensor gguf_linear(torch::Tensor x, torch::Tensor w, int64_t type, c10::o
     if (bias.has_value()) y.add_(*bias);
     return y;
   }
-#pragma omp parallel for schedule(static)
-  for (int64_t c = 0; c < nchunks; ++c) {
-    const int64_t n0 = c * chunk, n1 = std::min(N, n0 + chunk);
-    for (int64_t m0 = 0; m0 < M; m0 += 4)
-      gguf_rows(static_cast<int>(type), wp, row_bytes, acts, m0, static_cast<int>(std::min<int64_t>(4, M - m0)), n0, n1,
-                yp, N);
+#pragma omp parallel
+  {
+    FlushDenormals flush;  // once a thread, for the whole loop
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < nchunks; ++c) {
+      const int64_t n0 = c * chunk, n1 = std::min(N, n0 + chunk);
+      for (int64_t m0 = 0; m0 < M; m0 += 4)
+        gguf_rows(static_cast<int>(type), wp, row_bytes, acts, m0, static_cast<int>(std::min<int64_t>(4, M - m0)), n0, n1,
+                  yp, N);
+    }
   }
   if (bias.has_value()) y.add_(*bias);
   return y;
@@ -71,8 +76,14 @@ torch::Tensor gguf_dequantize(torch::Tensor w, int64_t type, int64_t K) {
   auto y = torch::empty({N, K}, torch::kFloat32);
   const uint8_t* wp = w.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
-#pragma omp parallel for schedule(static)
-  for (int64_t n = 0; n < N; ++n) dequantize_rows(static_cast<int>(type), wp + n * row_bytes, row_bytes, 1, K, yp + n * K);
+#pragma omp parallel
+  {
+    FlushDenormals flush;  // once a thread, for the whole loop
+#pragma omp for schedule(static)
+    for (int64_t n = 0; n < N; ++n) {
+      dequantize_rows(static_cast<int>(type), wp + n * row_bytes, row_bytes, 1, K, yp + n * K);
+    }
+  }
   return y;
 }
 
@@ -86,8 +97,14 @@ torch::Tensor gguf_embedding(torch::Tensor ids, torch::Tensor w, int64_t type, i
   auto y = torch::empty({T, K}, torch::kFloat32);
   const uint8_t* wp = w.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
-#pragma omp parallel for schedule(static) if (T >= 64)
-  for (int64_t t = 0; t < T; ++t) dequantize_rows(static_cast<int>(type), wp + ip[t] * row_bytes, row_bytes, 1, K, yp + t * K);
+#pragma omp parallel if (T >= 64)
+  {
+    FlushDenormals flush;  // once a thread, for the whole loop
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < T; ++t) {
+      dequantize_rows(static_cast<int>(type), wp + ip[t] * row_bytes, row_bytes, 1, K, yp + t * K);
+    }
+  }
   return y;
 }
 

@@ -54,12 +54,13 @@ static inline __m256i fifth_bits32(const uint8_t* p) {
   return _mm256_and_si256(set, _mm256_set1_epi8(0x10));
 }
 
-// Sums of four products of unsigned codes u (<= 255 with VNNI, else <= 63) and signed values s.
-static inline __m256i dot_us8(__m256i u, __m256i s) {
+// acc + the sums of four products of unsigned codes u and signed values s (without VNNI, pairs of
+// products must fit 16 bits: codes <= 128 against |s| <= 127).
+static inline __m256i dot_us8(__m256i acc, __m256i u, __m256i s) {
 #ifdef LMK_VNNI256
-  return LMK_VNNI256(_mm256_setzero_si256(), u, s);
+  return LMK_VNNI256(acc, u, s);
 #else
-  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
 #endif
 }
 
@@ -135,7 +136,7 @@ static inline __m512i span_scale_index(int j) {
 struct KSpans {
   __m512i codes[4], scales[4];
   float d, dmin;  // Q4_K / Q5_K: w = d sc q - dmin m; Q6_K: w = d sc (q - 32)
-  __m128i mins;   // Q4_K / Q5_K: the eight minimums, 16-bit
+  __m256 offsets; // Q4_K / Q5_K: the eight -dmin m (a weight's offset, per 32); Q6_K: unused
   __m256i sc16;   // Q6_K: the sixteen scales, 16-bit
 };
 
@@ -170,7 +171,8 @@ static inline void unpack_k512(const uint8_t* blk, const __m512i* pick, KSpans& 
   std::memcpy(&sc64, sc, 8);
   std::memcpy(&mn64, mn, 8);
   const __m512i scales = _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(static_cast<long long>(sc64))));
-  s.mins = _mm_cvtepu8_epi16(_mm_cvtsi64_si128(static_cast<long long>(mn64)));
+  s.offsets = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(mn64)))),
+                            _mm256_set1_ps(-s.dmin));
   const uint8_t* qs = blk + (TYPE == GGML_Q5_K ? 48 : 16);
   __m512i qh = _mm512_setzero_si512();
   if (TYPE == GGML_Q5_K) qh = both_halves(blk + 16);

@@ -30,6 +30,7 @@ void check_block_tables(const torch::Tensor& tables, const torch::Tensor& lens, 
 // elementwise.cpp
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps);
 torch::Tensor rotary(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
+torch::Tensor silu_mul(torch::Tensor gate, torch::Tensor up);
 
 // llama_decode.cpp: a whole Llama decoder for a decode step, its weights held by name.
 struct Projection {

@@ -14,6 +14,7 @@
 #include "elementwise.h"
 #include "gguf_blocks.h"
 #include "kernels.h"
+#include "simd.h"
 
 namespace lmk {
 
@@ -165,33 +166,37 @@ static void project(int64_t M, const float* x, int64_t K, std::initializer_list<
       quantized[p.family] = true;
     }
   }
-#pragma omp parallel for schedule(static)
-  for (int64_t c = 0; c < first[count]; ++c) {
-    int t = 0;
-    while (c >= first[t + 1]) ++t;
-    const Projection& p = *ts[t].p;
-    const int64_t N = p.out_features, n0 = (c - first[t]) * chunk, n1 = std::min(N, n0 + chunk);
-    float* y = ts[t].y;
-    for (int64_t m0 = 0; m0 < M; m0 += 4) {
-      const int rows = static_cast<int>(std::min<int64_t>(4, M - m0));
-      if (p.kind == GGUF) {
-        gguf_rows(static_cast<int>(p.gguf_type), p.weight.data_ptr<uint8_t>(), p.weight.size(1), acts[p.family], m0,
-                  rows, n0, n1, y, N);
-        continue;
+#pragma omp parallel
+  {
+    FlushDenormals flush;  // once a thread, for the whole loop
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < first[count]; ++c) {
+      int t = 0;
+      while (c >= first[t + 1]) ++t;
+      const Projection& p = *ts[t].p;
+      const int64_t N = p.out_features, n0 = (c - first[t]) * chunk, n1 = std::min(N, n0 + chunk);
+      float* y = ts[t].y;
+      for (int64_t m0 = 0; m0 < M; m0 += 4) {
+        const int rows = static_cast<int>(std::min<int64_t>(4, M - m0));
+        if (p.kind == GGUF) {
+          gguf_rows(static_cast<int>(p.gguf_type), p.weight.data_ptr<uint8_t>(), p.weight.size(1), acts[p.family], m0,
+                    rows, n0, n1, y, N);
+          continue;
+        }
+        const float* xm = xs[t] + m0 * p.padded_in;
+        float* ym = y + m0 * N;
+        switch (rows) {
+          case 1: project_rows<1>(p, xm, ym, n0, n1); break;
+          case 2: project_rows<2>(p, xm, ym, n0, n1); break;
+          case 3: project_rows<3>(p, xm, ym, n0, n1); break;
+          default: project_rows<4>(p, xm, ym, n0, n1); break;
+        }
       }
-      const float* xm = xs[t] + m0 * p.padded_in;
-      float* ym = y + m0 * N;
-      switch (rows) {
-        case 1: project_rows<1>(p, xm, ym, n0, n1); break;
-        case 2: project_rows<2>(p, xm, ym, n0, n1); break;
-        case 3: project_rows<3>(p, xm, ym, n0, n1); break;
-        default: project_rows<4>(p, xm, ym, n0, n1); break;
+      if (p.bias.defined()) {
+        const float* b = p.bias.data_ptr<float>();
+        for (int64_t m = 0; m < M; ++m)
+          for (int64_t n = n0; n < n1; ++n) y[m * N + n] += b[n];
       }
-    }
-    if (p.bias.defined()) {
-      const float* b = p.bias.data_ptr<float>();
-      for (int64_t m = 0; m < M; ++m)
-        for (int64_t n = n0; n < n1; ++n) y[m * N + n] += b[n];
     }
   }
 }
@@ -259,7 +264,7 @@ torch::Tensor LlamaDecoder::forward(torch::Tensor h, std::vector<torch::Tensor> 
     for (int64_t i = 0; i < B * Dm; ++i) hp[i] += xn[i];
     rms_rows(hp, w.post_norm.data_ptr<float>(), xn, B, Dm, eps_);
     project(B, xn, Dm, {{&w.gate, gate}, {&w.up, up}});
-    for (int64_t i = 0; i < B * I; ++i) gate[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
+    silu_mul_rows(gate, up, gate, B * I);
     project(B, gate, I, {{&w.down, xn}});
     for (int64_t i = 0; i < B * Dm; ++i) hp[i] += xn[i];
   }

@@ -172,17 +172,16 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, min
     return _kernel().int4_linear(x, packed, scales, mins, group)
 
 
-SMALL_ROWS = 16  # up to this many rows (a decode step) the fused elementwise kernels beat PyTorch's ops
-
-
-def _small_float_rows(x: torch.Tensor) -> bool:
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[0] <= SMALL_ROWS and x.is_contiguous()
+def _float_rows(x: torch.Tensor) -> bool:
+    """Whether the fused elementwise kernels take x: float32 and contiguous on CPU, outside autograd
+    (they beat PyTorch's four or five small operations at every size: one pass, every thread)."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous()
             and not (torch.is_grad_enabled() and x.requires_grad))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
-    """RMS norm of the rows of x [N, D] (a decode step's few rows) in one call; None where PyTorch's runs."""
-    if x.dim() != 2 or not _small_float_rows(x) or weight.dtype != torch.float32 or (torch.is_grad_enabled() and weight.requires_grad):
+    """RMS norm of the rows of x [N, D] in one call; None where PyTorch's runs."""
+    if x.dim() != 2 or not _float_rows(x) or weight.dtype != torch.float32 or (torch.is_grad_enabled() and weight.requires_grad):
         return None
     kernel = _kernel()
     return None if kernel is None else kernel.rms_norm(x, weight, eps)
@@ -190,10 +189,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
     """Rotary embedding of x [N, heads, D] by cos/sin [N, D] in one call; None where PyTorch's ops run."""
-    if x.dim() != 3 or not _small_float_rows(x) or cos.dtype != torch.float32 or not (cos.is_contiguous() and sin.is_contiguous()):
+    if x.dim() != 3 or not _float_rows(x) or cos.dtype != torch.float32 or not (cos.is_contiguous() and sin.is_contiguous()):
         return None
     kernel = _kernel()
     return None if kernel is None else kernel.rotary(x, cos, sin)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
+    """silu(gate) * up in one pass (SwiGLU); None where PyTorch's operations run."""
+    if not (_float_rows(gate) and _float_rows(up)) or gate.shape != up.shape:
+        return None
+    kernel = _kernel()
+    return None if kernel is None else kernel.silu_mul(gate, up)
 
 
 def llama_decode_available() -> bool:

@@ -55,9 +55,12 @@ class LlamaMLP(nn.Module):
         self.up_proj = dense(c.hidden_size, c.intermediate_size, False)
         self.down_proj = dense(c.intermediate_size, c.hidden_size, False)
         self.act = get_activation(c.hidden_act)
+        self.silu = c.hidden_act in ("silu", "swish")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        fused = cpu_kernels.silu_mul(gate, up) if self.silu else None
+        return self.down_proj(fused if fused is not None else self.act(gate) * up)
 
 
 class LlamaDecoderLayer(nn.Module):

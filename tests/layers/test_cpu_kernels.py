@@ -60,19 +60,21 @@ def test_dense_layer_trains_and_decodes_the_same() -> None:
     torch.testing.assert_close(fast, slow.detach(), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("rows", [1, 5, 16])
-def test_rms_norm_and_rotary_match_pytorch(rows: int) -> None:
+@pytest.mark.parametrize("rows", [1, 5, 16, 300])  # 300: a prefill, split over the threads
+def test_rms_norm_rotary_and_silu_mul_match_pytorch(rows: int) -> None:
     g = torch.Generator().manual_seed(rows)
     x, w = torch.randn(rows, 576, generator=g), torch.rand(576, generator=g)
     torch.testing.assert_close(cpu_kernels.rms_norm(x, w, 1e-5), F.rms_norm(x, (576,), w, 1e-5))
     q, cos, sin = torch.randn(rows, 9, 64, generator=g), torch.randn(rows, 64, generator=g), torch.randn(rows, 64, generator=g)
     rotated = torch.cat((-q[..., 32:], q[..., :32]), dim=-1)
     torch.testing.assert_close(cpu_kernels.rotary(q, cos, sin), q * cos[:, None] + rotated * sin[:, None])
+    gate, up = torch.randn(rows, 1536, generator=g) * 4, torch.randn(rows, 1536, generator=g)
+    torch.testing.assert_close(cpu_kernels.silu_mul(gate, up), F.silu(gate) * up)
 
 
-def test_fused_elementwise_kernels_decline_prefill_grad_and_other_dtypes() -> None:
+def test_fused_elementwise_kernels_decline_grad_and_other_dtypes() -> None:
     w = torch.rand(8)
-    assert cpu_kernels.rms_norm(torch.randn(cpu_kernels.SMALL_ROWS + 1, 8), w, 1e-5) is None
+    assert cpu_kernels.silu_mul(torch.randn(2, 8), torch.randn(2, 7)) is None
     assert cpu_kernels.rms_norm(torch.randn(2, 8, dtype=torch.bfloat16), w, 1e-5) is None
     assert cpu_kernels.rms_norm(torch.randn(2, 8, requires_grad=True), w, 1e-5) is None
     assert cpu_kernels.rotary(torch.randn(2, 3, 8).transpose(0, 1), torch.randn(3, 8), torch.randn(3, 8)) is None

