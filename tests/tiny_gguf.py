@@ -58,10 +58,12 @@ def _raw_blocks(rows: int, cols: int, qtype: T, seed: int) -> np.ndarray:
     return blocks.reshape(rows, cols // block_size * type_size)
 
 
-def write_llama_gguf(path: Path, model: torch.nn.Module, types: dict[str, T] | None = None) -> Path:
+def write_llama_gguf(path: Path, model: torch.nn.Module, types: dict[str, T] | None = None,
+                     sliding_window: int | None = None) -> Path:
     """Write a Hugging Face LlamaForCausalLM (tied embeddings) to `path` as a GGUF file.
 
-    `types` maps GGUF tensor names to a storage type; others are stored as F32. Tensors stored in
+    `types` maps GGUF tensor names to a storage type; others are stored as F32. `sliding_window` writes
+    the key Mistral v0.1 files carry. Tensors stored in
     a K-quant (or IQ4_XS) type get random blocks instead of the model's values, so compare such a
     file only with another reader of the same file.
     """
@@ -78,6 +80,8 @@ def write_llama_gguf(path: Path, model: torch.nn.Module, types: dict[str, T] | N
     w.add_rope_freq_base(10000.0)
     w.add_rope_dimension_count(head_dim)
     w.add_vocab_size(cfg.vocab_size)
+    if sliding_window is not None:
+        w.add_sliding_window(sliding_window)
     vocab = vocabulary()
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("smollm")

@@ -126,9 +126,15 @@ static inline __m512i dot_scaled512(__m512i acc, __m512i u, __m512i s, __m512i s
 // 32 weights (span j: scales 2j, 2j + 1), Q6_K one per 16 (span j: scales 4j ... 4j + 3).
 template <int TYPE>
 static inline __m512i span_scale_index(int j) {
-  alignas(64) int16_t idx[32];
-  for (int i = 0; i < 32; ++i) idx[i] = static_cast<int16_t>(TYPE == GGML_Q6_K ? 4 * j + i / 8 : 2 * j + i / 16);
-  return _mm512_load_si512(idx);
+  struct Table {
+    alignas(64) int16_t idx[4][32];
+    Table() {
+      for (int s = 0; s < 4; ++s)
+        for (int i = 0; i < 32; ++i) idx[s][i] = static_cast<int16_t>(TYPE == GGML_Q6_K ? 4 * s + i / 8 : 2 * s + i / 16);
+    }
+  };
+  static const Table table;  // built once
+  return _mm512_load_si512(table.idx[j]);
 }
 
 // A k-quant super-block unpacked into four spans of 64 weights: unsigned codes (0-15, 0-31 or 0-63)

@@ -167,3 +167,20 @@ def test_keep_is_refused_where_it_cannot_be_honoured(tmp_path, tiny_llama):
     assert not _keep_gguf("auto", source, cuda, None)  # "auto" dequantizes for CUDA (the block kernels are CPU's)
     with pytest.raises(LmkError, match="quantization='keep' runs GGUF blocks on the CPU kernels"):
         _keep_gguf("keep", source, cuda, None)
+
+
+def test_contexts_past_a_sliding_window_are_refused(tmp_path, tiny_llama):
+    """Mistral v0.1's sliding window: lmkernel attends to whole contexts, so it refuses longer ones,
+    naming the window, instead of attending differently from the model."""
+    from lmkernel import LLM, SamplingParams
+    from lmkernel.errors import LmkError
+
+    model = load_model(write_llama_gguf(tmp_path / "window.gguf", tiny_llama, sliding_window=16))
+    assert model.config.sliding_window == 16 and model.config.max_context == 16
+    assert model.logits(IDS).shape == (len(IDS), model.config.vocab_size)  # 12 tokens: within the window
+    with pytest.raises(LmkError, match="sliding window of 16 tokens"):
+        model.logits(IDS * 2)
+    llm = LLM(model, kv_cache_memory=1 << 20, verbose=False)
+    with pytest.raises(LmkError, match="sliding window of 16 tokens"):
+        llm.generate([IDS], SamplingParams(max_tokens=8))
+    assert len(llm.generate([IDS], SamplingParams(max_tokens=4, ignore_eos=True))[0].outputs[0].token_ids) == 4

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import mmap
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,16 @@ PROMPTS = [
     "Write a SQL query that counts the orders of each customer.",
     "How do I reverse a linked list in C?",
 ]
+
+
+def _mappings() -> list[tuple[str, str, str]]:
+    """(start, end, file) of this process's memory mappings."""
+    out = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        start, end = fields[0].split("-")
+        out.append((start, end, fields[5] if len(fields) == 6 else ""))
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -58,11 +67,10 @@ def test_kept_blocks_are_the_mapped_file(kept, dequantized, path):
     layers = [m for m in kept.model.modules() if isinstance(m, (GGUFLinear, GGUFEmbedding))]
     assert len(layers) == 7 * kept.config.num_layers + 2  # the projections, the embedding, the untied head
     assert {m.gguf_type for m in layers} == {6, 8, 12, 14}  # Q5_0, Q8_0, Q4_K, Q6_K
+    mapped = [(int(start, 16), int(end, 16)) for start, end, name in _mappings() if name == str(path)]
     for layer in layers:
-        base = layer.blocks.numpy()
-        while getattr(base, "base", None) is not None:
-            base = base.base
-        assert isinstance(base, mmap.mmap)
+        at = layer.blocks.data_ptr()
+        assert any(start <= at and at + layer.blocks.numel() <= end for start, end in mapped)
     assert max(t.numel() for t in kept.model.state_dict().values() if t.is_floating_point()) <= kept.config.intermediate_size
     assert kept.num_parameters == dequantized.num_parameters == 630_167_424
     head = kept.model.lm_head
@@ -86,9 +94,9 @@ def test_generation_stops_at_either_end_of_sequence_token(kept):
     llm = LLM(kept, kv_cache_memory="64MiB", verbose=False)
     out = llm.chat([[{"role": "user", "content": "Reply with the single word: yes"}]], SamplingParams(temperature=0, max_tokens=20))
     assert out[0].outputs[0].finish_reason == "stop" and out[0].outputs[0].token_ids[-1] == im_end
-    prompt = "def add(a, b):\n    return a + b\n<|endoftext|>"
-    # A plain-text continuation after a finished file: the model's next token is the text's end.
-    nxt = kept.logits(kept.tokenizer.encode(prompt, add_special_tokens=False)[:-1])[-1].argmax().item()
-    assert nxt == end_of_text
-    done = llm.generate([prompt.removesuffix("<|endoftext|>")], SamplingParams(temperature=0, max_tokens=20))[0].outputs[0]
-    assert done.finish_reason == "stop" and done.token_ids[-1] == end_of_text and len(done.token_ids) < 20
+    # After a finished conversation the model ends the text itself.
+    finished = kept.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello! How can I help you?"}],
+        add_generation_prompt=False)
+    done = llm.generate([finished], SamplingParams(temperature=0, max_tokens=20))[0].outputs[0]
+    assert done.finish_reason == "stop" and done.token_ids == [end_of_text]

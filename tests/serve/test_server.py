@@ -72,7 +72,8 @@ def test_sigterm_finishes_in_flight_refuses_new_and_exits_0(tmp_path) -> None:
     lines: list[str] = []
 
     def stream() -> None:
-        body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 40, "ignore_eos": True, "stream": True}
+        # Long enough to be in flight when SIGTERM comes a second in (SmolLM2 decodes ~200 tokens/s here).
+        body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 1000, "ignore_eos": True, "stream": True}
         with httpx.stream("POST", f"{s.base_url}/completions", json=body, timeout=120) as r:
             lines.extend(line for line in r.iter_lines() if line.startswith("data: "))
 
@@ -88,5 +89,5 @@ def test_sigterm_finishes_in_flight_refuses_new_and_exits_0(tmp_path) -> None:
     assert ready.status_code == 503
     assert lines[-1] == "data: [DONE]"
     finals = [json.loads(x[6:])["choices"][0]["finish_reason"] for x in lines[:-1]]
-    assert finals[-1] == "length" and len(finals) == 40
+    assert finals[-1] == "length" and len(finals) == 1000
     assert s.process.wait(60) == 0
