@@ -128,13 +128,12 @@ void quantize_acts(const float* x, int64_t M, int64_t K, ActFamily family, Quant
   out.x = x;
   if (family == ACT_FLOAT) return;
   const int64_t B = family == ACT_Q8_32 ? 32 : 256, nb = K / B;
-  const bool rest = family == ACT_Q8_32;
   out.q.resize(M * K);
-  out.r.resize(rest ? M * K : 0);
+  out.r.resize(M * K);
   out.d.resize(M * nb);
   out.sums32.resize(M * K / 32);
   if (family == ACT_Q8_256) out.sums16.resize(M * K / 16), out.qsums16.resize(M * K / 16);
-  if (rest) out.lanes.resize(M * K / 4);
+  if (family == ACT_Q8_32) out.lanes.resize(M * K / 4);
 #pragma omp parallel if (M >= 8)
   {
     FlushDenormals flush;  // once a thread, for the whole loop
@@ -143,25 +142,25 @@ void quantize_acts(const float* x, int64_t M, int64_t K, ActFamily family, Quant
       for (int64_t b = 0; b < nb; ++b) {
         const float* xb = x + m * K + b * B;
         int8_t* qb = out.q.data() + m * K + b * B;
-        int8_t* rb = rest ? out.r.data() + m * K + b * B : nullptr;
+        int8_t* rb = out.r.data() + m * K + b * B;
         float amax = 0.f;
         for (int64_t i = 0; i < B; ++i) amax = std::max(amax, std::fabs(xb[i]));
         const float d = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
         out.d[m * nb + b] = d;
-        if (rest) std::fill_n(out.lanes.data() + (m * K + b * B) / 4, B / 4, d / REST_STEPS);
+        if (family == ACT_Q8_32) std::fill_n(out.lanes.data() + (m * K + b * B) / 4, B / 4, d / REST_STEPS);
         for (int64_t i = 0; i < B; ++i) {
           const float v = xb[i] * id;  // in steps of d
           const float q = std::min(127.f, std::max(-127.f, std::nearbyint(v)));
           qb[i] = static_cast<int8_t>(q);
-          if (rest) rb[i] = static_cast<int8_t>(std::min(32.f, std::max(-32.f, std::nearbyint((v - q) * REST_STEPS))));
+          rb[i] = static_cast<int8_t>(std::min(32.f, std::max(-32.f, std::nearbyint((v - q) * REST_STEPS))));
         }
         for (int64_t g = 0; g < B / 16; ++g) {
-          int sum = 0;  // in steps of d / 64
-          for (int i = 0; i < 16; ++i) sum += REST_STEPS * qb[16 * g + i] + (rest ? rb[16 * g + i] : 0);
-          const float value = d / REST_STEPS * static_cast<float>(sum);
+          int qsum = 0, rsum = 0;
+          for (int i = 0; i < 16; ++i) qsum += qb[16 * g + i], rsum += rb[16 * g + i];
+          const float value = d / REST_STEPS * static_cast<float>(REST_STEPS * qsum + rsum);
           if (family == ACT_Q8_256) {
             out.sums16[(m * K + b * B) / 16 + g] = value;
-            out.qsums16[(m * K + b * B) / 16 + g] = static_cast<int16_t>(sum / REST_STEPS);  // no rest here: exact
+            out.qsums16[(m * K + b * B) / 16 + g] = static_cast<int16_t>(qsum);
           }
           float& s32 = out.sums32[(m * K + b * B) / 32 + g / 2];
           s32 = g % 2 ? s32 + value : value;

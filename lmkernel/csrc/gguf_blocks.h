@@ -6,7 +6,7 @@
 // activations are quantized per 32 (Q8_0-like: int8, a scale, and the scaled sum of the block).
 // K-quants hold 256 weights a super-block in sub-blocks with 6- or 8-bit scales: Q4_K, Q5_K (d,
 // dmin, 8 scale/min pairs of 6 bits: w = d sc q - dmin m), Q6_K (16 int8 scales: w = d sc (q - 32)).
-// Their activations are quantized per 256 (Q8_K: int8, a scale, and the sums of each 16).
+// Their activations are quantized per 256 (int8 and a scale as Q8_K, the rest, and the sums of each 16).
 // F32, F16 and BF16 rows multiply in float32.
 #pragma once
 
@@ -35,19 +35,19 @@ struct BlockInfo {
 BlockInfo block_info(int type, bool* known);
 
 // Activation rows [M, K] quantized for one family: q (|q| <= 127) the nearest step of d = max|x| / 127
-// over each block, and, for the legacy family, r (|r| <= 32) the rest in steps of d / 64, so that
-// x = d (q + r / 64). Legacy kernels multiply both in integers and combine them as 64 q + r: the
-// products carry 14 bits of each activation. With 8 alone, a kept model's greedy text departs from
-// the float model's at near ties of two tokens; legacy kernels are bound by their float work per
-// block of 32, so the rest costs them little. K-quant kernels, bound by integer multiplies, take 8
-// bits per 256 (llama.cpp's choice for both families is 8 bits).
+// over each block (32 or 256), and r (|r| <= 32) the rest in steps of d / 64, so that x = d (q + r / 64).
+// Decode kernels (and legacy prefill) multiply both in integers and combine them as 64 q + r: the
+// products carry 14 bits of each activation. With 8 alone (llama.cpp's choice), a kept model's greedy
+// text departs from the float model's at near ties of two tokens; decode is bound by reading the
+// weights, so the rest costs it nothing measurable. K-quant prefill, bound by integer multiplies,
+// reads q alone (8 bits per 256, as llama.cpp).
 static constexpr int REST_STEPS = 64;
 
 struct QuantizedActs {
   ActFamily family = ACT_FLOAT;
   int64_t M = 0, K = 0;
   const float* x = nullptr;        // the float rows (ACT_FLOAT reads these)
-  std::vector<int8_t> q, r;        // [M, K]; r: ACT_Q8_32 only
+  std::vector<int8_t> q, r;        // [M, K]
   std::vector<float> d;            // [M, K / block]: the scale of q (r's is d / 64)
   std::vector<float> sums32;       // [M, K / 32]: the sum of each 32 activations, as quantized
   std::vector<float> sums16;       // ACT_Q8_256: [M, K / 16], the sum of each 16

@@ -1,8 +1,8 @@
-// Dot products of GGUF blocks, as stored, with activations quantized to 8 bits (gguf_blocks.h).
+// Dot products of GGUF blocks, as stored, with activations quantized to 8 + 6 bits (gguf_blocks.h).
 //
 // Each kernel takes one weight row and up to four activation rows, unpacks every block of the weight
 // row once for all of them, and keeps the arithmetic in integers within a block: codes (unsigned)
-// times int8 activations, summed in pairs (`maddubs`) and in fours (`madd` with ones, or with the
+// times the int8 activations q and their rests r (combined as 64 q + r), summed in pairs (`maddubs`) and in fours (`madd` with ones, or with the
 // sub-block scales); VNNI (`dpbusd`, `dpwssd`) fuses those steps where the CPU has it. Per block, the integer sum is scaled by the
 // weight's and the activation's scales, and each weight's offset (the minimum, or the -8 / -16 / -32
 // of the symmetric types) meets the activation block's sum.
@@ -115,34 +115,41 @@ static void dot_legacy512(const uint8_t* w, const QuantizedActs& a, int64_t m0, 
 #endif
 
 #ifdef LMK_K512
-// 64 weights a vector: per span, the codes against q, pairs scaled by their sub-block scales into one
-// int32 accumulator per super-block.
+// 64 weights a vector: per span, the codes against q and against r, pairs scaled by their sub-block
+// scales into int32 accumulators per super-block, combined as 64 q + r. Each weight's offset (the
+// minimums, Q6_K's -32) meets the activations' sums in float.
 template <int TYPE, int M>
 static void dot_k(const uint8_t* w, const QuantizedActs& a, int64_t m0, float* y, int64_t ldy) {
   constexpr int64_t BYTES = KQuant<TYPE>::bytes;
   const int64_t K = a.K, nb = K / 256;
   __m512 acc[M];
-  __m256 off32[M];  // Q4_K / Q5_K: the weights' offsets against the activations' sums, per 32
-  for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps(), off32[m] = _mm256_setzero_ps();
+  __m512 offsets[M];  // the weights' offsets against the activations' sums: per 32 (Q4_K / Q5_K), per 16 (Q6_K)
+  for (int m = 0; m < M; ++m) acc[m] = offsets[m] = _mm512_setzero_ps();
   __m512i pick[4];
   for (int j = 0; j < 4; ++j) pick[j] = span_scale_index<TYPE>(j);
   for (int64_t b = 0; b < nb; ++b) {
     KSpans s;
     unpack_k512<TYPE>(w + b * BYTES, pick, s);
+    __m512 off16;
+    if constexpr (TYPE == GGML_Q6_K) off16 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(s.sc16)), _mm512_set1_ps(-32.f * s.d));
     for (int m = 0; m < M; ++m) {
       const int64_t at = (m0 + m) * K + b * 256;
-      __m512i iacc = _mm512_setzero_si512();
-      for (int j = 0; j < 4; ++j) iacc = dot_scaled512(iacc, s.codes[j], _mm512_loadu_si512(a.q.data() + at + 64 * j), s.scales[j]);
-      if constexpr (TYPE == GGML_Q6_K) {  // each weight's -32, times its scale, meets the sum of its 16 q
-        const __m256i qs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.qsums16.data() + at / 16));
-        iacc = _mm512_sub_epi32(iacc, _mm512_zextsi256_si512(_mm256_slli_epi32(_mm256_madd_epi16(s.sc16, qs), 5)));
-      } else {  // each weight's offset meets the sum of its 32 activations
-        off32[m] = _mm256_fmadd_ps(s.offsets, _mm256_loadu_ps(a.sums32.data() + at / 32), off32[m]);
+      __m512i iq = _mm512_setzero_si512(), ir = _mm512_setzero_si512();
+      for (int j = 0; j < 4; ++j) {
+        iq = dot_scaled512(iq, s.codes[j], _mm512_loadu_si512(a.q.data() + at + 64 * j), s.scales[j]);
+        ir = dot_scaled512(ir, s.codes[j], _mm512_loadu_si512(a.r.data() + at + 64 * j), s.scales[j]);
       }
-      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc), _mm512_set1_ps(s.d * a.d[(m0 + m) * nb + b]), acc[m]);
+      if constexpr (TYPE == GGML_Q6_K) {
+        offsets[m] = _mm512_fmadd_ps(off16, _mm512_loadu_ps(a.sums16.data() + at / 16), offsets[m]);
+      } else {
+        offsets[m] = _mm512_fmadd_ps(_mm512_zextps256_ps512(s.offsets), _mm512_zextps256_ps512(_mm256_loadu_ps(a.sums32.data() + at / 32)),
+                                     offsets[m]);
+      }
+      const __m512i sums = _mm512_add_epi32(_mm512_slli_epi32(iq, 6), ir);  // 64 q + r
+      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_set1_ps(s.d * a.d[(m0 + m) * nb + b] / REST_STEPS), acc[m]);
     }
   }
-  for (int m = 0; m < M; ++m) y[m * ldy] = _mm512_reduce_add_ps(acc[m]) + hsum8(off32[m]);
+  for (int m = 0; m < M; ++m) y[m * ldy] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m], offsets[m]));
 }
 #else
 // 32 weights a vector.
@@ -201,9 +208,13 @@ static void dot_k(const uint8_t* w, const QuantizedActs& a, int64_t m0, float* y
     }
     for (int m = 0; m < M; ++m) {
       const int64_t at = (m0 + m) * K + b * 256;
-      __m256i iacc = _mm256_setzero_si256();
-      for (int g = 0; g < 8; ++g) iacc = dot_scaled(iacc, codes[g], load32(a.q.data() + at + 32 * g), scales[g]);
-      acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc), _mm256_set1_ps(d * a.d[(m0 + m) * nb + b]), acc[m]);
+      __m256i iq = _mm256_setzero_si256(), ir = _mm256_setzero_si256();
+      for (int g = 0; g < 8; ++g) {
+        iq = dot_scaled(iq, codes[g], load32(a.q.data() + at + 32 * g), scales[g]);
+        ir = dot_scaled(ir, codes[g], load32(a.r.data() + at + 32 * g), scales[g]);
+      }
+      const __m256i sums = _mm256_add_epi32(_mm256_slli_epi32(iq, 6), ir);  // 64 q + r
+      acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(d * a.d[(m0 + m) * nb + b] / REST_STEPS), acc[m]);
       const float* sums16 = a.sums16.data() + at / 16;
       for (int i = 0; i < 16; ++i) offsets[m] += offset16[i] * sums16[i];
     }

@@ -77,10 +77,11 @@ def test_kept_blocks_are_the_mapped_file(kept, dequantized, path):
     assert torch.equal(head.dequantized()[:64], dequantized.model.lm_head.weight[:64])
 
 
-def test_kept_chat_follows_dequantized_chat_until_a_near_tie(kept, dequantized):
-    """Greedy chats of 32 tokens: the kept model (8-bit activations, llama.cpp's precision) writes what the
-    dequantized one writes, and where they part, the dequantized model's logits for the two tokens were
-    within 0.1 of each other (a tie at this precision, not an error; logits here span about 20)."""
+def test_kept_chat_equals_dequantized_chat_for_32_tokens(kept, dequantized):
+    """Greedy chats of 32 tokens: the kept model writes what the dequantized one writes on at least 4 of 5
+    prompts, and where one parts, the dequantized model's logits for the two tokens were within 0.1 of
+    each other (a near tie; logits here span about 20). With 8-bit activations alone in decode (llama.cpp's
+    precision) two of these five part at such ties, as llama.cpp's own output does."""
     greedy = SamplingParams(temperature=0, max_tokens=32)
     chats = [[{"role": "user", "content": p}] for p in PROMPTS]
     kept_out, dequantized_out = (LLM(lm, kv_cache_memory="128MiB", verbose=False).chat(chats, greedy) for lm in (kept, dequantized))
@@ -95,7 +96,7 @@ def test_kept_chat_follows_dequantized_chat_until_a_near_tie(kept, dequantized):
         with torch.inference_mode():
             logits = dequantized.logits(list(theirs.prompt_token_ids) + list(b[:parted]))[-1]
         assert 0 <= (logits[b[parted]] - logits[a[parted]]).item() < 0.1, f"prompt {n} parted at token {parted}"
-    assert identical >= 2
+    assert identical >= 4
     assert sum(len(o.outputs[0].token_ids) for o in kept_out) >= 4 * 32  # the answers run on (an early <|im_end|> may end one)
 
 
