@@ -304,6 +304,8 @@ def _bench_against_llama_cpp(model: str, prompt_tokens: int, new_tokens: int, pr
     (ours_ms, peer_ms), (ours_tps, peer_tps) = r.decode_ms, r.prefill_tps
     table.add_row(f"batch-1 decode after {prompt_tokens} tokens", f"{1000 / ours_ms:.1f} tok/s ({ours_ms:.2f} ms)",
                   f"{1000 / peer_ms:.1f} tok/s ({peer_ms:.2f} ms)", f"{r.decode_ratio:.2f}x")
+    table.add_row(f"decode against its floor ({r.floor_ms:.2f} ms: weights read a step / read bandwidth)",
+                  f"{r.floor_fractions[0]:.0%}", f"{r.floor_fractions[1]:.0%}", "")
     table.add_row(f"prompt processing, {prefill_tokens} tokens", f"{ours_tps:.1f} tok/s", f"{peer_tps:.1f} tok/s",
                   f"{r.prefill_ratio:.2f}x")
     table.add_row("load: file to first token", f"{loads[0].seconds:.2f} s", f"{loads[1].seconds:.2f} s",

@@ -15,6 +15,7 @@ import torch
 
 from lmkernel.engine.llm import LLM
 from lmkernel.engine.sampling import SamplingParams
+from lmkernel.layers.linear import GGUFEmbedding
 
 
 def read_bandwidth(num_bytes: int = 1 << 30, repeats: int = 5) -> float:
@@ -26,6 +27,17 @@ def read_bandwidth(num_bytes: int = 1 << 30, repeats: int = 5) -> float:
         buf.sum()
         best = min(best, time.perf_counter() - start)
     return num_bytes / best
+
+
+def decode_bytes(model: torch.nn.Module) -> int:
+    """Bytes of weights one decode step reads: all but the embedding tables (a row each); a tied head once."""
+    seen: dict[int, int] = {}
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Embedding, GGUFEmbedding)):
+            continue
+        for t in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
+            seen[t.data_ptr()] = t.numel() * t.element_size()
+    return sum(seen.values())
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
@@ -111,6 +123,8 @@ class PeerComparison:
     prefill_tps: tuple[float, float]  # prompt tokens per second, one prompt from an empty cache
     decode_ratio: float  # llama.cpp ms / lmkernel ms (> 1: lmkernel faster)
     prefill_ratio: float  # lmkernel tok/s / llama.cpp tok/s
+    floor_ms: float  # decode's floor: the weights a step reads / the read bandwidth measured each round
+    floor_fractions: tuple[float, float]  # lmkernel, llama.cpp: median over rounds of floor / decode time
 
 
 def prefill_tokens_per_second(llm: LLM, prompt: list[int]) -> float:
@@ -127,7 +141,8 @@ def compare_llama_cpp(llm: LLM, peer: object, prompt: list[int], long_prompt: li
                       rounds: int) -> PeerComparison:
     """Alternate lmkernel and llama.cpp (`bench.llama_cpp_peer.LlamaCppPeer`): batch-1 greedy decode
     after `prompt`, and the prefill of `long_prompt`. `llm` must not reuse cached prefixes."""
-    ours_ms, peer_ms, ours_tps, peer_tps = [], [], [], []
+    ours_ms, peer_ms, ours_tps, peer_tps, floors = [], [], [], [], []
+    step_bytes = decode_bytes(llm.engine.loaded.model)
 
     def settled(measure: Callable[[], float]) -> float:
         time.sleep(PAUSE)  # each side's worker threads spin a while after their work; let them go idle
@@ -138,10 +153,12 @@ def compare_llama_cpp(llm: LLM, peer: object, prompt: list[int], long_prompt: li
     for _ in range(rounds):
         ours_ms.append(settled(lambda: decode_latency(llm, prompt, new_tokens)[0]))
         peer_ms.append(settled(lambda: peer.decode_ms(prompt, new_tokens)))
+        floors.append(step_bytes / settled(lambda: read_bandwidth(repeats=3)) * 1000)
         ours_tps.append(settled(lambda: prefill_tokens_per_second(llm, long_prompt)))
         peer_tps.append(settled(lambda: peer.prefill_tokens_per_second(long_prompt)))
     median = statistics.median
     return PeerComparison(
         (median(ours_ms), median(peer_ms)), (median(ours_tps), median(peer_tps)),
         median(p / o for o, p in zip(ours_ms, peer_ms)), median(o / p for o, p in zip(ours_tps, peer_tps)),
+        median(floors), (median(f / o for f, o in zip(floors, ours_ms)), median(f / p for f, p in zip(floors, peer_ms))),
     )
