@@ -38,9 +38,9 @@ BlockInfo block_info(int type, bool* known);
 // over each block (32 or 256), and r (|r| <= 32) the rest in steps of d / 64, so that x = d (q + r / 64).
 // Decode kernels (and legacy prefill) multiply both in integers and combine them as 64 q + r: the
 // products carry 14 bits of each activation. With 8 alone (llama.cpp's choice), a kept model's greedy
-// text departs from the float model's at near ties of two tokens; decode is bound by reading the
-// weights, so the rest costs it nothing measurable. K-quant prefill, bound by integer multiplies,
-// reads q alone (8 bits per 256, as llama.cpp).
+// text departs from the float model's at near ties of two tokens. In decode the rest did not change the
+// measured speed (BENCHMARKS.md); k-quant prefill, bound by integer multiplies, reads q alone (8 bits per
+// 256, as llama.cpp).
 static constexpr int REST_STEPS = 64;
 
 struct QuantizedActs {
