@@ -479,6 +479,35 @@ def eval_embeddings(
            {"mean_cosine": result.mean_cosine, "min_cosine": result.min_cosine}, json_out)
 
 
+@bench_app.command("structured")
+def bench_structured(
+    model: Annotated[str, typer.Option()] = "qwen2.5-coder-0.5b-instruct",
+    batch: Annotated[list[int] | None, typer.Option(help="batch sizes to measure (default 1 and 8)")] = None,
+    new_tokens: Annotated[int, typer.Option()] = 64,
+    rounds: Annotated[int, typer.Option()] = 3,
+) -> None:
+    """The cost of structured output per decode step: the same requests with and without a JSON-schema
+    grammar, alternating in one run."""
+    from lmkernel.bench.structured import mask_cost
+    from lmkernel.bench.workload import wikitext_workload
+    from lmkernel.engine.llm import LLM
+
+    sizes = batch or [1, 8]
+    try:
+        llm = LLM(model, kv_cache_memory="512MiB", verbose=False, enable_prefix_caching=False)
+        prompts = wikitext_workload(llm.tokenizer, max(sizes), (64, 64), (1, 1)).prompts
+        results = [mask_cost(llm, prompts, b, new_tokens, rounds) for b in sizes]
+    except (LmkError, ValueError) as exc:
+        raise fail(exc) from None
+    table = Table("batch", "decode step, free", "decode step, JSON schema", "cost of the mask")
+    for r in results:
+        table.add_row(str(r.batch), f"{r.free_ms:.2f} ms", f"{r.masked_ms:.2f} ms", f"{r.overhead:+.1%}")
+    import torch
+
+    console.print(f"{model}, {torch.get_num_threads()} threads; medians of {rounds} alternating rounds, {new_tokens} tokens each")
+    console.print(table)
+
+
 @bench_app.command("compress")
 def bench_compress(
     model: Annotated[str, typer.Option(help="the causal LM")] = "smollm2-135m-instruct",
@@ -617,6 +646,8 @@ def serve(
     request_timeout: Annotated[float | None, typer.Option(help="seconds before a request is aborted")] = None,
     shutdown_grace: Annotated[float, typer.Option(help="seconds in-flight requests get after SIGTERM")] = 30.0,
     log_prompts: Annotated[bool, typer.Option(help="log prompts and outputs, with personal data redacted")] = False,
+    tool_call_parser: Annotated[str | None, typer.Option(help="how tool calls are read from the output: hermes (Qwen2.5) "
+                                                               "or llama3_json; default: chosen from the chat template")] = None,
     quantization: Quantization = "auto",
     lora: Annotated[list[str] | None, typer.Option("--lora", help="NAME=PATH: serve a PEFT LoRA adapter as MODEL:NAME; repeat for more")] = None,
     ray: Annotated[bool, typer.Option("--ray", help="serve as a Ray Serve deployment with autoscaling replicas")] = False,
@@ -638,6 +669,10 @@ def serve(
         raise fail(LmkError(f"serving needs the serve extra: pip install -e '.[serve]' ({exc.name} is missing)")) from None
     try:
         keys = list(api_key or []) + (read_keys_file(api_keys_file) if api_keys_file else [])
+        from lmkernel.serve.tool_parsers import PARSERS
+
+        if tool_call_parser is not None and tool_call_parser not in PARSERS:
+            raise LmkError(f"--tool-call-parser must be one of {', '.join(PARSERS)}; got '{tool_call_parser}'")
         for name, value in (("--max-body-bytes", max_body_bytes), ("--max-queued-requests", max_queued_requests),
                             ("--rate-limit-rpm", rate_limit_rpm or 1), ("--rate-limit-tpm", rate_limit_tpm or 1)):
             if value < 1:
@@ -646,7 +681,7 @@ def serve(
             model_name=served_model_name or model, embedding_model_name=embedding_model, api_keys=keys,
             max_body_bytes=max_body_bytes, max_queued_requests=max_queued_requests,
             requests_per_minute=rate_limit_rpm, tokens_per_minute=rate_limit_tpm, request_timeout=request_timeout,
-            log_prompts=log_prompts,
+            log_prompts=log_prompts, tool_call_parser=tool_call_parser,
         )
         launch = LaunchConfig(model, embedding_model, host, port, dtype, device, kv_cache_memory, max_num_seqs,
                               max_num_batched_tokens, shutdown_grace, quantization_arg(quantization),

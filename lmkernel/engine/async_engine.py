@@ -2,13 +2,15 @@
 
 One background task owns the engine. Steps run in a worker thread so the event loop never blocks;
 requests and aborts from coroutines are queued and applied between steps, so the engine is only
-ever touched by one thread at a time.
+ever touched by one thread at a time (its grammar compiler excepted: a request's structured-output
+grammar compiles on a worker thread before the request is queued).
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 from lmkernel.engine.llm_engine import LLMEngine
 from lmkernel.engine.request import RequestOutput
@@ -21,7 +23,7 @@ class AsyncEngine:
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
         self.streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
-        self.to_add: list[tuple[str, str | Sequence[int], SamplingParams, int, asyncio.Future[None]]] = []
+        self.to_add: list[tuple[str, str | Sequence[int], SamplingParams, int, Any, asyncio.Future[None]]] = []
         self.to_abort: list[str] = []
         self.wakeup = asyncio.Event()
         self.loop_task: asyncio.Task[None] | None = None
@@ -52,10 +54,14 @@ class AsyncEngine:
         Leaving the loop early, or cancelling the consuming task, aborts the request and frees its blocks.
         """
         self.start()
+        # A grammar compiles on a worker thread (up to its time limit), never on the engine's loop.
+        matcher = None
+        if params.structured_outputs is not None:
+            matcher = await asyncio.to_thread(self.engine.grammars.matcher, params.structured_outputs)
         queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         accepted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.streams[request_id] = queue
-        self.to_add.append((request_id, prompt, params, priority, accepted))
+        self.to_add.append((request_id, prompt, params, priority, matcher, accepted))
         self.wakeup.set()
         finished = False
         try:
@@ -78,9 +84,9 @@ class AsyncEngine:
 
     def _apply_pending(self) -> None:
         adds, self.to_add = self.to_add, []
-        for request_id, prompt, params, priority, accepted in adds:
+        for request_id, prompt, params, priority, matcher, accepted in adds:
             try:
-                self.engine.add_request(request_id, prompt, params, priority)
+                self.engine.add_request(request_id, prompt, params, priority, matcher)
             except Exception as exc:  # handed to the caller's generate(), which raises it
                 accepted.set_exception(exc)
             else:

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
+
+import torch
 
 from lmkernel.config import CacheConfig, SchedulerConfig
 from lmkernel.engine.adapters import LoraAdapters, UnknownAdapterError
 from lmkernel.engine.model_runner import ModelRunner, ModelRunnerOutput
 from lmkernel.engine.request import CompletionOutput, Request, RequestOutput, RequestStatus
 from lmkernel.engine.sampling import SamplingParams
-from lmkernel.engine.scheduler import Scheduler
+from lmkernel.engine.scheduler import Scheduler, SchedulerOutput
+from lmkernel.engine.structured import GrammarCompiler, allowed_tokens
 from lmkernel.errors import LmkError
 from lmkernel.loader.tokenizer import IncrementalDetokenizer
 from lmkernel.loading import LoadedModel
@@ -73,6 +78,17 @@ class LLMEngine:
         self.arrivals = 0
         self.steps = 0
         self.pending: list[RequestOutput] = []  # outputs of aborted requests, reported at the next step
+        self._grammars: GrammarCompiler | None = None
+        self._grammars_lock = threading.Lock()
+
+    @property
+    def grammars(self) -> GrammarCompiler:
+        """Compiles structured-output grammars against this model's vocabulary (built on first use, ~1 s)."""
+        with self._grammars_lock:  # the server compiles grammars on worker threads
+            if self._grammars is None:
+                self._grammars = GrammarCompiler(self.tokenizer.backend.to_str(), self.loaded.config.vocab_size,
+                                                 sorted(self.eos_ids))
+        return self._grammars
 
     @property
     def max_model_len(self) -> int:
@@ -84,9 +100,11 @@ class LLMEngine:
         return list(self.adapters.names) if self.adapters is not None else []
 
     def add_request(
-        self, request_id: str, prompt: str | Sequence[int], params: SamplingParams, priority: int = 0
+        self, request_id: str, prompt: str | Sequence[int], params: SamplingParams, priority: int = 0,
+        matcher: Any = None,
     ) -> None:
-        """Queue a request; refuse at once one that could never fit."""
+        """Queue a request; refuse at once one that could never fit. `matcher`: its structured-output grammar
+        already compiled by `grammars.matcher` (off the engine's thread); else it is compiled here."""
         if request_id in self.groups:
             raise ValueError(f"request id '{request_id}' is already in use")
         if params.lora is not None:
@@ -111,11 +129,16 @@ class LLMEngine:
                 f"{self.max_model_len}, KV cache {self.pool.num_blocks * self.pool.block_size} tokens; the context is "
                 f"bounded by {self.loaded.config.context_limit_reason})"
             )
+        # A grammar is compiled (and refused when invalid) before anything is queued.
+        if params.structured_outputs is not None and matcher is None:
+            matcher = self.grammars.matcher(params.structured_outputs)
         group = _Group(request_id, text, ids, params)
         for j in range(params.n):
             child_params = params if j == 0 else dataclasses.replace(params, prompt_logprobs=None)
             child_id = request_id if params.n == 1 else f"{request_id}#{j}"
             request = Request(child_id, ids, child_params, self.arrivals, priority)
+            if matcher is not None:
+                request.matcher = matcher if j == 0 else matcher.deep_copy()
             if child_params.prompt_logprobs is not None:
                 request.prompt_logprobs = [None]
             self.arrivals += 1
@@ -148,11 +171,19 @@ class LLMEngine:
         plan = self.scheduler.schedule()
         if plan.is_empty:
             return outputs
-        result = self.runner.execute(plan)
+        result = self.runner.execute(plan, self._allowed(plan))
         self.scheduler.update(plan, result.sampled)
         self.steps += 1
         outputs.extend(self._process(result))
         return outputs
+
+    def _allowed(self, plan: SchedulerOutput) -> dict[str, torch.Tensor] | None:
+        """The next tokens each constrained request of the plan may take, all computed in one parallel call."""
+        constrained = [c.request for c in plan.chunks if c.samples and c.request.matcher is not None]
+        if not constrained:
+            return None
+        masks = allowed_tokens(self.grammars.fill_masks([r.matcher for r in constrained]), self.loaded.config.vocab_size)
+        return {r.request_id: masks[i] for i, r in enumerate(constrained)}
 
     def _process(self, result: ModelRunnerOutput) -> list[RequestOutput]:
         touched: dict[str, _Group] = {}
@@ -164,6 +195,8 @@ class LLMEngine:
             if request_id in result.logprobs:
                 request.logprobs.append(result.logprobs[request_id])
             self._check_stop(sample, token)
+            if request.matcher is not None:
+                self._advance_grammar(sample, token)
             touched[group.request_id] = group
             if sample.finish_reason is not None:
                 self._release(request_id, RequestStatus.FINISHED_STOPPED if sample.finish_reason == "stop" else RequestStatus.FINISHED_LENGTH)
@@ -193,6 +226,14 @@ class LLMEngine:
             request.num_output_tokens >= params.max_tokens or request.num_tokens >= self.max_model_len
         ):
             sample.finish_reason = "length"
+            sample.text += sample.detokenizer.flush()
+
+    def _advance_grammar(self, sample: _Sample, token: int) -> None:
+        """Feed the token to the request's grammar; a complete grammar ends the output (\"stop\")."""
+        matcher = sample.request.matcher
+        accepted = matcher.consume_token(token)
+        if sample.finish_reason is None and (not accepted or matcher.is_stopped()):
+            sample.finish_reason = "stop"
             sample.text += sample.detokenizer.flush()
 
     def _release(self, request_id: str, status: RequestStatus) -> None:

@@ -3,6 +3,7 @@ cache, and samples the next token of every request whose chunk reached its last 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -126,7 +127,8 @@ class ModelRunner:
         return (torch.tensor(table)[pos // bs] * bs + pos % bs).to(self.device)
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
+    def execute(self, out: SchedulerOutput, allowed: Mapping[str, torch.Tensor] | None = None) -> ModelRunnerOutput:
+        """Run the plan's chunks; `allowed`: per request id, the tokens its grammar allows next (bool [V])."""
         ids, positions, meta = self.layout(out)
         slots: list[int] = []  # each chunk's adapter slot, with adapters
         if self.adapters is None:
@@ -184,6 +186,7 @@ class ModelRunner:
                 [r.num_prompt_tokens for r in reqs],
                 [self.generators.get(r.request_id) for r in reqs],
                 [self._banned(r) for r in reqs],
+                [allowed.get(r.request_id) for r in reqs] if allowed else None,
             )
             for r, token, lp in zip(reqs, sampled.token_ids, sampled.logprobs):
                 result.sampled[r.request_id] = token

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from lmkernel.engine.sampling import SamplingParams
 
@@ -56,6 +57,7 @@ class Request:
     stop_reason: int | str | None = None
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None  # when the scheduler first gave it tokens
+    matcher: Any = None  # structured output: the llguidance matcher its tokens must pass
 
     def __post_init__(self) -> None:
         if not self.token_ids:

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lmkernel.engine.structured import StructuredOutputs
+
 _MAX_LOGPROBS = 20
 
 
@@ -32,8 +34,13 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     lora: str | None = None  # the name of a LoRA adapter the engine serves; None: the base model
+    structured_outputs: StructuredOutputs | None = None  # a grammar the output must match (or its fields as a dict)
 
     def __post_init__(self) -> None:
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputs.from_dict(self.structured_outputs)
+        self._check(self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputs),
+                    "structured_outputs", "None, a StructuredOutputs or a dict of its fields")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
@@ -129,7 +136,10 @@ class Sampler:
         num_prompt: Sequence[int],
         generators: Sequence[torch.Generator | None],
         banned: Sequence[Sequence[int]],
+        allowed: Sequence[torch.Tensor | None] | None = None,
     ) -> SamplerOutput:
+        """`banned`: tokens a row may not take yet (min_tokens); `allowed`: where given, a row's grammar mask
+        (bool over the vocabulary). Log-probs are those of the raw logits, as vLLM reports them."""
         logits = logits.float()
         chosen: list[int] = []
         keep: list[torch.Tensor | None] = []
@@ -137,8 +147,14 @@ class Sampler:
             raw = logits[row]
             keep.append(torch.log_softmax(raw, -1) if p.logprobs is not None else None)
             x = raw.clone()
+            if allowed is not None and allowed[row] is not None:
+                x.masked_fill_(~allowed[row].to(x.device), float("-inf"))
             if banned[row]:
-                x[list(banned[row])] = float("-inf")
+                ban = list(banned[row])
+                kept = x[ban].clone()
+                x[ban] = float("-inf")
+                if not torch.isfinite(x).any():  # the grammar allows nothing else: it wins over min_tokens
+                    x[ban] = kept
             apply_penalties(x, p, token_ids[row], num_prompt[row])
             if p.greedy:
                 chosen.append(int(torch.argmax(x)))

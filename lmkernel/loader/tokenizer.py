@@ -207,9 +207,11 @@ class Tokenizer:
         return self.backend.id_to_token(token_id)
 
     def apply_chat_template(
-        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True, tokenize: bool = False
+        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True, tokenize: bool = False,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> str | list[int]:
-        """Render a conversation with the model's own template; `tokenize=True` returns its ids."""
+        """Render a conversation with the model's own template; `tokenize=True` returns its ids. `tools`:
+        function definitions in OpenAI's form, for templates that render them."""
         if self.chat_template is None:
             raise ChatTemplateError(f"{self.source}: this model has no chat template; pass a plain prompt instead")
         if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
@@ -222,7 +224,7 @@ class Tokenizer:
                     raise ValueError(f"messages[{i}].{key} must be a string")
         try:
             text = _compile(self.chat_template).render(
-                messages=[dict(m) for m in messages], tools=None, documents=None,
+                messages=[dict(m) for m in messages], tools=list(tools) if tools else None, documents=None,
                 add_generation_prompt=add_generation_prompt, **self.special_tokens,
             )
         except jinja2.TemplateError as exc:

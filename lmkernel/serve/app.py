@@ -24,6 +24,7 @@ from pydantic import BaseModel, ValidationError
 from lmkernel.engine.async_engine import AsyncEngine
 from lmkernel.engine.request import PositionLogprobs, RequestOutput
 from lmkernel.engine.sampling import SamplingParams
+from lmkernel.engine.structured import StructuredOutputError, StructuredOutputs
 from lmkernel.errors import LmkError
 from lmkernel.loading import LoadedModel
 from lmkernel.serve.auth import Gatekeeper, key_hash
@@ -34,8 +35,13 @@ from lmkernel.serve.protocol import (
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
     EmbeddingRequest,
+    TokenizeRequest,
+    error_param,
 )
+from lmkernel.serve.tool_parsers import make_parser
+from lmkernel.serve.tools import ToolPlan, plan_tools, template_messages
 
 
 @dataclass
@@ -51,6 +57,7 @@ class ServerConfig:
     tokens_per_minute: int | None = None
     request_timeout: float | None = None
     log_prompts: bool = False
+    tool_call_parser: str | None = None  # None: chosen from the model's chat template
 
 
 @dataclass
@@ -138,9 +145,11 @@ def _top(position: PositionLogprobs, n: int) -> list[tuple[int, float, str]]:
 class _Generation:
     """One HTTP request's engine requests (one per prompt), their outputs and timings."""
 
-    def __init__(self, prompts: list[list[int]], texts: list[str | None], params: SamplingParams) -> None:
+    def __init__(self, prompts: list[list[int]], texts: list[str | None], params: SamplingParams,
+                 constraint: tuple[str, dict[str, Any]] | None = None) -> None:
         self.id = uuid.uuid4().hex
         self.prompts, self.texts, self.params = prompts, texts, params
+        self.constraint = constraint  # (request field, fields) of a structured-output request
         self.start = time.monotonic()
         self.first_token: float | None = None
         self.last_token: float | None = None
@@ -273,6 +282,9 @@ def build_app(config: ServerConfig, engine: AsyncEngine | None, embedder: Loaded
                 if out.finished:
                     gen.final[i] = out
                 await sink.put((i, out))
+        except StructuredOutputError as exc:  # its grammar failed to compile
+            field = gen.constraint[0] if gen.constraint else "structured_outputs"
+            await sink.put(APIError(400, str(exc), error_param(field, exc)))
         except (LmkError, ValueError) as exc:
             await sink.put(APIError(400, str(exc), "prompt"))
         except Exception as exc:  # noqa: BLE001 - reported to the caller as a failed request
@@ -397,7 +409,7 @@ def build_app(config: ServerConfig, engine: AsyncEngine | None, embedder: Loaded
         params = admit(key, prompts, _with_adapter(_sampling(body, body.max_tokens, body.logprobs), adapter), "prompt")
         if body.echo and body.logprobs is not None:
             params = _replace(params, prompt_logprobs=body.logprobs)
-        gen = _Generation(prompts, texts, params)
+        gen = _Generation(prompts, texts, params, body.constraint())
         n = body.n
         base = {"id": f"cmpl-{gen.id}", "object": "text_completion", "created": int(time.time()), "model": body.model}
         tok = engine.engine.tokenizer  # type: ignore[union-attr]
@@ -450,6 +462,31 @@ def build_app(config: ServerConfig, engine: AsyncEngine | None, embedder: Loaded
                 "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(t.encode())}
                                  for _, lp, t in (_top(position, n) if position else [])]}
 
+    def tool_chunks(plan: ToolPlan, base: dict[str, Any], n: int) -> Callable[[int, RequestOutput], list[dict[str, Any]]]:
+        """Chunks of a streamed chat with tools: text as `delta.content`, each call as `delta.tool_calls` (its
+        index, id and name first, then fragments of its arguments), and "tool_calls" as the finish reason."""
+        parsers = [make_parser(plan.parser, plan.tools) for _ in range(n)]
+
+        def chunk(j: int, delta: dict[str, Any], reason: str | None = None) -> dict[str, Any]:
+            return {**base, "choices": [{"index": j, "delta": delta, "logprobs": None, "finish_reason": reason}]}
+
+        def chunks(i: int, out: RequestOutput) -> list[dict[str, Any]]:
+            result = []
+            for j, o in enumerate(out.outputs):
+                parser = parsers[j]
+                events = parser.feed(o.delta_text) + (parser.finish() if o.finish_reason else [])
+                for e in events:
+                    if e.index is not None:
+                        result.append(chunk(j, {"tool_calls": [e.tool_delta()]}))
+                    elif e.content and not (parser.calls and not e.content.strip()):
+                        result.append(chunk(j, {"content": e.content}))
+                if o.finish_reason:
+                    reason = "tool_calls" if parser.calls and o.finish_reason == "stop" else o.finish_reason
+                    result.append(chunk(j, {}, reason))
+            return result
+
+        return chunks
+
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
         key = gate.authenticate(request.headers.get("authorization"))
@@ -460,19 +497,29 @@ def build_app(config: ServerConfig, engine: AsyncEngine | None, embedder: Loaded
         for i, m in enumerate(body.messages):
             if m.role not in ROLES:
                 raise APIError(400, f"messages[{i}].role '{m.role}' is not one of {', '.join(ROLES)}", f"messages[{i}].role")
-        conversation = [{"role": m.role, "content": m.text()} for m in body.messages]
         tok = engine.engine.tokenizer  # type: ignore[union-attr]
+        plan = plan_tools(body.tools, body.tool_choice, tok.chat_template, config.tool_call_parser)
+        conversation = template_messages(body.messages)
         try:
-            ids = tok.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)
+            ids = tok.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True,
+                                          tools=plan.tools if plan is not None and plan.parses else None)
         except (LmkError, ValueError) as exc:
             raise APIError(400, str(exc), "messages") from None
         top = body.top_logprobs or 0
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
         max_tokens = body.max_completion_tokens or body.max_tokens
-        params = admit(key, [ids], _with_adapter(_sampling(body, max_tokens, top if body.logprobs else None), adapter),
-                       "messages")
-        gen = _Generation([ids], [json.dumps(conversation, ensure_ascii=False)], params)
+        params = _sampling(body, max_tokens, top if body.logprobs else None)
+        constraint = body.constraint()
+        if plan is not None and plan.grammar is not None:  # "required" or a named function: a call is forced
+            if constraint is not None:
+                raise APIError(400, f"tool_choice '{plan.choice}' and {constraint[0]} each constrain the output: send one",
+                               constraint[0])
+            params = _replace(params, structured_outputs=StructuredOutputs(grammar=plan.grammar))
+            constraint = ("tools", {"grammar": plan.grammar})
+        params = admit(key, [ids], _with_adapter(params, adapter), "messages")
+        gen = _Generation([ids], [json.dumps(conversation, ensure_ascii=False)], params, constraint)
+        parse = make_parser(plan.parser, plan.tools).parse if plan is not None and plan.parses else None
         base = {"id": f"chatcmpl-{gen.id}", "object": "chat.completion.chunk", "created": int(time.time()),
                 "model": body.model}
 
@@ -480,6 +527,9 @@ def build_app(config: ServerConfig, engine: AsyncEngine | None, embedder: Loaded
             sent: dict[int, int] = {}
             opening = [{**base, "choices": [{"index": j, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                              "finish_reason": None}]} for j in range(body.n)]
+            if parse is not None:
+                return stream(gen, "chat", key, tool_chunks(plan, base, body.n), opening,
+                              bool(body.stream_options and body.stream_options.include_usage), base)
 
             def chunks(i: int, out: RequestOutput) -> list[dict[str, Any]]:
                 result = []
@@ -513,10 +563,60 @@ def build_app(config: ServerConfig, engine: AsyncEngine | None, embedder: Loaded
             lp = None
             if body.logprobs:
                 lp = {"content": [chat_logprobs(p, t, top) for t, p in zip(o.token_ids, o.logprobs or [])]}
-            choices.append({"index": j, "message": {"role": "assistant", "content": o.text}, "logprobs": lp,
-                            "finish_reason": o.finish_reason})
-        finish(gen, "chat", key, 200, "\n".join(c["message"]["content"] for c in choices))
+            message: dict[str, Any] = {"role": "assistant", "content": o.text}
+            reason = o.finish_reason
+            if parse is not None:
+                content, calls = parse(o.text)
+                if calls:
+                    message = {"role": "assistant", "content": content, "tool_calls": [c.openai() for c in calls]}
+                    reason = "tool_calls" if reason == "stop" else reason
+            choices.append({"index": j, "message": message, "logprobs": lp, "finish_reason": reason})
+        finish(gen, "chat", key, 200, "\n".join(o.text for o in out.outputs))
         return JSONResponse({**base, "object": "chat.completion", "choices": choices, "usage": usage(gen)})
+
+    # -- tokenizer (vLLM's endpoints at the root: lm-evaluation-harness's remote tokenizer reads them) ----
+
+    def generation_tokenizer(request: Request, model: str | None) -> Any:
+        gate.authenticate(request.headers.get("authorization"))
+        if model is not None:
+            check_model(model, "generate")
+        if engine is None:
+            raise APIError(404, "this server serves no generation model, so no tokenizer", "model")
+        return engine.engine.tokenizer
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> dict[str, Any]:
+        body: TokenizeRequest = await _parse(request, TokenizeRequest, config.max_body_bytes)
+        tok = generation_tokenizer(request, body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "send exactly one of prompt and messages", "prompt")
+        if body.prompt is not None:
+            ids = tok.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        else:
+            try:
+                ids = tok.apply_chat_template([{"role": m.role, "content": m.text()} for m in body.messages],
+                                              add_generation_prompt=body.add_generation_prompt, tokenize=True)
+            except (LmkError, ValueError) as exc:
+                raise APIError(400, str(exc), "messages") from None
+        strs = [tok.id_to_token(t) for t in ids] if body.return_token_strs else None
+        return {"count": len(ids), "max_model_len": engine.engine.max_model_len, "tokens": ids, "token_strs": strs}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> dict[str, Any]:
+        body: DetokenizeRequest = await _parse(request, DetokenizeRequest, config.max_body_bytes)
+        tok = generation_tokenizer(request, body.model)
+        vocab = engine.engine.loaded.config.vocab_size
+        bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise APIError(400, f"token id {bad} is outside the vocabulary [0, {vocab})", "tokens")
+        return {"prompt": tok.decode(body.tokens)}
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info(request: Request) -> dict[str, Any]:
+        tok = generation_tokenizer(request, None)
+        specials = {name: tok.special_tokens.get(name) for name in ("bos_token", "eos_token", "pad_token", "unk_token")}
+        return {"tokenizer_class": "PreTrainedTokenizerFast", **specials, "chat_template": tok.chat_template,
+                "model_max_length": engine.engine.max_model_len, "vocab_size": tok.vocab_size}
 
     # -- embeddings -------------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from lmkernel.engine.sampling import SamplingParams
+from lmkernel.engine.structured import StructuredOutputError, StructuredOutputs
 
 
 class APIError(Exception):
@@ -31,6 +32,32 @@ class APIError(Exception):
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+
+
+class JsonSchemaFormat(BaseModel):
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's `response_format`: free text, any JSON object, or JSON matching a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+# vLLM's older request fields for the same constraints, read as `structured_outputs`.
+_GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
+
+
+def error_param(field: str, exc: StructuredOutputError) -> str:
+    """The request field to name for a constraint's error: vLLM's `structured_outputs.<kind>` as the engine
+    names it, or the field the request used (`response_format`, `guided_json`, ...)."""
+    return exc.param if field == "structured_outputs" else field
 
 
 class _Sampling(BaseModel):
@@ -55,12 +82,50 @@ class _Sampling(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+
+    def constraint(self) -> tuple[str, dict[str, Any]] | None:
+        """The field that constrains the output (`response_format`, vLLM's `structured_outputs` or one of its
+        older `guided_*` fields) and the constraint as `StructuredOutputs` fields; None for free text."""
+        asked: list[tuple[str, dict[str, Any]]] = []
+        fmt = self.response_format
+        if fmt is not None and fmt.type == "json_object":
+            asked.append(("response_format", {"json_object": True}))
+        elif fmt is not None and fmt.type == "json_schema":
+            if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+                raise APIError(400, "response_format of type json_schema needs json_schema.schema", "response_format")
+            asked.append(("response_format", {"json": fmt.json_schema.schema_}))
+        if self.structured_outputs is not None:
+            asked.append(("structured_outputs", self.structured_outputs))
+        for name, kind in _GUIDED.items():
+            if getattr(self, name) is not None:
+                asked.append((name, {kind: getattr(self, name)}))
+        if len(asked) > 1:
+            raise APIError(400, f"{' and '.join(n for n, _ in asked)} each constrain the output: send one", asked[1][0])
+        return asked[0] if asked else None
+
+    def structured(self) -> StructuredOutputs | None:
+        """The constraint as the engine takes it; a 400 naming the field when it is malformed."""
+        asked = self.constraint()
+        if asked is None:
+            return None
+        name, fields = asked
+        try:
+            return StructuredOutputs.from_dict(fields)
+        except StructuredOutputError as exc:
+            raise APIError(400, str(exc), error_param(name, exc)) from None
+
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if any(not s for s in stop):
             raise APIError(400, "stop strings must not be empty", "stop")
-        return SamplingParams(
+        return SamplingParams(structured_outputs=self.structured(),
             n=self.n, max_tokens=max_tokens, min_tokens=self.min_tokens,
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0, min_p=self.min_p or 0.0,
@@ -82,6 +147,9 @@ class ChatMessage(BaseModel):
 
     role: str
     content: str | list[dict[str, Any]] | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's calls, as OpenAI returned them
+    tool_call_id: str | None = None  # a tool result: the call it answers
+    name: str | None = None
 
     def text(self) -> str:
         """The content as one string; OpenAI's list-of-parts form may only hold text parts here."""
@@ -101,6 +169,8 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
 
 
 class EmbeddingRequest(BaseModel):
@@ -111,6 +181,26 @@ class EmbeddingRequest(BaseModel):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1)
     user: str | None = None
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's `/tokenize`: a text (`prompt`) or a conversation (`messages`, through the chat template)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    tokens: list[int]
 
 
 ROLES = ("system", "user", "assistant", "developer", "tool")

@@ -215,6 +215,35 @@ def test_unknown_role(server: Server) -> None:
     assert_error(post(server, "/chat/completions", body), 400, "messages[1].role")
 
 
+def test_tools_on_a_template_without_tools_is_a_400(server: Server) -> None:
+    """SmolLM2's template renders no tools: a request offering some is refused, never answered as free text."""
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    err = assert_error(post(server, "/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                                                         "tools": tools}), 400, "tools")
+    assert "template" in err["message"]
+
+
+def test_tokenizer_endpoints_in_vllm_shapes(server: Server, llm: LLM) -> None:
+    """/tokenize, /detokenize and /tokenizer_info at the root, as lm-evaluation-harness's remote tokenizer reads them."""
+    text = "Hello world, tokens!"
+
+    def root(path: str, body: dict) -> httpx.Response:
+        return httpx.post(f"{server.url}{path}", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+
+    r = root("/tokenize", {"prompt": text, "add_special_tokens": False, "return_token_strs": True})
+    body = r.json()
+    assert r.status_code == 200 and body["tokens"] == llm.tokenizer.encode(text, add_special_tokens=False)
+    assert body["count"] == len(body["tokens"]) and len(body["token_strs"]) == body["count"] and body["max_model_len"] > 0
+    chat = root("/tokenize", {"model": MODEL, "messages": [{"role": "user", "content": text}]}).json()
+    assert chat["tokens"] == llm.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=True)
+    assert root("/detokenize", {"tokens": body["tokens"]}).json() == {"prompt": text}
+    assert_error(root("/detokenize", {"tokens": [10**9]}), 400, "tokens")
+    assert_error(root("/tokenize", {"prompt": "x", "messages": []}), 400, "prompt")
+    info = httpx.get(f"{server.url}/tokenizer_info", headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert info["eos_token"] == llm.tokenizer.special_tokens["eos_token"] and info["chat_template"] == llm.tokenizer.chat_template
+    assert httpx.get(f"{server.url}/tokenizer_info").status_code == 401
+
+
 def test_missing_and_wrong_key(server: Server) -> None:
     body = {"model": MODEL, "prompt": "x", "max_tokens": 1}
     assert_error(post(server, "/completions", body, key=None), 401)

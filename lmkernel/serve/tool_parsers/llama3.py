@@ -1,0 +1,69 @@
+"""Llama 3.1/3.2 JSON tool calls: the whole output is {"name": ..., "parameters": {...}} (several joined by
+"; "), optionally after <|python_tag|>; any other output is text."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from lmkernel.serve.tool_parsers import StreamEvent, ToolCall, call_schema
+
+TAG = "<|python_tag|>"
+
+
+def _calls(text: str) -> list[ToolCall] | None:
+    body = text.strip().removeprefix(TAG).strip()
+    decoder, calls, pos = json.JSONDecoder(), [], 0
+    while pos < len(body):
+        try:
+            obj, pos = decoder.raw_decode(body, pos)
+        except json.JSONDecodeError:
+            return None
+        args = obj.get("parameters", obj.get("arguments", {})) if isinstance(obj, dict) else None
+        if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not isinstance(args, dict):
+            return None
+        calls.append(ToolCall(obj["name"], json.dumps(args, ensure_ascii=False)))
+        while pos < len(body) and body[pos] in " \n;":
+            pos += 1
+    return calls or None
+
+
+class Llama3JsonParser:
+    def __init__(self) -> None:
+        self._buf, self._holding, self.calls = "", None, 0
+
+    def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        calls = _calls(text) if text.strip().startswith(("{", TAG)) else None
+        return (None, calls) if calls else (text, [])
+
+    def grammar(self, tools: Sequence[Mapping[str, Any]], several: bool) -> str:
+        schema = json.dumps(call_schema(tools, "parameters"))
+        more = ' ("; " call)*' if several else ""
+        return f"start: call{more}\ncall: %json {schema}\n"
+
+    def feed(self, delta: str) -> list[StreamEvent]:
+        """Text streams as it comes unless the output opens like a call; a call is sent whole at the end."""
+        self._buf += delta
+        if self._holding is None:
+            head = self._buf.lstrip()
+            if not head or (len(head) < len(TAG) and TAG.startswith(head)):
+                return []
+            self._holding = head.startswith(("{", TAG))
+        if self._holding:
+            return []
+        out, self._buf = self._buf, ""
+        return [StreamEvent(content=out)] if out else []
+
+    def finish(self) -> list[StreamEvent]:
+        text, self._buf = self._buf, ""
+        if not self._holding:
+            return [StreamEvent(content=text)] if text else []
+        calls = _calls(text)
+        if not calls:
+            return [StreamEvent(content=text)] if text else []
+        events = []
+        for i, call in enumerate(calls):
+            events += [StreamEvent(index=i, call_id=call.id, name=call.name), StreamEvent(index=i, arguments=call.arguments)]
+        self.calls = len(calls)
+        return events
