@@ -576,6 +576,35 @@ def eval_classify(
            f"macro-F1 {result.macro_f1:.4f}", {"accuracy": result.accuracy, "macro_f1": result.macro_f1}, json_out)
 
 
+@eval_app.command("choice")
+def eval_choice(
+    model: Model,
+    data: Annotated[Path, typer.Option(help="a JSONL file of questions")],
+    template: Annotated[str, typer.Option(help="the prompt, with {field} for the line's fields")],
+    answer_field: Annotated[str, typer.Option(help="the field holding the answer: a choice or its index")] = "answer",
+    choices: Annotated[str | None, typer.Option(help="the same choices for every line, comma-separated")] = None,
+    choices_field: Annotated[str | None, typer.Option(help="the field holding each line's list of choices")] = None,
+    limit: Annotated[int | None, typer.Option(help="only the first N questions")] = None,
+    quantization: Quantization = "auto",
+    json_out: Annotated[bool, typer.Option("--json", help="print one JSON object as the last line")] = False,
+) -> None:
+    """Multiple-choice accuracy by log-likelihood of each choice, as lm-evaluation-harness scores it."""
+    from lmkernel.engine.llm import LLM
+    from lmkernel.eval.choice import multiple_choice, read_questions
+
+    try:
+        if limit is not None and limit < 1:
+            raise LmkError(f"--limit must be at least 1; got {limit}")
+        fixed = [c.strip() for c in choices.split(",")] if choices is not None else None
+        questions = read_questions(data, template.replace("\\n", "\n"), answer_field, fixed, choices_field)[:limit]
+        llm = LLM(model, kv_cache_memory="256MiB", verbose=False, quantization=quantization_arg(quantization))
+        result = multiple_choice(llm, questions)
+    except (LmkError, ValueError) as exc:
+        raise fail(exc) from None
+    report(f"{result.questions} questions: accuracy {result.accuracy:.4f}",
+           {"accuracy": result.accuracy, "questions": result.questions, "loglikelihoods": result.loglikelihoods}, json_out)
+
+
 @bench_app.command("serve")
 def bench_serve(
     model: Annotated[str, typer.Option()] = "smollm2-135m-instruct",
