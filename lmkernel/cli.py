@@ -679,6 +679,9 @@ def serve(
                                                                "or llama3_json; default: chosen from the chat template")] = None,
     quantization: Quantization = "auto",
     lora: Annotated[list[str] | None, typer.Option("--lora", help="NAME=PATH: serve a PEFT LoRA adapter as MODEL:NAME; repeat for more")] = None,
+    allow_runtime_lora: Annotated[bool, typer.Option(help="POST /v1/load_lora_adapter and /v1/unload_lora_adapter (needs --api-key)")] = False,
+    max_loras: Annotated[int | None, typer.Option(help="adapters held at once (default: the --lora count; 4 with --allow-runtime-lora); "
+                                                       "loading past it drops the least recently used one not in use")] = None,
     ray: Annotated[bool, typer.Option("--ray", help="serve as a Ray Serve deployment with autoscaling replicas")] = False,
     ray_address: Annotated[str | None, typer.Option(help="with --ray: join this cluster ('auto', HOST:PORT, ray://...) instead of starting a local Ray")] = None,
     min_replicas: Annotated[int, typer.Option(help="with --ray: replicas kept when idle")] = 1,
@@ -700,6 +703,12 @@ def serve(
         keys = list(api_key or []) + (read_keys_file(api_keys_file) if api_keys_file else [])
         from lmkernel.serve.tool_parsers import PARSERS
 
+        if allow_runtime_lora and not keys:
+            raise LmkError("--allow-runtime-lora lets clients load adapter files from this machine: it needs --api-key or --api-keys-file")
+        if max_loras is not None and max_loras < max(1, len(lora or [])):
+            raise LmkError(f"--max-loras must be at least 1 and at least the number of --lora adapters; got {max_loras}")
+        slots = max_loras if max_loras is not None else (max(4, len(lora or [])) if allow_runtime_lora else None)
+
         if tool_call_parser is not None and tool_call_parser not in PARSERS:
             raise LmkError(f"--tool-call-parser must be one of {', '.join(PARSERS)}; got '{tool_call_parser}'")
         for name, value in (("--max-body-bytes", max_body_bytes), ("--max-queued-requests", max_queued_requests),
@@ -710,11 +719,11 @@ def serve(
             model_name=served_model_name or model, embedding_model_name=embedding_model, api_keys=keys,
             max_body_bytes=max_body_bytes, max_queued_requests=max_queued_requests,
             requests_per_minute=rate_limit_rpm, tokens_per_minute=rate_limit_tpm, request_timeout=request_timeout,
-            log_prompts=log_prompts, tool_call_parser=tool_call_parser,
+            log_prompts=log_prompts, tool_call_parser=tool_call_parser, allow_runtime_lora=allow_runtime_lora,
         )
         launch = LaunchConfig(model, embedding_model, host, port, dtype, device, kv_cache_memory, max_num_seqs,
                               max_num_batched_tokens, shutdown_grace, quantization_arg(quantization),
-                              parse_lora_options(lora or []))
+                              parse_lora_options(lora or []), slots)
         if not ray:
             run(launch, config)
             return

@@ -9,12 +9,14 @@ grammar compiles on a worker thread before the request is queued).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
+from lmkernel.engine.adapters import UnknownAdapterError
 from lmkernel.engine.llm_engine import LLMEngine
 from lmkernel.engine.request import RequestOutput
 from lmkernel.engine.sampling import SamplingParams
+from lmkernel.errors import AdapterError
 
 
 class AsyncEngine:
@@ -25,6 +27,7 @@ class AsyncEngine:
         self.streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
         self.to_add: list[tuple[str, str | Sequence[int], SamplingParams, int, Any, asyncio.Future[None]]] = []
         self.to_abort: list[str] = []
+        self.to_call: list[tuple[Callable[[], Any], asyncio.Future[Any]]] = []
         self.wakeup = asyncio.Event()
         self.loop_task: asyncio.Task[None] | None = None
         self.snapshot = engine.stats()
@@ -77,6 +80,36 @@ class AsyncEngine:
             if not finished:
                 self.abort(request_id)
 
+    async def between_steps(self, call: Callable[[], Any]) -> Any:
+        """Run `call` on the engine between two steps (where nothing else touches it) and return its result."""
+        self.start()
+        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.to_call.append((call, done))
+        self.wakeup.set()
+        return await done
+
+    async def load_adapter(self, name: str, path: str) -> str | None:
+        """Read and check a LoRA adapter on a worker thread, then install it between steps; the name of an
+        adapter dropped to make room (the least recently used one not in use), if any."""
+        adapters = self.engine.adapters
+        if adapters is None:
+            raise AdapterError("this engine serves no LoRA adapters")
+        prepared = await asyncio.to_thread(adapters.prepare, name, path)
+        return await self.between_steps(lambda: self.engine.load_adapter(prepared))
+
+    async def unload_adapter(self, name: str, poll: float = 0.05) -> None:
+        """Refuse new requests for the adapter, let the running ones finish, then remove it."""
+        adapters = self.engine.adapters
+        if adapters is None or name not in adapters.names:
+            raise UnknownAdapterError(f"LoRA adapter '{name}' is not loaded")
+        self.engine.unloading.add(name)
+        try:
+            while await self.between_steps(lambda: name in self.engine.adapters_in_use()):
+                await asyncio.sleep(poll)
+            await self.between_steps(lambda: self.engine.unload_adapter(name))
+        finally:
+            self.engine.unloading.discard(name)
+
     def abort(self, request_id: str) -> None:
         """Abort at the next step boundary (within one engine step)."""
         self.to_abort.append(request_id)
@@ -91,6 +124,12 @@ class AsyncEngine:
                 accepted.set_exception(exc)
             else:
                 accepted.set_result(None)
+        calls, self.to_call = self.to_call, []
+        for call, done in calls:
+            try:
+                done.set_result(call())
+            except Exception as exc:  # handed to the awaiting caller
+                done.set_exception(exc)
         aborts, self.to_abort = self.to_abort, []
         for request_id in aborts:
             self.engine.abort_request(request_id)
@@ -102,7 +141,7 @@ class AsyncEngine:
             self._apply_pending()
             if not self.engine.has_unfinished_requests():
                 self.wakeup.clear()
-                if not (self.to_add or self.to_abort):
+                if not (self.to_add or self.to_abort or self.to_call):
                     await self.wakeup.wait()
                 continue
             try:

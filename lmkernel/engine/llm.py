@@ -39,7 +39,8 @@ class LLM:
     `model` is an alias, a path (a LoRA adapter directory loads its base with the adapter merged), or
     an already loaded `LoadedModel` (then `dtype` and `device` are its own). A GGUF's weights stay in
     their shipped blocks on CPU (`quantization="auto"`, or "keep"); `quantization=None` dequantizes them. `lora` ({name: adapter directory})
-    serves PEFT LoRA adapters beside the base model, picked per request with `SamplingParams(lora=name)`;
+    serves PEFT LoRA adapters beside the base model, picked per request with `SamplingParams(lora=name)`, in
+    `max_loras` slots (default: as many as given; more leave room for adapters loaded while serving);
     a `LoadedModel` given here is left as it is (the adapters wrap a copy that shares its weights).
     """
 
@@ -58,18 +59,19 @@ class LLM:
         verbose: bool = True,
         quantization: str | None = "auto",
         lora: Mapping[str, str | Path] | None = None,
+        max_loras: int | None = None,
     ) -> None:
         self.loaded = (
             model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device, quantization=quantization)
         )
         adapters = None
-        if lora:
+        if lora or max_loras:
             if self.loaded.config.is_encoder:
                 raise LmkError(f"{self.loaded.source.path}: LoRA serving needs a decoder; load an encoder's adapter as "
                                "a model (LLM(adapter_dir))")
             if isinstance(model, LoadedModel):
                 self.loaded = dataclasses.replace(self.loaded, model=shared_copy(self.loaded.model))
-            adapters = LoraAdapters(self.loaded.model, self.loaded.config, lora)
+            adapters = LoraAdapters(self.loaded.model, self.loaded.config, lora or {}, max_loras)
         self.tokenizer = self.loaded.tokenizer
         self.engine: LLMEngine | None = None
         self._ids = itertools.count()

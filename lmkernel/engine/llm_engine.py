@@ -11,13 +11,13 @@ from typing import Any
 import torch
 
 from lmkernel.config import CacheConfig, SchedulerConfig
-from lmkernel.engine.adapters import LoraAdapters, UnknownAdapterError
+from lmkernel.engine.adapters import LoraAdapters, PreparedAdapter, UnknownAdapterError
 from lmkernel.engine.model_runner import ModelRunner, ModelRunnerOutput
 from lmkernel.engine.request import CompletionOutput, Request, RequestOutput, RequestStatus
 from lmkernel.engine.sampling import SamplingParams
 from lmkernel.engine.scheduler import Scheduler, SchedulerOutput
 from lmkernel.engine.structured import GrammarCompiler, allowed_tokens
-from lmkernel.errors import LmkError
+from lmkernel.errors import AdapterError, LmkError
 from lmkernel.loader.tokenizer import IncrementalDetokenizer
 from lmkernel.loading import LoadedModel
 from lmkernel.memory.block_pool import BlockPool
@@ -79,6 +79,7 @@ class LLMEngine:
         self.steps = 0
         self.pending: list[RequestOutput] = []  # outputs of aborted requests, reported at the next step
         self._grammars: GrammarCompiler | None = None
+        self.unloading: set[str] = set()  # adapters refusing new requests until theirs finish
         self._grammars_lock = threading.Lock()
 
     @property
@@ -112,6 +113,9 @@ class LLMEngine:
                 raise UnknownAdapterError(f"SamplingParams.lora is '{params.lora}', but this engine serves no LoRA "
                                           "adapters (start it with LLM(model, lora={name: path}))")
             self.adapters.slot(params.lora)
+            if params.lora in self.unloading:
+                raise UnknownAdapterError(f"LoRA adapter '{params.lora}' is being unloaded")
+            self.adapters.touch(params.lora)
         text = prompt if isinstance(prompt, str) else None
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         if not ids:
@@ -137,6 +141,8 @@ class LLMEngine:
             child_params = params if j == 0 else dataclasses.replace(params, prompt_logprobs=None)
             child_id = request_id if params.n == 1 else f"{request_id}#{j}"
             request = Request(child_id, ids, child_params, self.arrivals, priority)
+            if params.lora is not None:
+                request.adapter_salt = self.adapters.salt(params.lora)
             if matcher is not None:
                 request.matcher = matcher if j == 0 else matcher.deep_copy()
             if child_params.prompt_logprobs is not None:
@@ -149,6 +155,36 @@ class LLMEngine:
                 self.runner.add_generator(child_id, params.seed + j)
             self.scheduler.add_request(request)
         self.groups[request_id] = group
+
+    def adapters_in_use(self) -> set[str]:
+        """Adapters that unfinished requests use."""
+        live = [*self.scheduler.running, *self.scheduler.waiting]
+        return {r.sampling_params.lora for r in live if r.sampling_params.lora is not None}
+
+    def load_adapter(self, adapter: PreparedAdapter) -> str | None:
+        """Install a prepared adapter (between steps); when every slot is taken, the least recently used
+        adapter no request is using makes room. Returns the name of the adapter dropped, if any."""
+        if self.adapters is None:
+            raise AdapterError("this engine serves no LoRA adapters (start it with max_loras or lora)")
+        if adapter.name in self.adapters.names:
+            raise AdapterError(f"an adapter named '{adapter.name}' is already loaded")
+        dropped = None
+        if self.adapters.full:
+            dropped = self.adapters.least_recently_used(exclude=self.adapters_in_use() | self.unloading)
+            if dropped is None:
+                raise AdapterError(f"all {self.adapters.capacity} adapter slots hold adapters in use; retry when one is free")
+            self.adapters.remove(dropped)
+        self.adapters.install(adapter)
+        return dropped
+
+    def unload_adapter(self, name: str) -> None:
+        """Remove an adapter no request uses any more (between steps)."""
+        if self.adapters is None:
+            raise UnknownAdapterError(f"LoRA adapter '{name}' is not loaded; this engine serves none")
+        if name in self.adapters_in_use():
+            raise AdapterError(f"LoRA adapter '{name}' is in use")
+        self.adapters.remove(name)
+        self.unloading.discard(name)
 
     def abort_request(self, request_id: str) -> bool:
         """Stop a request in any state and free its blocks now; False if it is unknown or already done."""

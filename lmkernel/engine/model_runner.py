@@ -42,8 +42,9 @@ class ModelRunner:
         if device.type == "cpu":
             cpu_kernels.build()
         self.use_kernel = cpu_kernels.paged_decode_available(kv_cache.keys[0])
-        # Decode steps of a few sequences through one compiled call, where the model offers one.
-        fused = getattr(model, "fused_decode", None) if self.use_kernel and adapters is None else None
+        # Decode steps of a few sequences through one compiled call, where the model offers one (with
+        # adapters, it runs the base layers: for steps in which no token uses an adapter).
+        fused = getattr(model, "fused_decode", None) if self.use_kernel else None
         self.fused = fused() if fused is not None else None
 
     def add_generator(self, request_id: str, seed: int) -> None:
@@ -130,13 +131,15 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput, allowed: Mapping[str, torch.Tensor] | None = None) -> ModelRunnerOutput:
         """Run the plan's chunks; `allowed`: per request id, the tokens its grammar allows next (bool [V])."""
         ids, positions, meta = self.layout(out)
-        slots: list[int] = []  # each chunk's adapter slot, with adapters
-        if self.adapters is None:
+        slots: list[int] = []  # each chunk's adapter slot, when some token uses an adapter
+        if self.adapters is not None:
+            slots = [self.adapters.slot(c.request.sampling_params.lora) for c in out.chunks]
+            slots = slots if any(s >= 0 for s in slots) else []
+        if not slots:
             hidden = self.fused(ids, positions, meta, self.kv_layers) if self.fused is not None else None
             if hidden is None:
                 hidden = self.model(ids, positions, meta, self.kv_layers)
         else:
-            slots = [self.adapters.slot(c.request.sampling_params.lora) for c in out.chunks]
             per_token = [s for s, c in zip(slots, out.chunks) for _ in range(c.num_tokens)]
             with self.adapters.routing(per_token, self.device):
                 hidden = self.model(ids, positions, meta, self.kv_layers)
@@ -164,7 +167,7 @@ class ModelRunner:
             return result
         every_row = rows == list(range(hidden.shape[0]))  # a decode step: no rows to pick
         picked = hidden if every_row else hidden[torch.tensor(rows, device=self.device)]
-        if self.adapters is None:
+        if not slots:
             logits = self.model.compute_logits(picked).float()
         else:
             with self.adapters.routing(row_slots, self.device):

@@ -79,10 +79,13 @@ class Request:
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
 
+    adapter_salt: str = ""  # set by the engine: the adapter this request uses, as loaded (name and load)
+
     @property
     def cache_salt(self) -> str:
-        """Mixed into the prefix-cache keys: K/V computed under a LoRA adapter are that adapter's alone."""
-        return f"lora:{self.sampling_params.lora}" if self.sampling_params.lora is not None else ""
+        """Mixed into the prefix-cache keys: K/V computed under a LoRA adapter are that load of it alone
+        (an adapter unloaded and loaded again under the same name shares nothing with the old one)."""
+        return self.adapter_salt
 
     @property
     def wants_prompt_logprobs(self) -> bool:

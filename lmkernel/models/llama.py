@@ -22,6 +22,7 @@ from lmkernel.layers.activation import get_activation
 from lmkernel.layers.attention import AttentionMetadata, KVLayer, attend
 from lmkernel.layers.checkpoint import run_layer
 from lmkernel.layers.linear import Dense, GGUFLinear, Int4Linear, Int8Linear, dense
+from lmkernel.layers.lora import MultiLoraLinear
 from lmkernel.layers.norm import RMSNorm
 from lmkernel.layers.rotary import RotaryEmbedding, apply_rotary
 from lmkernel.models.weights import embedding, load_with_tied_head
@@ -146,8 +147,10 @@ class LlamaForCausalLM(nn.Module):
 
 
 def _projection(layer: nn.Module) -> object | None:
-    """A projection as the fused decode kernel reads it, or None for a kind it does not run (LoRA
-    wrappers, dynamic int8, weights not float32 on CPU)."""
+    """A projection as the fused decode kernel reads it, or None for a kind it does not run (dynamic int8,
+    weights not float32 on CPU); of a LoRA wrapper, its base layer."""
+    if type(layer) is MultiLoraLinear:  # the fused call serves steps without adapter tokens: the base layer
+        layer = layer.base_layer
     if any(t.device.type != "cpu" for t in layer.buffers()) or any(p.device.type != "cpu" for p in layer.parameters()):
         return None
     bias = None if getattr(layer, "bias", None) is None else layer.bias.detach().float().contiguous()

@@ -25,7 +25,7 @@ from lmkernel.engine.async_engine import AsyncEngine
 from lmkernel.engine.request import PositionLogprobs, RequestOutput
 from lmkernel.engine.sampling import SamplingParams
 from lmkernel.engine.structured import StructuredOutputError, StructuredOutputs
-from lmkernel.errors import LmkError
+from lmkernel.errors import AdapterError, LmkError
 from lmkernel.loading import LoadedModel
 from lmkernel.serve.auth import Gatekeeper, key_hash
 from lmkernel.serve.logs import log_request
@@ -37,7 +37,9 @@ from lmkernel.serve.protocol import (
     CompletionRequest,
     DetokenizeRequest,
     EmbeddingRequest,
+    LoadLoraAdapterRequest,
     TokenizeRequest,
+    UnloadLoraAdapterRequest,
     error_param,
 )
 from lmkernel.serve.tool_parsers import make_parser
@@ -58,6 +60,7 @@ class ServerConfig:
     request_timeout: float | None = None
     log_prompts: bool = False
     tool_call_parser: str | None = None  # None: chosen from the model's chat template
+    allow_runtime_lora: bool = False  # /v1/load_lora_adapter and /v1/unload_lora_adapter
 
 
 @dataclass
@@ -198,10 +201,14 @@ def build_app(config: ServerConfig, engine: AsyncEngine | None, embedder: Loaded
         return JSONResponse(APIError(400, f"method {request.method} is not allowed on {request.url.path}").body(),
                             status_code=405)
 
-    adapters = {f"{config.model_name}:{a}": a for a in engine.engine.lora_names} if engine and config.model_name else {}
+    def adapters() -> dict[str, str]:
+        """MODEL:NAME -> NAME of every adapter loaded now (they come and go with --allow-runtime-lora)."""
+        if engine is None or not config.model_name:
+            return {}
+        return {f"{config.model_name}:{a}": a for a in engine.engine.lora_names if a not in engine.engine.unloading}
 
     def served() -> list[str]:
-        names = [config.model_name if engine else None, *adapters, config.embedding_model_name if embedder else None]
+        names = [config.model_name if engine else None, *adapters(), config.embedding_model_name if embedder else None]
         return [n for n in names if n]
 
     def check_model(name: str, kind: str) -> str | None:
@@ -209,10 +216,10 @@ def build_app(config: ServerConfig, engine: AsyncEngine | None, embedder: Loaded
         want = config.model_name if kind == "generate" else config.embedding_model_name
         if name not in served():
             raise APIError(404, f"model '{name}' does not exist; served: {', '.join(served())}", "model", "model_not_found")
-        if name != want and not (kind == "generate" and name in adapters):
+        if name != want and not (kind == "generate" and name in adapters()):
             raise APIError(400, f"model '{name}' cannot serve {'embeddings' if kind == 'embed' else 'completions'}",
                            "model")
-        return adapters.get(name)
+        return adapters().get(name)
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -231,9 +238,43 @@ def build_app(config: ServerConfig, engine: AsyncEngine | None, embedder: Loaded
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
         gate.authenticate(request.headers.get("authorization"))
+        loaded = adapters()
         return {"object": "list", "data": [{"id": n, "object": "model", "created": created, "owned_by": "lmkernel",
-                                            **({"parent": config.model_name} if n in adapters else {})}
+                                            **({"parent": config.model_name} if n in loaded else {})}
                                            for n in served()]}
+
+    # -- LoRA adapters at run time (vLLM's endpoints; --allow-runtime-lora, which needs API keys) ---------
+
+    def runtime_lora(request: Request) -> AsyncEngine:
+        gate.authenticate(request.headers.get("authorization"))
+        if not config.allow_runtime_lora or engine is None:
+            raise APIError(404, "loading LoRA adapters at run time is off; start lmk serve with --allow-runtime-lora",
+                           code="not_enabled")
+        return engine
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(request: Request) -> dict[str, Any]:
+        served_engine = runtime_lora(request)
+        body: LoadLoraAdapterRequest = await _parse(request, LoadLoraAdapterRequest, config.max_body_bytes)
+        name = body.lora_name
+        if not name or ":" in name or name != name.strip():
+            raise APIError(400, f"lora_name {name!r}: expected a non-empty name without ':' or surrounding spaces", "lora_name")
+        if name in served_engine.engine.lora_names:
+            raise APIError(400, f"an adapter named '{name}' is already loaded; unload it first", "lora_name")
+        try:
+            dropped = await served_engine.load_adapter(name, body.lora_path)
+        except AdapterError as exc:
+            raise APIError(400, str(exc), None if "adapter slots" in str(exc) else "lora_path") from None
+        return {"lora_name": name, "status": "loaded", "model": f"{config.model_name}:{name}", "unloaded": dropped}
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(request: Request) -> dict[str, Any]:
+        served_engine = runtime_lora(request)
+        body: UnloadLoraAdapterRequest = await _parse(request, UnloadLoraAdapterRequest, config.max_body_bytes)
+        if body.lora_name not in served_engine.engine.lora_names or body.lora_name in served_engine.engine.unloading:
+            raise APIError(404, f"LoRA adapter '{body.lora_name}' is not loaded", "lora_name")
+        await served_engine.unload_adapter(body.lora_name)
+        return {"lora_name": body.lora_name, "status": "unloaded"}
 
     # -- generation -------------------------------------------------------------------------------
 

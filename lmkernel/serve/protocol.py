@@ -203,4 +203,17 @@ class DetokenizeRequest(BaseModel):
     tokens: list[int]
 
 
+class LoadLoraAdapterRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    lora_name: str
+    lora_path: str
+
+
+class UnloadLoraAdapterRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    lora_name: str
+
+
 ROLES = ("system", "user", "assistant", "developer", "tool")

@@ -36,6 +36,7 @@ class LaunchConfig:
     shutdown_grace: float = 30.0
     quantization: str | None = None
     lora: dict[str, str] = field(default_factory=dict)  # adapter name -> PEFT LoRA directory, served as MODEL:NAME
+    max_loras: int | None = None  # adapter slots (default: the --lora count, or 4 with runtime loading)
 
 
 def parse_lora_options(specs: list[str]) -> dict[str, str]:
@@ -95,7 +96,7 @@ def load_app(launch: LaunchConfig, config: ServerConfig) -> FastAPI:
     if launch.model is not None:
         llm = LLM(launch.model, dtype=launch.dtype, device=launch.device, kv_cache_memory=launch.kv_cache_memory,
                   max_num_seqs=launch.max_num_seqs, max_num_batched_tokens=launch.max_num_batched_tokens,
-                  quantization=launch.quantization, lora=launch.lora)
+                  quantization=launch.quantization, lora=launch.lora, max_loras=launch.max_loras)
         if llm.engine is None:
             raise LmkError(f"{launch.model}: completions and chat need a decoder; this is an encoder (pass it as "
                            "--embedding-model)")

@@ -180,6 +180,14 @@ def test_bad_lora_option_is_one_clear_line() -> None:
 
     out = invoke("serve", MODEL, "--lora", "tuned")
     assert out.returncode == 1 and "--lora 'tuned': expected NAME=PATH" in out.stderr and "Traceback" not in out.stderr
+    out = invoke("serve", MODEL, "--allow-runtime-lora")
+    assert out.returncode == 1 and "needs --api-key" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_runtime_lora_endpoints_are_off_unless_allowed(server: Server, adapter) -> None:
+    r = post(server, "/load_lora_adapter", {"lora_name": "x", "lora_path": str(adapter)})
+    assert assert_error(r, 404)["code"] == "not_enabled"
+    assert_error(post(server, "/unload_lora_adapter", {"lora_name": "tuned"}), 404)
 
 
 # -- errors ---------------------------------------------------------------------------------------
