@@ -17,6 +17,7 @@ from lmkernel.engine.llm_engine import LLMEngine
 from lmkernel.engine.request import RequestOutput
 from lmkernel.engine.sampling import SamplingParams
 from lmkernel.errors import AdapterError
+from lmkernel.loader.tokenizer import Tokenizer
 
 
 class AsyncEngine:
@@ -31,6 +32,34 @@ class AsyncEngine:
         self.wakeup = asyncio.Event()
         self.loop_task: asyncio.Task[None] | None = None
         self.snapshot = engine.stats()
+
+    # What callers (the HTTP routes) may know of the engine, so they need nothing below it.
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self.engine.loaded.config.vocab_size
+
+    @property
+    def max_tokens_per_request(self) -> int:
+        """Prompt plus output tokens one request may hold (the context, or the whole KV cache if smaller)."""
+        return self.engine.scheduler.max_tokens_per_request()
+
+    @property
+    def kv_cache_tokens(self) -> int:
+        return self.engine.pool.num_blocks * self.engine.pool.block_size
+
+    @property
+    def lora_names(self) -> list[str]:
+        """Adapters requests may name now (one being unloaded is not among them)."""
+        return [n for n in self.engine.lora_names if n not in self.engine.unloading]
 
     def stats(self) -> dict[str, float | int]:
         """The engine's counters as of the last step boundary (safe to read while a step runs)."""

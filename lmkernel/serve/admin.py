@@ -1,0 +1,42 @@
+"""The server about itself: GET /health, /ready, /metrics (Prometheus) and /v1/models."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+
+from lmkernel.serve.protocol import APIError, ModelList, documented
+from lmkernel.serve.service import service
+
+router = APIRouter()
+
+
+@router.get("/health")
+async def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/ready")
+async def ready(request: Request) -> Response:
+    svc = service(request)
+    if svc.state.draining:
+        err = APIError(503, "the server is shutting down", code="draining")
+        return JSONResponse(err.body(), status_code=err.status)
+    return JSONResponse({"status": "ready", "models": svc.served()})
+
+
+@router.get("/metrics")
+async def prometheus(request: Request) -> Response:
+    return Response(service(request).metrics.render(), media_type="text/plain; version=0.0.4")
+
+
+@router.get("/v1/models", **documented(None, ModelList))
+async def models(request: Request) -> dict[str, Any]:
+    svc = service(request)
+    svc.authenticate(request)
+    adapters = svc.adapters()
+    return {"object": "list", "data": [{"id": n, "object": "model", "created": svc.created, "owned_by": "lmkernel",
+                                        **({"parent": svc.config.model_name} if n in adapters else {})}
+                                       for n in svc.served()]}

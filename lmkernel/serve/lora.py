@@ -1,0 +1,51 @@
+"""LoRA adapters loaded and unloaded while serving, under vLLM's names: POST /v1/load_lora_adapter and
+POST /v1/unload_lora_adapter (only with --allow-runtime-lora, which needs API keys)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+
+from lmkernel.engine.async_engine import AsyncEngine
+from lmkernel.errors import AdapterError
+from lmkernel.serve.protocol import APIError, LoadLoraAdapterRequest, LoraAdapterStatus, UnloadLoraAdapterRequest, documented
+from lmkernel.serve.service import Service, service
+
+router = APIRouter()
+
+
+def _engine(svc: Service, request: Request) -> AsyncEngine:
+    svc.authenticate(request)
+    if not svc.config.allow_runtime_lora or svc.engine is None:
+        raise APIError(404, "loading LoRA adapters at run time is off; start lmk serve with --allow-runtime-lora",
+                       code="not_enabled")
+    return svc.engine
+
+
+@router.post("/v1/load_lora_adapter", **documented(LoadLoraAdapterRequest, LoraAdapterStatus))
+async def load_lora_adapter(request: Request) -> dict[str, Any]:
+    svc = service(request)
+    engine = _engine(svc, request)
+    body = await svc.parse(request, LoadLoraAdapterRequest)
+    name = body.lora_name
+    if not name or ":" in name or name != name.strip():
+        raise APIError(400, f"lora_name {name!r}: expected a non-empty name without ':' or surrounding spaces", "lora_name")
+    if name in engine.lora_names:
+        raise APIError(400, f"an adapter named '{name}' is already loaded; unload it first", "lora_name")
+    try:
+        dropped = await engine.load_adapter(name, body.lora_path)
+    except AdapterError as exc:
+        raise APIError(400, str(exc), None if "adapter slots" in str(exc) else "lora_path") from None
+    return {"lora_name": name, "status": "loaded", "model": f"{svc.config.model_name}:{name}", "unloaded": dropped}
+
+
+@router.post("/v1/unload_lora_adapter", **documented(UnloadLoraAdapterRequest, LoraAdapterStatus))
+async def unload_lora_adapter(request: Request) -> dict[str, Any]:
+    svc = service(request)
+    engine = _engine(svc, request)
+    body = await svc.parse(request, UnloadLoraAdapterRequest)
+    if body.lora_name not in engine.lora_names:
+        raise APIError(404, f"LoRA adapter '{body.lora_name}' is not loaded", "lora_name")
+    await engine.unload_adapter(body.lora_name)
+    return {"lora_name": body.lora_name, "status": "unloaded"}

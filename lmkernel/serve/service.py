@@ -1,0 +1,177 @@
+"""What every route shares: the server's configuration and state, and the checks of a request in one
+place (its key, its body, the model it names, whether it fits, the queue and the rate limits)."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from fastapi import Request
+from pydantic import BaseModel, ValidationError
+
+from lmkernel.engine.async_engine import AsyncEngine
+from lmkernel.engine.sampling import SamplingParams
+from lmkernel.loader.tokenizer import Tokenizer
+from lmkernel.loading import LoadedModel
+from lmkernel.serve.auth import Gatekeeper
+from lmkernel.serve.metrics import Metrics
+from lmkernel.serve.protocol import APIError
+
+Body = TypeVar("Body", bound=BaseModel)
+
+
+@dataclass
+class ServerConfig:
+    """What `lmk serve` was told; see its --help for each field."""
+
+    model_name: str | None
+    embedding_model_name: str | None = None
+    api_keys: list[str] = field(default_factory=list)
+    max_body_bytes: int = 1 << 20
+    max_queued_requests: int = 256
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    request_timeout: float | None = None
+    log_prompts: bool = False
+    tool_call_parser: str | None = None  # None: chosen from the model's chat template
+    allow_runtime_lora: bool = False  # /v1/load_lora_adapter and /v1/unload_lora_adapter
+
+
+@dataclass
+class ServerState:
+    draining: bool = False
+    in_flight: int = 0  # API calls being answered (streams included): shutdown waits for them
+    generating: int = 0  # of which completions and chats: the queue limit counts these
+
+
+def validation_error(exc: ValidationError) -> APIError:
+    """400 naming the first offending field, as `max_tokens` or `messages[0].role`."""
+    first = exc.errors()[0]
+    loc = first["loc"]
+    param = str(loc[0]) if loc else None
+    if len(loc) >= 3 and isinstance(loc[1], int) and param == "messages":
+        param = f"messages[{loc[1]}].{loc[2]}"
+    return APIError(400, f"{param or 'body'}: {first['msg']}", param)
+
+
+def inputs(value: str | list[str] | list[int] | list[list[int]], param: str) -> list[str | list[int]]:
+    """OpenAI's four input forms (text, texts, token ids, lists of ids) as one list of texts or id lists."""
+    if isinstance(value, str):
+        return [value]
+    if not value:
+        raise APIError(400, f"{param} must not be empty", param)
+    if isinstance(value[0], int):
+        return [list(value)]  # type: ignore[arg-type]
+    return list(value)  # type: ignore[arg-type]
+
+
+@dataclass
+class Service:
+    """The served models and the request checks the routes share (one per app, in `app.state.service`)."""
+
+    config: ServerConfig
+    engine: AsyncEngine | None
+    embedder: LoadedModel | None
+    state: ServerState = field(default_factory=ServerState)
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def __post_init__(self) -> None:
+        c = self.config
+        self.gate = Gatekeeper(c.api_keys, c.requests_per_minute, c.tokens_per_minute)
+        self.metrics = Metrics(self.engine.stats if self.engine is not None else None, ready=lambda: not self.state.draining)
+
+    def authenticate(self, request: Request) -> str | None:
+        """The caller's key (None with open access); 401 otherwise."""
+        return self.gate.authenticate(request.headers.get("authorization"))
+
+    async def parse(self, request: Request, model: type[Body]) -> Body:
+        """The JSON body as `model`: 413 past --max-body-bytes, 400 naming the field for anything malformed."""
+        limit = self.config.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise APIError(413, f"request body of {declared} bytes exceeds the limit of {limit} bytes")
+        body = await request.body()
+        if len(body) > limit:
+            raise APIError(413, f"request body of {len(body)} bytes exceeds the limit of {limit} bytes")
+        try:
+            data = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise APIError(400, f"malformed JSON body: {exc}") from None
+        if not isinstance(data, dict):
+            raise APIError(400, "the JSON body must be an object")
+        try:
+            return model.model_validate(data)
+        except ValidationError as exc:
+            raise validation_error(exc) from None
+
+    # -- the models served -------------------------------------------------------------------------
+
+    def adapters(self) -> dict[str, str]:
+        """MODEL:NAME -> NAME of every adapter loaded now (they come and go with --allow-runtime-lora)."""
+        if self.engine is None or not self.config.model_name:
+            return {}
+        return {f"{self.config.model_name}:{a}": a for a in self.engine.lora_names}
+
+    def served(self) -> list[str]:
+        c = self.config
+        names = [c.model_name if self.engine else None, *self.adapters(), c.embedding_model_name if self.embedder else None]
+        return [n for n in names if n]
+
+    def check_model(self, name: str, kind: str) -> str | None:
+        """404 for a model not served, 400 for one that cannot do this; the LoRA adapter a MODEL:NAME asks for."""
+        want = self.config.model_name if kind == "generate" else self.config.embedding_model_name
+        served = self.served()
+        if name not in served:
+            raise APIError(404, f"model '{name}' does not exist; served: {', '.join(served)}", "model", "model_not_found")
+        adapters = self.adapters()
+        if name != want and not (kind == "generate" and name in adapters):
+            raise APIError(400, f"model '{name}' cannot serve {'embeddings' if kind == 'embed' else 'completions'}",
+                           "model")
+        return adapters.get(name)
+
+    def generator(self) -> AsyncEngine:
+        if self.engine is None:
+            raise APIError(404, "this server serves no generation model", "model")
+        return self.engine
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.generator().tokenizer
+
+    # -- admission ---------------------------------------------------------------------------------
+
+    def admit(self, key: str | None, prompts: list[list[int]], params: SamplingParams, param: str) -> SamplingParams:
+        """Every prompt's ids in the vocabulary and within what one request may hold, a place in the queue,
+        and the key's token budget charged; a 400, 429 naming what is wrong otherwise."""
+        engine = self.generator()
+        limit, vocab = engine.max_tokens_per_request, engine.vocab_size
+        for ids in prompts:
+            if any(not 0 <= t < vocab for t in ids):
+                raise APIError(400, f"token ids must be in [0, {vocab})", param)
+            wanted = params.max_tokens if params.max_tokens is not None else 1
+            if len(ids) + wanted > limit:
+                raise APIError(400, f"the prompt has {len(ids)} tokens and max_tokens asks for {wanted} more "
+                               f"({len(ids) + wanted} in all), beyond the {limit} tokens one request may use here "
+                               f"(context length {engine.max_model_len}, KV cache {engine.kv_cache_tokens} tokens)",
+                               param, "context_length_exceeded")
+        if self.state.generating >= self.config.max_queued_requests:
+            raise APIError(429, f"the server is at its limit of {self.config.max_queued_requests} requests; retry later",
+                           code="queue_full", headers={"Retry-After": "1"})
+        budget = sum(len(ids) + (params.max_tokens or limit - len(ids)) * params.n for ids in prompts)
+        self.gate.charge(key, budget)
+        return params
+
+
+def service(request: Request) -> Service:
+    return request.app.state.service
+
+
+def sampling(body: Any, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    """The body's SamplingParams; a 400 naming the field SamplingParams refuses."""
+    try:
+        return body.sampling_params(max_tokens, logprobs)
+    except ValueError as exc:  # SamplingParams names the field
+        field_name = str(exc).split(" ")[0].removeprefix("SamplingParams.")
+        raise APIError(400, str(exc), field_name) from None
