@@ -196,9 +196,17 @@ class LoraAdapter:
 
 def read_adapter(directory: str | Path) -> LoraAdapter:
     """Read and check a PEFT LoRA adapter directory; every error names the file and the field or tensor."""
-    directory = Path(directory).expanduser()
+    directory = Path(directory)
+    try:
+        directory = directory.expanduser()
+    except RuntimeError:  # "~name" of no such user: the path as written
+        pass
     config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
-    if not config_path.is_file():
+    try:
+        found = config_path.is_file()
+    except OSError as exc:  # a name too long, a directory we may not read, ...
+        raise AdapterError(f"{directory}: cannot read it as an adapter directory ({exc.strerror})") from None
+    if not found:
         raise AdapterError(f"{directory}: no {CONFIG_FILE}; expected a PEFT LoRA adapter directory")
     config = AdapterConfig.from_json(read_json(config_path, AdapterError), config_path)
     if not weights_path.is_file():

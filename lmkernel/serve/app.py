@@ -8,6 +8,7 @@ live one group to a module (completions, chat, embeddings, tokenize, lora, admin
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -23,6 +24,8 @@ from lmkernel.serve.protocol import REQUEST_MODELS, APIError
 from lmkernel.serve.service import ServerConfig, ServerState, Service
 
 __all__ = ["ServerConfig", "ServerState", "build_app"]
+
+log = logging.getLogger("lmkernel.serve")
 
 
 def _error_response(err: APIError) -> JSONResponse:
@@ -86,6 +89,7 @@ def build_app(config: ServerConfig, engine: AsyncEngine | None, embedder: Loaded
 
     @app.exception_handler(Exception)
     async def on_fault(request: Request, exc: Exception) -> JSONResponse:  # a fault of lmkernel, not of the input
+        log.error("internal error answering %s %s", request.method, request.url.path, exc_info=exc)
         return JSONResponse({"error": {"message": f"internal error: {type(exc).__name__}", "type": "server_error",
                                        "param": None, "code": None}}, status_code=500)
 

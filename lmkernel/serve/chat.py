@@ -16,7 +16,7 @@ from lmkernel.engine.structured import StructuredOutputs
 from lmkernel.errors import LmkError
 from lmkernel.loader.tokenizer import Tokenizer
 from lmkernel.serve.generation import Generation, top
-from lmkernel.serve.protocol import ROLES, APIError, ChatCompletionRequest, ChatCompletionResponse, documented
+from lmkernel.serve.protocol import APIError, ChatCompletionRequest, ChatCompletionResponse, documented
 from lmkernel.serve.service import sampling, service
 from lmkernel.serve.tool_parsers import make_parser
 from lmkernel.serve.tools import ToolPlan, plan_tools, template_messages
@@ -66,11 +66,8 @@ async def chat(request: Request) -> Response:
     adapter = svc.check_model(body.model, "generate")
     if not body.messages:
         raise APIError(400, "messages must not be empty", "messages")
-    for i, m in enumerate(body.messages):
-        if m.role not in ROLES:
-            raise APIError(400, f"messages[{i}].role '{m.role}' is not one of {', '.join(ROLES)}", f"messages[{i}].role")
     tok = svc.tokenizer
-    plan = plan_tools(body.tools, body.tool_choice, tok.chat_template, svc.config.tool_call_parser)
+    plan = plan_tools(body.tools, body.tool_choice, tok.chat_template, svc.config.tool_call_parser, body.parallel_tool_calls)
     conversation = template_messages(body.messages)
     try:
         ids = tok.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True,

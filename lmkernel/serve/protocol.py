@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from lmkernel.engine.sampling import SamplingParams
 from lmkernel.engine.structured import StructuredOutputError, StructuredOutputs
@@ -60,10 +60,30 @@ def error_param(field: str, exc: StructuredOutputError) -> str:
     return exc.param if field == "structured_outputs" else field
 
 
+# OpenAI request fields with an effect lmkernel does not provide: refused (400 naming the field) when they
+# ask for it, rather than answered as if they had been applied. Fields without an effect on the output
+# (`user`, `metadata`, `store`, ...) are ignored, as OpenAI itself ignores unknown ones.
+_NOT_SERVED = {
+    "logit_bias": lambda v: bool(v), "best_of": lambda v: v not in (None, 1), "suffix": lambda v: bool(v),
+    "functions": lambda v: bool(v), "function_call": lambda v: v not in (None, "none", "auto"),
+    "audio": lambda v: v is not None, "prediction": lambda v: v is not None,
+    "modalities": lambda v: v not in (None, ["text"]),
+}
+
+
 class _Sampling(BaseModel):
     """The sampling fields completions and chat share."""
 
     model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unserved(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for name, asks in _NOT_SERVED.items():
+                if name in data and asks(data[name]):
+                    raise APIError(400, f"{name} is not supported by this server; leave it out", name)
+        return data
 
     model: str
     n: int = Field(1, ge=1, le=16)
@@ -142,25 +162,27 @@ class CompletionRequest(_Sampling):
     echo: bool = False
 
 
+class TextPart(BaseModel):
+    """OpenAI's list-of-parts content; only text parts are served (no images or audio)."""
+
+    type: Literal["text"]
+    text: str
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    role: str
-    content: str | list[dict[str, Any]] | None = None
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[TextPart] | None = None
     tool_calls: list[dict[str, Any]] | None = None  # an assistant's calls, as OpenAI returned them
     tool_call_id: str | None = None  # a tool result: the call it answers
     name: str | None = None
 
     def text(self) -> str:
-        """The content as one string; OpenAI's list-of-parts form may only hold text parts here."""
+        """The content as one string."""
         if self.content is None or isinstance(self.content, str):
             return self.content or ""
-        parts = []
-        for part in self.content:
-            if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise APIError(400, "only text content parts are supported", "messages")
-            parts.append(part["text"])
-        return "".join(parts)
+        return "".join(part.text for part in self.content)
 
 
 class ChatCompletionRequest(_Sampling):
@@ -171,6 +193,7 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None  # false: at most one call where a call is forced
 
 
 class EmbeddingRequest(BaseModel):
@@ -216,7 +239,6 @@ class UnloadLoraAdapterRequest(BaseModel):
     lora_name: str
 
 
-ROLES = ("system", "user", "assistant", "developer", "tool")
 
 
 # -- responses, as the routes write them (documented in /openapi.json) -------------------------------

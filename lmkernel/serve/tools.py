@@ -65,8 +65,9 @@ def _choice(tool_choice: str | dict[str, Any] | None, names: list[str]) -> str:
 
 
 def plan_tools(tools: list[dict[str, Any]] | None, tool_choice: str | dict[str, Any] | None, template: str | None,
-               parser: str | None) -> ToolPlan | None:
-    """The request's tool plan, or None without tools; a 400 naming the field for anything not servable."""
+               parser: str | None, parallel: bool | None = None) -> ToolPlan | None:
+    """The request's tool plan, or None without tools; a 400 naming the field for anything not servable.
+    `parallel` False (OpenAI's `parallel_tool_calls`): a forced call is exactly one."""
     if not tools:
         if tool_choice not in (None, "none", "auto"):
             raise APIError(400, "tool_choice asks for a call, but the request has no tools", "tool_choice")
@@ -82,7 +83,7 @@ def plan_tools(tools: list[dict[str, Any]] | None, tool_choice: str | dict[str, 
     grammar = None
     if choice not in ("none", "auto"):
         forced = checked if choice == "required" else [t for t in checked if t["function"]["name"] == choice]
-        grammar = make_parser(name).grammar(forced, several=choice == "required")
+        grammar = make_parser(name).grammar(forced, several=choice == "required" and parallel is not False)
     return ToolPlan(checked, choice, name, grammar)
 
 

@@ -157,3 +157,9 @@ def test_adapter_that_does_not_fit_the_model_is_named(tmp_path):
     narrower = LoraAdapter(AdapterConfig(r=2, lora_alpha=4.0, target_modules=("q_proj",)), adapter.lora, path=adapter.path)
     with pytest.raises(AdapterError, match=r"v_proj', which field 'target_modules' .* does not target"):
         match_adapter(narrower, LINEARS, LLAMA)
+
+
+def test_unreadable_adapter_paths_are_adapter_errors(tmp_path) -> None:
+    """A path the filesystem refuses (a name too long) is a clear AdapterError, never an OSError."""
+    with pytest.raises(AdapterError, match="cannot read it as an adapter directory"):
+        read_adapter(tmp_path / ("x" * 300))

@@ -252,6 +252,14 @@ def test_tokenizer_endpoints_in_vllm_shapes(server: Server, llm: LLM) -> None:
     assert httpx.get(f"{server.url}/tokenizer_info").status_code == 401
 
 
+@pytest.mark.parametrize(("field", "value"), [("logit_bias", {"42": 5}), ("best_of", 3), ("suffix", "end"),
+                                            ("functions", [{"name": "f"}])])
+def test_fields_asking_for_what_is_not_served_are_refused(server: Server, field: str, value: object) -> None:
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 1, field: value}
+    assert_error(post(server, "/completions", body), 400, field)
+    assert post(server, "/completions", {**body, field: None, "user": "u-1", "metadata": {"a": 1}}).status_code == 200
+
+
 def test_missing_and_wrong_key(server: Server) -> None:
     body = {"model": MODEL, "prompt": "x", "max_tokens": 1}
     assert_error(post(server, "/completions", body, key=None), 401)

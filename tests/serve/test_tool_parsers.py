@@ -110,3 +110,9 @@ def test_hermes_bare_object_naming_an_offered_tool_is_a_call(step: int) -> None:
     assert HermesParser(["get_time"]).parse(bare) == (bare, [])  # not an offered tool: text
     assert streamed(HermesParser(["get_weather"]), bare, step)[1] == {0: {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
     assert streamed(HermesParser(["get_weather"]), "{braces} in text", step) == ("{braces} in text", {})
+
+
+def test_parallel_tool_calls_false_forces_exactly_one_call() -> None:
+    tools = [WEATHER, {"type": "function", "function": {"name": "get_time"}}]
+    assert plan_tools(tools, "required", "<tool_call>tools", None).grammar.startswith("start: call+")
+    assert plan_tools(tools, "required", "<tool_call>tools", None, parallel=False).grammar.startswith("start: call\n")
