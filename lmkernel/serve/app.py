@@ -2,8 +2,8 @@
 
 Every failure leaves as an OpenAI error object with a 4xx status; only a fault of lmkernel itself
 may answer 500. A client that goes away has its requests aborted at the next engine step. The routes
-live one group to a module (completions, chat, embeddings, tokenize, lora, admin); what they share
-(the checks of a request, the served models) is `service.Service`.
+live one group to a module in `routes/` (completions, chat, embeddings, tokenize, adapters, admin); what
+they share (the checks of a request, the served models) is `checks.Service`.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from pydantic.json_schema import models_json_schema
 
 from lmkernel.engine.async_engine import AsyncEngine
 from lmkernel.loading import LoadedModel
-from lmkernel.serve import admin, chat, completions, embeddings, lora, tokenize
+from lmkernel.serve.checks import ServerConfig, ServerState, Service
 from lmkernel.serve.metrics import Metrics
 from lmkernel.serve.protocol import REQUEST_MODELS, APIError
-from lmkernel.serve.service import ServerConfig, ServerState, Service
+from lmkernel.serve.routes import adapters, admin, chat, completions, embeddings, tokenize
 
 __all__ = ["ServerConfig", "ServerState", "build_app"]
 
@@ -83,7 +83,7 @@ def build_app(config: ServerConfig, engine: AsyncEngine | None, embedder: Loaded
     app.state.server = service.state
     app.state.metrics = service.metrics
     app.add_middleware(_Guard, state=service.state, metrics=service.metrics)
-    for module in (admin, completions, chat, embeddings, tokenize, lora):
+    for module in (admin, completions, chat, embeddings, tokenize, adapters):
         app.include_router(module.router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
 

@@ -18,9 +18,9 @@ from lmkernel.engine.sampling import SamplingParams
 from lmkernel.engine.structured import StructuredOutputError
 from lmkernel.errors import LmkError
 from lmkernel.serve.auth import key_hash
+from lmkernel.serve.checks import Service
 from lmkernel.serve.logs import log_request
 from lmkernel.serve.protocol import APIError, error_param
-from lmkernel.serve.service import Service
 
 
 def top(position: PositionLogprobs, n: int) -> list[tuple[int, float, str]]:

@@ -13,10 +13,9 @@ from pathlib import Path
 import instructor
 import openai
 import pytest
+from conftest import SHARED_DATA
 from pydantic import BaseModel, Field
 from server_process import Server, start_server
-
-from conftest import SHARED_DATA
 
 MODEL = "qwen2.5-coder-0.5b-instruct"
 LABELS = ["positive", "negative", "neutral"]

@@ -9,8 +9,14 @@ from fastapi import APIRouter, Request
 
 from lmkernel.engine.async_engine import AsyncEngine
 from lmkernel.errors import AdapterError
-from lmkernel.serve.protocol import APIError, LoadLoraAdapterRequest, LoraAdapterStatus, UnloadLoraAdapterRequest, documented
-from lmkernel.serve.service import Service, service
+from lmkernel.serve.checks import Service, service
+from lmkernel.serve.protocol import (
+    APIError,
+    LoadLoraAdapterRequest,
+    LoraAdapterStatus,
+    UnloadLoraAdapterRequest,
+    documented,
+)
 
 router = APIRouter()
 

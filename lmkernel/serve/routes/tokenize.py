@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request
 
 from lmkernel.errors import LmkError
 from lmkernel.loader.tokenizer import Tokenizer
+from lmkernel.serve.checks import Service, service
 from lmkernel.serve.protocol import (
     APIError,
     DetokenizeRequest,
@@ -18,7 +19,6 @@ from lmkernel.serve.protocol import (
     TokenizerInfo,
     documented,
 )
-from lmkernel.serve.service import Service, service
 
 router = APIRouter()
 

@@ -10,9 +10,9 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from lmkernel.engine.request import PositionLogprobs, RequestOutput
+from lmkernel.serve.checks import Service, inputs, sampling, service
 from lmkernel.serve.generation import Generation, top
 from lmkernel.serve.protocol import APIError, CompletionRequest, CompletionResponse, documented
-from lmkernel.serve.service import Service, inputs, sampling, service
 
 router = APIRouter()
 

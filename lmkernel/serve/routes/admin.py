@@ -7,8 +7,8 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
+from lmkernel.serve.checks import service
 from lmkernel.serve.protocol import APIError, ModelList, documented
-from lmkernel.serve.service import service
 
 router = APIRouter()
 

@@ -15,9 +15,9 @@ from lmkernel.engine.request import PositionLogprobs, RequestOutput
 from lmkernel.engine.structured import StructuredOutputs
 from lmkernel.errors import LmkError
 from lmkernel.loader.tokenizer import Tokenizer
+from lmkernel.serve.checks import sampling, service
 from lmkernel.serve.generation import Generation, top
 from lmkernel.serve.protocol import APIError, ChatCompletionRequest, ChatCompletionResponse, documented
-from lmkernel.serve.service import sampling, service
 from lmkernel.serve.tool_parsers import make_parser
 from lmkernel.serve.tools import ToolPlan, plan_tools, template_messages
 

@@ -14,9 +14,9 @@ from fastapi.responses import JSONResponse
 
 from lmkernel.errors import LmkError
 from lmkernel.serve.auth import key_hash
+from lmkernel.serve.checks import inputs, service
 from lmkernel.serve.logs import log_request
 from lmkernel.serve.protocol import APIError, EmbeddingRequest, EmbeddingResponse, documented
-from lmkernel.serve.service import inputs, service
 
 router = APIRouter()
 
