@@ -13,9 +13,8 @@ from pathlib import Path
 import instructor
 import openai
 import pytest
-from conftest import SHARED_DATA
 from pydantic import BaseModel, Field
-from server_process import Server, start_server
+from server_process import Server
 
 MODEL = "qwen2.5-coder-0.5b-instruct"
 LABELS = ["positive", "negative", "neutral"]
@@ -27,10 +26,8 @@ class Person(BaseModel):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory):
-    s = start_server(tmp_path_factory.mktemp("serve"), MODEL, "--kv-cache-memory", "256MiB")
-    yield s
-    assert s.stop() == 0, s.log.read_text()
+def server(qwen_server: Server) -> Server:
+    return qwen_server
 
 
 SENTENCE = "Extract the person: Maria Lopez turned 34 last week."
@@ -60,13 +57,12 @@ def test_langchain_binds_tools_and_returns_structured_output(server: Server) -> 
     assert isinstance(person, Person) and person.name == "Maria Lopez" and person.age == 34
 
 
-def test_lm_eval_local_completions_equals_lmk_eval_choice(server: Server, tmp_path: Path) -> None:
+def test_lm_eval_local_completions_equals_lmk_eval_choice(server: Server, phrasebank_valid, tmp_path: Path) -> None:
     """50 Financial PhraseBank sentences as a local multiple-choice task: lm-eval through the server (its
     remote tokenizer: /tokenize, /detokenize, /tokenizer_info) and `lmk eval choice` in process score every
     choice with the same log-likelihood."""
     data = tmp_path / "fpb50.jsonl"
-    lines = (SHARED_DATA / "financial-phrasebank" / "valid.jsonl").read_text().splitlines()[:50]
-    data.write_text("\n".join(lines) + "\n")
+    data.write_text("".join(json.dumps(row) + "\n" for row in phrasebank_valid[:50]))
     (tmp_path / "fpb50.yaml").write_text(
         "task: fpb50\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: " + str(data) + "\n"
         "test_split: test\noutput_type: multiple_choice\n"

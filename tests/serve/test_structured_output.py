@@ -12,7 +12,7 @@ import httpx
 import jsonschema
 import openai
 import pytest
-from server_process import Server, start_server
+from server_process import Server
 
 MODEL = "qwen2.5-coder-0.5b-instruct"
 TOPICS = ["a cat", "a bicycle", "Paris", "a laptop", "the Moon", "a violin", "an oak tree", "a river", "a castle",
@@ -32,15 +32,13 @@ THING = {
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory):
-    s = start_server(tmp_path_factory.mktemp("serve"), MODEL, "--kv-cache-memory", "256MiB")
-    yield s
-    assert s.stop() == 0, s.log.read_text()
+def server(qwen_server: Server) -> Server:
+    return qwen_server
 
 
 @pytest.fixture(scope="module")
-def client(server: Server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=300)
+def client(qwen_client: openai.OpenAI) -> openai.OpenAI:
+    return qwen_client
 
 
 def ask(client: openai.OpenAI, topic: str, **kwargs) -> openai.types.chat.ChatCompletion:

@@ -8,7 +8,7 @@ import json
 import jsonschema
 import openai
 import pytest
-from server_process import Server, start_server
+from server_process import Server
 
 MODEL = "qwen2.5-coder-0.5b-instruct"
 WEATHER = {"type": "function", "function": {
@@ -24,15 +24,13 @@ ASK = [{"role": "user", "content": "What is the weather like in Paris right now?
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory):
-    s = start_server(tmp_path_factory.mktemp("serve"), MODEL, "--kv-cache-memory", "256MiB")
-    yield s
-    assert s.stop() == 0, s.log.read_text()
+def server(qwen_server: Server) -> Server:
+    return qwen_server
 
 
 @pytest.fixture(scope="module")
-def client(server: Server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=300)
+def client(qwen_client: openai.OpenAI) -> openai.OpenAI:
+    return qwen_client
 
 
 def check_call(name: str, arguments: str) -> dict:
