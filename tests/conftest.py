@@ -157,3 +157,22 @@ def llama_cpp_vocabs() -> Path:
         shutil.rmtree(target, ignore_errors=True)
         staging.replace(target)
     return target
+
+
+@pytest.fixture(scope="session")
+def qwen_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real `lmk serve` of Qwen2.5-Coder-0.5B-Instruct (a model that can call tools), started once per test
+    process for the files that drive it with real clients."""
+    from lmkernel.bench.serve import start_server_process
+
+    s = start_server_process(["qwen2.5-coder-0.5b-instruct", "--kv-cache-memory", "256MiB"],
+                             tmp_path_factory.mktemp("serve-qwen") / "serve.log")
+    yield s
+    assert s.stop() == 0, s.log.read_text()
+
+
+@pytest.fixture(scope="session")
+def qwen_client(qwen_server):
+    import openai
+
+    return openai.OpenAI(base_url=qwen_server.base_url, api_key="unused", max_retries=0, timeout=300)

@@ -15,6 +15,8 @@ import pytest
 from conftest import SHARED_DATA
 from test_cli import invoke
 
+pytestmark = pytest.mark.slow  # CLI processes and a server: `make test` runs it, `make test-fast` does not
+
 PHRASEBANK = SHARED_DATA / "financial-phrasebank"
 
 

@@ -19,6 +19,8 @@ import pytest
 
 from lmkernel.bench.serve import free_port
 
+pytestmark = pytest.mark.slow  # Ray: `make test` runs it, `make test-fast` does not
+
 MODEL = "smollm2-135m-instruct"
 RAY = Path(sys.executable).with_name("ray")
 

@@ -19,6 +19,8 @@ from lmkernel.layers.linear import DynamicInt8Linear, Int4Linear, Int8Linear
 from lmkernel.loader.hf_export import save_model_dir
 from lmkernel.loading import load_model
 
+pytestmark = pytest.mark.slow  # GPTQ calibration: `make test` runs it, `make test-fast` does not
+
 FIRST_TOKENS = 4096  # the issue: "WikiText-2 (validation, first 4k tokens)"
 
 

@@ -15,6 +15,8 @@ from lmkernel.layers.linear import Int4Linear
 from lmkernel.loader.hf_export import save_model_dir
 from lmkernel.loading import load_model
 
+pytestmark = pytest.mark.slow  # GPTQ and its refinement: `make test` runs it, `make test-fast` does not
+
 # Only the last layer in int4 (rounded to nearest, so there is much to recover): the backward pass
 # stops at the first quantized layer, which keeps the test to seconds.
 FLOAT_LAYERS = [f"model.layers.{i}.*" for i in range(29)]

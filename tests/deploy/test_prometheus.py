@@ -18,6 +18,8 @@ from conftest import REPO_ROOT
 from lmkernel.bench.serve import ServerProcess as Server
 from lmkernel.bench.serve import free_port, start_server_process
 
+pytestmark = pytest.mark.slow  # a real server and Prometheus: `make test` runs it, `make test-fast` does not
+
 MODEL = "smollm2-135m-instruct"
 DEPLOY = REPO_ROOT / "deploy"
 RULES = DEPLOY / "prometheus" / "alerts.yml"

@@ -10,6 +10,8 @@ import torch
 from lmkernel.errors import LmkError
 from lmkernel.eval.perplexity import perplexity
 
+pytestmark = pytest.mark.slow  # perplexity over thousands of tokens: `make test` runs it, `make test-fast` does not
+
 
 def test_matches_transformers_sliding_window(smollm, hf_smollm_model, wikitext_lines) -> None:
     text = "\n".join(wikitext_lines[:40])

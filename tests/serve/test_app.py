@@ -17,6 +17,8 @@ from server_process import Server, start_server
 
 from lmkernel import LLM, SamplingParams
 
+pytestmark = pytest.mark.slow  # a real server: `make test` runs it, `make test-fast` does not
+
 KEY = "sk-test-key"
 MODEL = "smollm2-135m-instruct"
 EMBED = "all-minilm-l6-v2"

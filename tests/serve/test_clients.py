@@ -16,6 +16,8 @@ import pytest
 from pydantic import BaseModel, Field
 from server_process import Server
 
+pytestmark = pytest.mark.slow  # a real server and real clients: `make test` runs it, `make test-fast` does not
+
 MODEL = "qwen2.5-coder-0.5b-instruct"
 LABELS = ["positive", "negative", "neutral"]
 

@@ -9,6 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 from server_process import Server, start_server
 
+pytestmark = pytest.mark.slow  # a real server, fuzzed: `make test` runs it, `make test-fast` does not
+
 KEY = "sk-fuzz"
 GENERATE, EMBED = "smollm2-135m-instruct", "all-minilm-l6-v2"
 # Valid requests name a served model (any other name is a 404 before the body is looked at further).

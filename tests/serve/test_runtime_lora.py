@@ -16,6 +16,8 @@ from server_process import Server, start_server
 
 from lmkernel import LLM, SamplingParams
 
+pytestmark = pytest.mark.slow  # a real server: `make test` runs it, `make test-fast` does not
+
 KEY = "sk-lora"
 MODEL = "smollm2-135m-instruct"
 PROMPT = "The history of the city begins"

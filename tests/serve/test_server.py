@@ -11,6 +11,8 @@ import httpx
 import pytest
 from server_process import Server, start_server
 
+pytestmark = pytest.mark.slow  # real servers: `make test` runs it, `make test-fast` does not
+
 MODEL = "smollm2-135m-instruct"
 
 

@@ -14,6 +14,8 @@ import openai
 import pytest
 from server_process import Server
 
+pytestmark = pytest.mark.slow  # a real server: `make test` runs it, `make test-fast` does not
+
 MODEL = "qwen2.5-coder-0.5b-instruct"
 TOPICS = ["a cat", "a bicycle", "Paris", "a laptop", "the Moon", "a violin", "an oak tree", "a river", "a castle",
           "a robot", "coffee", "a lighthouse", "a volcano", "a library", "a train", "a penguin", "chess", "a bridge",

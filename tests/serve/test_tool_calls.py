@@ -10,6 +10,8 @@ import openai
 import pytest
 from server_process import Server
 
+pytestmark = pytest.mark.slow  # a real server: `make test` runs it, `make test-fast` does not
+
 MODEL = "qwen2.5-coder-0.5b-instruct"
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The current weather in a city.",

@@ -22,6 +22,8 @@ from lmkernel.train.trainer import TrainingError, train
 from conftest import SHARED_DATA
 from test_cli import invoke
 
+pytestmark = pytest.mark.slow  # training runs, torchrun: `make test` runs it, `make test-fast` does not
+
 PHRASEBANK = SHARED_DATA / "financial-phrasebank"
 
 
