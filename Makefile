@@ -33,7 +33,8 @@ models: setup
 test: setup tools models
 	$(VENV)/bin/pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests
 
-# The edit-run loop: everything but the files marked slow (servers, Ray, torchrun, GPTQ, long perplexity).
+# The edit-run loop (under 3 minutes): everything but the files marked slow (servers, Ray, torchrun,
+# calibration, the real 0.5B against transformers, long perplexity).
 test-fast: setup models
 	$(VENV)/bin/pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m "not slow" tests
 

@@ -12,6 +12,8 @@ from lmkernel.eval.perplexity import perplexity
 from lmkernel.loader.hf_export import save_model_dir
 from lmkernel.loading import load_model
 
+pytestmark = pytest.mark.slow  # calibration runs: `make test` runs it, `make test-fast` does not
+
 
 @pytest.fixture(scope="module")
 def text(wikitext_lines: list[str]) -> str:

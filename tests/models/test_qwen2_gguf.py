@@ -12,6 +12,8 @@ from lmkernel import LLM, SamplingParams, load_model
 from lmkernel.layers.linear import GGUFEmbedding, GGUFLinear
 from lmkernel.registry import ALIASES, alias_location
 
+pytestmark = pytest.mark.slow  # the real 0.5B model and a transformers reference: `make test` runs it, `make test-fast` does not
+
 ALIAS = "qwen2.5-coder-0.5b-instruct"
 PROMPTS = [
     "Write a Python function that checks whether a number is prime.",
