@@ -120,3 +120,13 @@ def test_prune_refuses_bad_sparsity_and_writes_nothing(tmp_path):
     out = invoke("prune", "smollm2-135m-instruct", "--method", "magnitude", "--sparsity", "1.5", "-o", str(tmp_path / "p"))
     assert out.returncode == 1 and "--sparsity" in out.stderr and "Traceback" not in out.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_command_line_starts_without_torch() -> None:
+    """`import lmkernel` and the CLI module load torch only when a command needs it (`lmk --help` and
+    `lmk models` answer in about half a second here, against six with torch)."""
+    code = ("import sys, lmkernel, lmkernel.cli; from lmkernel import LmkError; "
+            "assert 'torch' not in sys.modules, 'torch was imported'; lmkernel.SamplingParams; "
+            "assert 'torch' in sys.modules")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
