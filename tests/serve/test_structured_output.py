@@ -33,14 +33,6 @@ THING = {
 }
 
 
-@pytest.fixture(scope="module")
-def server(qwen_server: Server) -> Server:
-    return qwen_server
-
-
-@pytest.fixture(scope="module")
-def client(qwen_client: openai.OpenAI) -> openai.OpenAI:
-    return qwen_client
 
 
 def ask(client: openai.OpenAI, topic: str, **kwargs) -> openai.types.chat.ChatCompletion:
@@ -49,27 +41,27 @@ def ask(client: openai.OpenAI, topic: str, **kwargs) -> openai.types.chat.ChatCo
         temperature=0.7, seed=len(topic), **kwargs)
 
 
-def test_json_schema_strict_validates_for_20_prompts(client: openai.OpenAI) -> None:
+def test_json_schema_strict_validates_for_20_prompts(qwen_client: openai.OpenAI) -> None:
     fmt = {"type": "json_schema", "json_schema": {"name": "thing", "schema": THING, "strict": True}}
     with ThreadPoolExecutor(8) as pool:  # concurrent: constrained requests batched together
-        answers = list(pool.map(lambda t: ask(client, t, response_format=fmt), TOPICS))
+        answers = list(pool.map(lambda t: ask(qwen_client, t, response_format=fmt), TOPICS))
     for topic, answer in zip(TOPICS, answers):
         choice = answer.choices[0]
         assert choice.finish_reason == "stop", (topic, choice.message.content)
         jsonschema.validate(json.loads(choice.message.content), THING)
 
 
-def test_json_object_streamed_parses(client: openai.OpenAI) -> None:
-    stream = ask(client, "a teapot", response_format={"type": "json_object"}, stream=True)
+def test_json_object_streamed_parses(qwen_client: openai.OpenAI) -> None:
+    stream = ask(qwen_client, "a teapot", response_format={"type": "json_object"}, stream=True)
     text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
     assert isinstance(json.loads(text), dict)
 
 
-def test_vllm_structured_outputs_in_completions_and_chat(client: openai.OpenAI) -> None:
-    done = client.completions.create(model=MODEL, prompt="Today's date in ISO format:", max_tokens=20, temperature=0,
+def test_vllm_structured_outputs_in_completions_and_chat(qwen_client: openai.OpenAI) -> None:
+    done = qwen_client.completions.create(model=MODEL, prompt="Today's date in ISO format:", max_tokens=20, temperature=0,
                                      extra_body={"structured_outputs": {"regex": r"20[0-9]{2}-[01][0-9]-[0-3][0-9]"}})
     assert re.fullmatch(r"20[0-9]{2}-[01][0-9]-[0-3][0-9]", done.choices[0].text)
-    chat = client.chat.completions.create(
+    chat = qwen_client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "Is 'the results beat forecasts' good or bad news?"}],
         max_tokens=5, temperature=0, extra_body={"structured_outputs": {"choice": ["good", "bad"]}})
     assert chat.choices[0].message.content in ("good", "bad")
@@ -91,7 +83,7 @@ def post(server: Server, body: dict) -> httpx.Response:
     ({"structured_outputs": {"jsn": {}}}, "structured_outputs"),
     ({"response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a"}}, "structured_outputs"),
 ])
-def test_what_cannot_be_enforced_is_a_400_naming_the_field(server: Server, extra: dict, param: str) -> None:
-    r = post(server, {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **extra})
+def test_what_cannot_be_enforced_is_a_400_naming_the_field(qwen_server: Server, extra: dict, param: str) -> None:
+    r = post(qwen_server, {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **extra})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param

@@ -8,7 +8,6 @@ import json
 import jsonschema
 import openai
 import pytest
-from server_process import Server
 
 pytestmark = pytest.mark.slow  # a real server: `make test` runs it, `make test-fast` does not
 
@@ -25,14 +24,6 @@ TIME = {"type": "function", "function": {
 ASK = [{"role": "user", "content": "What is the weather like in Paris right now?"}]
 
 
-@pytest.fixture(scope="module")
-def server(qwen_server: Server) -> Server:
-    return qwen_server
-
-
-@pytest.fixture(scope="module")
-def client(qwen_client: openai.OpenAI) -> openai.OpenAI:
-    return qwen_client
 
 
 def check_call(name: str, arguments: str) -> dict:
@@ -46,31 +37,31 @@ def create(client: openai.OpenAI, **kwargs):
     return client.chat.completions.create(model=MODEL, max_tokens=120, temperature=0, **kwargs)
 
 
-def test_auto_calls_the_tool_a_question_needs(client: openai.OpenAI) -> None:
-    choice = create(client, messages=ASK, tools=[WEATHER, TIME]).choices[0]
+def test_auto_calls_the_tool_a_question_needs(qwen_client: openai.OpenAI) -> None:
+    choice = create(qwen_client, messages=ASK, tools=[WEATHER, TIME]).choices[0]
     assert choice.finish_reason == "tool_calls", choice.message.content
     [call] = choice.message.tool_calls
     assert call.type == "function" and call.id and call.function.name == "get_weather"
     assert check_call(call.function.name, call.function.arguments)["city"] == "Paris"
 
 
-def test_auto_answers_in_text_when_no_tool_fits(client: openai.OpenAI) -> None:
-    choice = create(client, messages=[{"role": "user", "content": "Write a haiku about the sea."}], tools=[WEATHER]).choices[0]
+def test_auto_answers_in_text_when_no_tool_fits(qwen_client: openai.OpenAI) -> None:
+    choice = create(qwen_client, messages=[{"role": "user", "content": "Write a haiku about the sea."}], tools=[WEATHER]).choices[0]
     assert choice.finish_reason in ("stop", "length") and not choice.message.tool_calls and choice.message.content
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_required_forces_a_valid_call(client: openai.OpenAI, stream: bool) -> None:
+def test_required_forces_a_valid_call(qwen_client: openai.OpenAI, stream: bool) -> None:
     messages = [{"role": "user", "content": "Tell me a joke."}]  # nothing asks for a tool: the grammar makes one
     if not stream:
-        choice = create(client, messages=messages, tools=[WEATHER, TIME], tool_choice="required").choices[0]
+        choice = create(qwen_client, messages=messages, tools=[WEATHER, TIME], tool_choice="required").choices[0]
         assert choice.finish_reason == "tool_calls" and choice.message.tool_calls
         for call in choice.message.tool_calls:
             check_call(call.function.name, call.function.arguments)
         return
     calls: dict[int, dict] = {}
     finish = None
-    for chunk in create(client, messages=messages, tools=[WEATHER, TIME], tool_choice="required", stream=True):
+    for chunk in create(qwen_client, messages=messages, tools=[WEATHER, TIME], tool_choice="required", stream=True):
         delta = chunk.choices[0].delta
         for piece in delta.tool_calls or []:
             if piece.id is not None:  # the first piece of a call: its id and name
@@ -84,24 +75,24 @@ def test_required_forces_a_valid_call(client: openai.OpenAI, stream: bool) -> No
         check_call(call["name"], call["arguments"])
 
 
-def test_named_function_is_the_one_called(client: openai.OpenAI) -> None:
-    choice = create(client, messages=ASK, tools=[WEATHER, TIME],
+def test_named_function_is_the_one_called(qwen_client: openai.OpenAI) -> None:
+    choice = create(qwen_client, messages=ASK, tools=[WEATHER, TIME],
                     tool_choice={"type": "function", "function": {"name": "get_time"}}).choices[0]
     [call] = choice.message.tool_calls
     assert choice.finish_reason == "tool_calls" and call.function.name == "get_time"
     check_call("get_time", call.function.arguments)
 
 
-def test_none_answers_in_text(client: openai.OpenAI) -> None:
-    choice = create(client, messages=ASK, tools=[WEATHER], tool_choice="none").choices[0]
+def test_none_answers_in_text(qwen_client: openai.OpenAI) -> None:
+    choice = create(qwen_client, messages=ASK, tools=[WEATHER], tool_choice="none").choices[0]
     assert not choice.message.tool_calls and choice.message.content
 
 
-def test_a_tool_result_fed_back_gets_a_final_answer(client: openai.OpenAI) -> None:
-    first = create(client, messages=ASK, tools=[WEATHER], tool_choice="required").choices[0].message
+def test_a_tool_result_fed_back_gets_a_final_answer(qwen_client: openai.OpenAI) -> None:
+    first = create(qwen_client, messages=ASK, tools=[WEATHER], tool_choice="required").choices[0].message
     call = first.tool_calls[0]
     history = [*ASK, first.model_dump(exclude_none=True),
                {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temperature_c": 23, "sky": "sunny"})}]
-    final = create(client, messages=history, tools=[WEATHER]).choices[0]
+    final = create(qwen_client, messages=history, tools=[WEATHER]).choices[0]
     assert final.finish_reason == "stop" and not final.message.tool_calls
     assert "23" in final.message.content and "sunny" in final.message.content.lower()
