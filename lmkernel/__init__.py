@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 _WHERE = {
     "LLM": "lmkernel.engine.llm",
+    "EngineConfig": "lmkernel.config",
     "ClassificationOutput": "lmkernel.engine.llm",
     "CompletionOutput": "lmkernel.engine.request",
     "Logprob": "lmkernel.engine.request",
@@ -24,6 +25,7 @@ __all__ = list(_WHERE)
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    from lmkernel.config import EngineConfig
     from lmkernel.engine.llm import LLM, ClassificationOutput
     from lmkernel.engine.request import CompletionOutput, Logprob, RequestOutput
     from lmkernel.engine.sampling import SamplingParams

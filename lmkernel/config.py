@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any
+
+from lmkernel.errors import LmkError
 
 
 @dataclass(frozen=True)
@@ -95,3 +99,120 @@ class SchedulerConfig:
     max_num_seqs: int = 64
     max_model_len: int = 2048  # prompt + output tokens one request may reach
 
+
+
+class EngineConfigError(LmkError, ValueError):
+    """An engine setting out of range; the message names the setting as the `lmk serve` flag."""
+
+
+_UNITS = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "KIB": 2**10, "M": 1e6, "MB": 1e6, "MIB": 2**20,
+          "G": 1e9, "GB": 1e9, "GIB": 2**30, "T": 1e12, "TB": 1e12, "TIB": 2**40}
+
+
+def parse_bytes(value: str | int | float) -> int:
+    """'2GiB', '512MB', '1.5G' or a number of bytes, as an int."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value <= 0:
+            raise ValueError(f"kv_cache_memory must be positive; got {value}")
+        return int(value)
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
+    if not match or match.group(2).upper() not in _UNITS:
+        raise ValueError(f"kv_cache_memory must look like '2GiB', '512MB' or a byte count; got {value!r}")
+    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+QUANTIZATIONS = ("auto", "keep", None)
+DECODE_BACKENDS = ("auto", "fused", "paged-kernel", "torch")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything that describes one generation engine besides its model: how the weights load, the paged
+    KV cache, the scheduler's limits, threads, seed, adapter slots and the decode path.
+
+    The one record `LLM(model, **overrides)`, `AsyncEngine.build`, `lmk serve` and each Ray replica make;
+    it is checked here, once, when it is made (every bad value named with its `lmk serve` flag), and
+    passed down whole.
+    """
+
+    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
+    device: str = "auto"  # auto: CUDA when present, else CPU
+    quantization: str | None = "auto"  # GGUF: auto (on CPU) and keep run the shipped blocks; None dequantizes
+    kv_cache_memory: int | None = None  # bytes for K/V of every layer ('2GiB' accepted); None: a fraction of free memory
+    kv_cache_fraction: float = 0.2  # of the memory available, when kv_cache_memory is None
+    block_size: int = 16  # tokens per KV-cache block
+    enable_prefix_caching: bool = True
+    max_num_seqs: int = 64  # sequences in one step
+    max_num_batched_tokens: int = 2048  # tokens computed in one step
+    max_model_len: int | None = None  # prompt + output of one request; None: the model's context
+    threads: int | None = None  # torch threads (and so the CPU kernels'); None: torch's default
+    seed: int = 0  # the sampler's seed for requests without their own
+    max_loras: int | None = None  # LoRA adapter slots; None: as many as adapters given at start
+    decode_backend: str = "auto"  # auto: the fastest the model offers on this device; see DECODE_BACKENDS
+
+    def __post_init__(self) -> None:
+        if self.quantization == "dequantize":  # the `--quantization` spelling of None
+            object.__setattr__(self, "quantization", None)
+        if self.kv_cache_memory is not None and not isinstance(self.kv_cache_memory, bool):
+            try:
+                object.__setattr__(self, "kv_cache_memory", parse_bytes(self.kv_cache_memory))
+            except ValueError as exc:
+                raise EngineConfigError(f"--kv-cache-memory: {exc}") from None
+        self._check()
+
+    @staticmethod
+    def flag(name: str) -> str:
+        """The `lmk serve` flag of a setting."""
+        return "--" + name.replace("_", "-")
+
+    def _check(self) -> None:
+        def whole(v: object, low: int) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+        rules: list[tuple[str, bool, str]] = [
+            ("dtype", self.dtype in DTYPES, "one of " + ", ".join(DTYPES)),
+            ("device", isinstance(self.device, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
+             "auto, cpu, cuda or cuda:N"),
+            ("quantization", self.quantization in QUANTIZATIONS, "auto, keep or dequantize (None)"),
+            ("kv_cache_memory", self.kv_cache_memory is None or whole(self.kv_cache_memory, 1),
+             "a positive size such as 512MiB"),
+            ("kv_cache_fraction", isinstance(self.kv_cache_fraction, (int, float)) and 0 < self.kv_cache_fraction <= 1,
+             "a fraction in (0, 1]"),
+            ("block_size", whole(self.block_size, 1) and self.block_size & (self.block_size - 1) == 0,
+             "a power of two (1, 2, 4, ... 16)"),
+            ("enable_prefix_caching", isinstance(self.enable_prefix_caching, bool), "true or false"),
+            ("max_num_seqs", whole(self.max_num_seqs, 1), "an integer >= 1"),
+            ("max_num_batched_tokens", whole(self.max_num_batched_tokens, 1), "an integer >= 1"),
+            ("max_model_len", self.max_model_len is None or whole(self.max_model_len, 2), "an integer >= 2"),
+            ("threads", self.threads is None or whole(self.threads, 1), "an integer >= 1"),
+            ("seed", whole(self.seed, 0), "an integer >= 0"),
+            ("max_loras", self.max_loras is None or whole(self.max_loras, 1), "an integer >= 1"),
+            ("decode_backend", self.decode_backend in DECODE_BACKENDS, "one of " + ", ".join(DECODE_BACKENDS)),
+        ]
+        for name, ok, expected in rules:
+            if not ok:
+                raise EngineConfigError(f"{self.flag(name)} (EngineConfig.{name}) must be {expected}; "
+                                        f"got {getattr(self, name)!r}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise EngineConfigError(f"--max-num-batched-tokens ({self.max_num_batched_tokens}) must be at least "
+                                    f"--max-num-seqs ({self.max_num_seqs}): each running sequence needs a token a step")
+
+    @classmethod
+    def build(cls, base: EngineConfig | None = None, **overrides: Any) -> EngineConfig:
+        """`base` (or the defaults) with `overrides` applied; an unknown setting is named with the known ones."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise EngineConfigError(f"unknown engine setting {', '.join(map(repr, unknown))}; expected one of "
+                                    f"{', '.join(sorted(known))}")
+        return dataclasses.replace(base or cls(), **overrides)
+
+    @property
+    def cache(self) -> CacheConfig:
+        return CacheConfig(self.block_size, self.kv_cache_memory, self.kv_cache_fraction, self.enable_prefix_caching)
+
+    def scheduler(self, model: ModelConfig) -> SchedulerConfig:
+        """The scheduler's limits for `model` (a request never reaches past the model's context)."""
+        longest = model.max_context if self.max_model_len is None else min(self.max_model_len, model.max_context)
+        return SchedulerConfig(self.max_num_batched_tokens, self.max_num_seqs, longest)

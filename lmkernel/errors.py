@@ -21,3 +21,7 @@ class WeightsError(LmkError):
 
 class AdapterError(LmkError):
     """A LoRA adapter (PEFT format) that is missing, malformed or does not fit its base model."""
+
+
+class ContextLengthError(LmkError, ValueError):
+    """A request longer than the model or the engine can hold (servers answer it with context_length_exceeded)."""

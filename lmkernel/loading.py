@@ -13,13 +13,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lmkernel.compress.quantize import QuantizationConfig, build_quantized
 from lmkernel.config import ModelConfig
 from lmkernel.errors import AdapterError, LmkError, ModelSourceError
 from lmkernel.layers import cpu_kernels
 from lmkernel.layers.attention import AttentionMetadata
 from lmkernel.layers.linear import GGUFEmbedding, GGUFLinear
 from lmkernel.layers.lora import linear_layers, merged_dense
+from lmkernel.layers.quantized import QuantizationConfig, build_quantized
 from lmkernel.loader import gguf_file, hf_dir
 from lmkernel.loader.adapter import CONFIG_FILE, LoraAdapter, head_architecture, head_labels, hf_names, match_adapter, \
     needs_head, read_adapter, to_peft_layout

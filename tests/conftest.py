@@ -27,9 +27,9 @@ SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
 # The files that take longest on one core, in that order. `make test` hands whole files to two xdist
 # workers in collection order (--no-loadscope-reorder), so starting these first lets both finish together.
-SLOWEST_FIRST = ("compress/test_quantize.py", "train/test_trainer.py", "engine/test_llm.py", "cluster/test_ray_serve.py",
+SLOWEST_FIRST = ("compress/test_quantize.py", "train/test_trainer.py", "engine/test_llm_engine.py", "cluster/test_ray_serve.py",
                  "serve/test_clients.py",
-                 "compress/test_prune.py", "test_cli.py", "compress/test_refine.py", "test_loading.py", "train/test_lora_train.py",
+                 "compress/test_prune.py", "test_cli.py", "compress/test_refine.py", "engine/test_llm.py", "models/test_llama.py", "train/test_lora_train.py",
                  "eval/test_perplexity.py", "apps/test_monitor_cli.py", "serve/test_server.py", "serve/test_app.py")
 
 
@@ -176,3 +176,9 @@ def qwen_client(qwen_server):
     import openai
 
     return openai.OpenAI(base_url=qwen_server.base_url, api_key="unused", max_retries=0, timeout=300)
+
+
+@pytest.fixture(scope="session")
+def wikitext_ids(smollm, wikitext_lines: list[str]) -> list[int]:
+    """The first 400 WikiText-2 lines as SmolLM2 token ids (the engine tests cut prompts from it)."""
+    return smollm.tokenizer.encode(" ".join(wikitext_lines[:400]))

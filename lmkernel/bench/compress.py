@@ -10,7 +10,6 @@ round after round, so every ratio compares runs from the same minutes of this sh
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import statistics
@@ -18,7 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -158,16 +157,19 @@ def build_decoder_variants(model: str, workdir: Path, text: str, calibration_win
                            log: Callable[[str], None]) -> list[tuple[str, Path, str | None]]:
     """(name, path, quantization) of every SmolLM2-style variant, written under `workdir`."""
     from lmkernel.compress.calibrate import calibration_sequences
-    from lmkernel.compress.gptq import gptq_quantize
+    from lmkernel.compress.pipeline import QuantizeSettings, quantize_pipeline
     from lmkernel.compress.prune import prune_structured, prune_unstructured
-    from lmkernel.compress.quantize import quantize_model, storage_dtypes
-    from lmkernel.compress.refine import refine_int4
     from lmkernel.loader.hf_export import save_model_dir
     from lmkernel.registry import resolve
 
-    def save(lm: LoadedModel, name: str, extra: dict[str, object] | None = None) -> Path:
-        store_as = storage_dtypes(lm.model) if extra else None  # quantized: embeddings in bfloat16
-        return save_model_dir(lm.model, lm.config, lm.tokenizer, lm.dtype, workdir / name, True, extra, store_as=store_as)
+    def save(lm: LoadedModel, name: str) -> Path:
+        return save_model_dir(lm.model, lm.config, lm.tokenizer, lm.dtype, workdir / name, True)
+
+    def windows(lm: LoadedModel) -> list[list[int]]:
+        return calibration_sequences(lm, text, calibration_windows, start=8192)
+
+    def quantized(name: str, settings: QuantizeSettings) -> Path:
+        return quantize_pipeline(load_model(model, quantization=None), settings, workdir / name, windows, True, log=log).path
 
     variants: list[tuple[str, Path, str | None]] = []
     log("float32")
@@ -175,27 +177,19 @@ def build_decoder_variants(model: str, workdir: Path, text: str, calibration_win
     log("bfloat16")
     variants.append(("bfloat16", save(load_model(model, dtype="bfloat16", quantization=None), "bfloat16"), None))
     log("int8")
-    lm = load_model(model, quantization=None)
-    variants.append(("int8", save(lm, "int8", {"quantization_config": quantize_model(lm.model, "int8").to_json()}), None))
+    variants.append(("int8", quantized("int8", QuantizeSettings("int8")), None))
     log("int4-g128 (GPTQ, then scales/minimums refined against float32)")
-    lm = load_model(model, quantization=None)
-    teacher = copy.deepcopy(lm.model)
-    windows = calibration_sequences(lm, text, calibration_windows, start=8192)
-    done = gptq_quantize(lm, windows, 128)
-    refined = refine_int4(lm, teacher, windows, log=log)
-    done = replace(done, refine_steps=refined.steps)
-    del teacher
-    variants.append(("int4-g128", save(lm, "int4-g128", {"quantization_config": done.to_json()}), None))
+    variants.append(("int4-g128", quantized("int4-g128", QuantizeSettings("int4", 128, "gptq")), None))
     source = resolve(model)
     if source.kind == "gguf":
         variants.append(("gguf-kept", source.path, "keep"))
     log("wanda 50%")
     lm = load_model(model, quantization=None)
-    prune_unstructured(lm, "wanda", 0.5, calibration_sequences(lm, text, calibration_windows, start=8192))
+    prune_unstructured(lm, "wanda", 0.5, windows(lm))
     variants.append(("wanda-50", save(lm, "wanda-50"), None))
     log("structured, 30% of FFN channels")
     lm = load_model(model, quantization=None)
-    pruned, _ = prune_structured(lm, calibration_sequences(lm, text, calibration_windows, start=8192), ffn=0.3)
+    pruned, _ = prune_structured(lm, windows(lm), ffn=0.3)
     variants.append(("structured-ffn30", save(pruned, "structured-ffn30"), None))
     return variants
 
@@ -217,13 +211,12 @@ def run_decoder(model: str, workdir: Path, text_file: Path, max_tokens: int, cal
 
 def run_encoder(model: str, workdir: Path, sentences: list[str], log: Callable[[str], None]) -> list[VariantResult]:
     from lmkernel.compress.calibrate import calibration_sequences
+    from lmkernel.compress.pipeline import QuantizeSettings, quantize_pipeline
     from lmkernel.compress.prune import prune_unstructured
-    from lmkernel.compress.quantize import quantize_model, storage_dtypes
     from lmkernel.loader.hf_export import save_model_dir
 
-    def save(lm: LoadedModel, name: str, extra: dict[str, object] | None = None) -> Path:
-        store_as = storage_dtypes(lm.model) if extra else None  # quantized: embeddings in bfloat16
-        return save_model_dir(lm.model, lm.config, lm.tokenizer, lm.dtype, workdir / name, True, extra, store_as=store_as)
+    def save(lm: LoadedModel, name: str) -> Path:
+        return save_model_dir(lm.model, lm.config, lm.tokenizer, lm.dtype, workdir / name, True)
 
     reference = load_model(model, quantization=None)
     ref_file = workdir / "reference.pt"
@@ -232,9 +225,9 @@ def run_encoder(model: str, workdir: Path, sentences: list[str], log: Callable[[
     variants = [("float32", save(reference, "float32"))]
     variants.append(("bfloat16", save(load_model(model, dtype="bfloat16", quantization=None), "bfloat16")))
     for method in ("int8", "int8-dynamic", "int4"):
-        lm = load_model(model, quantization=None)
-        done = quantize_model(lm.model, method, 128)
-        variants.append((method if method != "int4" else "int4-g128", save(lm, method, {"quantization_config": done.to_json()})))
+        settings = QuantizeSettings(method, 128, rounding="nearest", refine_steps=0)  # no calibration: round to nearest
+        path = quantize_pipeline(load_model(model, quantization=None), settings, workdir / method, lambda lm: [], True).path
+        variants.append((method if method != "int4" else "int4-g128", path))
     lm = load_model(model, quantization=None)
     prune_unstructured(lm, "wanda", 0.5, calibration_sequences(lm, "\n".join(sentences), 32))
     variants.append(("wanda-50", save(lm, "wanda-50")))

@@ -1,5 +1,5 @@
 """Offline throughput: lmkernel's continuous batching against Hugging Face `generate` with static
-batches (left padding), on the same WikiText prompts and output lengths, in one process."""
+batches (left padding), on the same prompts and output lengths, in one process."""
 
 from __future__ import annotations
 

@@ -16,13 +16,14 @@ import signal
 import socket
 import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 from fastapi import FastAPI
 
+from lmkernel.config import EngineConfig
 from lmkernel.errors import LmkError
 from lmkernel.registry import resolve
 from lmkernel.serve.app import ServerConfig
@@ -113,12 +114,14 @@ def deployment(launch: LaunchConfig, config: ServerConfig, scale: ScaleConfig) -
         },
         # A replica takes as many requests as its engine batches; past that they wait in Ray's queue,
         # which the autoscaler counts as load.
-        max_ongoing_requests=max(launch.max_num_seqs, int(scale.target_ongoing_requests) + 1),
+        max_ongoing_requests=max(launch.engine.max_num_seqs, int(scale.target_ongoing_requests) + 1),
         ray_actor_options={"num_cpus": scale.replica_cpus},
         graceful_shutdown_timeout_s=launch.shutdown_grace,
         health_check_period_s=5.0,
     )
-    return options.bind(launch, config)
+    # Each replica's torch threads are the CPUs Ray reserves for it, unless the engine names its own.
+    threads = launch.engine.threads or max(1, int(scale.replica_cpus))
+    return options.bind(replace(launch, engine=EngineConfig.build(launch.engine, threads=threads)), config)
 
 
 def running_replicas() -> dict[str, int]:

@@ -2,17 +2,15 @@
 
 Each adapter gets one of a fixed number of slots; adapters can be added to free slots and removed while
 serving. The layers any adapter targets are wrapped once in `MultiLoraLinear`, holding every slot's
-factors for that layer; layers no adapter targets stay as they were. All
-wrappers of the model share one `LoraContext`, owned here: before each forward the model runner
-hands it the slot of every token (from each request's `SamplingParams.lora`), and clears it after,
-so outside the engine's forward the model computes the base exactly.
+factors for that layer; layers no adapter targets stay as they were. Which slot each token uses is not
+kept here: the model runner turns each request's `SamplingParams.lora` into the step's `LoraRouting`
+(through `slot`), which travels with the batch, so a forward without one computes the base exactly.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +20,7 @@ from torch import nn
 
 from lmkernel.config import ModelConfig
 from lmkernel.errors import AdapterError
-from lmkernel.layers.lora import LoraContext, MultiLoraLinear, linear_layers
+from lmkernel.layers.lora import MultiLoraLinear, linear_layers
 from lmkernel.loader.adapter import match_adapter, needs_head, read_adapter
 
 
@@ -62,7 +60,6 @@ class LoraAdapters:
     def __init__(self, model: nn.Module, config: ModelConfig, paths: Mapping[str, str | Path],
                  capacity: int | None = None) -> None:
         self.model, self.config = model, config
-        self.context = LoraContext()
         self.capacity = max(len(paths), capacity or 0, 1)
         self._slots: dict[str, int] = {}
         self.paths: dict[str, Path] = {}
@@ -105,7 +102,7 @@ class LoraAdapters:
         layers = linear_layers(self.model)
         for t in adapter.targets:
             if t.name not in self._wrapped:
-                self._wrapped[t.name] = MultiLoraLinear(layers[t.name], self.context, self.capacity)
+                self._wrapped[t.name] = MultiLoraLinear(layers[t.name], self.capacity)
                 self.model.set_submodule(t.name, self._wrapped[t.name])
             self._wrapped[t.name].set_adapter(slot, t.a, t.b, t.scaling)
         self._slots[adapter.name] = slot
@@ -150,9 +147,3 @@ class LoraAdapters:
         except KeyError:
             served = ", ".join(self.names) or "none"
             raise UnknownAdapterError(f"LoRA adapter '{name}' is not loaded; this engine serves: {served}") from None
-
-    def routing(self, token_slots: Sequence[int], device: torch.device) -> AbstractContextManager[None]:
-        """The context for one forward: rows to slots; nothing to do when every row is base."""
-        if all(s < 0 for s in token_slots):
-            return nullcontext()
-        return self.context.use(token_slots, device)

@@ -9,19 +9,28 @@ grammar compiles on a worker thread before the request is queued).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
+from lmkernel.config import EngineConfig
 from lmkernel.engine.adapters import UnknownAdapterError
 from lmkernel.engine.llm_engine import LLMEngine
 from lmkernel.engine.request import RequestOutput
 from lmkernel.engine.sampling import SamplingParams
 from lmkernel.errors import AdapterError
 from lmkernel.loader.tokenizer import Tokenizer
+from lmkernel.loading import LoadedModel
 
 
 class AsyncEngine:
     """Many concurrent `generate` streams over one engine step loop."""
+
+    @classmethod
+    def build(cls, model: str | LoadedModel, config: EngineConfig,
+              lora: Mapping[str, str | Path] | None = None, owned: bool = False) -> AsyncEngine:
+        """An engine on `model` as `config` describes it (see `LLMEngine.build`), behind the async door."""
+        return cls(LLMEngine.build(model, config, lora, owned))
 
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
@@ -61,7 +70,12 @@ class AsyncEngine:
         """Adapters requests may name now (one being unloaded is not among them)."""
         return [n for n in self.engine.lora_names if n not in self.engine.unloading]
 
-    def stats(self) -> dict[str, float | int]:
+    def check_prompt(self, ids: Sequence[int], params: SamplingParams) -> SamplingParams:
+        """The engine's own check of a prompt (see `LLMEngine.check_prompt`), for refusing a request before
+        any of it is queued; constant limits only, so safe while a step runs."""
+        return self.engine.check_prompt(ids, params)
+
+    def stats(self) -> dict[str, float | int | str]:
         """The engine's counters as of the last step boundary (safe to read while a step runs)."""
         return dict(self.snapshot)
 

@@ -2,24 +2,22 @@
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from rich.progress import Progress
 
-from lmkernel.config import CacheConfig, SchedulerConfig
-from lmkernel.engine.adapters import LoraAdapters, shared_copy
+from lmkernel.config import EngineConfig
 from lmkernel.engine.llm_engine import LLMEngine
 from lmkernel.engine.request import RequestOutput
 from lmkernel.engine.sampling import SamplingParams
 from lmkernel.errors import LmkError
 from lmkernel.layers.attention import AttentionMetadata
 from lmkernel.loading import LoadedModel, load_model
-from lmkernel.memory.kv_cache import parse_bytes
 
 Message = Mapping[str, str]
 PROGRESS_THRESHOLD = 16  # show a progress bar from this many prompts on
@@ -37,60 +35,43 @@ class LLM:
     """Load a model once; run batches of prompts through continuous batching on a paged KV cache.
 
     `model` is an alias, a path (a LoRA adapter directory loads its base with the adapter merged), or
-    an already loaded `LoadedModel` (then `dtype` and `device` are its own). A GGUF's weights stay in
-    their shipped blocks on CPU (`quantization="auto"`, or "keep"); `quantization=None` dequantizes them. `lora` ({name: adapter directory})
-    serves PEFT LoRA adapters beside the base model, picked per request with `SamplingParams(lora=name)`, in
-    `max_loras` slots (default: as many as given; more leave room for adapters loaded while serving);
-    a `LoadedModel` given here is left as it is (the adapters wrap a copy that shares its weights).
+    an already loaded `LoadedModel` (then `dtype`, `device` and `quantization` are its own). The engine
+    is described by `config` (an `EngineConfig`) with `overrides` applied, e.g.
+    `LLM("smollm2-135m-instruct", kv_cache_memory="256MiB", max_num_seqs=16)`. A GGUF's weights stay in
+    their shipped blocks on CPU (`quantization="auto"`, or "keep"); `quantization=None` dequantizes them.
+    `lora` ({name: adapter directory}) serves PEFT LoRA adapters beside the base model, picked per request
+    with `SamplingParams(lora=name)`, in `max_loras` slots (default: as many as given; more leave room for
+    adapters loaded while serving); a `LoadedModel` given here is left as it is (the adapters wrap a copy
+    that shares its weights).
     """
 
     def __init__(
         self,
         model: str | LoadedModel,
-        dtype: str = "auto",
-        device: str = "auto",
-        kv_cache_memory: str | int | None = None,
-        max_num_seqs: int = 64,
-        max_num_batched_tokens: int = 2048,
-        max_model_len: int | None = None,
-        block_size: int = 16,
-        enable_prefix_caching: bool = True,
-        seed: int = 0,
-        verbose: bool = True,
-        quantization: str | None = "auto",
+        config: EngineConfig | None = None,
+        *,
         lora: Mapping[str, str | Path] | None = None,
-        max_loras: int | None = None,
+        verbose: bool = True,
+        **overrides: Any,
     ) -> None:
+        self.config = EngineConfig.build(config, **overrides)
+        c = self.config
         self.loaded = (
-            model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device, quantization=quantization)
+            model if isinstance(model, LoadedModel)
+            else load_model(model, dtype=c.dtype, device=c.device, quantization=c.quantization)
         )
-        adapters = None
-        if lora or max_loras:
-            if self.loaded.config.is_encoder:
-                raise LmkError(f"{self.loaded.source.path}: LoRA serving needs a decoder; load an encoder's adapter as "
-                               "a model (LLM(adapter_dir))")
-            if isinstance(model, LoadedModel):
-                self.loaded = dataclasses.replace(self.loaded, model=shared_copy(self.loaded.model))
-            adapters = LoraAdapters(self.loaded.model, self.loaded.config, lora or {}, max_loras)
         self.tokenizer = self.loaded.tokenizer
         self.engine: LLMEngine | None = None
         self._ids = itertools.count()
         if self.loaded.config.is_encoder:
+            if lora or c.max_loras:
+                raise LmkError(f"{self.loaded.source.path}: LoRA serving needs a decoder; load an encoder's adapter "
+                               "as a model (LLM(adapter_dir))")
             return
-        cache = CacheConfig(
-            block_size=block_size,
-            memory_bytes=parse_bytes(kv_cache_memory) if kv_cache_memory is not None else None,
-            enable_prefix_caching=enable_prefix_caching,
-        )
-        sched = SchedulerConfig(
-            max_num_batched_tokens=max_num_batched_tokens,
-            max_num_seqs=max_num_seqs,
-            max_model_len=max_model_len or self.loaded.config.max_position_embeddings,
-        )
-        self.engine = LLMEngine(self.loaded, cache, sched, seed, adapters)
+        self.engine = LLMEngine.build(self.loaded, c, lora, owned=not isinstance(model, LoadedModel))
+        self.loaded = self.engine.loaded
         if verbose:
-            s = self.engine.stats()
-            print(f"lmkernel: KV cache of {s['kv_blocks_total']} blocks x {s['kv_block_size']} tokens = {s['kv_cache_tokens']} tokens")
+            print(f"lmkernel: {startup_line(self.engine.stats())}")
 
     def _engine(self) -> LLMEngine:
         if self.engine is None:
@@ -171,6 +152,12 @@ class LLM:
                 results[i] = ClassificationOutput(max(named, key=named.get), named)
         return results
 
-    def stats(self) -> dict[str, float | int]:
-        """KV-cache, prefix-cache and scheduler counters (see `LLMEngine.stats`)."""
+    def stats(self) -> dict[str, float | int | str]:
+        """The decode backend, and KV-cache, prefix-cache and scheduler counters (see `LLMEngine.stats`)."""
         return self._engine().stats()
+
+
+def startup_line(stats: Mapping[str, Any]) -> str:
+    """What an engine reports when it starts: its KV cache and the decode backend it picked."""
+    return (f"KV cache of {stats['kv_blocks_total']} blocks x {stats['kv_block_size']} tokens = "
+            f"{stats['kv_cache_tokens']} tokens; decode backend {stats['decode_backend']}")

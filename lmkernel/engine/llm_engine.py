@@ -4,27 +4,28 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from lmkernel.config import CacheConfig, SchedulerConfig
-from lmkernel.engine.adapters import LoraAdapters, PreparedAdapter, UnknownAdapterError
+from lmkernel.config import EngineConfig
+from lmkernel.engine.adapters import LoraAdapters, PreparedAdapter, UnknownAdapterError, shared_copy
 from lmkernel.engine.model_runner import ModelRunner, ModelRunnerOutput
 from lmkernel.engine.request import CompletionOutput, Request, RequestOutput, RequestStatus
 from lmkernel.engine.sampling import SamplingParams
 from lmkernel.engine.scheduler import Scheduler, SchedulerOutput
 from lmkernel.engine.structured import GrammarCompiler, allowed_tokens
-from lmkernel.errors import AdapterError, LmkError
+from lmkernel.errors import AdapterError, ContextLengthError, LmkError
 from lmkernel.loader.tokenizer import IncrementalDetokenizer
-from lmkernel.loading import LoadedModel
+from lmkernel.loading import LoadedModel, load_model
 from lmkernel.memory.block_pool import BlockPool
 from lmkernel.memory.kv_cache import allocate_kv_cache
 
 
-class PromptTooLongError(LmkError, ValueError):
+class PromptTooLongError(ContextLengthError):
     """A request that could never fit: prompt plus max_tokens past the context or the whole cache."""
 
 
@@ -58,20 +59,38 @@ class LLMEngine:
     """Continuous batching over a paged KV cache for one decoder model, and the LoRA adapters
     `adapters` applied to it (requests pick one with `SamplingParams.lora`)."""
 
-    def __init__(self, loaded: LoadedModel, cache: CacheConfig, scheduler: SchedulerConfig, seed: int = 0,
-                 adapters: LoraAdapters | None = None) -> None:
+    @classmethod
+    def build(cls, model: str | LoadedModel, config: EngineConfig,
+              lora: Mapping[str, str | Path] | None = None, owned: bool = False) -> LLMEngine:
+        """Load `model` (unless loaded already) as `config` says and start an engine on it, with the LoRA
+        adapters `lora` ({name: directory}) in `config.max_loras` slots. A `LoadedModel` given is left as it
+        is (the adapters wrap a copy that shares its weights) unless `owned`: loaded for this engine alone."""
+        loaded = model if isinstance(model, LoadedModel) else load_model(
+            model, dtype=config.dtype, device=config.device, quantization=config.quantization)
         if loaded.config.is_encoder:
             raise LmkError(f"{loaded.source.path}: the generation engine needs a decoder; this is an encoder model")
+        adapters = None
+        if lora or config.max_loras:
+            if isinstance(model, LoadedModel) and not owned:
+                loaded = dataclasses.replace(loaded, model=shared_copy(loaded.model))
+            adapters = LoraAdapters(loaded.model, loaded.config, lora or {}, config.max_loras)
+        return cls(loaded, config, adapters)
+
+    def __init__(self, loaded: LoadedModel, config: EngineConfig, adapters: LoraAdapters | None = None) -> None:
+        if loaded.config.is_encoder:
+            raise LmkError(f"{loaded.source.path}: the generation engine needs a decoder; this is an encoder model")
+        if config.threads is not None:
+            torch.set_num_threads(config.threads)
+        self.config = config
         self.loaded, self.tokenizer = loaded, loaded.tokenizer
-        self.kv_cache = allocate_kv_cache(loaded.config, cache, loaded.dtype, loaded.device)
-        self.pool = BlockPool(self.kv_cache.num_blocks, cache.block_size, cache.enable_prefix_caching)
-        max_len = min(scheduler.max_model_len, loaded.config.max_context)
-        self.scheduler = Scheduler(dataclasses.replace(scheduler, max_model_len=max_len), self.pool)
+        self.kv_cache = allocate_kv_cache(loaded.config, config.cache, loaded.dtype, loaded.device)
+        self.pool = BlockPool(self.kv_cache.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler(loaded.config), self.pool)
         self.adapters = adapters
         # Generation ends at any end-of-sequence id the model lists, and at the tokenizer's own.
         self.eos_ids = frozenset(loaded.config.eos_token_ids) | (
             {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set())
-        self.runner = ModelRunner(loaded.model, self.kv_cache, self.tokenizer, loaded.device, seed, adapters,
+        self.runner = ModelRunner(loaded.model, self.kv_cache, self.tokenizer, loaded.device, config, adapters,
                                   self.eos_ids)
         self.groups: dict[str, _Group] = {}
         self.owner: dict[str, tuple[_Group, _Sample]] = {}
@@ -118,21 +137,7 @@ class LLMEngine:
             self.adapters.touch(params.lora)
         text = prompt if isinstance(prompt, str) else None
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
-        if not ids:
-            raise ValueError("prompt is empty: expected at least one token")
-        vocab = self.loaded.config.vocab_size
-        if any(not 0 <= t < vocab for t in ids):
-            raise ValueError(f"prompt token ids must be in [0, {vocab})")
-        limit = self.scheduler.max_tokens_per_request()
-        if params.max_tokens is None:
-            params = dataclasses.replace(params, max_tokens=max(limit - len(ids), 1))
-        if len(ids) + params.max_tokens > limit:
-            raise PromptTooLongError(
-                f"prompt of {len(ids)} tokens plus max_tokens {params.max_tokens} is {len(ids) + params.max_tokens} "
-                f"tokens, more than this engine can hold for one request ({limit}: context length "
-                f"{self.max_model_len}, KV cache {self.pool.num_blocks * self.pool.block_size} tokens; the context is "
-                f"bounded by {self.loaded.config.context_limit_reason})"
-            )
+        params = self.check_prompt(ids, params)
         # A grammar is compiled (and refused when invalid) before anything is queued.
         if params.structured_outputs is not None and matcher is None:
             matcher = self.grammars.matcher(params.structured_outputs)
@@ -155,6 +160,27 @@ class LLMEngine:
                 self.runner.add_generator(child_id, params.seed + j)
             self.scheduler.add_request(request)
         self.groups[request_id] = group
+
+    def check_prompt(self, ids: Sequence[int], params: SamplingParams) -> SamplingParams:
+        """The one check of a prompt against this engine: ids in the vocabulary, prompt plus max_tokens within
+        what one request may hold. Returns `params` with max_tokens filled in (what is left) when unset;
+        raises ValueError, or PromptTooLongError, naming what is wrong."""
+        if not ids:
+            raise ValueError("prompt is empty: expected at least one token")
+        vocab = self.loaded.config.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        limit = self.scheduler.max_tokens_per_request()
+        if params.max_tokens is None:
+            params = dataclasses.replace(params, max_tokens=max(limit - len(ids), 1))
+        if len(ids) + params.max_tokens > limit:
+            raise PromptTooLongError(
+                f"prompt of {len(ids)} tokens plus max_tokens {params.max_tokens} is {len(ids) + params.max_tokens} "
+                f"tokens, more than this engine can hold for one request ({limit}: context length "
+                f"{self.max_model_len}, KV cache {self.pool.num_blocks * self.pool.block_size} tokens; the context is "
+                f"bounded by {self.loaded.config.context_limit_reason})"
+            )
+        return params
 
     def adapters_in_use(self) -> set[str]:
         """Adapters that unfinished requests use."""
@@ -308,9 +334,10 @@ class LLMEngine:
             queue_seconds=None if first.first_scheduled_time is None else first.first_scheduled_time - first.arrival_time,
         )
 
-    def stats(self) -> dict[str, float | int]:
-        """Counters of the cache, the prefix cache and the scheduler."""
+    def stats(self) -> dict[str, float | int | str]:
+        """The decode backend in use, and counters of the cache, the prefix cache and the scheduler."""
         return {
+            "decode_backend": self.runner.decode_backend,
             "kv_blocks_total": self.pool.num_blocks,
             "kv_blocks_free": self.pool.num_free_blocks,
             "kv_block_size": self.pool.block_size,

@@ -8,14 +8,42 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lmkernel.config import EngineConfig, EngineConfigError
 from lmkernel.engine.adapters import LoraAdapters
 from lmkernel.engine.request import Logprob, PositionLogprobs, Request
 from lmkernel.engine.sampling import Sampler, top_logprobs
 from lmkernel.engine.scheduler import SchedulerOutput
 from lmkernel.layers import cpu_kernels
 from lmkernel.layers.attention import AttentionMetadata, DecodeBatch, DecodeGroup, PagedLayout
+from lmkernel.layers.lora import LoraRouting
 from lmkernel.loader.tokenizer import Tokenizer
 from lmkernel.memory.kv_cache import KVCache
+from lmkernel.models.interface import CausalLM, FusedDecoder
+
+# How decode steps run, fastest first; the runner picks one when the engine starts (EngineConfig.decode_backend).
+DECODE_BACKENDS = {
+    "fused": "the whole decoder in one compiled CPU call per step (up to 16 sequences; more run paged-kernel)",
+    "paged-kernel": "the model's forward, attention through the compiled CPU kernel that follows the block tables",
+    "torch": "the model's forward, attention by PyTorch SDPA over contexts gathered in groups of similar length",
+}
+
+
+def choose_decode_backend(model: CausalLM, kv_cache: KVCache, requested: str = "auto") -> tuple[str, FusedDecoder | None]:
+    """The decode backend for this model and cache (and the fused step, when that is it): `requested`, or
+    with "auto" the fastest one that applies; a backend that cannot run here is refused with the reason."""
+    kernel = cpu_kernels.paged_decode_available(kv_cache.keys[0])
+    fused = model.fused_decode() if kernel and requested in ("auto", "fused") else None
+    if requested == "auto":
+        return ("fused", fused) if fused is not None else ("paged-kernel" if kernel else "torch", None)
+    if requested in ("fused", "paged-kernel") and not kernel:
+        raise EngineConfigError(f"--decode-backend {requested}: the compiled CPU kernels need the model and its KV "
+                                f"cache on CPU in float32 (here {kv_cache.keys[0].device}, "
+                                f"{kv_cache.keys[0].dtype}); use auto or torch")
+    if requested == "fused" and fused is None:
+        raise EngineConfigError(f"--decode-backend fused: {type(model).__name__} offers no fused decode step for these "
+                                "weights (it needs a Llama-family model in float32 with SiLU and dense, int8, int4 or "
+                                "GGUF projections); use auto, paged-kernel or torch")
+    return requested, fused
 
 
 @dataclass
@@ -29,23 +57,23 @@ class ModelRunnerOutput:
 
 class ModelRunner:
     """Owns the model's forward on the KV cache, and the sampler; with `adapters`, routes each
-    request's tokens to its LoRA adapter for the forward and the logits."""
+    request's tokens to its LoRA adapter for the forward and the logits (the step's `LoraRouting`)."""
 
-    def __init__(self, model: torch.nn.Module, kv_cache: KVCache, tokenizer: Tokenizer, device: torch.device, seed: int = 0,
-                 adapters: LoraAdapters | None = None, eos_ids: frozenset[int] = frozenset()) -> None:
+    def __init__(self, model: CausalLM, kv_cache: KVCache, tokenizer: Tokenizer, device: torch.device,
+                 config: EngineConfig, adapters: LoraAdapters | None = None,
+                 eos_ids: frozenset[int] = frozenset()) -> None:
         self.model, self.kv_cache, self.tokenizer, self.device = model, kv_cache, tokenizer, device
         self.eos_ids = sorted(eos_ids)
         self.adapters = adapters
         self.kv_layers = [kv_cache.layer(i) for i in range(len(kv_cache.keys))]
-        self.sampler = Sampler(seed)
+        self.sampler = Sampler(config.seed)
         self.generators: dict[str, torch.Generator] = {}
         if device.type == "cpu":
             cpu_kernels.build()
-        self.use_kernel = cpu_kernels.paged_decode_available(kv_cache.keys[0])
-        # Decode steps of a few sequences through one compiled call, where the model offers one (with
-        # adapters, it runs the base layers: for steps in which no token uses an adapter).
-        fused = getattr(model, "fused_decode", None) if self.use_kernel else None
-        self.fused = fused() if fused is not None else None
+        # Chosen once: the model does not change under the engine. The fused step serves steps in which no
+        # token uses an adapter (it runs the base layers); the others run the model's forward.
+        self.decode_backend, self.fused = choose_decode_backend(model, kv_cache, config.decode_backend)
+        self.use_kernel = self.decode_backend != "torch"
 
     def add_generator(self, request_id: str, seed: int) -> None:
         self.generators[request_id] = torch.Generator().manual_seed(seed)
@@ -53,7 +81,8 @@ class ModelRunner:
     def drop_request(self, request_id: str) -> None:
         self.generators.pop(request_id, None)
 
-    def layout(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    def layout(self, out: SchedulerOutput, lora: LoraRouting | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """Token ids, positions and attention metadata for the step's chunks laid end to end."""
         bs = self.kv_cache.block_size
         ids: list[int] = []
@@ -92,7 +121,7 @@ class ModelRunner:
             decode_groups=groups,
             decode_batch=batch,
         )
-        meta = AttentionMetadata.for_lengths(lengths, causal=True, paged=paged)
+        meta = AttentionMetadata.for_lengths(lengths, causal=True, paged=paged, lora=lora)
         return torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device), meta
 
     def _decode_batch(self, seqs: list[int], starts: list[int], out: SchedulerOutput, seq_lens: list[int]) -> DecodeBatch:
@@ -130,19 +159,15 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, allowed: Mapping[str, torch.Tensor] | None = None) -> ModelRunnerOutput:
         """Run the plan's chunks; `allowed`: per request id, the tokens its grammar allows next (bool [V])."""
-        ids, positions, meta = self.layout(out)
         slots: list[int] = []  # each chunk's adapter slot, when some token uses an adapter
         if self.adapters is not None:
             slots = [self.adapters.slot(c.request.sampling_params.lora) for c in out.chunks]
             slots = slots if any(s >= 0 for s in slots) else []
-        if not slots:
-            hidden = self.fused(ids, positions, meta, self.kv_layers) if self.fused is not None else None
-            if hidden is None:
-                hidden = self.model(ids, positions, meta, self.kv_layers)
-        else:
-            per_token = [s for s, c in zip(slots, out.chunks) for _ in range(c.num_tokens)]
-            with self.adapters.routing(per_token, self.device):
-                hidden = self.model(ids, positions, meta, self.kv_layers)
+        per_token = [s for s, c in zip(slots, out.chunks) for _ in range(c.num_tokens)]
+        ids, positions, meta = self.layout(out, LoraRouting.of(per_token, self.device))
+        hidden = self.fused(ids, positions, meta, self.kv_layers) if self.fused is not None and not slots else None
+        if hidden is None:
+            hidden = self.model(ids, positions, meta, self.kv_layers)
         result = ModelRunnerOutput()
         rows: list[int] = []  # hidden rows that need logits
         row_slots: list[int] = []  # their adapter slots, with adapters
@@ -167,11 +192,7 @@ class ModelRunner:
             return result
         every_row = rows == list(range(hidden.shape[0]))  # a decode step: no rows to pick
         picked = hidden if every_row else hidden[torch.tensor(rows, device=self.device)]
-        if not slots:
-            logits = self.model.compute_logits(picked).float()
-        else:
-            with self.adapters.routing(row_slots, self.device):
-                logits = self.model.compute_logits(picked).float()
+        logits = self.model.compute_logits(picked, LoraRouting.of(row_slots, self.device)).float()
         for request, at, count, start in prompt_at:
             scored = torch.log_softmax(logits[at : at + count], -1)
             n = request.sampling_params.prompt_logprobs

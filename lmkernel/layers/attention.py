@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from lmkernel.layers.cpu_kernels import paged_decode
+from lmkernel.layers.lora import LoraRouting
 
 
 @dataclass(frozen=True)
@@ -79,19 +80,22 @@ class PagedLayout:
 
 @dataclass(frozen=True)
 class AttentionMetadata:
-    """Layout of one flattened batch: sequence i owns tokens cu_seqlens[i]:cu_seqlens[i+1]."""
+    """Layout of one flattened batch: sequence i owns tokens cu_seqlens[i]:cu_seqlens[i+1]; `lora`: which
+    served LoRA adapter each token's projections add (None: every token runs the base model)."""
 
     cu_seqlens: tuple[int, ...]
     causal: bool
     paged: PagedLayout | None = None
+    lora: LoraRouting | None = None
 
     @classmethod
-    def for_lengths(cls, lengths: list[int], causal: bool, paged: PagedLayout | None = None) -> AttentionMetadata:
+    def for_lengths(cls, lengths: list[int], causal: bool, paged: PagedLayout | None = None,
+                    lora: LoraRouting | None = None) -> AttentionMetadata:
         """Metadata for sequences of the given lengths laid end to end."""
         offsets = [0]
         for n in lengths:
             offsets.append(offsets[-1] + int(n))
-        return cls(tuple(offsets), causal, paged)
+        return cls(tuple(offsets), causal, paged, lora)
 
     @cached_property
     def padding(self) -> tuple[torch.Tensor, torch.Tensor]:

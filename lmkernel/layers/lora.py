@@ -3,17 +3,16 @@
     y = base(x) + dropout(x) A^T B^T * scaling        A [r, in], B [out, r], scaling = alpha / r
 
 `LoraLinear` holds one trainable adapter and folds into a plain `Dense` (`merged`). `MultiLoraLinear`
-holds several adapters for serving; which one each token of a flattened batch uses comes from a
-`LoraContext` that every wrapped layer of one model shares and the model runner sets around each
-forward. A token with no adapter gets the base layer's output, and a batch with no adapter tokens
-costs one check per layer. Models loaded without adapters keep their plain layers.
+holds several adapters for serving; which one each token of a flattened batch uses comes from the
+`LoraRouting` the model runner builds for the step and the model passes to each projection (`project`).
+A token with no adapter gets the base layer's output, and a batch with no adapter tokens costs one check
+per layer. Models loaded without adapters keep their plain layers.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -86,38 +85,40 @@ class LoraLinear(nn.Module):
         return merged_dense(self.base_layer, self.lora_A, self.lora_B, self.scaling)
 
 
-class LoraContext:
-    """Which adapter each token of the coming forward uses; shared by the `MultiLoraLinear`s of one model.
+@dataclass(frozen=True)
+class LoraRouting:
+    """Which adapter slot the rows of one forward use; the model runner makes one per step and it travels
+    with the batch (`AttentionMetadata.lora`, and to `compute_logits`), so no layer keeps routing state.
 
-    `groups` holds, per adapter slot present, the rows that use it: a slice when they are contiguous
-    (one request, or a batch of one adapter), else an index tensor. Empty means every row is base.
+    `groups` holds, per adapter slot present, its rows: a slice when they are contiguous (one request, or
+    a batch of one adapter), else an index tensor. Rows in no group use the base layer alone.
     """
 
-    def __init__(self) -> None:
-        self.groups: tuple[tuple[int, slice | torch.Tensor], ...] = ()
+    groups: tuple[tuple[int, slice | torch.Tensor], ...]
 
-    @contextmanager
-    def use(self, token_slots: Sequence[int] | None, device: torch.device) -> Iterator[None]:
-        """Route rows to adapter slots (-1: base) for the forwards inside the block; base-only outside it."""
-        self.groups = _groups(token_slots, device) if token_slots else ()
-        try:
-            yield
-        finally:
-            self.groups = ()
+    @classmethod
+    def of(cls, row_slots: Sequence[int], device: torch.device) -> LoraRouting | None:
+        """Routing for rows given their slots (-1: base); None when every row is base."""
+        rows: dict[int, list[int]] = {}
+        for i, slot in enumerate(row_slots):
+            if slot >= 0:
+                rows.setdefault(slot, []).append(i)
+        if not rows:
+            return None
+        groups: list[tuple[int, slice | torch.Tensor]] = []
+        for slot, idx in rows.items():
+            if idx[-1] - idx[0] + 1 == len(idx):
+                groups.append((slot, slice(idx[0], idx[-1] + 1)))
+            else:
+                groups.append((slot, torch.tensor(idx, device=device)))
+        return cls(tuple(groups))
 
 
-def _groups(token_slots: Sequence[int], device: torch.device) -> tuple[tuple[int, slice | torch.Tensor], ...]:
-    rows: dict[int, list[int]] = {}
-    for i, slot in enumerate(token_slots):
-        if slot >= 0:
-            rows.setdefault(slot, []).append(i)
-    out: list[tuple[int, slice | torch.Tensor]] = []
-    for slot, idx in rows.items():
-        if idx[-1] - idx[0] + 1 == len(idx):
-            out.append((slot, slice(idx[0], idx[-1] + 1)))
-        else:
-            out.append((slot, torch.tensor(idx, device=device)))
-    return tuple(out)
+def project(layer: nn.Module, x: torch.Tensor, lora: LoraRouting | None) -> torch.Tensor:
+    """`layer(x)`, with the adapters' updates for the rows `lora` routes when the layer holds served adapters."""
+    if lora is not None and type(layer) is MultiLoraLinear:
+        return layer(x, lora)
+    return layer(x)
 
 
 @dataclass(frozen=True)
@@ -129,16 +130,16 @@ class LoraWeights:
 
 
 class MultiLoraLinear(nn.Module):
-    """A base layer (dense or quantized) with several adapters in slots; rows pick one through the context.
+    """A base layer (dense or quantized) with several adapters in slots; rows pick one through the
+    `LoraRouting` of the forward (called without one, it is the base layer).
 
     For serving only (inference): the adapters' rows are added into the base output in place.
     """
 
-    def __init__(self, base_layer: nn.Module, context: LoraContext, num_slots: int) -> None:
+    def __init__(self, base_layer: nn.Module, num_slots: int) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
-        self.context = context
         self.slots: list[LoraWeights | None] = [None] * num_slots
 
     def set_adapter(self, slot: int, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
@@ -149,9 +150,9 @@ class MultiLoraLinear(nn.Module):
         self.slots[slot] = LoraWeights(a.detach().to(device, dtype).contiguous(),
                                        (b.detach().float() * scaling).to(device, dtype).contiguous())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lora: LoraRouting | None = None) -> torch.Tensor:
         y = self.base_layer(x)
-        for slot, rows in self.context.groups:
+        for slot, rows in lora.groups if lora is not None else ():
             w = self.slots[slot]
             if w is None:
                 continue

@@ -5,27 +5,11 @@ The one module of `memory/` that touches torch: it owns the tensors the block po
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
 
 from lmkernel.config import CacheConfig, ModelConfig
-
-_UNITS = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "KIB": 2**10, "M": 1e6, "MB": 1e6, "MIB": 2**20,
-          "G": 1e9, "GB": 1e9, "GIB": 2**30, "T": 1e12, "TB": 1e12, "TIB": 2**40}
-
-
-def parse_bytes(value: str | int | float) -> int:
-    """'2GiB', '512MB', '1.5G' or a number of bytes, as an int."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if value <= 0:
-            raise ValueError(f"kv_cache_memory must be positive; got {value}")
-        return int(value)
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
-    if not match or match.group(2).upper() not in _UNITS:
-        raise ValueError(f"kv_cache_memory must look like '2GiB', '512MB' or a byte count; got {value!r}")
-    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
 
 
 def available_memory(device: torch.device) -> int:

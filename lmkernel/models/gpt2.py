@@ -21,6 +21,7 @@ from lmkernel.layers.activation import get_activation
 from lmkernel.layers.attention import AttentionMetadata, KVLayer, attend
 from lmkernel.layers.checkpoint import run_layer
 from lmkernel.layers.linear import dense
+from lmkernel.layers.lora import LoraRouting, project
 from lmkernel.layers.norm import layer_norm
 from lmkernel.models.weights import embedding, load_with_tied_head
 
@@ -38,9 +39,9 @@ class GPT2Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata, cache: KVLayer | None) -> torch.Tensor:
         n = x.shape[0]
-        q, k, v = self.c_attn(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)
+        q, k, v = project(self.c_attn, x, meta.lora).view(n, 3, self.num_heads, self.head_dim).unbind(1)
         o = attend(q, k, v, meta, kv_cache=cache, dropout_p=self.dropout_p if self.training else 0.0)
-        return self.resid_dropout(self.c_proj(o.reshape(n, -1)))
+        return self.resid_dropout(project(self.c_proj, o.reshape(n, -1), meta.lora))
 
 
 class GPT2MLP(nn.Module):
@@ -51,8 +52,8 @@ class GPT2MLP(nn.Module):
         self.act = get_activation(c.hidden_act)
         self.dropout = nn.Dropout(c.hidden_dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+    def forward(self, x: torch.Tensor, lora: LoraRouting | None = None) -> torch.Tensor:
+        return self.dropout(project(self.c_proj, self.act(project(self.c_fc, x, lora)), lora))
 
 
 class GPT2Block(nn.Module):
@@ -65,7 +66,7 @@ class GPT2Block(nn.Module):
 
     def forward(self, h: torch.Tensor, meta: AttentionMetadata, cache: KVLayer | None) -> torch.Tensor:
         h = h + self.attn(self.ln_1(h), meta, cache)
-        return h + self.mlp(self.ln_2(h))
+        return h + self.mlp(self.ln_2(h), meta.lora)
 
 
 class GPT2Model(nn.Module):
@@ -105,8 +106,13 @@ class GPT2LMHeadModel(nn.Module):
             h = run_layer(block, self.checkpoint_layers, h, meta, kv_caches[i] if kv_caches is not None else None)
         return self.transformer.ln_f(h)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+    def compute_logits(self, hidden: torch.Tensor, lora: LoraRouting | None = None) -> torch.Tensor:
+        """Scores over the vocabulary [N, V] for hidden rows; `lora` routes rows to served adapters."""
+        return project(self.lm_head, hidden, lora)
+
+    def fused_decode(self) -> None:
+        """GPT-2 offers no compiled decode step: its own forward runs (on the paged decode kernel on CPU)."""
+        return None
 
     def load_weights(self, tensors: Mapping[str, torch.Tensor], source: str) -> None:
         """Load Hugging Face-named tensors, transposing Conv1D weights; a tied head reuses wte."""

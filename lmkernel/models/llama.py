@@ -22,7 +22,7 @@ from lmkernel.layers.activation import get_activation
 from lmkernel.layers.attention import AttentionMetadata, KVLayer, attend
 from lmkernel.layers.checkpoint import run_layer
 from lmkernel.layers.linear import Dense, GGUFLinear, Int4Linear, Int8Linear, dense
-from lmkernel.layers.lora import MultiLoraLinear
+from lmkernel.layers.lora import LoraRouting, MultiLoraLinear, project
 from lmkernel.layers.norm import RMSNorm
 from lmkernel.layers.rotary import RotaryEmbedding, apply_rotary
 from lmkernel.models.weights import embedding, load_with_tied_head
@@ -41,12 +41,12 @@ class LlamaAttention(nn.Module):
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata, cache: KVLayer | None
     ) -> torch.Tensor:
-        n = x.shape[0]
-        q = apply_rotary(self.q_proj(x).view(n, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rotary(self.k_proj(x).view(n, self.num_kv_heads, self.head_dim), cos, sin)
-        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        n, lora = x.shape[0], meta.lora
+        q = apply_rotary(project(self.q_proj, x, lora).view(n, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rotary(project(self.k_proj, x, lora).view(n, self.num_kv_heads, self.head_dim), cos, sin)
+        v = project(self.v_proj, x, lora).view(n, self.num_kv_heads, self.head_dim)
         o = attend(q, k, v, meta, kv_cache=cache, dropout_p=self.dropout_p if self.training else 0.0)
-        return self.o_proj(o.reshape(n, -1))
+        return project(self.o_proj, o.reshape(n, -1), lora)
 
 
 class LlamaMLP(nn.Module):
@@ -58,10 +58,10 @@ class LlamaMLP(nn.Module):
         self.act = get_activation(c.hidden_act)
         self.silu = c.hidden_act in ("silu", "swish")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_proj(x), self.up_proj(x)
+    def forward(self, x: torch.Tensor, lora: LoraRouting | None = None) -> torch.Tensor:
+        gate, up = project(self.gate_proj, x, lora), project(self.up_proj, x, lora)
         fused = cpu_kernels.silu_mul(gate, up) if self.silu else None
-        return self.down_proj(fused if fused is not None else self.act(gate) * up)
+        return project(self.down_proj, fused if fused is not None else self.act(gate) * up, lora)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -76,7 +76,7 @@ class LlamaDecoderLayer(nn.Module):
         self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata, cache: KVLayer | None
     ) -> torch.Tensor:
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, meta, cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        return h + self.mlp(self.post_attention_layernorm(h), meta.lora)
 
 
 class LlamaModel(nn.Module):
@@ -118,8 +118,9 @@ class LlamaForCausalLM(nn.Module):
             h = run_layer(layer, self.checkpoint_layers, h, cos, sin, meta, kv_caches[i] if kv_caches is not None else None)
         return self.model.norm(h)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+    def compute_logits(self, hidden: torch.Tensor, lora: LoraRouting | None = None) -> torch.Tensor:
+        """Scores over the vocabulary [N, V] for hidden rows; `lora` routes rows to served adapters."""
+        return project(self.lm_head, hidden, lora)
 
     def fused_decode(self) -> FusedDecode | None:
         """The decoder as one compiled call for decode steps, where it applies: on CPU, in float32, every

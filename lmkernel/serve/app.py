@@ -16,8 +16,8 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from pydantic.json_schema import models_json_schema
 
+from lmkernel.engine.async_embedder import AsyncEmbedder
 from lmkernel.engine.async_engine import AsyncEngine
-from lmkernel.loading import LoadedModel
 from lmkernel.serve.checks import ServerConfig, ServerState, Service
 from lmkernel.serve.metrics import Metrics
 from lmkernel.serve.protocol import REQUEST_MODELS, APIError
@@ -75,7 +75,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     return app.openapi_schema
 
 
-def build_app(config: ServerConfig, engine: AsyncEngine | None, embedder: LoadedModel | None) -> FastAPI:
+def build_app(config: ServerConfig, engine: AsyncEngine | None, embedder: AsyncEmbedder | None) -> FastAPI:
     """The FastAPI application; `engine` serves completions and chat, `embedder` embeddings."""
     app = FastAPI(title="lmkernel", version="0.1.0", docs_url=None, redoc_url=None)
     service = Service(config, engine, embedder)

@@ -11,13 +11,15 @@ from typing import Any, TypeVar
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
 
+from lmkernel.engine.async_embedder import AsyncEmbedder
 from lmkernel.engine.async_engine import AsyncEngine
 from lmkernel.engine.sampling import SamplingParams
+from lmkernel.engine.structured import StructuredOutputError
+from lmkernel.errors import ContextLengthError, LmkError
 from lmkernel.loader.tokenizer import Tokenizer
-from lmkernel.loading import LoadedModel
 from lmkernel.serve.auth import Gatekeeper
 from lmkernel.serve.metrics import Metrics
-from lmkernel.serve.protocol import APIError
+from lmkernel.serve.protocol import APIError, error_param
 
 Body = TypeVar("Body", bound=BaseModel)
 
@@ -73,7 +75,7 @@ class Service:
 
     config: ServerConfig
     engine: AsyncEngine | None
-    embedder: LoadedModel | None
+    embedder: AsyncEmbedder | None
     state: ServerState = field(default_factory=ServerState)
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -146,22 +148,26 @@ class Service:
         """Every prompt's ids in the vocabulary and within what one request may hold, a place in the queue,
         and the key's token budget charged; a 400, 429 naming what is wrong otherwise."""
         engine = self.generator()
-        limit, vocab = engine.max_tokens_per_request, engine.vocab_size
+        limit = engine.max_tokens_per_request
         for ids in prompts:
-            if any(not 0 <= t < vocab for t in ids):
-                raise APIError(400, f"token ids must be in [0, {vocab})", param)
-            wanted = params.max_tokens if params.max_tokens is not None else 1
-            if len(ids) + wanted > limit:
-                raise APIError(400, f"the prompt has {len(ids)} tokens and max_tokens asks for {wanted} more "
-                               f"({len(ids) + wanted} in all), beyond the {limit} tokens one request may use here "
-                               f"(context length {engine.max_model_len}, KV cache {engine.kv_cache_tokens} tokens)",
-                               param, "context_length_exceeded")
+            try:
+                engine.check_prompt(ids, params)
+            except (LmkError, ValueError) as exc:
+                raise engine_error(exc, param) from None
         if self.state.generating >= self.config.max_queued_requests:
             raise APIError(429, f"the server is at its limit of {self.config.max_queued_requests} requests; retry later",
                            code="queue_full", headers={"Retry-After": "1"})
         budget = sum(len(ids) + (params.max_tokens or limit - len(ids)) * params.n for ids in prompts)
         self.gate.charge(key, budget)
         return params
+
+
+def engine_error(exc: Exception, param: str | None) -> APIError:
+    """The 400 for a request the engine refuses (the one place engine errors become HTTP errors)."""
+    if isinstance(exc, StructuredOutputError):
+        return APIError(400, str(exc), error_param(param or "structured_outputs", exc))
+    code = "context_length_exceeded" if isinstance(exc, ContextLengthError) else None
+    return APIError(400, str(exc), param, code)
 
 
 def service(request: Request) -> Service:

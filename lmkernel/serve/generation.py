@@ -18,9 +18,9 @@ from lmkernel.engine.sampling import SamplingParams
 from lmkernel.engine.structured import StructuredOutputError
 from lmkernel.errors import LmkError
 from lmkernel.serve.auth import key_hash
-from lmkernel.serve.checks import Service
+from lmkernel.serve.checks import Service, engine_error
 from lmkernel.serve.logs import log_request
-from lmkernel.serve.protocol import APIError, error_param
+from lmkernel.serve.protocol import APIError
 
 
 def top(position: PositionLogprobs, n: int) -> list[tuple[int, float, str]]:
@@ -82,10 +82,9 @@ class Generation:
                     self.final[i] = out
                 await sink.put((i, out))
         except StructuredOutputError as exc:  # its grammar failed to compile
-            field = self.constraint[0] if self.constraint else "structured_outputs"
-            await sink.put(APIError(400, str(exc), error_param(field, exc)))
+            await sink.put(engine_error(exc, self.constraint[0] if self.constraint else None))
         except (LmkError, ValueError) as exc:
-            await sink.put(APIError(400, str(exc), "prompt"))
+            await sink.put(engine_error(exc, "prompt"))
         except Exception as exc:  # noqa: BLE001 - reported to the caller as a failed request
             await sink.put(exc)
 

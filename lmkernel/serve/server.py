@@ -13,8 +13,10 @@ from types import FrameType
 import uvicorn
 from fastapi import FastAPI
 
+from lmkernel.config import EngineConfig
+from lmkernel.engine.async_embedder import AsyncEmbedder
 from lmkernel.engine.async_engine import AsyncEngine
-from lmkernel.engine.llm import LLM
+from lmkernel.engine.llm import startup_line
 from lmkernel.errors import LmkError
 from lmkernel.loading import load_model
 from lmkernel.serve.app import ServerConfig, ServerState, build_app
@@ -22,21 +24,15 @@ from lmkernel.serve.app import ServerConfig, ServerState, build_app
 
 @dataclass
 class LaunchConfig:
-    """How to load the models and where to listen."""
+    """Which models to load, the engine to run the decoder on, and where to listen."""
 
     model: str | None
     embedding_model: str | None
+    engine: EngineConfig = field(default_factory=EngineConfig)  # also how the embedding model loads (dtype, device)
     host: str = "127.0.0.1"
     port: int = 8000
-    dtype: str = "auto"
-    device: str = "auto"
-    kv_cache_memory: str | None = None
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
     shutdown_grace: float = 30.0
-    quantization: str | None = None
     lora: dict[str, str] = field(default_factory=dict)  # adapter name -> PEFT LoRA directory, served as MODEL:NAME
-    max_loras: int | None = None  # adapter slots (default: the --lora count, or 4 with runtime loading)
 
 
 def parse_lora_options(specs: list[str]) -> dict[str, str]:
@@ -93,18 +89,19 @@ def setup_logging() -> None:
 def load_app(launch: LaunchConfig, config: ServerConfig) -> FastAPI:
     """Load the models `launch` names and build the app over them (one process, or one Ray replica)."""
     engine = embedder = None
+    c = launch.engine
     if launch.model is not None:
-        llm = LLM(launch.model, dtype=launch.dtype, device=launch.device, kv_cache_memory=launch.kv_cache_memory,
-                  max_num_seqs=launch.max_num_seqs, max_num_batched_tokens=launch.max_num_batched_tokens,
-                  quantization=launch.quantization, lora=launch.lora, max_loras=launch.max_loras)
-        if llm.engine is None:
+        loaded = load_model(launch.model, dtype=c.dtype, device=c.device, quantization=c.quantization)
+        if loaded.config.is_encoder:
             raise LmkError(f"{launch.model}: completions and chat need a decoder; this is an encoder (pass it as "
                            "--embedding-model)")
-        engine = AsyncEngine(llm.engine)
+        engine = AsyncEngine.build(loaded, c, launch.lora, owned=True)
+        print(f"lmkernel: {startup_line(engine.stats())}", flush=True)
     if launch.embedding_model is not None:
-        embedder = load_model(launch.embedding_model, dtype=launch.dtype, device=launch.device)
-        if not embedder.config.is_encoder:
+        encoder = load_model(launch.embedding_model, dtype=c.dtype, device=c.device)
+        if not encoder.config.is_encoder:
             raise LmkError(f"--embedding-model {launch.embedding_model}: embeddings need an encoder model; this is a decoder")
+        embedder = AsyncEmbedder(encoder)
     return build_app(config, engine, embedder)
 
 

@@ -10,7 +10,7 @@ import torch
 
 from lmkernel.errors import AdapterError
 from lmkernel.layers.linear import Dense, Int8Linear
-from lmkernel.layers.lora import LoraContext, LoraLinear, MultiLoraLinear, init_lora_a, linear_layers, merged_dense
+from lmkernel.layers.lora import LoraLinear, LoraRouting, MultiLoraLinear, init_lora_a, linear_layers, merged_dense
 
 
 def dense(fan_in: int = 24, fan_out: int = 16, seed: int = 0) -> Dense:
@@ -82,26 +82,25 @@ def test_merged_is_a_plain_dense_with_the_same_outputs():
         merged_dense(Int8Linear.from_float(base), layer.lora_A, layer.lora_B, 2.0, "int8 layer")
 
 
-def _serving_layer(base: torch.nn.Module) -> tuple[MultiLoraLinear, LoraContext, list[tuple[torch.Tensor, torch.Tensor, float]]]:
+def _serving_layer(base: torch.nn.Module) -> tuple[MultiLoraLinear, list[tuple[torch.Tensor, torch.Tensor, float]]]:
     g = torch.Generator().manual_seed(3)
-    ctx = LoraContext()
-    layer = MultiLoraLinear(base, ctx, num_slots=3)
+    layer = MultiLoraLinear(base, num_slots=3)
     factors = []
     for slot, r in enumerate((2, 4, 8)):  # adapters may differ in rank
         a, b = torch.randn(r, 24, generator=g), torch.randn(16, r, generator=g)
         layer.set_adapter(slot, a, b, 1.5 + slot)
         factors.append((a, b, 1.5 + slot))
-    return layer, ctx, factors
+    return layer, factors
 
 
 @pytest.mark.parametrize("slots", [[0, 0, 1, -1, 2, 0, 1, -1], [1, 1, 1, 1, 1, 1, 1, 1], [-1, -1, 2, 2, 2, 0, 0, -1]])
 def test_each_row_gets_its_own_adapter_or_the_base(slots):
     base = dense()
-    layer, ctx, factors = _serving_layer(base)
+    layer, factors = _serving_layer(base)
     x = torch.randn(len(slots), 24)
+    routing = LoraRouting.of(slots, x.device)
     with torch.inference_mode():
-        with ctx.use(slots, x.device):
-            y = layer(x)
+        y = layer(x, routing)
         after = layer(x)
     expected = base(x)
     for row, slot in enumerate(slots):
@@ -109,19 +108,26 @@ def test_each_row_gets_its_own_adapter_or_the_base(slots):
             a, b, s = factors[slot]
             expected[row] += (x[row] @ a.T @ b.T) * s
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(after, base(x), rtol=0, atol=0)  # outside the block every row is base again
+    torch.testing.assert_close(after, base(x), rtol=0, atol=0)  # without routing every row is base
 
 
 def test_serving_layer_wraps_quantized_layers_and_skips_adapters_without_this_layer():
     base = Int8Linear.from_float(dense())
-    ctx = LoraContext()
-    layer = MultiLoraLinear(base, ctx, num_slots=2)
+    layer = MultiLoraLinear(base, num_slots=2)
     a, b = torch.randn(4, 24), torch.randn(16, 4)
     layer.set_adapter(1, a, b, 0.5)  # slot 0 does not target this layer
     x = torch.randn(4, 24)
-    with torch.inference_mode(), ctx.use([0, 1, 1, -1], x.device):
-        y = layer(x)
+    with torch.inference_mode():
+        y = layer(x, LoraRouting.of([0, 1, 1, -1], x.device))
     ref = base(x)
     torch.testing.assert_close(y[[0, 3]], ref[[0, 3]], rtol=0, atol=0)
     torch.testing.assert_close(y[1:3], ref[1:3] + x[1:3] @ a.T @ b.T * 0.5, rtol=1e-5, atol=1e-5)
     assert list(linear_layers(torch.nn.Sequential(layer))) == ["0"]  # the wrapped base is not listed again
+
+
+def test_routing_groups_contiguous_rows_as_slices_and_is_none_for_base_only():
+    assert LoraRouting.of([-1, -1], torch.device("cpu")) is None
+    routing = LoraRouting.of([1, 1, -1, 0, 1], torch.device("cpu"))
+    by_slot = dict(routing.groups)
+    assert by_slot[0] == slice(3, 4)
+    assert by_slot[1].tolist() == [0, 1, 4]  # not contiguous: an index tensor

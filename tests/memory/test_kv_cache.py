@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmkernel.config import CacheConfig, ModelConfig
-from lmkernel.memory.kv_cache import allocate_kv_cache, bytes_per_block, parse_bytes
+from lmkernel.config import CacheConfig, ModelConfig, parse_bytes
+from lmkernel.memory.kv_cache import allocate_kv_cache, bytes_per_block
 
 QWEN_05B_SHAPE = ModelConfig("llama", 151936, 896, 4864, 24, 14, 2, 64, 32768)  # 24 layers, 2 KV heads of 64
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import time
 import uuid
@@ -14,7 +13,7 @@ from fastapi.responses import JSONResponse
 
 from lmkernel.errors import LmkError
 from lmkernel.serve.auth import key_hash
-from lmkernel.serve.checks import inputs, service
+from lmkernel.serve.checks import engine_error, inputs, service
 from lmkernel.serve.logs import log_request
 from lmkernel.serve.protocol import APIError, EmbeddingRequest, EmbeddingResponse, documented
 
@@ -30,23 +29,20 @@ async def embeddings(request: Request) -> Response:
     embedder = svc.embedder
     assert embedder is not None
     if body.dimensions is not None:
-        raise APIError(400, f"model '{body.model}' cannot truncate its {embedder.config.hidden_size}-dimensional "
+        raise APIError(400, f"model '{body.model}' cannot truncate its {embedder.dimensions}-dimensional "
                        "embeddings; leave 'dimensions' out", "dimensions")
     ids = [embedder.tokenizer.encode(x) if isinstance(x, str) else x for x in inputs(body.input, "input")]
-    limit = embedder.max_input_tokens
-    for i, x in enumerate(ids):
-        if not x:
-            raise APIError(400, f"input[{i}] is empty", "input")
-        if len(x) > limit:
-            raise APIError(400, f"input[{i}] has {len(x)} tokens; this model takes at most {limit}", "input",
-                           "context_length_exceeded")
+    try:
+        embedder.check_inputs(ids)
+    except (LmkError, ValueError) as exc:
+        raise engine_error(exc, "input") from None
     tokens = sum(map(len, ids))
     svc.gate.charge(key, tokens)
     start = time.monotonic()
     try:
-        vectors = await asyncio.to_thread(embedder.embed_token_ids, ids)
-    except LmkError as exc:
-        raise APIError(400, str(exc), "input") from None
+        vectors = await embedder.embed(ids)
+    except (LmkError, ValueError) as exc:
+        raise engine_error(exc, "input") from None
     data = []
     for i, v in enumerate(vectors.numpy()):
         value: Any = base64.b64encode(v.astype(np.float32).tobytes()).decode() if body.encoding_format == "base64" \

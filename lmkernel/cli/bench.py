@@ -1,0 +1,321 @@
+"""`lmk bench ...`: lmkernel against a peer or the hardware limit, in one run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from lmkernel.cli import Device, Dtype, KVMemory, Opt, Quantization, app, console, fail, quantization_arg
+from lmkernel.errors import LmkError
+from lmkernel.registry import resolve
+
+bench_app = typer.Typer(help="Benchmarks: lmkernel against a peer or the hardware limit, in one run.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("throughput")
+def bench_throughput(
+    model: Annotated[str, typer.Option()] = "smollm2-135m-instruct",
+    num_requests: Annotated[int, typer.Option()] = 64,
+    min_prompt: Annotated[int, typer.Option()] = 16,
+    max_prompt: Annotated[int, typer.Option()] = 512,
+    min_output: Annotated[int, typer.Option()] = 32,
+    max_output: Annotated[int, typer.Option()] = 256,
+    hf_batch_size: Annotated[int, typer.Option(help="static batch size of the transformers peer; 0 skips it")] = 8,
+    max_num_seqs: Annotated[int, typer.Option()] = 64,
+    max_num_batched_tokens: Annotated[int, typer.Option()] = 2048,
+    seed: Annotated[int, typer.Option()] = 0,
+    dtype: Dtype = "auto",
+    device: Device = "auto",
+    kv_cache_memory: KVMemory = "2GiB",
+) -> None:
+    """Tokens/s of lmkernel and of transformers `generate` on the same requests, and their ratio."""
+    from lmkernel.bench.peers import load_hf_causal_lm
+    from lmkernel.bench.throughput import run_hf_generate, run_lmkernel
+    from lmkernel.bench.workload import text_workload
+    from lmkernel.engine.llm import LLM
+
+    try:
+        llm = LLM(model, dtype=dtype, device=device, kv_cache_memory=kv_cache_memory, max_num_seqs=max_num_seqs,
+                  max_num_batched_tokens=max_num_batched_tokens, verbose=False)
+        work = text_workload(llm.tokenizer, num_requests, (min_prompt, max_prompt), (min_output, max_output), seed)
+    except (LmkError, ValueError) as exc:
+        raise fail(exc) from None
+    console.print(f"{num_requests} requests, {work.prompt_tokens} prompt tokens, {work.output_tokens} output tokens, {llm.loaded.dtype}")
+    ours = run_lmkernel(llm, work)
+    console.print(f"lmkernel: {ours.tokens_per_second:.1f} tok/s ({ours.seconds:.1f} s), KV-cache utilisation {ours.kv_utilisation:.1%}")
+    if hf_batch_size > 0:
+        peer = run_hf_generate(load_hf_causal_lm(llm.loaded.source, llm.loaded.dtype), llm.tokenizer.pad_token_id or 0, work, hf_batch_size)
+        console.print(f"{peer.name}: {peer.tokens_per_second:.1f} tok/s ({peer.seconds:.1f} s)")
+        console.print(f"ratio lmkernel / transformers: {ours.tokens_per_second / peer.tokens_per_second:.2f}x")
+
+
+@bench_app.command("latency")
+def bench_latency(
+    model: Annotated[str, typer.Option()] = "smollm2-135m-instruct",
+    prompt_tokens: Annotated[int, typer.Option(help="prompt length; 16-token KV blocks leave the last one half empty on average")] = 128,
+    new_tokens: Annotated[int, typer.Option()] = 128,
+    prefill_tokens: Annotated[int, typer.Option(help="with --peer llama.cpp: the prompt whose processing is timed")] = 512,
+    rounds: Annotated[int, typer.Option()] = 5,
+    dtype: Dtype = "auto",
+    device: Device = "auto",
+    peer: Annotated[str, typer.Option(help="transformers (generate at batch 1), llama.cpp (same GGUF file: decode, "
+                                           "prompt processing, load time, memory) or none")] = "transformers",
+    quantization: Quantization = "auto",
+) -> None:
+    """Batch-1 decode ms/token against the floor of weight bytes / read bandwidth measured in this run, and
+    against a peer on the same model in the same run."""
+    from lmkernel.bench.latency import measure
+    from lmkernel.bench.workload import text_workload
+    from lmkernel.engine.llm import LLM
+
+    if peer not in ("transformers", "llama.cpp", "none"):
+        raise fail(LmkError(f"--peer must be transformers, llama.cpp or none; got '{peer}'"))
+    if peer == "llama.cpp":
+        return _bench_against_llama_cpp(model, prompt_tokens, new_tokens, prefill_tokens, rounds, quantization_arg(quantization))
+    try:
+        llm = LLM(model, dtype=dtype, device=device, kv_cache_memory="256MiB", verbose=False,
+                  quantization=quantization_arg(quantization))
+        prompt = text_workload(llm.tokenizer, 1, (prompt_tokens, prompt_tokens), (1, 1)).prompts[0]
+    except (LmkError, ValueError) as exc:
+        raise fail(exc) from None
+    try:
+        from lmkernel.bench.peers import load_hf_causal_lm
+
+        hf = load_hf_causal_lm(llm.loaded.source, llm.loaded.dtype).to(llm.loaded.device) if peer == "transformers" else None
+    except LmkError as exc:
+        raise fail(exc) from None
+    r = measure(llm, prompt, new_tokens, rounds, hf)
+    console.print(f"read bandwidth {r.bandwidth_gbs:.1f} GB/s; floor {r.floor_ms:.2f} ms/token ({llm.loaded.dtype})")
+    console.print(f"lmkernel batch-1 decode: {r.ms_per_token:.2f} ms/token = {1000 / r.ms_per_token:.1f} tok/s")
+    console.print(f"fraction of the floor: {r.fraction_of_floor:.0%} (median over rounds of each decode against the "
+                  f"bandwidth read beside it; best against best: {r.floor_ms / r.ms_per_token:.0%})")
+    if r.kv_utilisation is not None:
+        console.print(f"KV-cache utilisation (tokens stored / token slots allocated): {r.kv_utilisation:.1%}")
+    if r.peer_ms_per_token is not None:
+        p = r.peer_ms_per_token
+        console.print(f"transformers generate batch-1 decode: {p:.2f} ms/token = {1000 / p:.1f} tok/s, "
+                      f"{r.floor_ms / p:.0%} of the floor; lmkernel is {p / r.ms_per_token:.2f}x as fast")
+
+
+def _bench_against_llama_cpp(model: str, prompt_tokens: int, new_tokens: int, prefill_tokens: int, rounds: int,
+                             quantization: str | None) -> None:
+    """`lmk bench latency --peer llama.cpp`: the same GGUF file in lmkernel and in llama.cpp, same threads."""
+    import torch
+
+    from lmkernel.bench.latency import compare_llama_cpp
+    from lmkernel.bench.llama_cpp_peer import CONTEXT, LlamaCppPeer, load_script
+    from lmkernel.bench.load import best_of, lmkernel_script
+    from lmkernel.bench.workload import text_workload
+    from lmkernel.engine.llm import LLM
+
+    threads = torch.get_num_threads()
+    try:
+        source = resolve(model)
+        if source.kind != "gguf":
+            raise LmkError(f"{model}: llama.cpp runs GGUF files; this is a {source.kind}")
+        file_size = source.path.stat().st_size
+        loads = [best_of(lmkernel_script(model, threads, CONTEXT), "lmkernel's load", 3),
+                 best_of(load_script(source.path, threads), "llama.cpp's load", 3)]
+        llm = LLM(model, kv_cache_memory="256MiB", verbose=False, enable_prefix_caching=False, quantization=quantization)
+        texts = text_workload(llm.tokenizer, 2, (max(prompt_tokens, prefill_tokens),) * 2, (1, 1)).prompts
+        other = LlamaCppPeer(source.path, threads)
+        r = compare_llama_cpp(llm, other, texts[0][:prompt_tokens], texts[1][:prefill_tokens], new_tokens, rounds)
+    except (LmkError, ValueError) as exc:
+        raise fail(exc) from None
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "unknown CPU")
+    flags = Path("/proc/cpuinfo").read_text()
+    isa = "AVX-512 VNNI" if "avx512_vnni" in flags else "AVX-512" if "avx512f" in flags else "AVX2"
+    console.print(f"{model} ({source.path.name}, {file_size / 1e6:,.0f} MB) on {cpu} ({isa}), {threads} threads; "
+                  f"medians of {rounds} alternating rounds")
+    table = Table("", "lmkernel", "llama.cpp", "lmkernel / llama.cpp")
+    (ours_ms, peer_ms), (ours_tps, peer_tps) = r.decode_ms, r.prefill_tps
+    table.add_row(f"batch-1 decode after {prompt_tokens} tokens", f"{1000 / ours_ms:.1f} tok/s ({ours_ms:.2f} ms)",
+                  f"{1000 / peer_ms:.1f} tok/s ({peer_ms:.2f} ms)", f"{r.decode_ratio:.2f}x")
+    table.add_row(f"decode against its floor ({r.floor_ms:.2f} ms: weights read a step / read bandwidth)",
+                  f"{r.floor_fractions[0]:.0%}", f"{r.floor_fractions[1]:.0%}", "")
+    table.add_row(f"prompt processing, {prefill_tokens} tokens", f"{ours_tps:.1f} tok/s", f"{peer_tps:.1f} tok/s",
+                  f"{r.prefill_ratio:.2f}x")
+    table.add_row("load: file to first token", f"{loads[0].seconds:.2f} s", f"{loads[1].seconds:.2f} s",
+                  f"{loads[0].seconds / loads[1].seconds:.2f}x the time")
+    table.add_row(f"resident memory the load adds ({CONTEXT}-token KV cache)", f"{loads[0].resident / 1e6:,.0f} MB ({loads[0].resident / file_size:.2f}x file)",
+                  f"{loads[1].resident / 1e6:,.0f} MB ({loads[1].resident / file_size:.2f}x file)", "")
+    console.print(table)
+
+
+@bench_app.command("structured")
+def bench_structured(
+    model: Annotated[str, typer.Option()] = "qwen2.5-coder-0.5b-instruct",
+    batch: Annotated[list[int] | None, typer.Option(help="batch sizes to measure (default 1 and 8)")] = None,
+    new_tokens: Annotated[int, typer.Option()] = 64,
+    rounds: Annotated[int, typer.Option()] = 3,
+) -> None:
+    """The cost of structured output per decode step: the same requests with and without a JSON-schema
+    grammar, alternating in one run."""
+    from lmkernel.bench.structured import mask_cost
+    from lmkernel.bench.workload import text_workload
+    from lmkernel.engine.llm import LLM
+
+    sizes = batch or [1, 8]
+    try:
+        llm = LLM(model, kv_cache_memory="512MiB", verbose=False, enable_prefix_caching=False)
+        prompts = text_workload(llm.tokenizer, max(sizes), (64, 64), (1, 1)).prompts
+        results = [mask_cost(llm, prompts, b, new_tokens, rounds) for b in sizes]
+    except (LmkError, ValueError) as exc:
+        raise fail(exc) from None
+    table = Table("batch", "decode step, free", "decode step, JSON schema", "cost of the mask")
+    for r in results:
+        table.add_row(str(r.batch), f"{r.free_ms:.2f} ms", f"{r.masked_ms:.2f} ms", f"{r.overhead:+.1%}")
+    import torch
+
+    console.print(f"{model}, {torch.get_num_threads()} threads; medians of {rounds} alternating rounds, {new_tokens} tokens each")
+    console.print(table)
+
+
+@bench_app.command("compress")
+def bench_compress(
+    model: Annotated[str, typer.Option(help="the causal LM")] = "smollm2-135m-instruct",
+    encoder: Annotated[str, typer.Option(help="the sentence encoder")] = "all-minilm-l6-v2",
+    max_tokens: Annotated[int, typer.Option(help="WikiText-2 tokens perplexity scores")] = 4096,
+    calibration_sequences: Annotated[int, typer.Option(help="128-token windows for GPTQ, Wanda and structured")] = 128,
+    sentences: Annotated[int, typer.Option(help="PhraseBank sentences the encoder variants embed")] = 256,
+    text: Annotated[Path | None, typer.Option(
+        help="WikiText-2 validation text, for perplexity and calibration (default: the repository's shared/data/wikitext-2/valid.txt)")] = None,
+    phrasebank: Annotated[Path | None, typer.Option(
+        help="Financial PhraseBank JSON lines, for the encoder (default: the repository's shared/data/financial-phrasebank/valid.jsonl)")] = None,
+) -> None:
+    """Every compressed variant side by side: size, resident memory, quality change and speed."""
+    import tempfile
+
+    from lmkernel.bench.compress import run_decoder, run_encoder
+    from lmkernel.bench.workload import shared_file
+
+    with tempfile.TemporaryDirectory(prefix="lmk-bench-compress-") as tmp:
+        try:
+            wikitext = shared_file("wikitext-2/valid.txt", "--text", text)
+            phrasebank = shared_file("financial-phrasebank/valid.jsonl", "--phrasebank", phrasebank)
+            work = Path(tmp)
+            (work / "dec").mkdir()
+            (work / "enc").mkdir()
+            log = lambda line: console.print(f"[dim]{line}[/dim]")  # noqa: E731
+            dec = run_decoder(model, work / "dec", wikitext, max_tokens, calibration_sequences, log)
+            texts = [json.loads(line)["text"] for line in phrasebank.read_text().splitlines() if line.strip()][:sentences]
+            enc = run_encoder(encoder, work / "enc", texts, log)
+        except (LmkError, ValueError, OSError) as exc:
+            raise fail(exc) from None
+    for title, rows, quality, speeds in (
+        (f"{model}: perplexity on the first {max_tokens} WikiText-2 tokens", dec, "perplexity",
+         ("decode b1 tok/s", "decode b16 tok/s", "prefill tok/s")),
+        (f"{encoder}: {len(texts)} PhraseBank sentences, cosine to float32", enc, "cosine",
+         ("b1 sent/s", "b16 sent/s", "b16 tok/s")),
+    ):
+        base = rows[0]
+        table = Table(title=title)
+        for col in ("variant", "size MB (smaller)", "RSS MB", f"{quality} (change)", *speeds):
+            table.add_column(col, justify="left" if col == "variant" else "right")
+        for r in rows:
+            change = r.quality / base.quality - 1 if quality == "perplexity" else r.quality - 1
+            table.add_row(r.name, f"{r.size_bytes / 1e6:.1f} ({base.size_bytes / r.size_bytes:.2f}x)",
+                          f"{r.rss_bytes / 1e6:.0f}", f"{r.quality:.4f} ({change:+.2%})",
+                          *(f"{v:.{0 if i == 2 else 1}f} ({x:.2f}x)" for i, (v, x) in enumerate(zip(r.speeds(), r.speedup))))
+        console.print(table)
+
+
+@bench_app.command("serve")
+def bench_serve(
+    model: Annotated[str, typer.Option()] = "smollm2-135m-instruct",
+    concurrency: Annotated[list[int] | None, typer.Option(help="streaming clients; repeat for more levels")] = None,
+    requests_per_client: Annotated[int, typer.Option()] = 4,
+    min_prompt: Annotated[int, typer.Option()] = 16,
+    max_prompt: Annotated[int, typer.Option()] = 256,
+    output_tokens: Annotated[int, typer.Option()] = 64,
+    seed: Annotated[int, typer.Option()] = 0,
+    kv_cache_memory: KVMemory = "1GiB",
+    device: Device = "auto",
+) -> None:
+    """Streaming clients over HTTP against `lmk serve`, then the same load through `LLM.generate`."""
+    import tempfile
+    from pathlib import Path as _Path
+
+    from lmkernel.bench.serve import run_http, run_in_process, start_server_process
+    from lmkernel.bench.workload import text_workload
+    from lmkernel.loading import load_model
+
+    levels = concurrency or [1, 8, 32]
+    try:
+        loaded = load_model(model, device=device)
+        works = {c: text_workload(loaded.tokenizer, c * requests_per_client, (min_prompt, max_prompt),
+                                      (output_tokens, output_tokens), seed) for c in levels}
+        log = _Path(tempfile.mkdtemp(prefix="lmk-bench-serve-")) / "serve.log"
+        server = start_server_process([model, "--kv-cache-memory", kv_cache_memory, "--device", device], log)
+    except (LmkError, ValueError) as exc:
+        raise fail(exc) from None
+    table = Table(title=f"{model}, {output_tokens} output tokens a request, prompts {min_prompt}-{max_prompt} tokens")
+    for col in ("clients", "requests", "req/s", "out tok/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms"):
+        table.add_column(col, justify="right")
+    try:
+        http = {c: run_http(server, model, works[c], c) for c in levels}
+    finally:
+        server.stop()
+    inproc = {c: run_in_process(loaded, kv_cache_memory, works[c], c) for c in levels}
+    for c in levels:
+        r = http[c]
+        table.add_row(str(c), str(r.requests), f"{r.requests_per_second:.2f}", f"{r.tokens_per_second:.1f}",
+                      f"{r.percentile('ttft', 50):.0f}", f"{r.percentile('ttft', 99):.0f}",
+                      f"{r.percentile('itl', 50):.0f}", f"{r.percentile('itl', 99):.0f}")
+    console.print(table)
+    for c in levels:
+        a, b = http[c], inproc[c]
+        console.print(f"{c} clients: HTTP {a.tokens_per_second:.1f} tok/s, in-process LLM.generate "
+                      f"{b.tokens_per_second:.1f} tok/s; HTTP overhead {1 - a.tokens_per_second / b.tokens_per_second:.1%}")
+
+
+@bench_app.command("train")
+def bench_train(
+    model: Annotated[str, Opt(help="the encoder to fine-tune")] = "all-minilm-l6-v2",
+    steps: Annotated[int, Opt(help="steps each side runs for the speed and memory comparison")] = 40,
+    batch_size: Annotated[int, Opt()] = 16,
+    skip_quality: Annotated[bool, Opt(help="only the speed and memory comparison")] = False,
+    train_data: Annotated[Path | None, Opt(
+        help="Financial PhraseBank training JSON lines (default: the repository's shared/data/financial-phrasebank/train.jsonl)")] = None,
+    valid_data: Annotated[Path | None, Opt(
+        help="its validation JSON lines, for the accuracy runs (default: shared/data/financial-phrasebank/valid.jsonl)")] = None,
+) -> None:
+    """Fine-tuning on Financial PhraseBank: accuracy of full and LoRA runs with the defaults, and speed
+    and peak memory against Hugging Face Trainer (+ peft) on the same steps."""
+    from lmkernel.bench.train import run_child
+    from lmkernel.bench.workload import shared_file
+
+    try:
+        train_file = shared_file("financial-phrasebank/train.jsonl", "--train-data", train_data)
+        valid_file = None if skip_quality else shared_file("financial-phrasebank/valid.jsonl", "--valid-data", valid_data)
+        model_dir = str(resolve(model).path)
+        table = Table(title=f"{model}: {steps} steps of {batch_size} PhraseBank sentences, each side in a fresh process")
+        for col in ("method", "lmkernel tok/s", "peer tok/s", "speed", "lmkernel peak RSS MB", "peer peak RSS MB", "memory"):
+            table.add_column(col, justify="left" if col == "method" else "right")
+        for lora in (False, True):
+            flags = ["--model", model_dir, "--data", str(train_file), "--steps", str(steps),
+                     "--batch-size", str(batch_size), *(["--lora"] if lora else [])]
+            ours, peer = run_child("ours", *flags), run_child("hf", *flags)
+            table.add_row("LoRA r=8" if lora else "full", f"{ours['tokens_per_s']:,.0f}", f"{peer['tokens_per_s']:,.0f}",
+                          f"{ours['tokens_per_s'] / peer['tokens_per_s']:.2f}x", f"{ours['peak_rss_bytes'] / 1e6:,.0f}",
+                          f"{peer['peak_rss_bytes'] / 1e6:,.0f}", f"{ours['peak_rss_bytes'] / peer['peak_rss_bytes']:.2f}x")
+        console.print(table)
+        if skip_quality:
+            return
+        table = Table(title="lmkernel defaults on the whole train split, scored on valid (best evaluation)")
+        for col in ("method", "accuracy", "macro-F1", "steps", "wall time s"):
+            table.add_column(col, justify="left" if col == "method" else "right")
+        for lora in (False, True):
+            q = run_child("quality", "--model", model_dir, "--data", str(train_file),
+                          "--valid", str(valid_file), *(["--lora"] if lora else []))
+            table.add_row("LoRA r=8" if lora else "full", f"{q['accuracy']:.4f}", f"{q['macro_f1']:.4f}",
+                          f"{q['best_step']}/{q['steps']}", f"{q['seconds']:.0f}")
+        console.print(table)
+    except (LmkError, RuntimeError) as exc:
+        raise fail(exc) from None

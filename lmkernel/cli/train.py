@@ -1,0 +1,95 @@
+"""`lmk train` and `lmk lora merge`: fine-tuning runs and their adapters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from lmkernel.cli import Opt, app, console, fail
+from lmkernel.errors import LmkError
+
+
+@app.command()
+def train(
+    config: Annotated[Path | None, typer.Argument(help="a YAML file of settings, keys as the flags (eval, batch_size...)")] = None,
+    task: Annotated[str | None, Opt(help="clm (chat JSONL or text), mlm (BERT) or classify (text + label)")] = None,
+    model: Annotated[str | None, Opt(help="alias, Hugging Face directory, .gguf file or run directory")] = None,
+    data: Annotated[str | None, Opt(help="training data: .jsonl, .csv or .txt")] = None,
+    eval: Annotated[str | None, Opt("--eval", help="validation data, same format")] = None,
+    output: Annotated[str | None, Opt("-o", "--output", help="the run directory")] = None,
+    lora: Annotated[str | None, Opt(help="train a LoRA adapter, e.g. r=8,alpha=16 (default: full fine-tuning)")] = None,
+    epochs: Annotated[int | None, Opt(help="passes over the data (default 5 full, 3 LoRA)")] = None,
+    max_steps: Annotated[int | None, Opt(help="optimizer steps to run (overrides --epochs)")] = None,
+    lr: Annotated[float | None, Opt(help="peak learning rate (default 1e-4 full, 5e-4 LoRA)")] = None,
+    batch_size: Annotated[int | None, Opt(help="examples per process and micro-batch (default 16)")] = None,
+    grad_accum: Annotated[int | None, Opt(help="micro-batches per optimizer step")] = None,
+    max_length: Annotated[int | None, Opt(help="tokens per sequence (clm: per packed row)")] = None,
+    schedule: Annotated[str | None, Opt(help="constant, linear or cosine, after warm-up")] = None,
+    warmup: Annotated[float | None, Opt(help="warm-up: a fraction of the steps (<1) or a step count")] = None,
+    optimizer: Annotated[str | None, Opt(help="adamw, sgd or adafactor")] = None,
+    weight_decay: Annotated[float | None, Opt()] = None,
+    clip: Annotated[float | None, Opt(help="gradient-norm clipping (0: off)")] = None,
+    bf16: Annotated[bool | None, Opt("--bf16/--no-bf16", help="bfloat16 autocast")] = None,
+    checkpointing: Annotated[bool | None, Opt("--checkpointing/--no-checkpointing",
+                                              help="activation checkpointing (default on: far less memory)")] = None,
+    dropout: Annotated[float | None, Opt(help="override the model's dropout")] = None,
+    early_stop: Annotated[int | None, Opt(help="patience: evaluations without gain before stopping")] = None,
+    metric: Annotated[str | None, Opt(help="validation metric to follow: loss, perplexity, accuracy, macro_f1")] = None,
+    eval_every: Annotated[int | None, Opt(help="steps between evaluations (default: each epoch)")] = None,
+    save_every: Annotated[int | None, Opt(help="steps between checkpoints (default: at each evaluation)")] = None,
+    keep_checkpoints: Annotated[int | None, Opt()] = None,
+    augment: Annotated[int | None, Opt(help="classify: augmented copies per sentence (deletion, swap, mixing)")] = None,
+    seed: Annotated[int | None, Opt()] = None,
+    device: Annotated[str | None, Opt(help="auto, cpu or cuda")] = None,
+    resume: Annotated[bool, Opt(help="continue the run in --output from its last checkpoint")] = False,
+    overwrite: Annotated[bool, Opt(help="replace an existing run directory")] = False,
+) -> None:
+    """Fine-tune a model (full or LoRA) into a run directory; `torchrun ... -m lmkernel.train` for several processes."""
+    given = {k: v for k, v in locals().items() if v is not None and k not in ("config", "resume", "overwrite")}
+    from lmkernel.loading import resolve_device
+    from lmkernel.train import distributed
+    from lmkernel.train.args import TrainArgs, read_yaml
+    from lmkernel.train.checkpoint import read_settings
+    from lmkernel.train.trainer import summary_table, train as run
+
+    flags = {("eval_data" if k == "eval" else k): v for k, v in given.items()}
+    try:
+        values: dict[str, object] = {}
+        source = "the command line"
+        if resume and output is not None and config is None:
+            values, source = read_settings(Path(output)), f"{output}/run.json"
+        if config is not None:
+            values, source = read_yaml(config), str(config)
+        values.update(flags)
+        args = TrainArgs.from_mapping(values, source).check()
+        group = distributed.init(resolve_device(args.device))
+        result = run(args, resume=resume, overwrite=overwrite, console=console, group=group)
+    except LmkError as exc:
+        raise fail(exc) from None
+    if group.is_main:
+        console.print(summary_table(result, args.metric or ("accuracy" if args.task == "classify" else "loss")))
+    distributed.shutdown(group)
+
+
+lora_app = typer.Typer(help="LoRA adapters in the PEFT format (train them with `lmk train --lora`).", no_args_is_help=True)
+app.add_typer(lora_app, name="lora")
+
+
+@lora_app.command("merge")
+def lora_merge(
+    base: Annotated[str, typer.Argument(help="the base model: alias, Hugging Face directory or .gguf file")],
+    adapter: Annotated[Path, typer.Argument(help="a PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors)")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="directory to write")],
+    overwrite: Annotated[bool, typer.Option(help="replace an existing output directory")] = False,
+) -> None:
+    """Fold ADAPTER into BASE and write a Hugging Face directory (float32) that lmkernel and transformers load;
+    a classification adapter gives a sequence-classification model with its labels."""
+    from lmkernel.train.lora import merge_adapter_dir
+
+    try:
+        out = merge_adapter_dir(base, adapter, output, overwrite)
+    except (LmkError, ValueError) as exc:
+        raise fail(exc) from None
+    console.print(f"merged {adapter} into {base}; wrote {out}")
