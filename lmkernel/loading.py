@@ -6,6 +6,7 @@ engine is checked against it, and users call it to score text or embed sentences
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,8 +26,9 @@ from lmkernel.loader.adapter import CONFIG_FILE, LoraAdapter, head_architecture,
     needs_head, read_adapter, to_peft_layout
 from lmkernel.loader.tokenizer import Tokenizer
 from lmkernel.models import model_class
+from lmkernel.models.ensemble import EnsembleClassifier
 from lmkernel.models.weights import build_on_meta, keep_gguf_blocks
-from lmkernel.registry import ModelSource, resolve
+from lmkernel.registry import ENSEMBLE_FILE, ModelSource, resolve
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -199,6 +201,10 @@ def load_model(
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     source = resolve(name_or_path)
+    if source.kind == "ensemble":
+        if adapter is not None:
+            raise AdapterError(f"{source.path}: an ensemble takes no adapter; merge it into a member first")
+        return _load_ensemble(source, torch_dtype, dev)
     lora = read_adapter(adapter) if adapter is not None else None
     if source.kind == "lora_adapter":
         if lora is not None:
@@ -265,6 +271,30 @@ def _load(source: ModelSource, dtype: torch.dtype, dev: torch.device, keep_gguf:
         model.load_weights({**tensors, **saved}, f"{source.path} with the adapter {lora.path}")
         config = _merge_adapter(model, config, lora)
     return LoadedModel(config, tokenizer, model.eval(), source, dtype, dev)
+
+
+def _load_ensemble(source: ModelSource, dtype: torch.dtype, dev: torch.device) -> LoadedModel:
+    """An `ensemble.json` directory: each member loaded as itself, checked to share labels and tokenizer."""
+    where = source.path / ENSEMBLE_FILE
+    try:
+        spec = json.loads(where.read_text(encoding="utf-8"))
+        members = [str(m) for m in spec["members"]]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise LmkError(f"{where}: expected {{\"members\": [member directories]}} ({exc})") from None
+    if len(members) < 2:
+        raise LmkError(f"{where}: an ensemble needs two or more members; got {len(members)}")
+    loaded = [load_model(source.path / m, dtype, dev, quantization=None) for m in members]
+    first = loaded[0]
+    for m, lm in zip(members, loaded):
+        if not lm.config.is_encoder or getattr(lm.model, "classifier", None) is None:
+            raise LmkError(f"{where}: member {m} is not an encoder classifier")
+        if lm.config.id2label != first.config.id2label or lm.config.hidden_size != first.config.hidden_size:
+            raise LmkError(f"{where}: member {m} has labels {lm.config.id2label} and width {lm.config.hidden_size}; "
+                           f"the first has {first.config.id2label} and {first.config.hidden_size}")
+        if lm.tokenizer.backend.to_str() != first.tokenizer.backend.to_str():
+            raise LmkError(f"{where}: member {m} tokenizes differently from the first; members must share a tokenizer")
+    model = EnsembleClassifier(first.config, [lm.model for lm in loaded])
+    return LoadedModel(first.config, first.tokenizer, model.eval(), source, dtype, dev)
 
 
 def _dequantize_blocks(blocks: torch.Tensor, gguf_type: int, width: int) -> torch.Tensor | None:

@@ -90,7 +90,7 @@ class ModelSource:
 
     name: str
     path: Path
-    kind: str  # "gguf", "hf_dir" or "lora_adapter" (a PEFT adapter directory: base model plus adapter)
+    kind: str  # "gguf", "hf_dir", "lora_adapter" (a PEFT adapter directory: base model plus adapter) or "ensemble"
 
 
 def alias_location(alias: Alias) -> Path | None:
@@ -116,6 +116,7 @@ def alias_location(alias: Alias) -> Path | None:
 RUN_FILE = "run.json"  # marks a training run directory (lmkernel.train)
 RUN_MODEL_DIR = "model"  # where a run keeps its best model
 ADAPTER_FILE = "adapter_config.json"
+ENSEMBLE_FILE = "ensemble.json"  # an ensemble directory (lmk ensemble): member models whose probabilities average
 
 
 def resolve(name_or_path: str | Path) -> ModelSource:
@@ -155,6 +156,8 @@ def _source_from_path(name: str, path: Path) -> ModelSource:
         if not (path / RUN_MODEL_DIR).is_dir():
             raise ModelSourceError(f"{path}: a training run with no model yet; it saves {path / RUN_MODEL_DIR} when it ends")
         return _source_from_path(name, path / RUN_MODEL_DIR)
+    if (path / ENSEMBLE_FILE).is_file():
+        return ModelSource(name, path, "ensemble")
     if (path / ADAPTER_FILE).is_file() and not (path / "config.json").is_file():
         return ModelSource(name, path, "lora_adapter")  # a PEFT LoRA adapter: the base it names plus the adapter
     if not (path / "config.json").is_file():

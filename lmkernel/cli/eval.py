@@ -76,18 +76,23 @@ def eval_classify(
     model: Model,
     data: Annotated[Path, typer.Option(help='a JSONL file of {"text": ..., "label": ...} objects')],
     limit: Annotated[int | None, typer.Option(help="classify only the first N examples")] = None,
+    noise: Annotated[float, typer.Option(help="typos per letter (swaps, drops, doubled letters), seeded: a noised copy")] = 0.0,
+    noise_seed: Annotated[int, typer.Option(help="the seed of --noise")] = 0,
     dtype: Dtype = "float32",
     device: Device = "auto",
     json_out: Annotated[bool, typer.Option("--json", help="print one JSON object as the last line")] = False,
 ) -> None:
     """Accuracy and macro-F1: with the model's classification head, or zero-shot for a causal LM."""
-    from lmkernel.eval.classify import classify, read_examples
+    from lmkernel.eval.classify import classify, read_examples, with_typos
     from lmkernel.loading import load_model
 
     try:
         if limit is not None and limit < 1:
             raise LmkError(f"--limit must be at least 1; got {limit}")
+        if not 0 <= noise < 1:
+            raise LmkError(f"--noise must be a rate in [0, 1); got {noise}")
         examples = read_examples(data)[:limit]
+        examples = with_typos(examples, noise, noise_seed) if noise else examples
         result = classify(load_model(model, dtype=dtype, device=device), examples)
     except (LmkError, ValueError) as exc:
         raise fail(exc) from None

@@ -17,7 +17,9 @@ def train(
     task: Annotated[str | None, Opt(help="clm (chat JSONL or text), mlm (BERT) or classify (text + label)")] = None,
     model: Annotated[str | None, Opt(help="alias, Hugging Face directory, .gguf file or run directory")] = None,
     data: Annotated[str | None, Opt(help="training data: .jsonl, .csv or .txt")] = None,
-    eval: Annotated[str | None, Opt("--eval", help="validation data, same format")] = None,
+    eval: Annotated[str | None, Opt("--eval", help="validation data, same format: chooses the best evaluation")] = None,
+    holdout: Annotated[float | None, Opt(help="instead of --eval: hold out this fraction of --data (per label) to choose on")] = None,
+    test: Annotated[str | None, Opt("--test", help="scored once, on the saved model at the end (never used to choose)")] = None,
     output: Annotated[str | None, Opt("-o", "--output", help="the run directory")] = None,
     lora: Annotated[str | None, Opt(help="train a LoRA adapter, e.g. r=8,alpha=16 (default: full fine-tuning)")] = None,
     epochs: Annotated[int | None, Opt(help="passes over the data (default 5 full, 3 LoRA)")] = None,
@@ -41,6 +43,9 @@ def train(
     save_every: Annotated[int | None, Opt(help="steps between checkpoints (default: at each evaluation)")] = None,
     keep_checkpoints: Annotated[int | None, Opt()] = None,
     augment: Annotated[int | None, Opt(help="classify: augmented copies per sentence (deletion, swap, mixing)")] = None,
+    adversarial: Annotated[str | None, Opt(help="fgm or pgd: also train on embeddings perturbed against the loss")] = None,
+    adv_epsilon: Annotated[float | None, Opt(help="the perturbation's L2 radius (default 1.0)")] = None,
+    adv_steps: Annotated[int | None, Opt(help="pgd: ascent steps (default 3)")] = None,
     seed: Annotated[int | None, Opt()] = None,
     device: Annotated[str | None, Opt(help="auto, cpu or cuda")] = None,
     resume: Annotated[bool, Opt(help="continue the run in --output from its last checkpoint")] = False,
@@ -54,7 +59,7 @@ def train(
     from lmkernel.train.checkpoint import read_settings
     from lmkernel.train.trainer import summary_table, train as run
 
-    flags = {("eval_data" if k == "eval" else k): v for k, v in given.items()}
+    flags = {{"eval": "eval_data", "test": "test_data"}.get(k, k): v for k, v in given.items()}
     try:
         values: dict[str, object] = {}
         source = "the command line"
@@ -71,6 +76,59 @@ def train(
     if group.is_main:
         console.print(summary_table(result, args.metric or ("accuracy" if args.task == "classify" else "loss")))
     distributed.shutdown(group)
+
+
+@app.command()
+def tune(
+    config: Annotated[Path, typer.Argument(help="a YAML file: `lmk train` settings (with holdout or eval to choose on, "
+                                                "test_data to report on) and an optional search: section of ranges")],
+    trials: Annotated[int, Opt(help="trials the study should hold; a rerun resumes and adds the missing ones")] = 20,
+    final: Annotated[bool, Opt("--final/--no-final", help="train the final model with the best settings")] = True,
+    ray: Annotated[bool, Opt("--ray", help="run the trials on Ray Tune (same search space, median stopping)")] = False,
+    ray_address: Annotated[str | None, Opt(help="with --ray: join this cluster ('auto', HOST:PORT, ray://...)")] = None,
+    cpus_per_trial: Annotated[float, Opt(help="with --ray: CPUs (and torch threads) per trial")] = 1.0,
+) -> None:
+    """Search learning rate, batch size, epochs, warm-up and LoRA rank with Optuna (TPE, median pruning) on
+    the selection split; write every trial, the best settings, and the final model trained with them."""
+    from lmkernel.train.args import TrainArgs, read_yaml
+    from lmkernel.train.trainer import summary_table
+    from lmkernel.train.tune import RayOptions, SearchSpace, tune as run
+
+    try:
+        values = read_yaml(config)
+        search = values.pop("search", None) or {}
+        if not isinstance(search, dict):
+            raise LmkError(f"{config}: search must be a mapping of ranges (lr: [low, high], ...)")
+        space = SearchSpace.from_mapping(search, str(config))
+        if cpus_per_trial <= 0:
+            raise LmkError(f"--cpus-per-trial must be positive; got {cpus_per_trial}")
+        options = RayOptions(ray_address, cpus_per_trial) if ray or ray_address else None
+        result = run(TrainArgs.from_mapping(values, str(config)), space, trials, console=console, train_final=final,
+                     ray=options)
+    except LmkError as exc:
+        raise fail(exc) from None
+    console.print(f"best {result.metric} {result.best_value:.4f} with {result.best_params} "
+                  f"({len(result.trials)} trials; {result.tune_dir}/trials.jsonl, best.json)")
+    if result.final is not None:
+        console.print(summary_table(result.final, result.metric))
+        if result.final.test_metrics:
+            console.print("final model on test_data: " + ", ".join(f"{k} {v:.4f}" for k, v in result.final.test_metrics.items()))
+
+
+@app.command()
+def ensemble(
+    members: Annotated[list[str], typer.Argument(help="two or more fine-tuned classifiers: run or model directories")],
+    output: Annotated[Path, Opt("-o", "--output", help="the ensemble directory to write")],
+    overwrite: Annotated[bool, Opt(help="replace an existing output directory")] = False,
+) -> None:
+    """One model directory whose predictions average the MEMBERS' probabilities (same labels and tokenizer)."""
+    from lmkernel.train.ensemble import make_ensemble
+
+    try:
+        out = make_ensemble(members, output, overwrite)
+    except (LmkError, ValueError) as exc:
+        raise fail(exc) from None
+    console.print(f"ensemble of {len(members)} members: wrote {out} (LLM, lmk eval classify and lmk serve load it)")
 
 
 lora_app = typer.Typer(help="LoRA adapters in the PEFT format (train them with `lmk train --lora`).", no_args_is_help=True)

@@ -8,6 +8,7 @@ of its words after a prompt that lists the labels, and the likeliest label wins.
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,37 @@ class ClassifyResult:
     examples: int
     labels: list[str]
     predictions: list[str]
+
+
+def typos(text: str, rate: float, rng: random.Random) -> str:
+    """`text` with character noise: each letter, with probability `rate`, swapped with the next character,
+    dropped, or doubled (one of the three at random); the robustness check of adversarial training."""
+    out: list[str] = []
+    chars = list(text)
+    i = 0
+    while i < len(chars):
+        c = chars[i]
+        if c.isalpha() and rng.random() < rate:
+            kind = rng.randrange(3)
+            if kind == 0 and i + 1 < len(chars):
+                out.extend((chars[i + 1], c))
+                i += 2
+                continue
+            if kind == 2:
+                out.append(c)
+            if kind != 1:
+                out.append(c)
+            i += 1
+            continue
+        out.append(c)
+        i += 1
+    return "".join(out)
+
+
+def with_typos(examples: Sequence[Example], rate: float, seed: int = 0) -> list[Example]:
+    """A copy of the examples with `typos` at `rate` (seeded: the same copy every time)."""
+    rng = random.Random(seed)
+    return [Example(typos(e.text, rate, rng), e.label) for e in examples]
 
 
 def read_examples(path: Path) -> list[Example]:

@@ -19,7 +19,7 @@ DEFAULT_EPOCHS_FULL = 5
 DEFAULT_EPOCHS_LORA = 3
 METRICS = ("loss", "perplexity", "accuracy", "macro_f1")
 # Keys a YAML file may spell as the CLI flag does.
-ALIASES = {"eval": "eval_data", "o": "output", "output_dir": "output", "lr_schedule": "schedule"}
+ALIASES = {"eval": "eval_data", "test": "test_data", "o": "output", "output_dir": "output", "lr_schedule": "schedule"}
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,8 @@ class TrainArgs:
     data: str
     output: str
     eval_data: str | None = None
+    holdout: float = 0.0  # fraction of --data held out (per label, for classify) to choose the best evaluation on
+    test_data: str | None = None  # scored once, on the saved (best) model at the end; never used to choose
     lora: str | None = None  # "r=8,alpha=16,dropout=0.05,targets=q_proj+v_proj"; None: full fine-tuning
     epochs: int | None = None  # default 5 full, 3 LoRA (the measured PhraseBank defaults)
     max_steps: int | None = None  # optimizer steps; overrides `epochs` when set
@@ -52,6 +54,9 @@ class TrainArgs:
     save_every: int | None = None  # optimizer steps between checkpoints; default at each evaluation or epoch end
     keep_checkpoints: int = 2
     augment: int = 0  # classify: augmented copies of each training sentence (0: off)
+    adversarial: str | None = None  # fgm or pgd: also train on embeddings perturbed against the loss
+    adv_epsilon: float = 1.0  # the perturbation's L2 radius, per micro-batch
+    adv_steps: int = 3  # pgd: ascent steps
     seed: int = 0
     device: str = "auto"
 
@@ -83,7 +88,11 @@ class TrainArgs:
             (self.clip < 0, "clip", "0 or more"),
             (self.dropout is not None and not 0 <= self.dropout < 1, "dropout", "from 0 up to (not including) 1"),
             (self.early_stop is not None and self.early_stop < 1, "early-stop", "at least 1"),
-            (self.early_stop is not None and self.eval_data is None, "early-stop", "used with --eval data"),
+            (not 0 <= self.holdout < 0.5, "holdout", "a fraction from 0 up to (not including) 0.5"),
+            (self.holdout > 0 and self.eval_data is not None, "holdout",
+             "a selection split from --data or --eval, not both"),
+            (self.early_stop is not None and self.eval_data is None and self.holdout == 0, "early-stop",
+             "used with --eval data or --holdout"),
             (self.metric is not None and self.metric not in METRICS, "metric", f"one of {', '.join(METRICS)}"),
             (self.metric in ("accuracy", "macro_f1") and self.task != "classify", "metric", "loss or perplexity for this task"),
             (self.eval_every is not None and self.eval_every < 1, "eval-every", "at least 1"),
@@ -91,6 +100,9 @@ class TrainArgs:
             (self.keep_checkpoints < 1, "keep-checkpoints", "at least 1"),
             (self.augment < 0, "augment", "0 or more"),
             (self.augment > 0 and self.task != "classify", "augment", "used with --task classify"),
+            (self.adversarial not in (None, "fgm", "pgd"), "adversarial", "fgm or pgd"),
+            (not self.adv_epsilon > 0, "adv-epsilon", "a positive number"),
+            (self.adv_steps < 1, "adv-steps", "at least 1"),
         ]
         for bad, name, expected in problems:
             if bad:

@@ -121,6 +121,22 @@ def chat_tokens(tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]], whe
     return list(encoding.ids), labels
 
 
+def holdout_split(n: int, fraction: float, seed: int, labels: Sequence[int] | None = None) -> tuple[list[int], list[int]]:
+    """Indices of `n` examples split into (kept, held out): `fraction` of them held out at random with `seed`,
+    within each label when `labels` are given (so the held-out split keeps the label shares)."""
+    rng = random.Random(seed)
+    groups: dict[int, list[int]] = {}
+    for i in range(n):
+        groups.setdefault(labels[i] if labels is not None else 0, []).append(i)
+    held: list[int] = []
+    for key in sorted(groups):
+        members = groups[key]
+        rng.shuffle(members)
+        held.extend(members[: round(fraction * len(members))])
+    chosen = set(held)
+    return [i for i in range(n) if i not in chosen], sorted(held)
+
+
 def pack(lengths: Sequence[int], max_length: int) -> list[list[int]]:
     """Indices of sequences grouped into rows of at most `max_length` tokens, in order, first fit.
 

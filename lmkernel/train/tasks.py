@@ -30,7 +30,8 @@ from lmkernel.loader.tokenizer import Tokenizer
 from lmkernel.models import model_class
 from lmkernel.models.bert import CLASSIFIER_ARCHITECTURE, MLM_ARCHITECTURE
 from lmkernel.models.weights import build_on_meta
-from lmkernel.train.data import IGNORE, DataError, augment, chat_tokens, field, pack, read_plain_text, read_rows
+from lmkernel.train.data import IGNORE, DataError, augment, chat_tokens, field, holdout_split, pack, read_plain_text, \
+    read_rows
 
 MASK_PROBABILITY = 0.15
 DEFAULT_CLM_LENGTH = 1024
@@ -88,6 +89,14 @@ class Task:
     # What subclasses provide.
     def read(self, path: Path, flag: str, training: bool) -> list[Any]:
         raise NotImplementedError
+
+    def read_split(self, path: Path, flag: str, holdout: float) -> tuple[list[Any], list[Any] | None]:
+        """The training examples, and `holdout` of them set aside (seeded) to choose the best evaluation on."""
+        items = self.read(path, flag, training=True)
+        if not holdout:
+            return items, None
+        keep, held = holdout_split(len(items), holdout, self.seed)
+        return _split(items, keep, held, path, flag)
 
     def length(self, item: Any) -> int:
         raise NotImplementedError
@@ -277,6 +286,20 @@ class Classification(Task):
         self.augment_copies = augment_copies
 
     def read(self, path: Path, flag: str, training: bool) -> list[tuple[list[int], int]]:
+        texts, ids = self._examples(path, flag, training)
+        return self._items(texts, ids, training)
+
+    def read_split(self, path: Path, flag: str, holdout: float) -> tuple[list[Any], list[Any] | None]:
+        """As `Task.read_split`, held out within each label, before any augmentation (no copy of a held-out
+        sentence is trained on)."""
+        texts, ids = self._examples(path, flag, True)
+        if not holdout:
+            return self._items(texts, ids, True), None
+        keep, held = holdout_split(len(ids), holdout, self.seed, ids)
+        train, chosen = _split(list(zip(texts, ids)), keep, held, path, flag)
+        return self._items(*map(list, zip(*train)), True), self._items(*map(list, zip(*chosen)), False)
+
+    def _examples(self, path: Path, flag: str, training: bool) -> tuple[list[str], list[int]]:
         rows = read_rows(path, flag)
         texts = [field(row, "text", str, path, flag) for row in rows]
         labels = [str(field(row, "label", (str, int), path, flag)) for row in rows]
@@ -289,7 +312,9 @@ class Classification(Task):
             if label not in index:
                 raise DataError(f"{flag} {path}, line {row.line}: label '{label}' was never seen in the training "
                                 f"data; known labels: {', '.join(self.labels)}")
-        ids = [index[label] for label in labels]
+        return texts, [index[label] for label in labels]
+
+    def _items(self, texts: list[str], ids: list[int], training: bool) -> list[tuple[list[int], int]]:
         if training and self.augment_copies:
             texts, ids = augment(texts, ids, self.seed, self.augment_copies)
         return [(_truncate(t, self.max_length), y) for t, y in zip(self.tokenizer.encode_batch(texts), ids)]
@@ -344,6 +369,13 @@ class Classification(Task):
             tensors.update(pooler)
         new.load_weights(tensors, f"{config.hf_architecture} head")
         return new, config
+
+
+def _split(items: list[Any], keep: list[int], held: list[int], path: Path, flag: str) -> tuple[list[Any], list[Any]]:
+    if not held or not keep:
+        raise DataError(f"{flag} {path}: {len(items)} examples are too few to hold out {len(held)} of them for "
+                        "selection; use more data, a different --holdout, or --eval")
+    return [items[i] for i in keep], [items[i] for i in held]
 
 
 TASKS: dict[str, type[Task]] = {"clm": CausalLM, "mlm": MaskedLM, "classify": Classification}

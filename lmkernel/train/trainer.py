@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -50,6 +51,7 @@ class TrainResult:
     steps: int
     train_loss: float
     eval_metrics: dict[str, float] = field(default_factory=dict)
+    test_metrics: dict[str, float] = field(default_factory=dict)  # the saved model on --test, scored once
     best: float | None = None
     best_step: int = 0
     stopped_early: bool = False
@@ -97,10 +99,14 @@ def _progress(console: Console | None, total: int) -> Progress:
 
 
 def train(args: TrainArgs, resume: bool = False, overwrite: bool = False, console: Console | None = None,
-          group: ProcessGroup | None = None) -> TrainResult:
+          group: ProcessGroup | None = None,
+          on_eval: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
     """Run (or, with `resume`, continue) the training `args` describe; return its summary.
 
-    Every input is read and checked before the first step; errors name the file and line.
+    Every input is read and checked before the first step; errors name the file and line. The best
+    evaluation (on --eval, or on the --holdout split of --data) chooses the saved model; --test is scored
+    once, on that saved model, at the end. `on_eval(step, scores)` sees each evaluation (a search prunes
+    trials through it by raising).
     """
     args.check()
     if group is None:
@@ -114,8 +120,10 @@ def train(args: TrainArgs, resume: bool = False, overwrite: bool = False, consol
     task_class = TASKS[args.task]
     task: Task = (Classification(loaded.tokenizer, loaded.config, args.max_length, args.seed, args.augment)
                   if task_class is Classification else task_class(loaded.tokenizer, loaded.config, args.max_length, args.seed))
-    items = task.read(Path(args.data), "--data", training=True)
-    eval_items = task.read(Path(args.eval_data), "--eval", training=False) if args.eval_data else None
+    items, eval_items = task.read_split(Path(args.data), "--data", args.holdout)
+    if args.eval_data:
+        eval_items = task.read(Path(args.eval_data), "--eval", training=False)
+    test_items = task.read(Path(args.test_data), "--test", training=False) if args.test_data else None
     if group.is_main and not resume:
         if overwrite and (run_dir / RUN_FILE).is_file():
             shutil.rmtree(run_dir)
@@ -137,6 +145,12 @@ def train(args: TrainArgs, resume: bool = False, overwrite: bool = False, consol
         lora_lib.apply_lora(model, lora, modules_to_save=new_head, seed=args.seed)
     model.checkpoint_layers = args.checkpointing
     model.to(device).train()
+    attack = None
+    if args.adversarial is not None:
+        from lmkernel.train.adversarial import EmbeddingAttack
+
+        attack = EmbeddingAttack(model, config.vocab_size, args.adversarial, args.adv_epsilon, args.adv_steps)
+    trainable = [p for p in model.parameters() if p.requires_grad]
 
     lengths = [task.length(item) for item in items]
     parts = group.world * args.grad_accum
@@ -187,11 +201,21 @@ def train(args: TrainArgs, resume: bool = False, overwrite: bool = False, consol
                          for chunk in split_batch(global_items, parts)[group.rank :: group.world] if chunk]
                 count = _global_count(sum(b.num_targets for b in micro), group)
                 loss_sum = torch.zeros((), device=device)
-                for batch in micro:
-                    with torch.autocast(device.type, torch.bfloat16, enabled=args.bf16):
-                        part = task.loss_sum(model, batch)
-                    (part / count).backward()
-                    loss_sum += part.detach().float()
+
+                def backward(scored: bool = False) -> None:
+                    nonlocal loss_sum
+                    for batch in micro:
+                        with torch.autocast(device.type, torch.bfloat16, enabled=args.bf16):
+                            part = task.loss_sum(model, batch)
+                        (part / count).backward()
+                        if scored:
+                            loss_sum += part.detach().float()
+
+                if attack is None:
+                    backward(scored=True)
+                else:  # the reported loss is the clean pass's
+                    calls = iter([True])
+                    attack.step(lambda: backward(scored=next(calls, False)), trainable)
                 loss = float(distributed.all_reduce_gradients(model, loss_sum / count, group))
                 if not math.isfinite(loss):
                     if log is not None:
@@ -223,6 +247,8 @@ def train(args: TrainArgs, resume: bool = False, overwrite: bool = False, consol
                     if group.is_main:
                         scores = evaluate()
                         log.write({"step": position.step, **scores}, "eval")
+                        if on_eval is not None:
+                            on_eval(position.step, scores)
                         value = scores[metric]
                         if position.best is None or (value > position.best if higher else value < position.best):
                             position.best, position.best_step, position.evals_without_gain = value, position.step, 0
@@ -238,14 +264,28 @@ def train(args: TrainArgs, resume: bool = False, overwrite: bool = False, consol
             else:
                 position.epoch += 1
                 position.batch_in_epoch = 0
+    if attack is not None:
+        attack.close()
+    test_scores: dict[str, float] = {}
     if group.is_main:
         if eval_items is None:
             save_model()
+        if test_items is not None:
+            test_scores = _score_saved_model(task, run_dir, test_items, args.batch_size * 2, device)
+            log.write({"step": position.step, "split": "test", **test_scores}, "test")
         log.close()
     distributed.barrier(group)
     seconds = time.perf_counter() - started
-    return TrainResult(run_dir, position.step, last_loss, scores, position.best, position.best_step, stopped_early,
-                       seconds, tokens / seconds if seconds else 0.0)
+    return TrainResult(run_dir, position.step, last_loss, scores, test_scores, position.best, position.best_step,
+                       stopped_early, seconds, tokens / seconds if seconds else 0.0)
+
+
+def _score_saved_model(task: Task, run_dir: Path, items: list, batch_size: int, device: torch.device) -> dict[str, float]:
+    """The task's metrics of the model the run saved (its best evaluation), loaded as a user loads it."""
+    saved = load_model(str(model_dir(run_dir)), device=str(device), quantization=None)
+    saved.model.eval()
+    with torch.inference_mode():
+        return task.evaluate(saved.model, items, batch_size, device)
 
 
 def _global_count(local: int, group: ProcessGroup) -> int:
@@ -270,6 +310,8 @@ def summary_table(result: TrainResult, metric: str | None) -> Table:
     if result.eval_metrics:
         rows.append(("last evaluation", ", ".join(f"{k} {v:.4f}" for k, v in result.eval_metrics.items())))
         rows.append((f"best {metric}", f"{result.best:.4f} at step {result.best_step}"))
+    if result.test_metrics:
+        rows.append(("test (saved model)", ", ".join(f"{k} {v:.4f}" for k, v in result.test_metrics.items())))
     if result.stopped_early:
         rows.append(("early stop", "yes: no gain in the last evaluations"))
     for key, value in rows:
