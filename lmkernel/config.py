@@ -56,6 +56,11 @@ class ModelConfig:
         return self.architecture == "bert"
 
     @property
+    def is_classifier(self) -> bool:
+        """Whether the model ends in a sequence-classification head (an encoder's, or a decoder's on its last token)."""
+        return self.hf_architecture.endswith("ForSequenceClassification")
+
+    @property
     def max_context(self) -> int:
         """The longest context a request may have: the positions the model was trained for, and no more
         than its sliding window (lmkernel attends to the whole context, so longer ones are refused)."""

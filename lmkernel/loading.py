@@ -23,12 +23,16 @@ from lmkernel.layers.lora import linear_layers, merged_dense
 from lmkernel.layers.quantized import QuantizationConfig, build_quantized
 from lmkernel.loader import gguf_file, hf_dir
 from lmkernel.loader.adapter import CONFIG_FILE, LoraAdapter, head_architecture, head_labels, hf_names, match_adapter, \
-    needs_head, read_adapter, to_peft_layout
+    needs_head, to_peft_layout
+from lmkernel.loader.peft_kinds import PeftAdapter, read_any_adapter
 from lmkernel.loader.tokenizer import Tokenizer
 from lmkernel.models import model_class
 from lmkernel.models.ensemble import EnsembleClassifier
+from lmkernel.models.peft_adapters import apply_peft_adapter
 from lmkernel.models.weights import build_on_meta, keep_gguf_blocks
 from lmkernel.registry import ENSEMBLE_FILE, ModelSource, resolve
+
+Adapter = LoraAdapter | PeftAdapter  # what `adapter=` may name: LoRA/AdaLoRA, or IA3, prompt tuning, bottleneck
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -205,17 +209,17 @@ def load_model(
         if adapter is not None:
             raise AdapterError(f"{source.path}: an ensemble takes no adapter; merge it into a member first")
         return _load_ensemble(source, torch_dtype, dev)
-    lora = read_adapter(adapter) if adapter is not None else None
+    lora = read_any_adapter(adapter) if adapter is not None else None
     if source.kind == "lora_adapter":
         if lora is not None:
-            raise AdapterError(f"{source.path}: is itself a LoRA adapter; pass its base model as the model")
-        lora = read_adapter(source.path)
+            raise AdapterError(f"{source.path}: is itself an adapter; pass its base model as the model")
+        lora = read_any_adapter(source.path)
         source = adapter_base(lora)
     keep = _keep_gguf(quantization, source, dev, lora)
     return _load(source, torch_dtype, dev, keep, lora)
 
 
-def _keep_gguf(quantization: str | None, source: ModelSource, dev: torch.device, lora: LoraAdapter | None) -> bool:
+def _keep_gguf(quantization: str | None, source: ModelSource, dev: torch.device, lora: Adapter | None) -> bool:
     """Whether a GGUF's weights stay in their blocks (see `load_model`); an explicit "keep" that cannot be
     honoured is refused rather than ignored."""
     if source.kind != "gguf" or quantization is None:
@@ -230,7 +234,7 @@ def _keep_gguf(quantization: str | None, source: ModelSource, dev: torch.device,
     return True
 
 
-def adapter_base(lora: LoraAdapter) -> ModelSource:
+def adapter_base(lora: Adapter) -> ModelSource:
     """The base model an adapter's config names (base_model_name_or_path), or a clear error."""
     where = f"{lora.path / CONFIG_FILE if lora.path else 'adapter'}: field 'base_model_name_or_path'"
     base = lora.config.base_model_name_or_path
@@ -247,7 +251,7 @@ def adapter_base(lora: LoraAdapter) -> ModelSource:
 
 
 def _load(source: ModelSource, dtype: torch.dtype, dev: torch.device, keep_gguf: bool,
-          lora: LoraAdapter | None) -> LoadedModel:
+          lora: Adapter | None) -> LoadedModel:
     config, tokenizer, reader = _open(source)
     if lora is not None and needs_head(lora, config):  # a task head, e.g. a classifier
         config = replace(config, hf_architecture=head_architecture(lora, config), id2label=head_labels(lora, config))
@@ -269,7 +273,12 @@ def _load(source: ModelSource, dtype: torch.dtype, dev: torch.device, keep_gguf:
     else:
         saved = {k: v.to(dev, dtype if v.is_floating_point() else v.dtype) for k, v in lora.saved.items()}
         model.load_weights({**tensors, **saved}, f"{source.path} with the adapter {lora.path}")
-        config = _merge_adapter(model, config, lora)
+        _check_saved(model, config, lora)
+        if isinstance(lora, PeftAdapter):
+            model = apply_peft_adapter(model, config, lora, hf_names(linear_layers(model), config,
+                                                                     head_architecture(lora, config)))
+        else:
+            config = _merge_adapter(model, config, lora)
     return LoadedModel(config, tokenizer, model.eval(), source, dtype, dev)
 
 
@@ -302,8 +311,8 @@ def _dequantize_blocks(blocks: torch.Tensor, gguf_type: int, width: int) -> torc
     return cpu_kernels.gguf_dequantize(blocks, gguf_type, width) if cpu_kernels.gguf_block_layout(gguf_type) else None
 
 
-def _merge_adapter(model: nn.Module, config: ModelConfig, lora: LoraAdapter) -> ModelConfig:
-    """Fold the adapter's LoRA layers into the weights; returns the config (untied if a tied head got its own weight)."""
+def _check_saved(model: nn.Module, config: ModelConfig, lora: Adapter) -> None:
+    """Every saved module of the adapter landed in a place of its own (not absent, not tied to another weight)."""
     state = model.state_dict()
     hf = {h: n for n, h in hf_names(state, config, head_architecture(lora, config)).items()}
     for name, t in lora.saved.items():
@@ -311,6 +320,10 @@ def _merge_adapter(model: nn.Module, config: ModelConfig, lora: LoraAdapter) -> 
         if ours is None or not torch.equal(to_peft_layout(ours, state[ours], config).cpu(), t.to(state[ours].dtype)):
             raise AdapterError(f"{lora.source}: tensor '{name}' (modules_to_save) has no place of its own in this model "
                                "(absent, or tied to another weight)")
+
+
+def _merge_adapter(model: nn.Module, config: ModelConfig, lora: LoraAdapter) -> ModelConfig:
+    """Fold the adapter's LoRA layers into the weights; returns the config (untied if a tied head got its own weight)."""
     distinct = len({id(p) for p in model.parameters()})
     shapes = {n: (m.in_features, m.out_features) for n, m in linear_layers(model).items()}
     for t in match_adapter(lora, shapes, config):
@@ -324,10 +337,13 @@ def _merge_adapter(model: nn.Module, config: ModelConfig, lora: LoraAdapter) -> 
 def describe(source: ModelSource) -> dict[str, object]:
     """What `lmk info` prints: read from configs and file headers, without loading any weights."""
     if source.kind == "lora_adapter":
-        lora = read_adapter(source.path)
+        lora = read_any_adapter(source.path)
         c = lora.config
-        return {"adapter": f"{source.path} (LoRA r={c.r}, alpha={c.lora_alpha:g}, {len(lora.lora)} layers, "
-                           f"task {c.task_type})", **describe(adapter_base(lora))}
+        if isinstance(lora, PeftAdapter):
+            what = f"{lora.kind}, {len(lora.modules)} layers" if lora.modules else f"{lora.kind}, {c.num_virtual_tokens} virtual tokens"
+        else:
+            what = f"{lora.kind}, r={c.r}, alpha={c.lora_alpha:g}, {len(lora.lora)} layers"
+        return {"adapter": f"{source.path} ({what}, task {c.task_type})", **describe(adapter_base(lora))}
     config, tokenizer, reader = _open(source)
     params = gguf_file.parameter_count(reader) if reader is not None else hf_dir.parameter_count(source.path)
     return {

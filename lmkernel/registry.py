@@ -155,6 +155,10 @@ def _source_from_path(name: str, path: Path) -> ModelSource:
     if (path / RUN_FILE).is_file():  # a training run directory: its best (or final) model
         if not (path / RUN_MODEL_DIR).is_dir():
             raise ModelSourceError(f"{path}: a training run with no model yet; it saves {path / RUN_MODEL_DIR} when it ends")
+        if (path / RUN_MODEL_DIR / "multitask.json").is_file():
+            tasks = sorted(p.name for p in (path / RUN_MODEL_DIR).iterdir() if p.is_dir())
+            raise ModelSourceError(f"{path}: a multi-task run holds one model per task; name one: "
+                                   + ", ".join(str(path / RUN_MODEL_DIR / t) for t in tasks))
         return _source_from_path(name, path / RUN_MODEL_DIR)
     if (path / ENSEMBLE_FILE).is_file():
         return ModelSource(name, path, "ensemble")

@@ -78,3 +78,21 @@ def hf_llama(loaded_model: nn.Module, config: ModelConfig):
     hf.load_state_dict(state, strict=True, assign=True)
     hf.model.rotary_emb = LlamaRotaryEmbedding(config=hf_cfg)  # its buffers are computed, not loaded
     return hf.eval()
+
+
+def classify_logits(model: nn.Module, seqs: list[list[int]]) -> torch.Tensor:
+    """Our classifier's logits for token sequences, as one unpadded batch."""
+    from model_checks import flatten
+
+    ids, positions, meta = flatten(seqs, causal=False)
+    with torch.no_grad():
+        return model.classify(model(ids, positions, meta), meta)
+
+
+def hf_classify_logits(model: nn.Module, seqs: list[list[int]]) -> torch.Tensor:
+    """A transformers (or peft) classifier's logits for the same sequences, right-padded with a mask."""
+    width = max(map(len, seqs))
+    ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs])
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask).logits

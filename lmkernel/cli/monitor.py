@@ -38,7 +38,7 @@ def monitor(
         if input != "-" and not Path(input).is_file():
             raise LmkError(f"--input {input}: no such file")
         llm = LLM(model, device=device)
-        if getattr(llm.loaded.model, "classifier", None) is None:
+        if not llm.loaded.config.is_classifier:
             raise LmkError(f"--model {model}: not a classifier (train one with `lmk train --task classify`)")
         labels = list(llm.loaded.config.id2label.values())
         if label not in labels:

@@ -14,14 +14,17 @@ from lmkernel.errors import LmkError
 @app.command()
 def train(
     config: Annotated[Path | None, typer.Argument(help="a YAML file of settings, keys as the flags (eval, batch_size...)")] = None,
-    task: Annotated[str | None, Opt(help="clm (chat JSONL or text), mlm (BERT) or classify (text + label)")] = None,
-    model: Annotated[str | None, Opt(help="alias, Hugging Face directory, .gguf file or run directory")] = None,
+    task: Annotated[str | None, Opt(help="clm (chat JSONL or text), mlm (BERT), classify (text + label) or multi (a YAML of tasks)")] = None,
+    model: Annotated[str | None, Opt(help="alias, Hugging Face directory, .gguf file or run directory (--init-from sets it)")] = None,
     data: Annotated[str | None, Opt(help="training data: .jsonl, .csv or .txt")] = None,
     eval: Annotated[str | None, Opt("--eval", help="validation data, same format: chooses the best evaluation")] = None,
     holdout: Annotated[float | None, Opt(help="instead of --eval: hold out this fraction of --data (per label) to choose on")] = None,
     test: Annotated[str | None, Opt("--test", help="scored once, on the saved model at the end (never used to choose)")] = None,
     output: Annotated[str | None, Opt("-o", "--output", help="the run directory")] = None,
     lora: Annotated[str | None, Opt(help="train a LoRA adapter, e.g. r=8,alpha=16 (default: full fine-tuning)")] = None,
+    peft: Annotated[str | None, Opt(help="lora, adalora, ia3, prompt, prefix, adapter (bottleneck) or full: the method")] = None,
+    peft_args: Annotated[str | None, Opt(help="the method's settings, e.g. r=12,target_r=8 (adalora), tokens=20 (prompt), "
+                                             "size=64 (adapter)")] = None,
     epochs: Annotated[int | None, Opt(help="passes over the data (default 5 full, 3 LoRA)")] = None,
     max_steps: Annotated[int | None, Opt(help="optimizer steps to run (overrides --epochs)")] = None,
     lr: Annotated[float | None, Opt(help="peak learning rate (default 1e-4 full, 5e-4 LoRA)")] = None,
@@ -46,12 +49,15 @@ def train(
     adversarial: Annotated[str | None, Opt(help="fgm or pgd: also train on embeddings perturbed against the loss")] = None,
     adv_epsilon: Annotated[float | None, Opt(help="the perturbation's L2 radius (default 1.0)")] = None,
     adv_steps: Annotated[int | None, Opt(help="pgd: ascent steps (default 3)")] = None,
+    init_from: Annotated[str | None, Opt(help="continual learning: start from this run's model and measure its old task")] = None,
+    replay: Annotated[float | None, Opt(help="with --init-from: mix in this fraction of the old run's training data")] = None,
+    ewc: Annotated[float | None, Opt(help="with --init-from: elastic weight consolidation strength (e.g. 1e4)")] = None,
     seed: Annotated[int | None, Opt()] = None,
     device: Annotated[str | None, Opt(help="auto, cpu or cuda")] = None,
     resume: Annotated[bool, Opt(help="continue the run in --output from its last checkpoint")] = False,
     overwrite: Annotated[bool, Opt(help="replace an existing run directory")] = False,
 ) -> None:
-    """Fine-tune a model (full or LoRA) into a run directory; `torchrun ... -m lmkernel.train` for several processes."""
+    """Fine-tune a model (full, LoRA or another --peft method) into a run directory; `torchrun ... -m lmkernel.train` for several processes."""
     given = {k: v for k, v in locals().items() if v is not None and k not in ("config", "resume", "overwrite")}
     from lmkernel.loading import resolve_device
     from lmkernel.train import distributed
@@ -74,7 +80,7 @@ def train(
     except LmkError as exc:
         raise fail(exc) from None
     if group.is_main:
-        console.print(summary_table(result, args.metric or ("accuracy" if args.task == "classify" else "loss")))
+        console.print(summary_table(result, args.metric or ("accuracy" if args.task in ("classify", "multi") else "loss")))
     distributed.shutdown(group)
 
 
@@ -138,7 +144,7 @@ app.add_typer(lora_app, name="lora")
 @lora_app.command("merge")
 def lora_merge(
     base: Annotated[str, typer.Argument(help="the base model: alias, Hugging Face directory or .gguf file")],
-    adapter: Annotated[Path, typer.Argument(help="a PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors)")],
+    adapter: Annotated[Path, typer.Argument(help="a PEFT LoRA, AdaLoRA or IA3 adapter directory (adapter_config.json + adapter_model.safetensors)")],
     output: Annotated[Path, typer.Option("-o", "--output", help="directory to write")],
     overwrite: Annotated[bool, typer.Option(help="replace an existing output directory")] = False,
 ) -> None:

@@ -63,10 +63,10 @@ class LLM:
         self.tokenizer = self.loaded.tokenizer
         self.engine: LLMEngine | None = None
         self._ids = itertools.count()
-        if self.loaded.config.is_encoder:
+        if self.loaded.config.is_encoder or self.loaded.config.is_classifier:  # embed() and classify(), no engine
             if lora or c.max_loras:
-                raise LmkError(f"{self.loaded.source.path}: LoRA serving needs a decoder; load an encoder's adapter "
-                               "as a model (LLM(adapter_dir))")
+                raise LmkError(f"{self.loaded.source.path}: LoRA serving needs a generating decoder; load a "
+                               "classifier's or an encoder's adapter as a model (LLM(adapter_dir))")
             return
         self.engine = LLMEngine.build(self.loaded, c, lora, owned=not isinstance(model, LoadedModel))
         self.loaded = self.engine.loaded
@@ -75,7 +75,7 @@ class LLM:
 
     def _engine(self) -> LLMEngine:
         if self.engine is None:
-            raise LmkError(f"{self.loaded.source.path}: generate() and chat() need a decoder; this encoder has embed() and classify()")
+            raise LmkError(f"{self.loaded.source.path}: generate() and chat() need a generating decoder; this encoder or classifier has embed() or classify()")
         return self.engine
 
     def generate(
@@ -137,13 +137,13 @@ class LLM:
     def classify(self, texts: str | Sequence[str], max_batch_tokens: int = 8192) -> list[ClassificationOutput]:
         """Label probabilities from a sequence-classification checkpoint, batched by length without padding."""
         model = self.loaded.model
-        if getattr(model, "classifier", None) is None:
+        if not self.loaded.config.is_classifier:
             raise LmkError(f"{self.loaded.source.path}: classify() needs a sequence-classification checkpoint")
         texts = [texts] if isinstance(texts, str) else list(texts)
         labels = self.loaded.config.id2label
         results: list[ClassificationOutput | None] = [None] * len(texts)
         for order, ids in self.loaded.length_batches(texts, max_batch_tokens):
-            meta = AttentionMetadata.for_lengths([len(x) for x in ids], causal=False)
+            meta = AttentionMetadata.for_lengths([len(x) for x in ids], causal=not self.loaded.config.is_encoder)
             flat = torch.tensor([t for x in ids for t in x], device=self.loaded.device)
             positions = torch.tensor([p for x in ids for p in range(len(x))], device=self.loaded.device)
             probs = model.classify(model(flat, positions, meta), meta).float().softmax(-1).cpu()

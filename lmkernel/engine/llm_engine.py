@@ -23,6 +23,7 @@ from lmkernel.loader.tokenizer import IncrementalDetokenizer
 from lmkernel.loading import LoadedModel, load_model
 from lmkernel.memory.block_pool import BlockPool
 from lmkernel.memory.kv_cache import allocate_kv_cache
+from lmkernel.models.virtual_tokens import VirtualTokens
 
 
 class PromptTooLongError(ContextLengthError):
@@ -79,6 +80,12 @@ class LLMEngine:
     def __init__(self, loaded: LoadedModel, config: EngineConfig, adapters: LoraAdapters | None = None) -> None:
         if loaded.config.is_encoder:
             raise LmkError(f"{loaded.source.path}: the generation engine needs a decoder; this is an encoder model")
+        if isinstance(loaded.model, VirtualTokens):
+            raise LmkError(f"{loaded.source.path}: a {loaded.model.kind}-tuning adapter adds {loaded.model.num_virtual_tokens} virtual "
+                           "tokens before every sequence, which the paged engine does not serve and no merge can fold "
+                           "into the weights; serve the base model with a LoRA, AdaLoRA or IA3 adapter instead (those "
+                           "merge: `lmk lora merge BASE DIR -o OUT`), or score with the adapter offline "
+                           "(load_model(BASE, adapter=DIR))")
         if config.threads is not None:
             torch.set_num_threads(config.threads)
         self.config = config

@@ -109,7 +109,7 @@ def _head_predictions(lm: LoadedModel, texts: list[str]) -> list[str]:
     names = lm.config.id2label
     out: list[str] = [""] * len(texts)
     for order, batch in lm.length_batches(texts, 8192):
-        meta = AttentionMetadata.for_lengths([len(b) for b in batch], causal=False)
+        meta = AttentionMetadata.for_lengths([len(b) for b in batch], causal=not lm.config.is_encoder)
         ids = torch.tensor([t for b in batch for t in b], device=lm.device)
         positions = torch.tensor([p for b in batch for p in range(len(b))], device=lm.device)
         best = lm.model.classify(lm.model(ids, positions, meta), meta).argmax(-1).tolist()
@@ -172,8 +172,8 @@ def classify(lm: LoadedModel, examples: Sequence[Example]) -> ClassifyResult:
         raise LmkError("no examples to classify")
     texts = [e.text for e in examples]
     gold = [e.label for e in examples]
-    if lm.config.is_encoder:
-        if getattr(lm.model, "classifier", None) is None:
+    if lm.config.is_encoder or lm.config.is_classifier:  # a head: an encoder's, or a decoder's last token's
+        if not lm.config.is_classifier:
             raise LmkError(f"{lm.source.path}: this encoder has no classification head "
                            "(expected a BertForSequenceClassification checkpoint)")
         labels = [lm.config.id2label[k] for k in sorted(lm.config.id2label)]

@@ -27,6 +27,28 @@ class Dense(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
+class AdapterWrapper(nn.Module):
+    """Base of the adapter layers (LoRA, AdaLoRA, IA3, bottleneck): a frozen `base_layer` whose shape it keeps."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        for p in base_layer.parameters():
+            p.requires_grad_(False)
+
+    def _adopt_mode(self) -> None:
+        """Take the base layer's train/eval mode: a wrapper put into an eval model stays in eval mode."""
+        self.train(getattr(self.base_layer, "training", False))
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+
 def dense(in_features: int, out_features: int, bias: bool) -> nn.Linear:
     """A dense projection layer of the given shape."""
     return Dense(in_features, out_features, bias=bias)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from lmkernel.errors import AdapterError
-from lmkernel.layers.linear import Dense
+from lmkernel.layers.linear import AdapterWrapper, Dense
 
 
 def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
@@ -46,31 +46,20 @@ def merged_dense(base: nn.Module, a: torch.Tensor, b: torch.Tensor, scaling: flo
     return layer
 
 
-class LoraLinear(nn.Module):
+class LoraLinear(AdapterWrapper):
     """A frozen base linear layer plus one trainable LoRA adapter (`lora_A`, `lora_B`)."""
 
     def __init__(self, base_layer: nn.Linear, r: int, alpha: float, dropout: float = 0.0,
                  generator: torch.Generator | None = None, use_rslora: bool = False) -> None:
-        super().__init__()
+        super().__init__(base_layer)
         if r < 1:
             raise ValueError(f"LoRA rank r must be at least 1; got {r}")
-        self.base_layer = base_layer
-        for p in base_layer.parameters():
-            p.requires_grad_(False)
         w = base_layer.weight
         self.r, self.alpha, self.scaling = r, alpha, lora_scaling(r, alpha, use_rslora)
         self.lora_A = nn.Parameter(init_lora_a(r, base_layer.in_features, generator).to(w.device, w.dtype))
         self.lora_B = nn.Parameter(torch.zeros(base_layer.out_features, r, device=w.device, dtype=w.dtype))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.train(base_layer.training)  # a wrapper put into an eval model stays in eval mode
-
-    @property
-    def in_features(self) -> int:
-        return self.base_layer.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base_layer.out_features
+        self._adopt_mode()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)

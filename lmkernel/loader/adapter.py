@@ -1,6 +1,7 @@
 """LoRA adapters in the PEFT on-disk format, read and written, so adapters move between lmkernel and peft.
 
-    adapter_config.json          peft's LoraConfig (peft_type "LORA", r, lora_alpha, target_modules, ...)
+    adapter_config.json          peft's LoraConfig (peft_type "LORA", r, lora_alpha, target_modules, ...;
+                                 `adapter_config.py`), or an AdaLoRA config, read as the LoRA update it computes
     adapter_model.safetensors    base_model.model.<module>.lora_A.weight [r, in], ...lora_B.weight [out, r],
                                  and whole modules_to_save tensors as base_model.model.<module>.<param>
     lmkernel_adapter.json        what peft does not store and we need to rebuild the model: the Hugging
@@ -27,6 +28,9 @@ from safetensors.torch import save_file
 
 from lmkernel.config import ModelConfig
 from lmkernel.errors import AdapterError
+from lmkernel.loader.adapter_config import (  # noqa: F401  (re-exported: the adapter's config lives beside it)
+    OUTPUT_LAYERS, PEFT_FORMAT_VERSION, AdapterConfig, is_target, names_or_regex,
+)
 from lmkernel.loader.hf_dir import check_safetensors, read_json
 from lmkernel.loader.hf_export import prepare_output, publish
 
@@ -34,144 +38,8 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 SIDECAR_FILE = "lmkernel_adapter.json"
 PREFIX = "base_model.model."
-PEFT_FORMAT_VERSION = "0.21.2"  # the peft release whose adapter_config.json keys `to_json` writes
-OUTPUT_LAYERS = ("lm_head", "classifier", "score", "cls.predictions.decoder")  # never in "all-linear"
 CLASSIFIER_ARCHITECTURE = "BertForSequenceClassification"
 _CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # GPT-2 modules stored [in, out]
-# peft features that change what the adapter computes; lmkernel refuses them rather than ignore them.
-_UNSUPPORTED = ("use_dora", "lora_bias", "layers_to_transform", "layers_pattern", "layer_replication",
-                "trainable_token_indices", "target_parameters", "use_qalora", "alora_invocation_tokens",
-                "use_bdlora", "arrow_config")
-
-
-@dataclass(frozen=True)
-class AdapterConfig:
-    """The fields of peft's LoraConfig that decide what a LoRA adapter computes and where."""
-
-    r: int
-    lora_alpha: float
-    target_modules: tuple[str, ...] | str
-    lora_dropout: float = 0.0
-    task_type: str | None = None
-    modules_to_save: tuple[str, ...] = ()
-    base_model_name_or_path: str | None = None
-    use_rslora: bool = False
-    fan_in_fan_out: bool = False
-    exclude_modules: tuple[str, ...] | str | None = None
-    rank_pattern: dict[str, int] = field(default_factory=dict)
-    alpha_pattern: dict[str, float] = field(default_factory=dict)
-    inference_mode: bool = True
-
-    def targets(self, name: str) -> bool:
-        """Whether peft puts LoRA on the module of this Hugging Face name."""
-        ex = self.exclude_modules
-        if ex and (re.fullmatch(ex, name) if isinstance(ex, str) else name in ex or any(name.endswith(f".{e}") for e in ex)):
-            return False
-        if any(re.match(rf"(^|.*\.){m}($|\..*)", name) for m in self.modules_to_save):
-            return False
-        t = self.target_modules
-        if t == "all-linear":
-            return not any(name == o or name.endswith(f".{o}") for o in OUTPUT_LAYERS)
-        if isinstance(t, str):
-            return re.fullmatch(t, name) is not None
-        return name in t or any(name.endswith(f".{k}") for k in t)
-
-    def rank(self, name: str) -> int:
-        return int(_pattern_value(self.rank_pattern, name, self.r))
-
-    def alpha(self, name: str) -> float:
-        return float(_pattern_value(self.alpha_pattern, name, self.lora_alpha))
-
-    def to_json(self) -> dict[str, Any]:
-        """adapter_config.json as peft 0.21 writes it: every key, ours filled in, peft's defaults elsewhere."""
-        out: dict[str, Any] = {
-            "alora_invocation_tokens": None, "alpha_pattern": dict(self.alpha_pattern), "arrow_config": None,
-            "auto_mapping": None, "base_model_name_or_path": self.base_model_name_or_path, "bias": "none",
-            "corda_config": None, "ensure_weight_tying": False, "eva_config": None,
-            "exclude_modules": list(self.exclude_modules) if isinstance(self.exclude_modules, tuple) else self.exclude_modules,
-            "fan_in_fan_out": self.fan_in_fan_out, "inference_mode": self.inference_mode, "init_lora_weights": True,
-            "kasa_config": None, "layer_replication": None, "layers_pattern": None, "layers_to_transform": None,
-            "loftq_config": {}, "lora_alpha": self.lora_alpha, "lora_bias": False, "lora_dropout": self.lora_dropout,
-            "lora_ga_config": None, "megatron_config": None, "megatron_core": "megatron.core",
-            "modules_to_save": list(self.modules_to_save) or None, "monteclora_config": None, "peft_type": "LORA",
-            "peft_version": PEFT_FORMAT_VERSION, "qalora_group_size": 16, "r": self.r,
-            "rank_pattern": dict(self.rank_pattern), "revision": None,
-            "target_modules": self.target_modules if isinstance(self.target_modules, str) else list(self.target_modules),
-            "target_parameters": None, "task_type": self.task_type, "trainable_token_indices": None,
-            "use_bdlora": None, "use_dora": False, "use_qalora": False, "use_rslora": self.use_rslora,
-            "velora_config": None,
-        }
-        return out
-
-    @classmethod
-    def from_json(cls, raw: Mapping[str, Any], path: Path) -> AdapterConfig:
-        """Validate adapter_config.json; errors name the file and the field."""
-        def bad(key: str, expected: str) -> AdapterError:
-            return AdapterError(f"{path}: field '{key}' is {raw.get(key)!r}; expected {expected}")
-
-        if raw.get("peft_type") != "LORA":
-            raise bad("peft_type", "'LORA' (lmkernel reads LoRA adapters only)")
-        for key in _UNSUPPORTED:
-            if raw.get(key):
-                raise AdapterError(f"{path}: field '{key}' is {raw[key]!r}; lmkernel supports plain LoRA only, without it")
-        init = str(raw.get("init_lora_weights", True)).lower()
-        if init.startswith(("pissa", "olora", "corda", "loftq")):  # these change the base weights too
-            raise bad("init_lora_weights", "an adapter on the unchanged base (convert it with peft's "
-                      "path_initial_model_for_weight_conversion)")
-        if raw.get("bias", "none") != "none":
-            raise bad("bias", "'none' (lmkernel does not train or load biases of LoRA layers)")
-        r = raw.get("r")
-        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-            raise bad("r", "a positive integer")
-        alpha = raw.get("lora_alpha", 8)
-        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
-            raise bad("lora_alpha", "a number")
-        targets = _names_or_regex(raw, "target_modules", path, required=True)
-        dropout = raw.get("lora_dropout", 0.0)
-        if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-            raise bad("lora_dropout", "a number in [0, 1)")
-        saved = raw.get("modules_to_save") or []
-        if not isinstance(saved, list) or not all(isinstance(m, str) and m for m in saved):
-            raise bad("modules_to_save", "null or a list of module names")
-        for key in ("rank_pattern", "alpha_pattern"):
-            value = raw.get(key) or {}
-            if not isinstance(value, dict) or not all(isinstance(v, (int, float)) for v in value.values()):
-                raise bad(key, "an object of module patterns to numbers")
-        base = raw.get("base_model_name_or_path")
-        return cls(
-            r=r, lora_alpha=float(alpha), target_modules=targets, lora_dropout=float(dropout),
-            task_type=raw.get("task_type"), modules_to_save=tuple(saved),
-            base_model_name_or_path=str(base) if base else None, use_rslora=bool(raw.get("use_rslora", False)),
-            fan_in_fan_out=bool(raw.get("fan_in_fan_out", False)),
-            exclude_modules=_names_or_regex(raw, "exclude_modules", path, required=False),
-            rank_pattern=dict(raw.get("rank_pattern") or {}), alpha_pattern=dict(raw.get("alpha_pattern") or {}),
-            inference_mode=bool(raw.get("inference_mode", True)),
-        )
-
-
-def _names_or_regex(raw: Mapping[str, Any], key: str, path: Path, required: bool) -> tuple[str, ...] | str | None:
-    value = raw.get(key)
-    if value is None and not required:
-        return None
-    if isinstance(value, str) and value:
-        try:
-            re.compile(value)
-        except re.error as exc:
-            raise AdapterError(f"{path}: field '{key}' is not a valid regular expression ({exc})") from None
-        return value
-    if isinstance(value, list) and value and all(isinstance(v, str) and v for v in value):
-        return tuple(value)
-    if isinstance(value, list) and not value and not required:
-        return None
-    raise AdapterError(f"{path}: field '{key}' is {value!r}; expected a list of module names or a regular expression")
-
-
-def _pattern_value(patterns: Mapping[str, float], name: str, default: float) -> float:
-    """peft's rank_pattern / alpha_pattern lookup: the first pattern matching the name's tail."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
-    return default
 
 
 @dataclass
@@ -188,27 +56,33 @@ class LoraAdapter:
     hf_architecture: str | None = None
     id2label: dict[int, str] | None = None
     path: Path | None = None
+    kind: str = "LORA"  # or "ADALORA", read as the LoRA update it computes
 
     @property
     def source(self) -> str:
         return str(self.path / WEIGHTS_FILE) if self.path is not None else "adapter"
 
 
-def read_adapter(directory: str | Path) -> LoraAdapter:
-    """Read and check a PEFT LoRA adapter directory; every error names the file and the field or tensor."""
+def open_adapter_dir(directory: str | Path) -> tuple[Path, dict[str, Any]]:
+    """An adapter directory and its adapter_config.json, read; errors name the directory or the file."""
     directory = Path(directory)
     try:
         directory = directory.expanduser()
     except RuntimeError:  # "~name" of no such user: the path as written
         pass
-    config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+    config_path = directory / CONFIG_FILE
     try:
         found = config_path.is_file()
     except OSError as exc:  # a name too long, a directory we may not read, ...
         raise AdapterError(f"{directory}: cannot read it as an adapter directory ({exc.strerror})") from None
     if not found:
-        raise AdapterError(f"{directory}: no {CONFIG_FILE}; expected a PEFT LoRA adapter directory")
-    config = AdapterConfig.from_json(read_json(config_path, AdapterError), config_path)
+        raise AdapterError(f"{directory}: no {CONFIG_FILE}; expected a PEFT adapter directory")
+    return directory, read_json(config_path, AdapterError)
+
+
+def read_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the directory's adapter_model.safetensors, checked against its header first."""
+    weights_path = directory / WEIGHTS_FILE
     if not weights_path.is_file():
         other = " (adapter_model.bin is not read: convert it to safetensors)" if (directory / "adapter_model.bin").exists() else ""
         raise AdapterError(f"{directory}: no {WEIGHTS_FILE}{other}")
@@ -220,9 +94,66 @@ def read_adapter(directory: str | Path) -> LoraAdapter:
                 tensors[key] = f.get_tensor(key)
     except SafetensorError as exc:
         raise AdapterError(f"{weights_path}: cannot read safetensors file ({exc})") from None
-    lora, saved = _split(tensors, config, weights_path)
-    arch, labels = _read_sidecar(directory / SIDECAR_FILE)
-    return LoraAdapter(config, lora, saved, arch, labels, directory)
+    return tensors
+
+
+def read_adapter(directory: str | Path) -> LoraAdapter:
+    """Read and check a PEFT LoRA or AdaLoRA adapter directory (AdaLoRA as the LoRA update it computes);
+    every error names the file and the field or tensor."""
+    directory, raw = open_adapter_dir(directory)
+    config_path = directory / CONFIG_FILE
+    kind = raw.get("peft_type")
+    if kind not in ("LORA", "ADALORA"):
+        shape = "keeps the model's shapes: it is served merged (`lmk serve DIR`, or `lmk lora merge BASE DIR -o OUT`)" \
+            if kind in ("IA3", "BOTTLENECK") else "adds tokens to the context and has no per-request form"
+        raise AdapterError(f"{config_path}: field 'peft_type' is {kind!r}; only LoRA and AdaLoRA adapters are "
+                           f"applied per request or wrapped for training here (a {kind} adapter {shape})")
+    tensors = read_weights(directory)
+    if kind == "ADALORA":
+        config, tensors = _adalora_as_lora(raw, tensors, config_path)
+    else:
+        config = AdapterConfig.from_json(raw, config_path)
+    lora, saved = _split(tensors, config, directory / WEIGHTS_FILE)
+    arch, labels = read_sidecar(directory / SIDECAR_FILE)
+    return LoraAdapter(config, lora, saved, arch, labels, directory, kind)
+
+
+def _adalora_as_lora(raw: Mapping[str, Any], tensors: Mapping[str, torch.Tensor],
+                     path: Path) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
+    """An AdaLoRA adapter as the LoRA update it computes: A' = (A * E) * alpha / (r0 + 1e-5) (PEFT's scaling
+    with `ranknum` = the initial rank r0), B as is, and per module its kept rank with a scaling of 1."""
+    init_r = raw.get("init_r")
+    if not isinstance(init_r, int) or isinstance(init_r, bool) or init_r < 1:
+        raise AdapterError(f"{path}: field 'init_r' is {init_r!r}; expected a positive integer")
+    alpha = raw.get("lora_alpha", 8)
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
+        raise AdapterError(f"{path}: field 'lora_alpha' is {alpha!r}; expected a number")
+    scaling = (alpha if alpha > 0 else float(init_r)) / (init_r + 1e-5)  # as layers/adalora.py computes it
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    out: dict[str, torch.Tensor] = {}
+    for key, t in tensors.items():
+        head, _, part = key.rpartition(".")
+        if part in ("lora_A", "lora_B", "lora_E") and head.startswith(PREFIX):
+            factors.setdefault(head, {})[part] = t
+        else:
+            out[key] = t
+    ranks: dict[str, int] = {}
+    for head, f in factors.items():
+        if set(f) != {"lora_A", "lora_B", "lora_E"}:
+            missing = sorted({"lora_A", "lora_B", "lora_E"} - set(f))
+            raise AdapterError(f"{path.parent / WEIGHTS_FILE}: '{head}' lacks {', '.join(missing)}")
+        a, b, e = f["lora_A"], f["lora_B"], f["lora_E"]
+        if a.dim() != 2 or b.dim() != 2 or tuple(e.shape) != (a.shape[0], 1) or b.shape[1] != a.shape[0]:
+            raise AdapterError(f"{path.parent / WEIGHTS_FILE}: '{head}': lora_A {tuple(a.shape)}, lora_E "
+                               f"{tuple(e.shape)} and lora_B {tuple(b.shape)} are not A [r, in], E [r, 1], B [out, r]")
+        if a.shape[0] == 0:
+            continue  # every triplet of this layer was pruned: no update
+        out[f"{head}.lora_A.weight"] = (a.float() * e.float() * scaling).to(a.dtype)
+        out[f"{head}.lora_B.weight"] = b
+        ranks[re.escape(head[len(PREFIX):])] = int(a.shape[0])
+    lora_raw = {**raw, "peft_type": "LORA", "r": init_r, "lora_alpha": float(init_r), "rank_pattern": ranks,
+                "alpha_pattern": dict(ranks), "use_rslora": False}
+    return AdapterConfig.from_json(lora_raw, path), out
 
 
 def _split(tensors: Mapping[str, torch.Tensor], config: AdapterConfig, path: Path) -> tuple[dict, dict]:
@@ -258,7 +189,7 @@ def _split(tensors: Mapping[str, torch.Tensor], config: AdapterConfig, path: Pat
     return lora, saved
 
 
-def _read_sidecar(path: Path) -> tuple[str | None, dict[int, str] | None]:
+def read_sidecar(path: Path) -> tuple[str | None, dict[int, str] | None]:
     if not path.is_file():
         return None, None
     raw = read_json(path, AdapterError)
@@ -276,20 +207,27 @@ def _read_sidecar(path: Path) -> tuple[str | None, dict[int, str] | None]:
 
 def write_adapter(directory: str | Path, adapter: LoraAdapter, overwrite: bool = False) -> Path:
     """Write adapter_config.json, adapter_model.safetensors and the sidecar; all appear or none do."""
-    out_dir = Path(directory)
-    prepare_output(out_dir, overwrite)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     tensors = {f"{PREFIX}{k}": v for k, v in adapter.saved.items()}
     for name, (a, b) in adapter.lora.items():
         tensors[f"{PREFIX}{name}.lora_A.weight"], tensors[f"{PREFIX}{name}.lora_B.weight"] = a, b
+    return write_files(directory, adapter.config.to_json(), tensors, adapter.hf_architecture, adapter.id2label, overwrite)
+
+
+def write_files(directory: str | Path, config_json: Mapping[str, Any], tensors: Mapping[str, torch.Tensor],
+                hf_architecture: str | None, id2label: Mapping[int, str] | None, overwrite: bool = False) -> Path:
+    """An adapter directory of any kind: its config, its tensors (keys as given) and the sidecar, published
+    by one rename so that all appear or none do."""
+    out_dir = Path(directory)
+    prepare_output(out_dir, overwrite)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}  # tied tensors stored apart
-    sidecar: dict[str, Any] = {"hf_architecture": adapter.hf_architecture}
-    if adapter.id2label:
-        sidecar["id2label"] = {str(k): v for k, v in adapter.id2label.items()}
+    sidecar: dict[str, Any] = {"hf_architecture": hf_architecture}
+    if id2label:
+        sidecar["id2label"] = {str(k): v for k, v in id2label.items()}
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        (tmp / CONFIG_FILE).write_text(json.dumps(adapter.config.to_json(), indent=2))
+        (tmp / CONFIG_FILE).write_text(json.dumps(dict(config_json), indent=2))
         (tmp / SIDECAR_FILE).write_text(json.dumps(sidecar, indent=2))
         publish(tmp, out_dir)
     except BaseException:
@@ -298,30 +236,35 @@ def write_adapter(directory: str | Path, adapter: LoraAdapter, overwrite: bool =
     return out_dir
 
 
-def head_architecture(adapter: LoraAdapter, config: ModelConfig) -> str:
-    """The Hugging Face architecture the adapter was made on: the sidecar's, else inferred (a peft
-    SEQ_CLS adapter on BERT is a BertForSequenceClassification), else the base model's."""
+def head_architecture(adapter: Any, config: ModelConfig) -> str:
+    """The Hugging Face architecture the adapter was made on: the sidecar's, else inferred (a peft SEQ_CLS
+    adapter is a BertForSequenceClassification on BERT, a ...ForSequenceClassification on a decoder), else
+    the base model's."""
     if adapter.hf_architecture:
         return adapter.hf_architecture
-    if config.architecture == "bert" and adapter.config.task_type == "SEQ_CLS":
+    if adapter.config.task_type == "SEQ_CLS" and config.architecture == "bert":
         return CLASSIFIER_ARCHITECTURE
+    if adapter.config.task_type == "SEQ_CLS" and config.architecture == "llama":
+        return config.hf_architecture.replace("ForCausalLM", "ForSequenceClassification")
     return config.hf_architecture
 
 
-def needs_head(adapter: LoraAdapter, config: ModelConfig) -> bool:
-    """Whether the adapter was made on another head than the base model has (a BERT classifier on
-    a bare encoder); a decoder has one head whatever its architecture is called."""
+def needs_head(adapter: Any, config: ModelConfig) -> bool:
+    """Whether the adapter was made on another head than the base model has (a classifier on a bare
+    encoder or on a decoder); a decoder's language-model head goes by several architecture names."""
     arch, bare = head_architecture(adapter, config), ("", "BertModel")
-    if config.architecture != "bert" or arch == config.hf_architecture:
+    if arch == config.hf_architecture:
         return False
+    if config.architecture != "bert":
+        return arch.endswith("ForSequenceClassification") and not config.is_classifier
     return not (arch in bare and config.hf_architecture in bare)
 
 
-def head_labels(adapter: LoraAdapter, config: ModelConfig) -> dict[int, str]:
+def head_labels(adapter: Any, config: ModelConfig) -> dict[int, str]:
     """Class labels of a classification adapter: the sidecar's, else LABEL_i for each classifier row."""
     if adapter.id2label:
         return dict(adapter.id2label)
-    weight = adapter.saved.get("classifier.weight")
+    weight = adapter.saved.get("classifier.weight", adapter.saved.get("score.weight"))
     if weight is not None:
         return {i: f"LABEL_{i}" for i in range(weight.shape[0])}
     return dict(config.id2label)

@@ -30,8 +30,10 @@ def hf_config(config: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
               "torch_dtype": _DTYPE_NAMES.get(dtype, "float32")}
     if config.architecture == "llama":
         model_type = config.hf_model_type if config.hf_model_type in _LLAMA_CLASSES else "llama"
+        cls = _LLAMA_CLASSES[model_type]
         out = {
-            "model_type": model_type, "architectures": [_LLAMA_CLASSES[model_type]],
+            "model_type": model_type,
+            "architectures": [cls.replace("ForCausalLM", "ForSequenceClassification") if config.is_classifier else cls],
             "hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size,
             "num_hidden_layers": config.num_layers, "num_attention_heads": config.num_heads,
             "num_key_value_heads": config.num_kv_heads, "head_dim": config.head_dim,
@@ -41,6 +43,9 @@ def hf_config(config: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
         }
         if config.sliding_window is not None:
             out.update(sliding_window=config.sliding_window, use_sliding_window=True)
+        if config.id2label:
+            out.update(id2label={str(k): v for k, v in config.id2label.items()},
+                       label2id={v: k for k, v in config.id2label.items()})
         return {**out, **common}
     if config.architecture == "gpt2":
         return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_embd": config.hidden_size,

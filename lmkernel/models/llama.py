@@ -4,6 +4,7 @@
     a_l   = h_l + o_proj(attn(rope(q_proj(rms(h_l))), rope(k_proj(rms(h_l))), v_proj(rms(h_l))))
     h_l+1 = a_l + down_proj(silu(gate_proj(rms(a_l))) * up_proj(rms(a_l)))
     logits = lm_head(rms(h_L))          lm_head may share the embedding matrix
+    classes = score(rms(h_L) of each sequence's last token)          sequence classifiers only
 
 Grouped-query attention: num_kv_heads key/value heads, each serving num_heads / num_kv_heads
 query heads. Qwen2 adds a bias to the Q, K and V projections. Parameter names follow Hugging Face.
@@ -96,6 +97,8 @@ class LlamaForCausalLM(nn.Module):
         self.checkpoint_layers = False  # activation checkpointing in training (the trainer turns it on)
         self.model = LlamaModel(config)
         self.lm_head = dense(config.hidden_size, config.vocab_size, False)
+        # A sequence classifier (Qwen2ForSequenceClassification, ...) scores each sequence's last token.
+        self.score = dense(config.hidden_size, len(config.id2label) or 2, False) if config.is_classifier else None
         self.rotary = RotaryEmbedding(
             config.head_dim, config.rope_theta, config.max_position_embeddings, config.rope_scaling
         )
@@ -122,6 +125,12 @@ class LlamaForCausalLM(nn.Module):
         """Scores over the vocabulary [N, V] for hidden rows; `lora` routes rows to served adapters."""
         return project(self.lm_head, hidden, lora)
 
+    def classify(self, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Class logits [B, num_labels] from each sequence's last token (the ...ForSequenceClassification head)."""
+        if self.score is None:
+            raise ValueError(f"this model has no classification head (architecture {self.config.hf_architecture!r})")
+        return self.score(hidden[torch.tensor(meta.cu_seqlens[1:], device=hidden.device) - 1])
+
     def fused_decode(self) -> FusedDecode | None:
         """The decoder as one compiled call for decode steps, where it applies: on CPU, in float32, every
         projection a plain dense, int8, int4 or GGUF-blocks layer (not LoRA-wrapped), SiLU; else None."""
@@ -141,10 +150,10 @@ class LlamaForCausalLM(nn.Module):
         return FusedDecode(self, cpu_kernels.llama_decoder(layers, c.num_heads, c.num_kv_heads, c.head_dim, c.norm_eps))
 
     def load_weights(self, tensors: Mapping[str, torch.Tensor], source: str) -> None:
-        """Load Hugging Face-named tensors; a tied head reuses the embedding matrix."""
-        load_with_tied_head(
-            self, tensors, source, "lm_head", "model.embed_tokens", self.config.tie_word_embeddings
-        )
+        """Load Hugging Face-named tensors; a tied head reuses the embedding matrix (as does the unused
+        language-model head of a classification checkpoint, which has none)."""
+        tied = self.config.tie_word_embeddings or (self.config.is_classifier and "lm_head.weight" not in tensors)
+        load_with_tied_head(self, tensors, source, "lm_head", "model.embed_tokens", tied)
 
 
 def _projection(layer: nn.Module) -> object | None:

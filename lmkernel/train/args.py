@@ -12,9 +12,12 @@ from typing import Any
 from lmkernel.errors import LmkError
 from lmkernel.train.optim import OPTIMIZERS, SCHEDULES
 
-TASK_NAMES = ("clm", "mlm", "classify")
+TASK_NAMES = ("clm", "mlm", "classify", "multi")  # multi: --data is a YAML of tasks (train/multitask.py)
 DEFAULT_LR_FULL = 1e-4
 DEFAULT_LR_LORA = 5e-4
+PEFT_KINDS = ("full", "lora", "adalora", "ia3", "prompt", "prefix", "adapter")  # full: no adapter
+# Peak learning rate per method when --lr is not given: the methods' papers' and peft's examples' magnitudes.
+DEFAULT_LR_PEFT = {"lora": DEFAULT_LR_LORA, "adalora": 1e-3, "ia3": 3e-3, "prompt": 3e-2, "prefix": 1e-2, "adapter": 1e-3}
 DEFAULT_EPOCHS_FULL = 5
 DEFAULT_EPOCHS_LORA = 3
 METRICS = ("loss", "perplexity", "accuracy", "macro_f1")
@@ -34,6 +37,9 @@ class TrainArgs:
     holdout: float = 0.0  # fraction of --data held out (per label, for classify) to choose the best evaluation on
     test_data: str | None = None  # scored once, on the saved (best) model at the end; never used to choose
     lora: str | None = None  # "r=8,alpha=16,dropout=0.05,targets=q_proj+v_proj"; None: full fine-tuning
+    peft: str | None = None  # lora, adalora, ia3, prompt, prefix, adapter (train/peft.py) or full; --lora SPEC = --peft lora
+    # (a decoder trained with --task classify takes LoRA unless --peft says otherwise)
+    peft_args: str = ""  # the method's settings, "k=v,k=v"
     epochs: int | None = None  # default 5 full, 3 LoRA (the measured PhraseBank defaults)
     max_steps: int | None = None  # optimizer steps; overrides `epochs` when set
     lr: float | None = None  # peak learning rate; default 1e-4 full, 5e-4 LoRA
@@ -57,20 +63,30 @@ class TrainArgs:
     adversarial: str | None = None  # fgm or pgd: also train on embeddings perturbed against the loss
     adv_epsilon: float = 1.0  # the perturbation's L2 radius, per micro-batch
     adv_steps: int = 3  # pgd: ascent steps
+    init_from: str | None = None  # continual learning: start from this run's model, keep its task (train/continual.py)
+    replay: float = 0.0  # with init_from: the fraction of the old run's training data mixed in
+    ewc: float = 0.0  # with init_from: elastic weight consolidation strength (0: off)
     seed: int = 0
     device: str = "auto"
+
+    @property
+    def method(self) -> tuple[str, str] | None:
+        """(kind, its settings) of a parameter-efficient run; None for full fine-tuning."""
+        if self.lora is not None:
+            return "lora", self.lora
+        return (self.peft, self.peft_args) if self.peft not in (None, "full") else None
 
     @property
     def num_epochs(self) -> int:
         if self.epochs is not None:
             return self.epochs
-        return DEFAULT_EPOCHS_LORA if self.lora else DEFAULT_EPOCHS_FULL
+        return DEFAULT_EPOCHS_LORA if self.method else DEFAULT_EPOCHS_FULL
 
     @property
     def peak_lr(self) -> float:
         if self.lr is not None:
             return self.lr
-        return DEFAULT_LR_LORA if self.lora else DEFAULT_LR_FULL
+        return DEFAULT_LR_PEFT[self.method[0]] if self.method else DEFAULT_LR_FULL
 
     def check(self) -> TrainArgs:
         """Raise an LmkError naming the first setting out of range; return self."""
@@ -94,7 +110,12 @@ class TrainArgs:
             (self.early_stop is not None and self.eval_data is None and self.holdout == 0, "early-stop",
              "used with --eval data or --holdout"),
             (self.metric is not None and self.metric not in METRICS, "metric", f"one of {', '.join(METRICS)}"),
-            (self.metric in ("accuracy", "macro_f1") and self.task != "classify", "metric", "loss or perplexity for this task"),
+            (self.metric in ("accuracy", "macro_f1") and self.task not in ("classify", "multi"), "metric",
+             "loss or perplexity for this task"),
+            (self.task == "multi" and (self.eval_data or self.test_data), "task",
+             "given each task's eval and test files in the --data YAML (--task multi takes no --eval or --test)"),
+            (self.task == "multi" and (self.method is not None or self.init_from is not None), "task",
+             "full fine-tuning of one new model (--task multi takes no --lora, --peft or --init-from)"),
             (self.eval_every is not None and self.eval_every < 1, "eval-every", "at least 1"),
             (self.save_every is not None and self.save_every < 1, "save-every", "at least 1"),
             (self.keep_checkpoints < 1, "keep-checkpoints", "at least 1"),
@@ -103,6 +124,18 @@ class TrainArgs:
             (self.adversarial not in (None, "fgm", "pgd"), "adversarial", "fgm or pgd"),
             (not self.adv_epsilon > 0, "adv-epsilon", "a positive number"),
             (self.adv_steps < 1, "adv-steps", "at least 1"),
+            (self.peft is not None and self.peft not in PEFT_KINDS, "peft", f"one of {', '.join(PEFT_KINDS)}"),
+            (self.peft is not None and self.lora is not None, "peft", "unset when --lora is given (--lora SPEC is "
+             "--peft lora --peft-args SPEC)"),
+            (bool(self.peft_args) and self.peft in (None, "full"), "peft-args", "used with --peft KIND (not full)"),
+            (self.init_from is not None and self.model != self.init_from, "init-from",
+             "the run whose model this one starts from (leave --model out, or give the same run)"),
+            (not 0 <= self.replay <= 1, "replay", "a fraction from 0 to 1"),
+            (self.replay > 0 and self.init_from is None, "replay", "used with --init-from RUN"),
+            (self.ewc < 0, "ewc", "0 or more"),
+            (self.ewc > 0 and self.init_from is None, "ewc", "used with --init-from RUN"),
+            (self.ewc > 0 and self.method is not None, "ewc", "used with full fine-tuning (it anchors the weights "
+             "the old run trained; adapters start new)"),
         ]
         for bad, name, expected in problems:
             if bad:
@@ -123,6 +156,8 @@ class TrainArgs:
             if key not in fields:
                 raise LmkError(f"{source}: unknown setting '{raw_key}'; expected some of {', '.join(fields)}")
             out[key] = _coerce(value, fields[key].type, raw_key, source)
+        if "init_from" in out and "model" not in out:
+            out["model"] = out["init_from"]  # --init-from RUN starts from RUN's model
         missing = [name for name, f in fields.items() if f.default is dataclasses.MISSING and name not in out]
         if missing:
             raise LmkError(f"{source}: missing required setting(s) {', '.join(missing)}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -32,6 +33,7 @@ from lmkernel.loader.adapter import (
     write_adapter,
 )
 from lmkernel.loader.hf_export import prepare_output, save_model_dir
+from lmkernel.loader.peft_kinds import PeftAdapter, read_any_adapter
 from lmkernel.loading import load_model
 
 DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
@@ -41,7 +43,24 @@ DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
     "bert": ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"),
     "gpt2": ("c_attn", "c_proj", "c_fc"),
 }
-_SPEC_KEYS = {"r": "r", "alpha": "alpha", "dropout": "dropout", "targets": "target_modules"}
+_SPEC_KEYS = {"r": int, "alpha": float, "dropout": float, "targets": tuple}
+_SPEC_FIELDS = {"targets": "target_modules"}
+
+
+def parse_spec(spec: str, keys: dict[str, type], what: str) -> dict[str, Any]:
+    """"k=v,k=v" into typed values (`tuple`: names joined by "+"); errors name `what` and the expected keys."""
+    values: dict[str, Any] = {}
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        key, sep, value = (s.strip() for s in part.partition("="))
+        if not sep or key not in keys or not value:
+            raise AdapterError(f"{what} '{spec}': '{part}' is not one of {', '.join(f'{k}=...' for k in keys)}")
+        try:
+            values[key] = tuple(x.strip() for x in value.split("+")) if keys[key] is tuple else keys[key](value)
+        except ValueError:
+            raise AdapterError(f"{what} '{spec}': {key}={value} is not a number") from None
+    return values
 
 
 @dataclass(frozen=True)
@@ -67,21 +86,8 @@ class LoraSettings:
     @classmethod
     def parse(cls, spec: str) -> LoraSettings:
         """Settings from "r=8,alpha=16,dropout=0.05,targets=q_proj+v_proj" (any subset; "" = defaults)."""
-        values: dict[str, object] = {}
-        for part in (p.strip() for p in spec.split(",")):
-            if not part:
-                continue
-            key, sep, value = (s.strip() for s in part.partition("="))
-            if not sep or key not in _SPEC_KEYS or not value:
-                raise AdapterError(f"LoRA spec '{spec}': '{part}' is not one of "
-                                   f"{', '.join(f'{k}=...' for k in _SPEC_KEYS)} (e.g. r=8,alpha=16,targets=q_proj+v_proj)")
-            try:
-                parsed: object = {"r": int, "alpha": float, "dropout": float}[key](value) if key != "targets" \
-                    else tuple(x.strip() for x in value.split("+"))
-            except ValueError:
-                raise AdapterError(f"LoRA spec '{spec}': {key}={value} is not a number") from None
-            values[_SPEC_KEYS[key]] = parsed
-        return cls(**values)  # type: ignore[arg-type]
+        values = parse_spec(spec, _SPEC_KEYS, "LoRA spec")
+        return cls(**{_SPEC_FIELDS.get(k, k): v for k, v in values.items()})
 
     def targets(self, architecture: str) -> tuple[str, ...] | str:
         """The target module names (peft's target_modules) for a model of this architecture."""
@@ -110,7 +116,7 @@ def _config(model: nn.Module) -> ModelConfig:
     return config
 
 
-def _saved_modules(model: nn.Module, config: ModelConfig, modules_to_save: Sequence[str]) -> list[str]:
+def saved_modules(model: nn.Module, config: ModelConfig, modules_to_save: Sequence[str]) -> list[str]:
     """Our names of the modules that train and are saved whole: each entry names a module, or ends one's name."""
     names = [n for n, _ in model.named_modules() if n]
     hf = hf_names(names, config, config.hf_architecture)
@@ -122,6 +128,16 @@ def _saved_modules(model: nn.Module, config: ModelConfig, modules_to_save: Seque
                                f"has no module '{want}'")
         out.extend(n for n in found if not any(n.startswith(f"{o}.") for o in found))
     return out
+
+
+def saved_tensors(model: nn.Module, config: ModelConfig, modules_to_save: Sequence[str], arch: str) -> dict[str, torch.Tensor]:
+    """The `modules_to_save` parameters by their Hugging Face names, in peft's layout."""
+    saved: dict[str, torch.Tensor] = {}
+    for name in saved_modules(model, config, modules_to_save):
+        for key, t in model.get_submodule(name).state_dict().items():
+            full = f"{name}.{key}"
+            saved[hf_names([full], config, arch)[full]] = to_peft_layout(full, t, config)
+    return saved
 
 
 def apply_lora(model: nn.Module, settings: LoraSettings, modules_to_save: Sequence[str] = (), seed: int = 0) -> list[str]:
@@ -139,7 +155,7 @@ def apply_lora(model: nn.Module, settings: LoraSettings, modules_to_save: Sequen
     for name in chosen:
         if not isinstance(layers[name], nn.Linear) or isinstance(layers[name], LoraLinear):
             raise AdapterError(f"'{name}' is a {type(layers[name]).__name__}; LoRA training wraps float linear layers only")
-    saved = _saved_modules(model, config, modules_to_save)
+    saved = saved_modules(model, config, modules_to_save)
     for p in model.parameters():
         p.requires_grad_(False)
     generator = torch.Generator().manual_seed(seed)
@@ -169,11 +185,7 @@ def save_adapter(model: nn.Module, settings: LoraSettings, out_dir: str | Path, 
                            f"alpha={settings.alpha:g}, targets {adapter_config.target_modules!r}); save with the "
                            "settings they were made with")
     lora = {hf[n]: (m.lora_A.detach(), m.lora_B.detach()) for n, m in wrapped.items()}
-    saved: dict[str, torch.Tensor] = {}
-    for name in _saved_modules(model, config, modules_to_save):
-        for key, t in model.get_submodule(name).state_dict().items():
-            full = f"{name}.{key}"
-            saved[hf_names([full], config, arch)[full]] = to_peft_layout(full, t, config)
+    saved = saved_tensors(model, config, modules_to_save, arch)
     labels = id2label if id2label is not None else (dict(config.id2label) or None)
     return write_adapter(out_dir, LoraAdapter(adapter_config, lora, saved, arch, labels), overwrite)
 
@@ -229,9 +241,15 @@ def merge_lora(model: nn.Module) -> list[str]:
 
 
 def merge_adapter_dir(base: str, adapter_dir: Path, out_dir: Path, overwrite: bool = False) -> Path:
-    """Load `base`, merge the adapter into it (building a classification head where it has one) and
-    write a Hugging Face directory that lmkernel and transformers load."""
+    """Load `base`, merge the adapter (LoRA, AdaLoRA, IA3) into it (building a classification head where it
+    has one) and write a Hugging Face directory that lmkernel and transformers load."""
     out_dir = Path(out_dir)
+    kind = read_any_adapter(adapter_dir)
+    if isinstance(kind, PeftAdapter) and kind.kind in ("PROMPT_TUNING", "BOTTLENECK"):
+        why = ("adds virtual tokens before every sequence" if kind.kind == "PROMPT_TUNING"
+               else "adds a non-linear layer after its targets")
+        raise AdapterError(f"{adapter_dir}: a {kind.kind} adapter {why}, which no merge folds into the weights; "
+                           "use the adapter directory itself as the model (load_model(DIR), `lmk serve DIR`)")
     prepare_output(out_dir, overwrite)
     lm = load_model(base, adapter=adapter_dir)
     return save_model_dir(lm.model, lm.config, lm.tokenizer, lm.dtype, out_dir, overwrite)

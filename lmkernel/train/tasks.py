@@ -278,11 +278,11 @@ class Classification(Task):
 
     def __init__(self, tokenizer: Tokenizer, config: ModelConfig, max_length: int | None, seed: int,
                  augment_copies: int = 0) -> None:
-        if not config.is_encoder:
-            raise DataError(f"--task classify needs an encoder model (BERT); this is {config.architecture}, a decoder")
+        if config.architecture not in ("bert", "llama"):
+            raise DataError(f"--task classify needs a BERT encoder or a Llama-family decoder; this is {config.architecture}")
         super().__init__(tokenizer, config, max_length, seed)
-        self.labels: list[str] = [config.id2label[i] for i in sorted(config.id2label)] \
-            if config.hf_architecture == CLASSIFIER_ARCHITECTURE else []
+        self.labels: list[str] = [config.id2label[i] for i in sorted(config.id2label)] if config.is_classifier else []
+        self.causal = not config.is_encoder  # a decoder reads each sentence left to right and is scored on its last token
         self.augment_copies = augment_copies
 
     def read(self, path: Path, flag: str, training: bool) -> list[tuple[list[int], int]]:
@@ -323,7 +323,7 @@ class Classification(Task):
         return len(item[0])
 
     def collate(self, items: Sequence[Any], indices: Sequence[int], epoch: int, device: torch.device) -> Batch:
-        ids, positions, meta = _layout([items[i][0] for i in indices], False, device)
+        ids, positions, meta = _layout([items[i][0] for i in indices], self.causal, device)
         targets = torch.tensor([items[i][1] for i in indices], device=device)
         return Batch(ids, positions, meta, targets, int(ids.shape[0]), len(indices))
 
@@ -352,8 +352,10 @@ class Classification(Task):
     def prepare(self, model: nn.Module, config: ModelConfig,
                 checkpoint: Callable[[], Mapping[str, torch.Tensor]]) -> tuple[nn.Module, ModelConfig]:
         id2label = dict(enumerate(self.labels))
-        if model.classifier is not None and config.id2label == id2label:
+        if config.is_classifier and config.id2label == id2label:
             return model, config
+        if not config.is_encoder:
+            return self._decoder_head(model, config, id2label)
         self.created = ["classifier"]
         config = replace(config, hf_architecture=CLASSIFIER_ARCHITECTURE, id2label=id2label)
         new = build_on_meta(model_class(config), config)
@@ -367,6 +369,19 @@ class Classification(Task):
                 pooler = {f"bert.pooler.dense.{k}": v for k, v in _init_linear(new.bert.pooler.dense, g).items()}
                 self.created.append("bert.pooler")
             tensors.update(pooler)
+        new.load_weights(tensors, f"{config.hf_architecture} head")
+        return new, config
+
+    def _decoder_head(self, model: nn.Module, config: ModelConfig, id2label: dict[int, str]) -> tuple[nn.Module, ModelConfig]:
+        """A decoder with a new `score` layer on its last token (transformers' ...ForSequenceClassification,
+        initialised as transformers does: normal, std 0.02, no bias)."""
+        self.created = ["score"]
+        family = {"qwen2": "Qwen2", "mistral": "Mistral"}.get(config.hf_model_type, "Llama")
+        config = replace(config, hf_architecture=f"{family}ForSequenceClassification", id2label=id2label)
+        new = build_on_meta(model_class(config), config)
+        g = torch.Generator().manual_seed(self.seed)
+        tensors = {k: v for k, v in model.state_dict().items() if not k.startswith("score.")}
+        tensors["score.weight"] = torch.randn(len(id2label), config.hidden_size, generator=g) * 0.02
         new.load_weights(tensors, f"{config.hf_architecture} head")
         return new, config
 

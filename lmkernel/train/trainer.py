@@ -25,7 +25,7 @@ from torch import nn
 from lmkernel.errors import LmkError
 from lmkernel.loader import hf_dir
 from lmkernel.loader.hf_export import prepare_output, save_model_dir
-from lmkernel.loading import load_model, resolve_device
+from lmkernel.loading import LoadedModel, load_model, resolve_device
 from lmkernel.registry import RUN_FILE
 from lmkernel.train import distributed
 from lmkernel.train.args import TrainArgs
@@ -57,6 +57,9 @@ class TrainResult:
     stopped_early: bool = False
     seconds: float = 0.0
     tokens_per_second: float = 0.0
+    trainable_parameters: int = 0
+    old_task_before: dict[str, float] = field(default_factory=dict)  # --init-from: the old task, before training
+    old_task_after: dict[str, float] = field(default_factory=dict)  # ... and on the saved model after it
 
 
 def _set_dropout(model: nn.Module, p: float) -> None:
@@ -98,6 +101,21 @@ def _progress(console: Console | None, total: int) -> Progress:
     )
 
 
+def _task(args: TrainArgs, loaded: LoadedModel) -> Task:
+    if args.task == "multi":
+        from lmkernel.train.multitask import MultiTask
+
+        return MultiTask(loaded.tokenizer, loaded.config, args.max_length, args.seed)
+    if args.task == "classify":
+        return Classification(loaded.tokenizer, loaded.config, args.max_length, args.seed, args.augment)
+    return TASKS[args.task](loaded.tokenizer, loaded.config, args.max_length, args.seed)
+
+
+def _planned_steps(args: TrainArgs, num_items: int, world: int) -> int:
+    """The run's optimizer steps, as the loop below counts them (AdaLoRA's budget schedule needs them up front)."""
+    return args.max_steps or args.num_epochs * math.ceil(num_items / (args.batch_size * world * args.grad_accum))
+
+
 def train(args: TrainArgs, resume: bool = False, overwrite: bool = False, console: Console | None = None,
           group: ProcessGroup | None = None,
           on_eval: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
@@ -116,14 +134,22 @@ def train(args: TrainArgs, resume: bool = False, overwrite: bool = False, consol
     _check_run_dir(args, resume, overwrite)
     torch.manual_seed(args.seed)
 
+    if args.init_from is not None:
+        from lmkernel.train.continual import OldTask
+
+        OldTask.settings(Path(args.init_from), args.task)  # a clear error before any model loads
     loaded = load_model(args.model, device="cpu", quantization=None)  # training updates float weights
-    task_class = TASKS[args.task]
-    task: Task = (Classification(loaded.tokenizer, loaded.config, args.max_length, args.seed, args.augment)
-                  if task_class is Classification else task_class(loaded.tokenizer, loaded.config, args.max_length, args.seed))
+    if args.task == "classify" and not loaded.config.is_encoder and args.peft is None and args.lora is None:
+        args = replace(args, lora="")  # a decoder classifier: LoRA (default settings) unless --peft full or another
+    task = _task(args, loaded)
     items, eval_items = task.read_split(Path(args.data), "--data", args.holdout)
     if args.eval_data:
         eval_items = task.read(Path(args.eval_data), "--eval", training=False)
     test_items = task.read(Path(args.test_data), "--test", training=False) if args.test_data else None
+    old = None
+    if args.init_from is not None:
+        old = OldTask.read(Path(args.init_from), args.task, task)
+        items = items + old.replay(args.replay, args.seed)
     if group.is_main and not resume:
         if overwrite and (run_dir / RUN_FILE).is_file():
             shutil.rmtree(run_dir)
@@ -137,12 +163,22 @@ def train(args: TrainArgs, resume: bool = False, overwrite: bool = False, consol
     if args.dropout is not None:
         _set_dropout(model, args.dropout)
         config = replace(config, hidden_dropout=args.dropout, attention_dropout=args.dropout, classifier_dropout=None)
-    lora, new_head = None, task.new_modules()
-    if args.lora:
+    lora, peft, new_head = None, None, task.new_modules()
+    method = args.method
+    if method is not None and method[0] == "lora":
         from lmkernel.train import lora as lora_lib
 
-        lora = lora_lib.LoraSettings.parse(args.lora)
+        lora = lora_lib.LoraSettings.parse(method[1])
         lora_lib.apply_lora(model, lora, modules_to_save=new_head, seed=args.seed)
+    elif method is not None:
+        from lmkernel.train import peft as peft_lib
+
+        settings = peft_lib.PeftSettings.parse(*method)
+        if settings.kind in ("prompt", "prefix") and args.task == "mlm":
+            raise LmkError(f"--peft {settings.kind}: virtual tokens train classifiers and decoders "
+                           "(--task classify or clm), not mlm")
+        peft = peft_lib.start(model, settings, new_head, args.seed, _planned_steps(args, len(items), group.world))
+        model = peft.model
     model.checkpoint_layers = args.checkpointing
     model.to(device).train()
     attack = None
@@ -151,6 +187,19 @@ def train(args: TrainArgs, resume: bool = False, overwrite: bool = False, consol
 
         attack = EmbeddingAttack(model, config.vocab_size, args.adversarial, args.adv_epsilon, args.adv_steps)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    penalties = [peft.extra_loss] if peft is not None else []  # terms added to the loss once per step
+    old_before: dict[str, float] = {}
+    old_after: dict[str, float] = {}
+    if old is not None:
+        if args.ewc > 0:
+            from lmkernel.train.continual import ElasticWeights
+
+            penalties.append(ElasticWeights(model, task, old.train_items, args.ewc, args.seed, device).penalty)
+        if group.is_main and not resume:
+            model.eval()
+            with torch.inference_mode():
+                old_before = task.evaluate(model, old.eval_items, args.batch_size * 2, device)
+            model.train()
 
     lengths = [task.length(item) for item in items]
     parts = group.world * args.grad_accum
@@ -179,6 +228,11 @@ def train(args: TrainArgs, resume: bool = False, overwrite: bool = False, consol
             save_adapter(model, lora, target, base_model=_base_name(args.model), task_type=LORA_TASK_TYPES[args.task],
                          modules_to_save=new_head, hf_architecture=config.hf_architecture, id2label=config.id2label or None,
                          overwrite=True)
+        elif args.task == "multi":
+            task.save(model, target, loaded.tokenizer)
+        elif peft is not None:
+            peft.save(target, _base_name(args.model), LORA_TASK_TYPES[args.task], new_head, config.hf_architecture,
+                      config.id2label or None)
         else:
             save_model_dir(model, config, loaded.tokenizer, torch.float32, target, overwrite=True)
 
@@ -211,6 +265,9 @@ def train(args: TrainArgs, resume: bool = False, overwrite: bool = False, consol
                         if scored:
                             loss_sum += part.detach().float()
 
+                for penalty in penalties:  # AdaLoRA's orthogonality, EWC: once per step (the processes' sum)
+                    if (extra := penalty()) is not None:
+                        (extra / group.world).backward()
                 if attack is None:
                     backward(scored=True)
                 else:  # the reported loss is the clean pass's
@@ -229,6 +286,8 @@ def train(args: TrainArgs, resume: bool = False, overwrite: bool = False, consol
                 lr = optimizer.param_groups[0]["lr"]
                 optimizer.step()
                 scheduler.step()
+                if peft is not None:
+                    peft.after_step(position.step + 1)
                 optimizer.zero_grad(set_to_none=True)
                 position.step += 1
                 position.batch_in_epoch += 1
@@ -272,12 +331,21 @@ def train(args: TrainArgs, resume: bool = False, overwrite: bool = False, consol
             save_model()
         if test_items is not None:
             test_scores = _score_saved_model(task, run_dir, test_items, args.batch_size * 2, device)
+        elif args.task == "multi":
+            test_scores = task.score_saved(model_dir(run_dir), args.batch_size * 2, device)
+        if test_scores:
             log.write({"step": position.step, "split": "test", **test_scores}, "test")
+        if old is not None:
+            old_after = _score_saved_model(task, run_dir, old.eval_items, args.batch_size * 2, device)
+            if old_before:
+                log.write({"step": 0, "split": "old", "when": "before", **old_before}, "old")
+            log.write({"step": position.step, "split": "old", "when": "after", **old_after}, "old")
         log.close()
     distributed.barrier(group)
     seconds = time.perf_counter() - started
     return TrainResult(run_dir, position.step, last_loss, scores, test_scores, position.best, position.best_step,
-                       stopped_early, seconds, tokens / seconds if seconds else 0.0)
+                       stopped_early, seconds, tokens / seconds if seconds else 0.0, sum(p.numel() for p in trainable),
+                       old_before, old_after)
 
 
 def _score_saved_model(task: Task, run_dir: Path, items: list, batch_size: int, device: torch.device) -> dict[str, float]:
@@ -304,6 +372,7 @@ def summary_table(result: TrainResult, metric: str | None) -> Table:
         ("run directory", str(result.run_dir)),
         ("model", str(model_dir(result.run_dir))),
         ("optimizer steps", f"{result.steps:,}"),
+        ("trainable parameters", f"{result.trainable_parameters:,}"),
         ("last training loss", f"{result.train_loss:.4f}"),
         ("time", f"{result.seconds:.1f} s ({result.tokens_per_second:,.0f} tokens/s)"),
     ]
@@ -312,6 +381,9 @@ def summary_table(result: TrainResult, metric: str | None) -> Table:
         rows.append((f"best {metric}", f"{result.best:.4f} at step {result.best_step}"))
     if result.test_metrics:
         rows.append(("test (saved model)", ", ".join(f"{k} {v:.4f}" for k, v in result.test_metrics.items())))
+    for when, scores in (("before", result.old_task_before), ("after", result.old_task_after)):
+        if scores:
+            rows.append((f"old task, {when}", ", ".join(f"{k} {v:.4f}" for k, v in scores.items())))
     if result.stopped_early:
         rows.append(("early stop", "yes: no gain in the last evaluations"))
     for key, value in rows:

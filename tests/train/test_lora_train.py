@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from lora_checks import LABELS, hf_llama, minilm_classifier, randomize_lora
+from lora_checks import LABELS, classify_logits, hf_classify_logits, hf_llama, minilm_classifier, randomize_lora
 from model_checks import flatten
 
 from lmkernel import LLM, load_model
@@ -101,21 +101,7 @@ def bert(minilm_dir, minilm, phrasebank_sentences, tmp_path_factory):
     directory = save_adapter(model, settings, tmp_path_factory.mktemp("bert") / "adapter", str(minilm_dir), "SEQ_CLS",
                              ["classifier"], id2label=LABELS)
     seqs = minilm.tokenizer.encode_batch(phrasebank_sentences[:8])
-    return SimpleNamespace(model=model, names=names, dir=directory, seqs=seqs, logits=_classify(model, seqs))
-
-
-def _classify(model, seqs):
-    ids, positions, meta = flatten(seqs, causal=False)
-    with torch.no_grad():
-        return model.classify(model(ids, positions, meta), meta)
-
-
-def _hf_classify(model, seqs):
-    width = max(map(len, seqs))
-    ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs])
-    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
-    with torch.no_grad():
-        return model(input_ids=ids, attention_mask=mask).logits
+    return SimpleNamespace(model=model, names=names, dir=directory, seqs=seqs, logits=classify_logits(model, seqs))
 
 
 def test_bert_default_targets_are_the_encoder_projections(bert):
@@ -131,12 +117,12 @@ def test_bert_classification_adapter_we_save_gives_peft_s_logits(bert, minilm_di
     from transformers import BertForSequenceClassification
 
     hf = BertForSequenceClassification.from_pretrained(minilm_dir, num_labels=3)
-    theirs = _hf_classify(PeftModel.from_pretrained(hf, bert.dir).eval(), bert.seqs)
+    theirs = hf_classify_logits(PeftModel.from_pretrained(hf, bert.dir).eval(), bert.seqs)
     torch.testing.assert_close(bert.logits, theirs, atol=1e-4, rtol=1e-4)
     # The directory is a model too: the base it names, a classifier with the labels, the adapter merged.
     llm = LLM(str(bert.dir), verbose=False)
     assert llm.loaded.config.id2label == LABELS
-    torch.testing.assert_close(_classify(llm.loaded.model, bert.seqs), bert.logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(classify_logits(llm.loaded.model, bert.seqs), bert.logits, atol=1e-4, rtol=1e-4)
 
 
 def test_bert_adapter_peft_saves_loads_with_the_same_logits(bert, minilm_dir, tmp_path):
@@ -151,11 +137,11 @@ def test_bert_adapter_peft_saves_loads_with_the_same_logits(bert, minilm_dir, tm
             if "lora_B" in name:
                 p.normal_(0, 0.05)
     peft_model.save_pretrained(tmp_path)  # no sidecar: the architecture follows from task_type SEQ_CLS
-    theirs = _hf_classify(peft_model.eval(), bert.seqs)
+    theirs = hf_classify_logits(peft_model.eval(), bert.seqs)
     loaded = load_model(minilm_dir, adapter=tmp_path)
     assert loaded.config.hf_architecture == "BertForSequenceClassification"
     assert loaded.config.id2label == {0: "LABEL_0", 1: "LABEL_1", 2: "LABEL_2"}
-    torch.testing.assert_close(_classify(loaded.model, bert.seqs), theirs, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(classify_logits(loaded.model, bert.seqs), theirs, atol=1e-4, rtol=1e-4)
 
 
 def test_bare_encoder_adapter_uses_peft_s_names_for_a_bert_model(minilm_dir, bert, tmp_path):
@@ -206,10 +192,10 @@ def test_lmk_lora_merge_writes_a_model_lmkernel_and_transformers_load(bert, mini
     merged = load_model(tmp_path / "merged")
     assert merged.config.hf_architecture == "BertForSequenceClassification" and merged.config.id2label == LABELS
     assert not any(isinstance(m, LoraLinear) for m in merged.model.modules())
-    torch.testing.assert_close(_classify(merged.model, bert.seqs), bert.logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(classify_logits(merged.model, bert.seqs), bert.logits, atol=1e-4, rtol=1e-4)
     hf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
     assert hf.config.id2label == LABELS
-    torch.testing.assert_close(_hf_classify(hf, bert.seqs), bert.logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(hf_classify_logits(hf, bert.seqs), bert.logits, atol=1e-4, rtol=1e-4)
     again = invoke("lora", "merge", str(minilm_dir), str(bert.dir), "-o", str(tmp_path / "merged"))
     assert again.returncode == 1 and "already exists" in again.stderr
     bad = invoke("lora", "merge", str(minilm_dir), str(tmp_path / "nothing"), "-o", str(tmp_path / "m2"))
