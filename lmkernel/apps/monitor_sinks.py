@@ -14,13 +14,14 @@ from lmkernel.apps.stream_monitor import Alert
 
 
 class MonitorMetrics:
-    """Rolling share per label, baseline and z of the watched label, records and alerts counted."""
+    """Rolling share per label, baseline and detector score of the watched label, records and alerts counted."""
 
     def __init__(self, labels: Sequence[str], watched: str) -> None:
         self.registry = r = CollectorRegistry()
         self.share = Gauge("lmkernel_monitor_label_share", "Share of each label in the rolling window", ["label"], registry=r)
         self.baseline = Gauge("lmkernel_monitor_baseline_share", "Baseline share of the watched label", ["label"], registry=r)
-        self.z = Gauge("lmkernel_monitor_z", "z-score of the watched label's share against its baseline", ["label"], registry=r)
+        self.score = Gauge("lmkernel_monitor_score", "The detector's statistic for the watched label (CUSUM log-likelihood "
+                           "ratio, or the window's z-score)", ["label"], registry=r)
         self.alerting = Gauge("lmkernel_monitor_alert_active", "1 from an alert until the share falls back", ["label"],
                               registry=r)
         self.records = Counter("lmkernel_monitor_records", "Records classified", registry=r)
@@ -33,12 +34,12 @@ class MonitorMetrics:
     def serve(self, port: int, host: str = "127.0.0.1") -> None:
         start_http_server(port, addr=host, registry=self.registry)
 
-    def observe(self, records: int, shares: dict[str, float], baseline: float, z: float, armed: bool) -> None:
+    def observe(self, records: int, shares: dict[str, float], baseline: float, score: float, armed: bool) -> None:
         self.records.inc(records)
         for label in self.labels:
             self.share.labels(label).set(shares.get(label, 0.0))
         self.baseline.labels(self.watched).set(baseline)
-        self.z.labels(self.watched).set(z)
+        self.score.labels(self.watched).set(score)
         self.alerting.labels(self.watched).set(0 if armed else 1)
 
     def alert(self, alert: Alert) -> None:

@@ -1,24 +1,24 @@
 """`lmk monitor`: classify a stream of texts and raise one alert when a label's share jumps above its baseline.
 
-The rolling window holds the last `window` predicted labels; the baseline is the share of the watched label in
-the `baseline` records just before the window. How surprising k hits in the n-record window are, given h hits
-in the m baseline records, is the upper tail P(K >= k) of the beta-binomial that the baseline predicts (the
-rate's uncertainty from m records and the skew of a small share both included), reported as the normal
-z-score with the same tail. An alert fires when z reaches
-`alert_z` and re-arms only once z falls back below `reset_z`, so one burst raises one alert.
+Two detectors share one interface (`update`, `shares`, `baseline_share`, `score`, `armed`). The default,
+`cusum` (`apps/cusum.py`), accumulates evidence record by record and flags a burst within a few records of
+its start. `window` compares the share in the last `window` records with the `baseline` records before it:
+how surprising k hits in the n-record window are, given h hits in the m baseline records, is the upper tail
+P(K >= k) of the beta-binomial that the baseline predicts, reported as the normal z-score with the same
+tail; it alerts at `alert_z` and re-arms below `reset_z`. Either way one burst raises one alert.
 """
 
 from __future__ import annotations
 
 import json
-import math
-from statistics import NormalDist
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
 from lmkernel.errors import LmkError
+
+DETECTORS = ("cusum", "window")
 
 
 @dataclass(frozen=True)
@@ -26,18 +26,29 @@ class MonitorConfig:
     """What to watch and how surprised to be before alerting."""
 
     label: str = "negative"
-    window: int = 200  # records in the rolling window
-    baseline: int = 1000  # records before the window that set the expected share
-    alert_z: float = 3.0
-    reset_z: float = 1.0  # z must fall below this before the next alert
-    min_baseline: int | None = None  # records of baseline needed before alerting; default: one window
+    window: int = 200  # records in the rolling window (the shares reported; the window detector's test)
+    baseline: int = 1000  # records that set the expected share
+    alert_z: float = 3.0  # window detector: alert at this z
+    reset_z: float = 1.0  # window detector: z must fall below this before the next alert
+    min_baseline: int | None = None  # window detector: baseline records needed before alerting; default one window
+    detector: str = "cusum"
+    shift: float = 4.0  # cusum: the odds ratio of the watched label that a burst is tuned to catch
+    threshold: float = 6.5  # cusum: alert when the log-likelihood ratio reaches this
+    lag: int = 50  # cusum: records wait this long before they join the baseline
+    min_history: int = 100  # cusum: the first records only set the baseline
 
     def check(self) -> MonitorConfig:
         problems = [
+            (self.detector not in DETECTORS, "--detector", f"one of {', '.join(DETECTORS)}"),
             (self.window < 10, "--window", "at least 10 records"),
-            (self.baseline < self.window, "--baseline", "at least --window records"),
+            (self.detector == "window" and self.baseline < self.window, "--baseline", "at least --window records"),
+            (self.baseline < 10, "--baseline", "at least 10 records"),
             (not self.alert_z > 0, "--alert-z", "a positive number"),
             (not self.reset_z < self.alert_z, "--reset-z", "below --alert-z"),
+            (not self.shift > 1, "--shift", "an odds ratio above 1"),
+            (not self.threshold > 0, "--threshold", "a positive number"),
+            (self.lag < 0, "--lag", "0 or more records"),
+            (self.min_history < self.lag + 10, "--min-history", "at least --lag + 10 records"),
         ]
         for bad, flag, expected in problems:
             if bad:
@@ -57,81 +68,54 @@ class Record:
 class Alert:
     alert: str
     label: str
-    share: float
+    share: float  # the watched label's share in the rolling window
     baseline: float
-    z: float
+    detector: str
+    score: float  # the detector's statistic: the CUSUM log-likelihood ratio, or the window's z
     at: Any  # the triggering record's time, or its index when it has none
     index: int
+    onset: int  # the index where the detector puts the start of the burst
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
 
 
-class ShareDetector:
-    """Rolling label shares and the jump test for one watched label."""
+class Detector(Protocol):
+    """What the monitor loop and the gauges read from a detector."""
 
-    def __init__(self, config: MonitorConfig) -> None:
-        self.config = config.check()
+    config: MonitorConfig
+    score: float
+    armed: bool
+    records: int
+
+    def update(self, label: str, record: Record) -> Alert | None: ...
+
+    def shares(self) -> dict[str, float]: ...
+
+    def baseline_share(self) -> float: ...
+
+
+class RollingShares:
+    """Each label's share among the last `size` records."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
         self.recent: deque[str] = deque()
-        self.before: deque[bool] = deque()  # watched-or-not of the records that left the window
         self.counts: Counter[str] = Counter()
-        self.hits_before = 0
-        self.armed = True
-        self.z = 0.0
-        self.records = 0
+
+    def add(self, label: str) -> str | None:
+        """Add a label; the one that left the window, if any."""
+        self.recent.append(label)
+        self.counts[label] += 1
+        if len(self.recent) <= self.size:
+            return None
+        left = self.recent.popleft()
+        self.counts[left] -= 1
+        return left
 
     def shares(self) -> dict[str, float]:
         n = len(self.recent)
         return {label: count / n for label, count in self.counts.items()} if n else {}
-
-    def baseline_share(self) -> float:
-        return (self.hits_before + 1) / (len(self.before) + 2)
-
-    def update(self, label: str, record: Record) -> Alert | None:
-        """Add one predicted label; an `Alert` when this record completes a jump."""
-        cfg = self.config
-        self.records += 1
-        self.recent.append(label)
-        self.counts[label] += 1
-        if len(self.recent) > cfg.window:
-            left = self.recent.popleft()
-            self.counts[left] -= 1
-            self.before.append(left == cfg.label)
-            self.hits_before += left == cfg.label
-            if len(self.before) > cfg.baseline:
-                self.hits_before -= self.before.popleft()
-        if len(self.recent) < cfg.window or len(self.before) < (cfg.min_baseline or cfg.window):
-            return None
-        p, n, k = self.baseline_share(), len(self.recent), self.counts[cfg.label]
-        self.z = jump_z(k, n, self.hits_before, len(self.before))
-        if self.armed and self.z >= cfg.alert_z:
-            self.armed = False
-            return Alert(f"{cfg.label}_share_jump", cfg.label, round(k / n, 4), round(p, 4), round(self.z, 2),
-                         record.time if record.time is not None else record.index, record.index)
-        if not self.armed and self.z < cfg.reset_z:
-            self.armed = True
-        return None
-
-
-def jump_z(k: int, n: int, h: int, m: int) -> float:
-    """z-score of the tail P(K >= k), K ~ BetaBinomial(n, h + 1, m - h + 1): k of n given h of m before.
-
-    Below the expected count the tail is at least about one half and z at most about zero; there the normal
-    approximation serves (only the re-arming test reads it), which spares summing over the whole mode."""
-    a, b = h + 1.0, m - h + 1.0
-    p = a / (a + b)
-    if k <= n * p:
-        return (k / n - p) / math.sqrt(p * (1 - p) * (1 / n + 1 / m))
-    log_first = (math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) + math.lgamma(k + a)
-                 + math.lgamma(n - k + b) - math.lgamma(n + a + b) - math.lgamma(a) - math.lgamma(b) + math.lgamma(a + b))
-    total = term = 1.0  # terms relative to P(K = k); past the mode each is smaller than the one before
-    for j in range(k, n):
-        term *= (n - j) / (j + 1) * (j + a) / (n - j - 1 + b)
-        total += term
-        if term < 1e-12 * total:
-            break
-    tail = math.exp(log_first) * total
-    return -NormalDist().inv_cdf(min(max(tail, 1e-300), 1 - 1e-12))
 
 
 def read_records(lines: Iterable[str], source: str, skipped: Callable[[int, str], None]) -> Iterator[Record]:
@@ -163,7 +147,7 @@ def batches(records: Iterator[Record], size: int) -> Iterator[list[Record]]:
         yield batch
 
 
-def monitor(records: Iterator[Record], classify: Callable[[list[str]], list[str]], detector: ShareDetector,
+def monitor(records: Iterator[Record], classify: Callable[[list[str]], list[str]], detector: Detector,
             out: TextIO, on_alert: Callable[[Alert], None], on_batch: Callable[[int, int], None],
             batch_size: int) -> int:
     """Classify records in batches, feed the detector in stream order, print each alert as one JSON line.

@@ -46,4 +46,4 @@ def main() -> None:
 
 # Each module registers its commands on `app` (or its own sub-app) when imported; this order is the
 # order `lmk --help` lists them in.
-from lmkernel.cli import models, generate, bench, compress, eval, serve, monitor, train  # noqa: E402,F401,I001
+from lmkernel.cli import models, generate, bench, compress, eval, serve, batch, monitor, recommend, train  # noqa: E402,F401,I001

@@ -11,7 +11,10 @@ from rich.table import Table
 
 from lmkernel.cli import Device, Dtype, KVMemory, Opt, Quantization, app, console, fail, quantization_arg
 from lmkernel.errors import LmkError
+from lmkernel.apps.stream_monitor import MonitorConfig
 from lmkernel.registry import resolve
+
+MonitorDefaults = MonitorConfig()
 
 bench_app = typer.Typer(help="Benchmarks: lmkernel against a peer or the hardware limit, in one run.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
@@ -319,3 +322,188 @@ def bench_train(
         console.print(table)
     except (LmkError, RuntimeError) as exc:
         raise fail(exc) from None
+
+
+@bench_app.command("monitor")
+def bench_monitor(
+    model: Annotated[str | None, Opt(help="a classifier run (`lmk train --task classify`) for the replayed PhraseBank streams")] = None,
+    streams: Annotated[int, Opt(help="random streams per burst shape")] = 200,
+    calm_records: Annotated[int, Opt(help="length of each calm stream for the false-alert count")] = 10_000,
+    calm_streams: Annotated[int, Opt(help="calm streams for the false-alert count")] = 100,
+    base: Annotated[float, Opt(help="the watched label's share in calm records")] = 0.1,
+    shift: Annotated[float, Opt(help="the CUSUM's odds ratio")] = MonitorDefaults.shift,
+    threshold: Annotated[float, Opt(help="the CUSUM's threshold")] = MonitorDefaults.threshold,
+    valid_data: Annotated[Path | None, Opt(
+        help="held-out PhraseBank JSON lines for the replay (default: shared/data/financial-phrasebank/valid.jsonl)")] = None,
+    device: Device = "auto",
+) -> None:
+    """The stream monitor's detectors: delay from a burst's start to its alert and false alerts per 10,000
+    calm records, on simulated streams and on replayed PhraseBank predictions."""
+    from dataclasses import replace
+
+    from lmkernel.bench import monitor as mb
+    from lmkernel.bench.workload import shared_file
+
+    try:
+        cusum = replace(MonitorDefaults, shift=shift, threshold=threshold).check()
+        replay = None
+        if model is not None:
+            from lmkernel.engine.llm import LLM
+
+            rows = [json.loads(line) for line in shared_file("financial-phrasebank/valid.jsonl", "--valid-data", valid_data)
+                    .read_text(encoding="utf-8").splitlines() if line.strip()]
+            llm = LLM(model, device=device)
+            if not llm.loaded.config.is_classifier:
+                raise LmkError(f"--model {model}: not a classifier (train one with `lmk train --task classify`)")
+            predicted = [c.label == cusum.label for c in llm.classify([r["text"] for r in rows])]
+            replay = mb.Replay([p for p, r in zip(predicted, rows) if r["label"] == cusum.label],
+                               [p for p, r in zip(predicted, rows) if r["label"] != cusum.label])
+    except (LmkError, ValueError, OSError) as exc:
+        raise fail(exc) from None
+    for name, config in mb.configs(cusum):
+        table = Table(title=f"{name}: simulated bursts, calm records at {base:.0%}, {streams} streams each")
+        for col in ("calm before", "burst records", "share", "median delay", "p90 delay", "detected", "within 20", "false alert before"):
+            table.add_column(col, justify="right")
+        shapes = [(300, n, p) for n in (20, 40, 60) for p in (0.3, 0.5, 0.8)] + [(100, 60, 0.5), (1000, 60, 0.5)]
+        for row in mb.simulated_delays(config, base, shapes, streams):
+            table.add_row(*_delay_cells(row))
+        console.print(table)
+        fa = mb.false_alerts_per_10k(config, lambda rng: rng.random() < base, calm_records, calm_streams)
+        console.print(f"{name}: {fa:.2f} false alerts per 10,000 calm records ({calm_streams} streams of {calm_records:,})")
+        if replay is None:
+            continue
+        table = Table(title=f"{name}: replayed PhraseBank predictions of {model}, 300 calm sentences at {base:.0%} "
+                            f"{cusum.label}, a burst, 200 calm")
+        for col in ("calm before", "burst records", "share", "median delay", "p90 delay", "detected", "within 20",
+                    "false alert before"):
+            table.add_column(col, justify="right")
+        for length, share in ((20, 0.5), (40, 0.5), (60, 0.5), (60, 0.8), (60, 1.0)):
+            table.add_row(*_delay_cells(mb.replay_delays(replay, config, base, length, share, min(streams, 100))))
+        console.print(table)
+        fa = mb.replay_false_alerts(replay, config, base, calm_records, max(1, calm_streams // 5))
+        console.print(f"{name}: {fa:.2f} false alerts per 10,000 replayed calm sentences "
+                      f"(predicted {cusum.label} share {sum(replay.others) / len(replay.others):.1%} among the others, "
+                      f"{sum(replay.watched) / len(replay.watched):.1%} among true {cusum.label})")
+
+
+def _delay_cells(row) -> list[str]:
+    def num(v: float | None) -> str:
+        return "-" if v is None else f"{v:g}"
+
+    return [str(row.calm), str(row.length), f"{row.share:.0%}", num(row.median), num(row.p90), f"{row.detected:.0%}",
+            f"{row.within_20:.0%}", f"{row.early:.0%}"]
+
+
+@bench_app.command("recommend")
+def bench_recommend(
+    peer: Annotated[str, Opt(help="recbole: its Pop, ItemKNN, BPR and SASRec with their default configurations")] = "recbole",
+    peers: Annotated[str, Opt(help="comma-separated RecBole models to run")] = "Pop,ItemKNN,BPR,SASRec",
+    cold_fraction: Annotated[float, Opt(help="items made cold for the cold-start table (0: skip it)")] = 0.1,
+    cold_peers: Annotated[str, Opt(help="RecBole models also run on the cold-start data")] = "Pop,ItemKNN,BPR",
+    encoder_steps: Annotated[int, Opt(help="lmkernel's encoder fine-tuning steps")] = 300,
+    peer_timeout: Annotated[float, Opt(help="seconds one RecBole model may take")] = 3600.0,
+    seed: Annotated[int, Opt()] = 0,
+) -> None:
+    """Recommendation on MovieLens-100k: lmkernel against RecBole on the same leave-one-out split, full ranking."""
+    from lmkernel.apps.item_encoder import EncoderTraining
+    from lmkernel.apps.recommend_data import movielens_100k, read_interactions, read_items
+    from lmkernel.apps.recommender import RecommenderConfig
+    from lmkernel.bench import recommend as rb
+
+    try:
+        if peer != "recbole":
+            raise LmkError(f"--peer must be recbole; got {peer!r}")
+        chosen = [p for p in peers.split(",") if p]
+        unknown = [p for p in chosen + cold_peers.split(",") if p and p not in rb.PEERS]
+        if unknown:
+            raise LmkError(f"--peers: {', '.join(unknown)} not among {', '.join(rb.PEERS)}")
+        if not 0 <= cold_fraction < 0.5:
+            raise LmkError(f"--cold-fraction must be in [0, 0.5); got {cold_fraction}")
+        inter_path, item_path = movielens_100k()
+        items = read_items(item_path)
+        data = read_interactions(inter_path, items)
+        config = RecommenderConfig(encoder_training=EncoderTraining(steps=encoder_steps, seed=seed), seed=seed)
+        root = rb.temp_root()
+        runs = [("all items", rb.prepare(data, items, root, "ml100k", 0.0, seed), chosen)]
+        if cold_fraction:
+            runs.append((f"cold start ({cold_fraction:.0%} of items)",
+                         rb.prepare(data, items, root, "ml100kcold", cold_fraction, seed), [p for p in cold_peers.split(",") if p]))
+        for title, prepared, models in runs:
+            results = [rb.run_ours(prepared, config, root, lambda line: console.print(f"  lmkernel: {line}"))]
+            failed = []
+            for model in models:
+                console.print(f"  running RecBole {model} ...")
+                try:
+                    results.append(rb.run_peer(model, prepared, peer_timeout))
+                except (RuntimeError, subprocess_error()) as exc:
+                    failed.append(f"{model}: {exc}")
+            table = Table(title=f"MovieLens-100k, {title}: leave-one-out by time, full ranking, @10")
+            for col in ("model", "users", "HR@10", "NDCG@10", "MRR@10", "NDCG vs lmkernel", "RecBole's own NDCG@10", "time s"):
+                table.add_column(col, justify="left" if col == "model" else "right")
+            subsets = [("", None)] + ([(" (cold users)", prepared.cold_users)] if prepared.cold_users else [])
+            ours_ndcg = {}
+            for suffix, users in subsets:
+                for r in results:
+                    m = rb.score(r["top10"], prepared.targets, users)
+                    if r["model"] == "lmkernel":
+                        ours_ndcg[suffix] = m["ndcg@10"]
+                    own = r.get("test", {}).get("ndcg@10") if not suffix else None
+                    ratio = ours_ndcg[suffix] / m["ndcg@10"] if m["ndcg@10"] else float("inf")
+                    table.add_row(r["model"] + suffix, str(m["users"]), f"{m['hr@10']:.4f}", f"{m['ndcg@10']:.4f}",
+                                  f"{m['mrr@10']:.4f}", "-" if r["model"] == "lmkernel" else f"{ratio:.2f}x",
+                                  "-" if own is None else f"{own:.4f}", f"{r['seconds']:.0f}")
+            console.print(table)
+            for line in failed:
+                console.print(f"[red]not measured[/]: {line}")
+    except (LmkError, RuntimeError, ValueError, OSError, subprocess_error()) as exc:
+        raise fail(exc) from None
+
+
+def subprocess_error() -> type[Exception]:
+    import subprocess
+
+    return subprocess.TimeoutExpired
+
+
+@bench_app.command("batch")
+def bench_batch(
+    model: Annotated[str, Opt(help="the model both sides serve")] = "smollm2-135m-instruct",
+    requests: Annotated[int, Opt(help="completions in the file")] = 256,
+    clients: Annotated[int, Opt(help="concurrent clients against lmk serve")] = 32,
+    prompt_tokens: Annotated[str, Opt(help="prompt lengths, MIN-MAX tokens")] = "64-256",
+    output_tokens: Annotated[str, Opt(help="generated lengths, MIN-MAX tokens")] = "32-128",
+    kv_cache_memory: Annotated[str, Opt("--kv-cache-memory", help="each side's KV cache")] = "1GiB",
+    seed: Annotated[int, Opt()] = 0,
+) -> None:
+    """Offline `lmk batch` against `lmk serve` with concurrent clients on the same requests: completion tokens/s."""
+    import tempfile
+
+    from lmkernel.bench import batch as bb
+    from lmkernel.bench.workload import text_workload
+    from lmkernel.loading import load_model
+
+    try:
+        def span(text: str, flag: str) -> tuple[int, int]:
+            low, _, high = text.partition("-")
+            if not (low.isdigit() and high.isdigit() and 0 < int(low) <= int(high)):
+                raise LmkError(f"{flag} must be MIN-MAX tokens, e.g. 64-256; got {text!r}")
+            return int(low), int(high)
+
+        tokenizer = load_model(model).tokenizer
+        work = text_workload(tokenizer, requests, span(prompt_tokens, "--prompt-tokens"),
+                             span(output_tokens, "--output-tokens"), seed)
+        bodies = bb.bodies(work, model)
+        root = Path(tempfile.mkdtemp(prefix="lmk-bench-batch-"))
+        bb.write_batch_file(root / "in.jsonl", bodies)
+        engine_args = ["--kv-cache-memory", kv_cache_memory]
+        batch = bb.run_batch(root / "in.jsonl", root / "out.jsonl", model, engine_args, requests)
+        serve = bb.run_serve(bodies, model, engine_args, clients, root / "serve.log")
+    except (LmkError, ValueError, OSError) as exc:
+        raise fail(exc) from None
+    table = Table(title=f"{model}: {requests} completions ({prompt_tokens} prompt, {output_tokens} generated tokens, greedy)")
+    for col in ("side", "seconds", "requests/s", "completion tok/s", "vs lmk serve"):
+        table.add_column(col, justify="left" if col == "side" else "right")
+    for side in (batch, serve):
+        table.add_row(side.name, f"{side.seconds:.1f}", f"{side.requests / side.seconds:.2f}", f"{side.tokens_per_second:.1f}",
+                      f"{side.tokens_per_second / serve.tokens_per_second:.2f}x")
+    console.print(table)

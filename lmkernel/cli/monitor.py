@@ -5,8 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
+from lmkernel.apps.stream_monitor import MonitorConfig
 from lmkernel.cli import Device, Opt, app, fail
 from lmkernel.errors import LmkError
+
+DEFAULTS = MonitorConfig()
 
 
 @app.command()
@@ -14,10 +17,15 @@ def monitor(
     model: Annotated[str, Opt(help="a classifier: a run directory of `lmk train --task classify`, or its model")],
     input: Annotated[str, Opt("--input", help="JSON lines with \"text\" (and \"time\"): a file, or - for standard input")],
     label: Annotated[str, Opt(help="the label whose share is watched")] = "negative",
-    window: Annotated[int, Opt(help="records in the rolling window")] = 200,
-    baseline: Annotated[int, Opt(help="records before the window that set the expected share")] = 1000,
-    alert_z: Annotated[float, Opt(help="alert when the window's share is this many standard deviations above baseline")] = 3.0,
-    reset_z: Annotated[float, Opt(help="re-arm once the share falls back below this z")] = 1.0,
+    detector: Annotated[str, Opt(help="cusum (flags a burst within a few records) or window (rolling share against baseline)")] = "cusum",
+    shift: Annotated[float, Opt(help="cusum: the rise in the label's odds a burst is tuned to catch")] = DEFAULTS.shift,
+    threshold: Annotated[float, Opt(help="cusum: alert when the log-likelihood ratio reaches this (higher: fewer false alerts, later)")] = DEFAULTS.threshold,
+    lag: Annotated[int, Opt(help="cusum: records wait this long before joining the baseline")] = DEFAULTS.lag,
+    min_history: Annotated[int, Opt(help="cusum: the first records only set the baseline")] = DEFAULTS.min_history,
+    window: Annotated[int, Opt(help="records in the rolling window (the shares reported; the window detector's test)")] = DEFAULTS.window,
+    baseline: Annotated[int, Opt(help="records that set the expected share")] = DEFAULTS.baseline,
+    alert_z: Annotated[float, Opt(help="window: alert when the window's share is this many standard deviations above baseline")] = DEFAULTS.alert_z,
+    reset_z: Annotated[float, Opt(help="window: re-arm once the share falls back below this z")] = DEFAULTS.reset_z,
     webhook: Annotated[str | None, Opt(help="POST each alert as JSON to this URL")] = None,
     metrics_port: Annotated[int | None, Opt(help="serve Prometheus gauges on 127.0.0.1:PORT/metrics")] = None,
     batch_size: Annotated[int | None, Opt(help="records classified at once (default 32 from a file, 1 from stdin)")] = None,
@@ -27,14 +35,16 @@ def monitor(
     import json as _json
     import sys
 
-    from lmkernel.apps.stream_monitor import MonitorConfig, ShareDetector, monitor as run, read_records
+    from lmkernel.apps.detectors import make_detector
+    from lmkernel.apps.stream_monitor import monitor as run, read_records
     from lmkernel.engine.llm import LLM
 
     def log(**event: object) -> None:
         print(_json.dumps(event), file=sys.stderr, flush=True)
 
     try:
-        detector = ShareDetector(MonitorConfig(label, window, baseline, alert_z, reset_z))
+        detector = make_detector(MonitorConfig(label, window, baseline, alert_z, reset_z, detector=detector, shift=shift,
+                                               threshold=threshold, lag=lag, min_history=min_history))
         if input != "-" and not Path(input).is_file():
             raise LmkError(f"--input {input}: no such file")
         llm = LLM(model, device=device)
@@ -56,13 +66,13 @@ def monitor(
 
     def on_alert(alert) -> None:
         metrics.alert(alert)
-        log(event="alert", label=alert.label, index=alert.index, z=alert.z)
+        log(event="alert", label=alert.label, index=alert.index, onset=alert.onset, score=alert.score)
         if webhook:
             post_webhook(webhook, alert)
 
     def on_batch(new: int, seen: int) -> None:
         shares = detector.shares()
-        metrics.observe(new, shares, detector.baseline_share(), detector.z, detector.armed)
+        metrics.observe(new, shares, detector.baseline_share(), detector.score, detector.armed)
         if seen // 500 > (seen - new) // 500:
             log(event="progress", records=seen, shares={k: round(v, 3) for k, v in shares.items()})
 

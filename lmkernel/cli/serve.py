@@ -49,6 +49,7 @@ def serve(
     allow_runtime_lora: Annotated[bool, typer.Option(help="POST /v1/load_lora_adapter and /v1/unload_lora_adapter (needs --api-key)")] = False,
     max_loras: Annotated[int | None, typer.Option(help="adapters held at once (default: the --lora count; 4 with --allow-runtime-lora); "
                                                        "loading past it drops the least recently used one not in use")] = None,
+    recommender: Annotated[Path | None, typer.Option(help="a directory of `lmk recommend fit`, served at POST /v1/recommend")] = None,
     ray: Annotated[bool, typer.Option("--ray", help="serve as a Ray Serve deployment with autoscaling replicas")] = False,
     ray_address: Annotated[str | None, typer.Option(help="with --ray: join this cluster ('auto', HOST:PORT, ray://...) instead of starting a local Ray")] = None,
     min_replicas: Annotated[int, typer.Option(help="with --ray: replicas kept when idle")] = 1,
@@ -96,8 +97,17 @@ def serve(
         )
         launch = LaunchConfig(model, embedding_model, engine, host, port, shutdown_grace, parse_lora_options(lora or []))
         if not ray:
-            run(launch, config)
+            recommends = None
+            if recommender is not None:
+                try:
+                    from lmkernel.apps.recommend_store import Recommender
+                except ImportError as exc:
+                    raise LmkError(f"--recommender needs the recommend extra: pip install -e '.[recommend]' ({exc.name} is missing)") from None
+                recommends = Recommender.load(recommender)
+            run(launch, config, recommends)
             return
+        if recommender is not None:
+            raise LmkError("--recommender is served by a single process; leave out --ray")
         from lmkernel.cluster.ray_serve import ScaleConfig, serve_on_ray
 
         serve_on_ray(launch, config, ScaleConfig(min_replicas, max_replicas, target_ongoing_requests, upscale_delay,

@@ -18,10 +18,10 @@ from pydantic.json_schema import models_json_schema
 
 from lmkernel.engine.async_embedder import AsyncEmbedder
 from lmkernel.engine.async_engine import AsyncEngine
-from lmkernel.serve.checks import ServerConfig, ServerState, Service
+from lmkernel.serve.checks import Recommends, ServerConfig, ServerState, Service
 from lmkernel.serve.metrics import Metrics
 from lmkernel.serve.protocol import REQUEST_MODELS, APIError
-from lmkernel.serve.routes import adapters, admin, chat, completions, embeddings, tokenize
+from lmkernel.serve.routes import adapters, admin, chat, completions, embeddings, recommend, tokenize
 
 __all__ = ["ServerConfig", "ServerState", "build_app"]
 
@@ -75,15 +75,17 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     return app.openapi_schema
 
 
-def build_app(config: ServerConfig, engine: AsyncEngine | None, embedder: AsyncEmbedder | None) -> FastAPI:
-    """The FastAPI application; `engine` serves completions and chat, `embedder` embeddings."""
+def build_app(config: ServerConfig, engine: AsyncEngine | None, embedder: AsyncEmbedder | None,
+              recommender: Recommends | None = None) -> FastAPI:
+    """The FastAPI application; `engine` serves completions and chat, `embedder` embeddings, `recommender`
+    `/v1/recommend`."""
     app = FastAPI(title="lmkernel", version="0.1.0", docs_url=None, redoc_url=None)
-    service = Service(config, engine, embedder)
+    service = Service(config, engine, embedder, recommender)
     app.state.service = service
     app.state.server = service.state
     app.state.metrics = service.metrics
     app.add_middleware(_Guard, state=service.state, metrics=service.metrics)
-    for module in (admin, completions, chat, embeddings, tokenize, adapters):
+    for module in (admin, completions, chat, embeddings, tokenize, adapters, recommend):
         app.include_router(module.router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
@@ -69,6 +69,13 @@ def inputs(value: str | list[str] | list[int] | list[list[int]], param: str) -> 
     return list(value)  # type: ignore[arg-type]
 
 
+class Recommends(Protocol):
+    """What `POST /v1/recommend` needs of a recommender (`lmk serve --recommender DIR` passes one in):
+    the top k unseen items of a user, or `LmkError` for an unknown user."""
+
+    def query(self, user: str, k: int = 10, now: float | None = None) -> list[dict[str, Any]]: ...
+
+
 @dataclass
 class Service:
     """The served models and the request checks the routes share (one per app, in `app.state.service`)."""
@@ -76,6 +83,7 @@ class Service:
     config: ServerConfig
     engine: AsyncEngine | None
     embedder: AsyncEmbedder | None
+    recommender: Recommends | None = None
     state: ServerState = field(default_factory=ServerState)
     created: int = field(default_factory=lambda: int(time.time()))
 

@@ -369,8 +369,30 @@ class LoraAdapterStatus(BaseModel):
     unloaded: str | None = None  # an adapter dropped to make room
 
 
+class RecommendRequest(BaseModel):
+    """`POST /v1/recommend` (served with `lmk serve --recommender DIR`): a user's top k unseen items."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    user: str = Field(min_length=1)
+    k: int = Field(default=10, ge=1, le=1000)
+    time: float | None = None  # recommend as of this time (default: after the latest interaction)
+
+
+class RecommendedItem(BaseModel):
+    item: str
+    title: str
+    rank: int
+
+
+class RecommendResponse(BaseModel):
+    object: str = "recommendation"
+    user: str
+    items: list[RecommendedItem]
+
+
 REQUEST_MODELS = (CompletionRequest, ChatCompletionRequest, EmbeddingRequest, TokenizeRequest, DetokenizeRequest,
-                  LoadLoraAdapterRequest, UnloadLoraAdapterRequest)
+                  LoadLoraAdapterRequest, UnloadLoraAdapterRequest, RecommendRequest)
 _ERRORS = {400: "invalid request (the field is named in error.param)", 401: "missing or wrong API key",
            404: "unknown model or route", 413: "body too large", 429: "queue full or over a rate limit",
            503: "shutting down"}

@@ -20,6 +20,7 @@ from lmkernel.engine.llm import startup_line
 from lmkernel.errors import LmkError
 from lmkernel.loading import load_model
 from lmkernel.serve.app import ServerConfig, ServerState, build_app
+from lmkernel.serve.checks import Recommends
 
 
 @dataclass
@@ -86,7 +87,7 @@ def setup_logging() -> None:
             logging.getLogger(name).setLevel(logging.INFO)
 
 
-def load_app(launch: LaunchConfig, config: ServerConfig) -> FastAPI:
+def load_app(launch: LaunchConfig, config: ServerConfig, recommender: Recommends | None = None) -> FastAPI:
     """Load the models `launch` names and build the app over them (one process, or one Ray replica)."""
     engine = embedder = None
     c = launch.engine
@@ -102,13 +103,13 @@ def load_app(launch: LaunchConfig, config: ServerConfig) -> FastAPI:
         if not encoder.config.is_encoder:
             raise LmkError(f"--embedding-model {launch.embedding_model}: embeddings need an encoder model; this is a decoder")
         embedder = AsyncEmbedder(encoder)
-    return build_app(config, engine, embedder)
+    return build_app(config, engine, embedder, recommender)
 
 
-def serve(launch: LaunchConfig, config: ServerConfig) -> None:
+def serve(launch: LaunchConfig, config: ServerConfig, recommender: Recommends | None = None) -> None:
     """Load, listen and block until shut down."""
     setup_logging()
-    app = load_app(launch, config)
+    app = load_app(launch, config, recommender)
     uv = uvicorn.Config(app, host=launch.host, port=launch.port, log_level="warning", access_log=False,
                         timeout_graceful_shutdown=1)
     server = _DrainingServer(uv, app.state.server, launch.shutdown_grace)

@@ -81,7 +81,7 @@ def test_a_burst_of_negative_news_raises_exactly_one_alert(classifier: Path) -> 
     threading.Thread(target=hook.serve_forever, daemon=True).start()
     try:
         out = subprocess.run([sys.executable, "-m", "lmkernel.cli", "monitor", "--model", str(classifier), "--input", "-",
-                              "--window", "100", "--baseline", "400", "--batch-size", "32",
+                              "--batch-size", "32",
                               "--webhook", f"http://127.0.0.1:{hook.server_port}/alerts"],
                              input=feed, capture_output=True, text=True, timeout=300)
     finally:
@@ -90,9 +90,9 @@ def test_a_burst_of_negative_news_raises_exactly_one_alert(classifier: Path) -> 
     alerts = [json.loads(line) for line in out.stdout.splitlines()]
     assert len(alerts) == 1, out.stdout
     alert = alerts[0]
-    assert set(alert) >= {"alert", "label", "share", "baseline", "z", "at"}
-    assert alert["label"] == "negative" and alert["at"] in burst, (alert, burst)
-    assert alert["z"] >= 3 and alert["share"] > alert["baseline"] + 0.1
+    assert set(alert) >= {"alert", "label", "share", "baseline", "detector", "score", "at", "onset"}
+    assert alert["label"] == "negative" and alert["at"] in burst[:20], (alert, burst)  # the defaults: CUSUM
+    assert alert["detector"] == "cusum" and alert["score"] >= 6.5 and abs(alert["onset"] - 490) <= 10
     assert Hook.received == [alert]
     log = [json.loads(line) for line in out.stderr.splitlines() if line.startswith("{")]
     assert {"event": "skipped", "line": 102, "reason": "<stdin>:102: not JSON (Expecting value)"} in log
@@ -111,3 +111,5 @@ def test_bad_settings_and_models_are_refused_clearly(classifier: Path, tmp_path:
     assert out.returncode == 1 and "not a classifier" in out.stderr
     out = invoke("monitor", "--model", str(classifier), "--input", str(feed), "--window", "3")
     assert out.returncode == 1 and "--window must be at least 10" in out.stderr
+    out = invoke("monitor", "--model", str(classifier), "--input", str(feed), "--detector", "ewma")
+    assert out.returncode == 1 and "--detector must be one of cusum, window" in out.stderr
