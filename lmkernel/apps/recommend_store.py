@@ -23,8 +23,9 @@ import numpy as np
 
 from lmkernel.apps.rank_features import Moment, PopularityClock
 from lmkernel.apps.recommend_data import Interactions, ItemTable, leave_one_out, user_sequences
-from lmkernel.apps.recommender import (Engine, FitResult, RecommenderConfig, build_groups, encoder_pairs, fine_tune,
-                                       from_json, item_vectors, metrics, split_rows, to_json, train_ranker)
+from lmkernel.apps.item_encoder import fine_tune, item_vectors
+from lmkernel.apps.recommender import (Engine, FitResult, RecommenderConfig, build_groups, encoder_pairs, from_json,
+                                       metrics, split_rows, to_json, train_ranker)
 from lmkernel.errors import LmkError
 
 FORMAT = 1

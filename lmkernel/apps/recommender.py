@@ -12,17 +12,15 @@ the start, so it can be recommended through its text alone.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from lmkernel.apps.item_encoder import EncoderTraining, behaviour_pairs, fine_tune, item_vectors
+from lmkernel.apps.item_encoder import EncoderTraining, behaviour_pairs
 from lmkernel.apps.rank_features import DAY, FEATURES, Moment, PopularityClock, features, user_vector
-from lmkernel.apps.recommend_data import Interactions, ItemTable, Split, leave_one_out, user_sequences
+from lmkernel.apps.recommend_data import Interactions, ItemTable, Split, user_sequences
 from lmkernel.errors import LmkError
 
 K = 10
@@ -39,6 +37,7 @@ class RecommenderConfig:
     ranker_targets: int = 3  # each user's last training items the ranker learns from
     ranker_rounds: int = 600
     ranker_lr: float = 0.05
+    new_item_slots: int = 1  # places of the top 10 kept for items with no interactions yet (0: none)
     seed: int = 0
 
     def check(self) -> RecommenderConfig:
@@ -80,20 +79,46 @@ class Engine:
         want = min(cfg.candidates + len(seen), len(self.items.ids))
         _, found = self.index.search(uvec[None, :], want)
         near = [int(i) for i in found[0] if i >= 0 and int(i) not in seen][: cfg.candidates]
+        # The nearest neighbours of each of the last five items too: a mean of twenty items sits near the
+        # centre of the catalogue and misses what is close to one of them.
+        _, around = self.index.search(np.ascontiguousarray(self.vectors[moment.items[-5:]]), 20 + len(seen))
+        taken = set(near)
+        for row in around:
+            fresh = [int(i) for i in row if i >= 0 and int(i) not in seen and int(i) not in taken][:20]
+            near.extend(fresh)
+            taken.update(fresh)
         recent = self.clock.counts(moment.now, moment.now - 30 * DAY)
         popular = [int(i) for i in np.argsort(-recent, kind="stable") if int(i) not in seen and recent[i] > 0]
-        taken = set(near)
-        extra = [i for i in popular[: cfg.popular_candidates + cfg.candidates] if i not in taken][: cfg.popular_candidates]
+        extra = [i for i in popular[: cfg.popular_candidates + 2 * cfg.candidates] if i not in taken][: cfg.popular_candidates]
         candidates = np.array(near + extra, dtype=np.int64)
-        rank = np.array(list(range(len(near))) + [cfg.candidates] * len(extra), dtype=np.float32)
+        rank = np.array([min(r, cfg.candidates) for r in range(len(near))] + [cfg.candidates] * len(extra), dtype=np.float32)
         flag = np.array([0.0] * len(near) + [1.0] * len(extra), dtype=np.float32)
         return Group(user, candidates, features(moment, candidates, rank, flag, uvec, self.vectors, self.clock,
                                                 self.items), target)
 
     def order(self, group: Group) -> np.ndarray:
-        """The group's candidates, best first."""
+        """The group's candidates, best first. The ranker judges items by behaviour it has seen, so items with no
+        interaction yet would never surface; the last `new_item_slots` places of the top 10 go to the unseen
+        candidates without interactions that are most similar to the user by text, when the ranker left none there."""
         scores = self.ranker.predict(group.features) if self.ranker is not None else group.features[:, 0]
-        return group.candidates[np.argsort(-scores, kind="stable")]
+        ranked = group.candidates[np.argsort(-scores, kind="stable")]
+        slots = self.config.new_item_slots
+        if not slots:
+            return ranked
+        new = group.features[:, FEATURES.index("pop_all")] == 0
+        top = ranked[:K].tolist()
+        if set(top) & set(group.candidates[new].tolist()):
+            return ranked
+        close = group.features[:, FEATURES.index("sim_max5")]  # to one of the user's last five items
+        sim = dict(zip(group.candidates.tolist(), close.tolist()))
+        floor = min(sim[i] for i in top)  # a new item must be as close to the user as the ranked ones are
+        fresh = group.candidates[new][np.argsort(-close[new], kind="stable")][:slots].tolist()
+        fresh = [i for i in fresh if i not in top and sim[i] >= floor]
+        if not fresh:
+            return ranked
+        head = top[: K - len(fresh)] + fresh
+        rest = [i for i in ranked.tolist() if i not in set(head)]
+        return np.array(head + rest, dtype=np.int64)
 
 
 def metrics(engine: Engine, groups: list[Group]) -> dict[str, float]:
@@ -175,10 +200,6 @@ def from_json(values: dict[str, Any]) -> RecommenderConfig:
     values = dict(values)
     values["encoder_training"] = EncoderTraining(**values.get("encoder_training", {}))
     return RecommenderConfig(**values)
-
-
-def data_fingerprint(data: Interactions) -> str:
-    return f"{len(data)} interactions, {len(data.users)} users"
 
 
 def encoder_pairs(data: Interactions, rows: np.ndarray, window: int) -> np.ndarray:

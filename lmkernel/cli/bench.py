@@ -438,7 +438,7 @@ def bench_recommend(
                 except (RuntimeError, subprocess_error()) as exc:
                     failed.append(f"{model}: {exc}")
             table = Table(title=f"MovieLens-100k, {title}: leave-one-out by time, full ranking, @10")
-            for col in ("model", "users", "HR@10", "NDCG@10", "MRR@10", "NDCG vs lmkernel", "RecBole's own NDCG@10", "time s"):
+            for col in ("model", "users", "HR@10", "NDCG@10", "MRR@10", "lmkernel NDCG / this", "RecBole's own NDCG@10", "time s"):
                 table.add_column(col, justify="left" if col == "model" else "right")
             subsets = [("", None)] + ([(" (cold users)", prepared.cold_users)] if prepared.cold_users else [])
             ours_ndcg = {}

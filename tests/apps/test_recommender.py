@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from lmkernel.apps.recommend_store import Recommender
 
 pytestmark = pytest.mark.slow  # fits an encoder and a ranker: `make test` runs it, `make test-fast` does not
 
-NEW_ITEM = ("new-1", "Star Wars: Return of the Jedi, Special Edition", "Action Adventure Romance Sci-Fi War", "1997")
+NEW_ITEM = ("new-1", "Return of the Jedi: Special Edition", "Action Adventure Romance Sci-Fi War", "1983")
 
 
 @pytest.fixture(scope="module")
@@ -77,17 +78,18 @@ def test_query_never_recommends_what_the_user_has_seen(fitted) -> None:
 
 
 def test_a_new_item_with_text_only_can_be_recommended(fitted) -> None:
-    """No one has interacted with it; users who watched the Star Wars films find it through its text."""
+    """No one has interacted with it; users with a Star Wars film among their last five get it through its text."""
     _, rec, inter = fitted
-    fans = set()
-    with inter.open() as f:
-        for row in csv.DictReader(f):
-            if row["item"] in ("50", "172", "181"):  # Star Wars, The Empire Strikes Back, Return of the Jedi
-                fans.add(row["user"])
     model = Recommender.load(rec)
-    ranks = [next((r["rank"] for r in model.query(u, k=100) if r["item"] == NEW_ITEM[0]), None) for u in sorted(fans)]
-    found = [r for r in ranks if r is not None]
-    assert len(fans) > 50 and len(found) >= len(fans) // 4, (len(found), len(fans))
+    star_wars = {model.item_index[i] for i in ("50", "172", "181")}  # Star Wars, Empire Strikes Back, Return of the Jedi
+    recent_fans = [u for u, rows in zip(model.data.users, model.histories)
+                   if star_wars & set(model.data.item[rows[-5:]].tolist())]
+    tops = [[r["item"] for r in model.query(u, k=10)] for u in recent_fans]
+    hits = sum(NEW_ITEM[0] in top for top in tops)
+    assert len(recent_fans) >= 5 and hits >= len(recent_fans) // 2, (hits, len(recent_fans))
+    # Without the new-item place the ranker, which judges by behaviour, never shows it.
+    model.engine.config = model.config = dataclasses.replace(model.config, new_item_slots=0)
+    assert not any(NEW_ITEM[0] in [r["item"] for r in model.query(u, k=10)] for u in recent_fans)
 
 
 def test_served_at_v1_recommend(fitted) -> None:
