@@ -5,7 +5,6 @@ test item, the one before it the validation item, the rest is training)."""
 from __future__ import annotations
 
 import csv
-import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lmkernel.train.data import DataError
+from lmkernel.train.data import DataError, read_rows
 
 USER_COLUMNS = ("user", "user_id")
 ITEM_COLUMNS = ("item", "item_id")
@@ -72,34 +71,24 @@ class Split:
 
 
 def _rows(path: Path, flag: str) -> Iterator[tuple[int, dict[str, str]]]:
-    """(line, fields) of a CSV with a header, JSON lines, or a RecBole atomic file (tab-separated, `name:type`)."""
+    """(line, fields as text) of a RecBole atomic file (tab-separated, a `name:type` header) or of the CSV and
+    JSON-lines files `lmk train` reads."""
     if not path.is_file():
         raise DataError(f"{flag} {path}: no such file")
     suffix = path.suffix.lower()
-    with path.open(encoding="utf-8", newline="") as f:
-        if suffix in (".inter", ".item"):
+    if suffix in (".inter", ".item"):
+        with path.open(encoding="utf-8", newline="") as f:
             reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
             header = [h.split(":")[0] for h in next(reader, [])]
             for number, values in enumerate(reader, 2):
                 if values:
                     yield number, dict(zip(header, values))
-        elif suffix == ".csv":
-            for number, row in enumerate(csv.DictReader(f), 2):
-                yield number, {k: v for k, v in row.items() if k is not None}
-        elif suffix in (".jsonl", ".json"):
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{flag} {path}, line {number}: not JSON ({exc.msg})") from None
-                if not isinstance(obj, dict):
-                    raise DataError(f"{flag} {path}, line {number}: expected a JSON object")
-                yield number, {k: "" if v is None else (" ".join(map(str, v)) if isinstance(v, list) else str(v))
-                               for k, v in obj.items()}
-        else:
-            raise DataError(f"{flag} {path}: expected a .csv, .jsonl, or RecBole .inter/.item file")
+        return
+    if suffix not in (".csv", ".jsonl", ".json"):
+        raise DataError(f"{flag} {path}: expected a .csv, .jsonl, or RecBole .inter/.item file")
+    for row in read_rows(path, flag):
+        yield row.line, {k: "" if v is None else (" ".join(map(str, v)) if isinstance(v, list) else str(v))
+                         for k, v in row.fields.items()}
 
 
 def _pick(fields: dict[str, str], names: tuple[str, ...], path: Path, flag: str, line: int, required: bool = True) -> str | None:

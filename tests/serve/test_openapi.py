@@ -41,7 +41,7 @@ def api_schema(server: Server):
 def test_every_body_is_declared(api_schema) -> None:
     posts = {path: ops["post"] for path, ops in api_schema.raw_schema["paths"].items() if "post" in ops}
     assert set(posts) == {"/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/tokenize", "/detokenize",
-                          "/v1/load_lora_adapter", "/v1/unload_lora_adapter"}
+                          "/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/v1/recommend"}
     for path, op in posts.items():
         ref = op["requestBody"]["content"]["application/json"]["schema"]["$ref"]
         assert ref.rsplit("/", 1)[-1] in api_schema.raw_schema["components"]["schemas"], path
