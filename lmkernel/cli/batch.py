@@ -70,6 +70,12 @@ def batch(
                               max_queued_requests=max(256, concurrency), tool_call_parser=tool_call_parser)
         launch = LaunchConfig(model if wants_generation else None, embedding_model if wants_embeddings else None, engine,
                               lora=parse_lora_options(lora or []))
+        if ray:  # the actors load the models; a name that cannot load is said here, not as a remote traceback
+            from lmkernel.registry import resolve
+
+            for name_or_path in (launch.model, launch.embedding_model):
+                if name_or_path is not None:
+                    resolve(name_or_path)
     except (LmkError, ValueError, OSError) as exc:
         raise fail(exc) from None
     total = len(requests) + len(bad_lines)
