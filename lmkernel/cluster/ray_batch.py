@@ -64,7 +64,8 @@ def start_ray(options: RayBatchOptions) -> bool:
     if ray.is_initialized():
         return False
     if options.ray_address is None:
-        ray.init(include_dashboard=False, log_to_driver=False, object_store_memory=256 << 20, logging_level="WARNING")
+        ray.init(address="local", include_dashboard=False, log_to_driver=False, object_store_memory=256 << 20,
+                 logging_level="WARNING")  # a new local Ray, not one another job started on this machine
         return True
     try:
         ray.init(address=options.ray_address, log_to_driver=False, logging_level="WARNING")

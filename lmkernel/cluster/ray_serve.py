@@ -186,8 +186,8 @@ def serve_on_ray(launch: LaunchConfig, config: ServerConfig, scale: ScaleConfig)
         # slower than Ray's 5 s readiness check, which then kills and restarts it in a loop.
         for name, value in PROXY_PATIENCE.items():
             os.environ.setdefault(name, value)
-        ray.init(include_dashboard=False, log_to_driver=False, object_store_memory=256 << 20,
-                 logging_level="WARNING")
+        ray.init(address="local", include_dashboard=False, log_to_driver=False, object_store_memory=256 << 20,
+                 logging_level="WARNING")  # a new local Ray, not one another job started on this machine
     else:
         check_reachable(scale.ray_address)
         try:
