@@ -52,6 +52,7 @@ def main(model_name: str, data_dir: str, out: str) -> None:
     init_seed(config["seed"], config["reproducibility"])
     model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    epochs = count_epochs(trainer)
     best_valid, valid_result = trainer.fit(train_data, valid_data, saved=True, show_progress=False)
     test_result = trainer.evaluate(test_data, load_best_model=True, show_progress=False)
     users = test_data.dataset.inter_feat[dataset.uid_field].unique() if hasattr(test_data, "dataset") else None
@@ -63,7 +64,20 @@ def main(model_name: str, data_dir: str, out: str) -> None:
     Path(out).write_text(json.dumps({
         "model": model_name, "valid": {k: float(v) for k, v in valid_result.items()},
         "test": {k: float(v) for k, v in test_result.items()}, "top10": top_ids,
-        "epochs": int(getattr(trainer, "cur_step", 0)), "seconds": time.monotonic() - start}))
+        "epochs": epochs[0], "seconds": time.monotonic() - start}))
+
+
+def count_epochs(trainer) -> list[int]:
+    """A one-item list that counts the trainer's training epochs (RecBole keeps no count of its own)."""
+    count = [0]
+    train_epoch = trainer._train_epoch
+
+    def counted(*args, **kwargs):
+        count[0] += 1
+        return train_epoch(*args, **kwargs)
+
+    trainer._train_epoch = counted
+    return count
 
 
 if __name__ == "__main__":

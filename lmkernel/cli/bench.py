@@ -438,7 +438,7 @@ def bench_recommend(
                 except (RuntimeError, subprocess_error()) as exc:
                     failed.append(f"{model}: {exc}")
             table = Table(title=f"MovieLens-100k, {title}: leave-one-out by time, full ranking, @10")
-            for col in ("model", "users", "HR@10", "NDCG@10", "MRR@10", "lmkernel NDCG / this", "RecBole's own NDCG@10", "time s"):
+            for col in ("model", "users", "HR@10", "NDCG@10", "MRR@10", "lmkernel NDCG / this", "RecBole's own NDCG@10", "epochs", "time s"):
                 table.add_column(col, justify="left" if col == "model" else "right")
             subsets = [("", None)] + ([(" (cold users)", prepared.cold_users)] if prepared.cold_users else [])
             ours_ndcg = {}
@@ -448,10 +448,10 @@ def bench_recommend(
                     if r["model"] == "lmkernel":
                         ours_ndcg[suffix] = m["ndcg@10"]
                     own = r.get("test", {}).get("ndcg@10") if not suffix else None
-                    ratio = ours_ndcg[suffix] / m["ndcg@10"] if m["ndcg@10"] else float("inf")
+                    ratio = f"{ours_ndcg[suffix] / m['ndcg@10']:.2f}x" if m["ndcg@10"] else "peer 0"
                     table.add_row(r["model"] + suffix, str(m["users"]), f"{m['hr@10']:.4f}", f"{m['ndcg@10']:.4f}",
-                                  f"{m['mrr@10']:.4f}", "-" if r["model"] == "lmkernel" else f"{ratio:.2f}x",
-                                  "-" if own is None else f"{own:.4f}", f"{r['seconds']:.0f}")
+                                  f"{m['mrr@10']:.4f}", "-" if r["model"] == "lmkernel" else ratio,
+                                  "-" if own is None else f"{own:.4f}", str(r.get("epochs") or "-"), f"{r['seconds']:.0f}")
             console.print(table)
             for line in failed:
                 console.print(f"[red]not measured[/]: {line}")
