@@ -129,6 +129,7 @@ def parse_bytes(value: str | int | float) -> int:
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = ("auto", "keep", None)
 DECODE_BACKENDS = ("auto", "fused", "paged-kernel", "torch")
+CPU_PATHS = ("auto", "amx", "avx512-vnni", "avx512", "avx2")  # layers.cpu_kernels.PATHS
 
 
 @dataclass(frozen=True)
@@ -155,6 +156,7 @@ class EngineConfig:
     seed: int = 0  # the sampler's seed for requests without their own
     max_loras: int | None = None  # LoRA adapter slots; None: as many as adapters given at start
     decode_backend: str = "auto"  # auto: the fastest the model offers on this device; see DECODE_BACKENDS
+    cpu_path: str = "auto"  # the CPU kernels' code path: auto (AMX tiles where granted, else the widest vectors); see CPU_PATHS
 
     def __post_init__(self) -> None:
         if self.quantization == "dequantize":  # the `--quantization` spelling of None
@@ -194,6 +196,7 @@ class EngineConfig:
             ("seed", whole(self.seed, 0), "an integer >= 0"),
             ("max_loras", self.max_loras is None or whole(self.max_loras, 1), "an integer >= 1"),
             ("decode_backend", self.decode_backend in DECODE_BACKENDS, "one of " + ", ".join(DECODE_BACKENDS)),
+            ("cpu_path", self.cpu_path in CPU_PATHS, "one of " + ", ".join(CPU_PATHS)),
         ]
         for name, ok, expected in rules:
             if not ok:

@@ -279,6 +279,10 @@ def _load(source: ModelSource, dtype: torch.dtype, dev: torch.device, keep_gguf:
                                                                      head_architecture(lora, config)))
         else:
             config = _merge_adapter(model, config, lora)
+    if reader is not None and keep_gguf and dev.type == "cpu":
+        for module in model.modules():  # k-quant projections into the decode layout, once
+            if isinstance(module, GGUFLinear):
+                module.pack()
     return LoadedModel(config, tokenizer, model.eval(), source, dtype, dev)
 
 

@@ -35,6 +35,11 @@ class LlamaCppPeer:
                                      n_batch=BATCH, verbose=False)
         self.vocab = self.model.n_vocab()
 
+    def build(self) -> str:
+        """What the peer's build runs on (llama.cpp's own system line: AVX512, AMX_INT8, ... = 0 or 1)."""
+        info = self.lib.llama_print_system_info()
+        return (info.decode() if isinstance(info, bytes) else str(info)).strip()
+
     def _next_token(self) -> int:
         logits = self.lib.llama_get_logits_ith(self.model.ctx, -1)
         return int(np.argmax(np.ctypeslib.as_array(logits, shape=(self.vocab,))))

@@ -26,9 +26,9 @@ class LoadResult:
     resident: int  # bytes of resident memory the load added (weights mapped and touched, caches, buffers)
 
 
-def lmkernel_script(model: str, threads: int, context: int) -> str:
-    """A Python program that loads `model` with lmkernel (a KV cache of `context` tokens) and prints what
-    `LoadResult` holds."""
+def lmkernel_script(model: str, threads: int, context: int, cpu_path: str = "auto") -> str:
+    """A Python program that loads `model` with lmkernel (a KV cache of `context` tokens, the CPU kernels of
+    `cpu_path`) and prints what `LoadResult` holds."""
     return f"""
 import json, time, torch
 torch.set_num_threads({threads})
@@ -36,7 +36,7 @@ from lmkernel import LLM, SamplingParams, load_model
 from lmkernel.bench.load import resident_bytes
 from lmkernel.layers import cpu_kernels
 from lmkernel.memory.kv_cache import bytes_per_block
-cpu_kernels.build()  # the compiled library is imported, as every library's is before the clock starts
+cpu_kernels.select({cpu_path!r})  # the compiled library is imported, as every library's is before the clock starts
 before = resident_bytes()
 start = time.perf_counter()
 loaded = load_model({model!r})

@@ -26,11 +26,11 @@ class MaskCost:
     overhead: float  # median over rounds of masked / free - 1
 
 
-def _step_ms(llm: LLM, prompts: list[list[int]], params: SamplingParams) -> float:
+def decode_step_ms(llm: LLM, prompts: list[list[int]], params: SamplingParams) -> float:
     """Median milliseconds of the decode steps of `prompts` run together (prefill steps excluded)."""
     engine = llm.engine
     for i, prompt in enumerate(prompts):
-        engine.add_request(f"mask-{i}", prompt, params)
+        engine.add_request(f"step-{i}", prompt, params)
     times = []
     while engine.has_unfinished_requests():
         prefill = any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running) or engine.scheduler.waiting
@@ -46,10 +46,10 @@ def mask_cost(llm: LLM, prompts: list[list[int]], batch: int, new_tokens: int, r
     masked = SamplingParams(temperature=0.8, seed=0, max_tokens=new_tokens,
                             structured_outputs=StructuredOutputs(json=OPEN_ENDED))
     group = prompts[:batch]
-    _step_ms(llm, group, masked)  # warm: the grammar compiler reads the vocabulary once
+    decode_step_ms(llm, group, masked)  # warm: the grammar compiler reads the vocabulary once
     free_ms, masked_ms = [], []
     for _ in range(rounds):
-        free_ms.append(_step_ms(llm, group, free))
-        masked_ms.append(_step_ms(llm, group, masked))
+        free_ms.append(decode_step_ms(llm, group, free))
+        masked_ms.append(decode_step_ms(llm, group, masked))
     return MaskCost(batch, statistics.median(free_ms), statistics.median(masked_ms),
                     statistics.median(m / f - 1 for m, f in zip(masked_ms, free_ms)))

@@ -69,6 +69,8 @@ def bench_latency(
     peer: Annotated[str, typer.Option(help="transformers (generate at batch 1), llama.cpp (same GGUF file: decode, "
                                            "prompt processing, load time, memory) or none")] = "transformers",
     quantization: Quantization = "auto",
+    cpu_path: Annotated[str, typer.Option(help="lmkernel's CPU kernels: auto, amx, avx512-vnni, avx512 or avx2 "
+                                               "(a narrower path forced on a wider CPU)")] = "auto",
 ) -> None:
     """Batch-1 decode ms/token against the floor of weight bytes / read bandwidth measured in this run, and
     against a peer on the same model in the same run."""
@@ -79,10 +81,11 @@ def bench_latency(
     if peer not in ("transformers", "llama.cpp", "none"):
         raise fail(LmkError(f"--peer must be transformers, llama.cpp or none; got '{peer}'"))
     if peer == "llama.cpp":
-        return _bench_against_llama_cpp(model, prompt_tokens, new_tokens, prefill_tokens, rounds, quantization_arg(quantization))
+        return _bench_against_llama_cpp(model, prompt_tokens, new_tokens, prefill_tokens, rounds, quantization_arg(quantization),
+                                        cpu_path)
     try:
         llm = LLM(model, dtype=dtype, device=device, kv_cache_memory="256MiB", verbose=False,
-                  quantization=quantization_arg(quantization))
+                  quantization=quantization_arg(quantization), cpu_path=cpu_path)
         prompt = text_workload(llm.tokenizer, 1, (prompt_tokens, prompt_tokens), (1, 1)).prompts[0]
     except (LmkError, ValueError) as exc:
         raise fail(exc) from None
@@ -106,12 +109,13 @@ def bench_latency(
 
 
 def _bench_against_llama_cpp(model: str, prompt_tokens: int, new_tokens: int, prefill_tokens: int, rounds: int,
-                             quantization: str | None) -> None:
+                             quantization: str | None, cpu_path: str = "auto") -> None:
     """`lmk bench latency --peer llama.cpp`: the same GGUF file in lmkernel and in llama.cpp, same threads."""
     import torch
 
     from lmkernel.bench.latency import compare_llama_cpp
     from lmkernel.bench.llama_cpp_peer import CONTEXT, LlamaCppPeer, load_script
+    from lmkernel.layers import cpu_kernels
     from lmkernel.bench.load import best_of, lmkernel_script
     from lmkernel.bench.workload import text_workload
     from lmkernel.engine.llm import LLM
@@ -122,9 +126,10 @@ def _bench_against_llama_cpp(model: str, prompt_tokens: int, new_tokens: int, pr
         if source.kind != "gguf":
             raise LmkError(f"{model}: llama.cpp runs GGUF files; this is a {source.kind}")
         file_size = source.path.stat().st_size
-        loads = [best_of(lmkernel_script(model, threads, CONTEXT), "lmkernel's load", 3),
+        loads = [best_of(lmkernel_script(model, threads, CONTEXT, cpu_path), "lmkernel's load", 3),
                  best_of(load_script(source.path, threads), "llama.cpp's load", 3)]
-        llm = LLM(model, kv_cache_memory="256MiB", verbose=False, enable_prefix_caching=False, quantization=quantization)
+        llm = LLM(model, kv_cache_memory="256MiB", verbose=False, enable_prefix_caching=False, quantization=quantization,
+                  cpu_path=cpu_path)
         texts = text_workload(llm.tokenizer, 2, (max(prompt_tokens, prefill_tokens),) * 2, (1, 1)).prompts
         other = LlamaCppPeer(source.path, threads)
         r = compare_llama_cpp(llm, other, texts[0][:prompt_tokens], texts[1][:prefill_tokens], new_tokens, rounds)
@@ -133,9 +138,12 @@ def _bench_against_llama_cpp(model: str, prompt_tokens: int, new_tokens: int, pr
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), "unknown CPU")
     flags = Path("/proc/cpuinfo").read_text()
-    isa = "AVX-512 VNNI" if "avx512_vnni" in flags else "AVX-512" if "avx512f" in flags else "AVX2"
+    isa = ("AVX-512 VNNI, AMX" if "amx_int8" in flags else "AVX-512 VNNI" if "avx512_vnni" in flags
+           else "AVX-512" if "avx512f" in flags else "AVX2")
     console.print(f"{model} ({source.path.name}, {file_size / 1e6:,.0f} MB) on {cpu} ({isa}), {threads} threads; "
                   f"medians of {rounds} alternating rounds")
+    console.print(f"lmkernel kernels: {cpu_kernels.current_path()} (AMX: {cpu_kernels.amx_status()}); "
+                  f"llama.cpp build: {other.build()}")
     table = Table("", "lmkernel", "llama.cpp", "lmkernel / llama.cpp")
     (ours_ms, peer_ms), (ours_tps, peer_tps) = r.decode_ms, r.prefill_tps
     table.add_row(f"batch-1 decode after {prompt_tokens} tokens", f"{1000 / ours_ms:.1f} tok/s ({ours_ms:.2f} ms)",
@@ -148,6 +156,39 @@ def _bench_against_llama_cpp(model: str, prompt_tokens: int, new_tokens: int, pr
                   f"{loads[0].seconds / loads[1].seconds:.2f}x the time")
     table.add_row(f"resident memory the load adds ({CONTEXT}-token KV cache)", f"{loads[0].resident / 1e6:,.0f} MB ({loads[0].resident / file_size:.2f}x file)",
                   f"{loads[1].resident / 1e6:,.0f} MB ({loads[1].resident / file_size:.2f}x file)", "")
+    console.print(table)
+
+
+@bench_app.command("decode-steps")
+def bench_decode_steps(
+    model: Annotated[str, typer.Option()] = "qwen2.5-coder-1.5b-instruct",
+    batch: Annotated[list[int] | None, typer.Option(help="batch sizes (default 1, 8, 16, 32)")] = None,
+    new_tokens: Annotated[int, typer.Option()] = 32,
+    rounds: Annotated[int, typer.Option()] = 3,
+) -> None:
+    """A decode step's cost as the batch grows (weights read once a step for all sequences), with AMX tiles
+    and, where the CPU grants them, without, alternating in one run."""
+    from lmkernel.bench.decode_steps import step_costs
+    from lmkernel.bench.workload import text_workload
+    from lmkernel.engine.llm import LLM
+    from lmkernel.layers import cpu_kernels
+
+    sizes = batch or [1, 8, 16, 32]
+    try:
+        llm = LLM(model, kv_cache_memory="1GiB", verbose=False, enable_prefix_caching=False, max_num_seqs=max(sizes))
+        prompts = text_workload(llm.tokenizer, max(sizes), (64, 64), (1, 1)).prompts
+        results = step_costs(llm, prompts, sizes, new_tokens, rounds)
+    except (LmkError, ValueError) as exc:
+        raise fail(exc) from None
+    import torch
+
+    base = results[0].ms
+    table = Table("batch", "decode step", "tok/s", f"step / step of {results[0].batch}", "tiles off: step", "tiles off: tok/s")
+    for r in results:
+        off = ("", "") if r.vector_ms is None else (f"{r.vector_ms:.1f} ms", f"{1000 * r.batch / r.vector_ms:.1f}")
+        table.add_row(str(r.batch), f"{r.ms:.1f} ms", f"{1000 * r.batch / r.ms:.1f}", f"{r.ms / base:.2f}x", *off)
+    console.print(f"{model}, {torch.get_num_threads()} threads, CPU kernels {cpu_kernels.current_path()}; medians of "
+                  f"{rounds} alternating rounds, 64-token prompts, {new_tokens} tokens each")
     console.print(table)
 
 

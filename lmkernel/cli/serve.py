@@ -35,6 +35,8 @@ def serve(
     threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's; with --ray: --replica-cpus)")] = None,
     seed: Annotated[int, typer.Option(help="the sampler's seed for requests without their own")] = 0,
     decode_backend: Annotated[str, typer.Option(help="auto (the fastest that applies), fused, paged-kernel or torch")] = "auto",
+    cpu_path: Annotated[str, typer.Option(help="CPU kernels: auto (AMX tiles where granted, else the widest vectors), "
+                                               "amx, avx512-vnni, avx512 or avx2")] = "auto",
     max_body_bytes: Annotated[int, typer.Option(help="larger request bodies get 413")] = 1 << 20,
     max_queued_requests: Annotated[int, typer.Option(help="completions and chats at once before 429")] = 256,
     rate_limit_rpm: Annotated[int | None, typer.Option(help="requests per minute per key")] = None,
@@ -80,7 +82,7 @@ def serve(
             dtype=dtype, device=device, quantization=quantization, kv_cache_memory=kv_cache_memory,
             kv_cache_fraction=kv_cache_fraction, block_size=block_size, enable_prefix_caching=enable_prefix_caching,
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
-            threads=threads, seed=seed, max_loras=slots, decode_backend=decode_backend,
+            threads=threads, seed=seed, max_loras=slots, decode_backend=decode_backend, cpu_path=cpu_path,
         )
 
         if tool_call_parser is not None and tool_call_parser not in PARSERS:

@@ -2,6 +2,8 @@
 #include <malloc.h>
 #include <torch/extension.h>
 
+#include "gguf_amx.h"
+#include "gguf_x16.h"
 #include "kernels.h"
 
 namespace py = pybind11;
@@ -24,9 +26,29 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_group_linear", &lmk::int8_group_linear, "x [M<=4, K] times int8 w [N, K] with per-group scales");
   m.def("int4_linear", &lmk::int4_linear, "x [M<=4, K] times a pack_int4 weight");
   m.def("gguf_block_layout", &lmk::gguf_block_layout, "(weights, bytes, activation family) of a GGML type; [] if none");
-  m.def("gguf_linear", &lmk::gguf_linear, "x [M, K] float32 times GGUF blocks w [N, row bytes] -> [M, N]");
-  m.def("gguf_dequantize", &lmk::gguf_dequantize, "GGUF blocks [N, row bytes] -> float32 [N, K]");
+  m.def("gguf_linear", &lmk::gguf_linear, "x [M, K] float32 times GGUF blocks w [N, row bytes] (or packed) -> [M, N]",
+        py::arg("x"), py::arg("w"), py::arg("type"), py::arg("bias") = py::none(), py::arg("packed") = false);
+  m.def("gguf_dequantize", &lmk::gguf_dequantize, "GGUF blocks [N, row bytes] (or packed) -> float32 [N, K]",
+        py::arg("w"), py::arg("type"), py::arg("K"), py::arg("packed") = false);
+  m.def("gguf_pack", &lmk::gguf_pack, "stored k-quant blocks [N, row bytes] -> the decode layout [N / 16, ...]");
+  m.def("gguf_packed_kernel", &lmk::x16_kernel, "whether this build decodes the packed layout directly");
+  m.def("release_pages", &lmk::release_pages, "hand the whole pages of a tensor's bytes back to the OS (MADV_PAGEOUT)");
   m.def("gguf_embedding", &lmk::gguf_embedding, "rows `ids` of GGUF blocks, dequantized -> float32 [T, K]");
+  m.def("amx_usable", &lmk::amx_usable, "whether this process may run AMX tiles (asked and probed once)");
+  m.def("amx_status", &lmk::amx_status, "why AMX tiles are or are not usable");
+  m.def("amx_enable", &lmk::amx_enable, "switch the AMX tiles on (where usable) or off");
+  m.def("amx_active", &lmk::amx_active, "whether products of many rows run on AMX tiles now");
+  m.def("isa", [] {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    return std::string("avx512-vnni");
+#elif defined(__AVX512BW__)
+    return std::string("avx512");
+#elif defined(__AVX2__)
+    return std::string("avx2");
+#else
+    return std::string("portable");
+#endif
+  }, "the widest vector instructions this build's kernels use");
   m.def("paged_decode", &lmk::paged_decode, "one query per sequence against its paged K/V context");
   m.def("rms_norm", &lmk::rms_norm, "RMS norm of rows");
   m.def("rotary", &lmk::rotary, "rotary embedding of rows [N, heads, D]");

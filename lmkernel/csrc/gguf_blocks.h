@@ -81,6 +81,14 @@ static inline void k4_scales(const uint8_t* s, uint8_t* sc, uint8_t* mn) {
   __builtin_memcpy(mn, mins, 8);
 }
 
+// A weight matrix of N rows of K weights: `data` holds the rows as stored (row_bytes each) or, when
+// `packed`, in the decode layout of gguf_x16.h (groups of 16 rows).
+struct WeightRows {
+  const uint8_t* data = nullptr;
+  int64_t row_bytes = 0, N = 0, K = 0;
+  bool packed = false;
+};
+
 // Quantize float rows x [M, K] for `family` (K a multiple of the family's block).
 void quantize_acts(const float* x, int64_t M, int64_t K, ActFamily family, QuantizedActs& out);
 

@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "gguf_simd.h"
+#include "gguf_x16.h"
 
 namespace lmk {
 
@@ -194,9 +195,9 @@ static void micro(Tile<TYPE>& t, const QuantizedActs& a, const int32_t* sums, in
 }
 
 template <int TYPE>
-static void gemm_type(const uint8_t* w, int64_t row_bytes, int64_t N, const QuantizedActs& a, float* y) {
+static void gemm_type(const WeightRows& w, const QuantizedActs& a, float* y) {
   using L = Layout<TYPE>;
-  const int64_t K = a.K, M = a.M, units = K / L::UNIT, tiles = (N + 15) / 16;
+  const int64_t N = w.N, K = a.K, M = a.M, units = K / L::UNIT, tiles = (N + 15) / 16;
   // K-quants: each activation row's 16-bit pairs of sums for `pairs`: of each 32 (Q4_K / Q5_K), of each
   // 16 (Q6_K).
   const int64_t sums_row = units * L::PAIRS;
@@ -211,12 +212,13 @@ static void gemm_type(const uint8_t* w, int64_t row_bytes, int64_t N, const Quan
   {
     FlushDenormals flush;  // once a thread, for the whole region
     Tile<TYPE> t(K);
+    RowReader rows_of(TYPE, w);
     __m512i pick[4];
     for (int j = 0; j < 4; ++j) pick[j] = span_scale_index<TYPE == GGML_Q6_K ? GGML_Q6_K : GGML_Q4_K>(j);
 #pragma omp for schedule(static)
     for (int64_t tile = 0; tile < tiles; ++tile) {
       const int64_t n0 = tile * 16, rows = std::min<int64_t>(16, N - n0);
-      for (int r = 0; r < 16; ++r) repack_row<TYPE>(r < rows ? w + (n0 + r) * row_bytes : nullptr, K, t, r, pick);
+      for (int r = 0; r < 16; ++r) repack_row<TYPE>(r < rows ? rows_of.row(n0 + r) : nullptr, K, t, r, pick);
       const __mmask16 lanes = static_cast<__mmask16>((1u << rows) - 1);
       for (int64_t u0 = 0; u0 < units; u0 += L::CHUNK) {
         const int64_t u1 = std::min(units, u0 + L::CHUNK);
@@ -228,17 +230,17 @@ static void gemm_type(const uint8_t* w, int64_t row_bytes, int64_t N, const Quan
   }
 }
 
-bool gguf_gemm(int type, const uint8_t* w, int64_t row_bytes, int64_t N, const QuantizedActs& a, float* y) {
+bool gguf_gemm(int type, const WeightRows& w, const QuantizedActs& a, float* y) {
   if (!gemm_supports(type, a.K)) return false;
   switch (type) {
-    case GGML_Q4_0: gemm_type<GGML_Q4_0>(w, row_bytes, N, a, y); return true;
-    case GGML_Q4_1: gemm_type<GGML_Q4_1>(w, row_bytes, N, a, y); return true;
-    case GGML_Q5_0: gemm_type<GGML_Q5_0>(w, row_bytes, N, a, y); return true;
-    case GGML_Q5_1: gemm_type<GGML_Q5_1>(w, row_bytes, N, a, y); return true;
-    case GGML_Q8_0: gemm_type<GGML_Q8_0>(w, row_bytes, N, a, y); return true;
-    case GGML_Q4_K: gemm_type<GGML_Q4_K>(w, row_bytes, N, a, y); return true;
-    case GGML_Q5_K: gemm_type<GGML_Q5_K>(w, row_bytes, N, a, y); return true;
-    case GGML_Q6_K: gemm_type<GGML_Q6_K>(w, row_bytes, N, a, y); return true;
+    case GGML_Q4_0: gemm_type<GGML_Q4_0>(w, a, y); return true;
+    case GGML_Q4_1: gemm_type<GGML_Q4_1>(w, a, y); return true;
+    case GGML_Q5_0: gemm_type<GGML_Q5_0>(w, a, y); return true;
+    case GGML_Q5_1: gemm_type<GGML_Q5_1>(w, a, y); return true;
+    case GGML_Q8_0: gemm_type<GGML_Q8_0>(w, a, y); return true;
+    case GGML_Q4_K: gemm_type<GGML_Q4_K>(w, a, y); return true;
+    case GGML_Q5_K: gemm_type<GGML_Q5_K>(w, a, y); return true;
+    case GGML_Q6_K: gemm_type<GGML_Q6_K>(w, a, y); return true;
     default: return false;
   }
 }
@@ -246,7 +248,7 @@ bool gguf_gemm(int type, const uint8_t* w, int64_t row_bytes, int64_t N, const Q
 #else
 
 bool gemm_supports(int, int64_t) { return false; }
-bool gguf_gemm(int, const uint8_t*, int64_t, int64_t, const QuantizedActs&, float*) { return false; }
+bool gguf_gemm(int, const WeightRows&, const QuantizedActs&, float*) { return false; }
 
 #endif
 

@@ -10,8 +10,8 @@ namespace lmk {
 // Whether this build has the prefill kernel for `type` with rows of K weights (AVX-512 with VNNI).
 bool gemm_supports(int type, int64_t K);
 
-// y [M, N] = x W^T for the quantized rows `a` (a.M rows of a.K) and N weight rows of `row_bytes`
-// bytes; false (nothing written) where `gemm_supports` is false.
-bool gguf_gemm(int type, const uint8_t* w, int64_t row_bytes, int64_t N, const QuantizedActs& a, float* y);
+// y [M, N] = x W^T for the quantized rows `a` (a.M rows of a.K) and the N weight rows `w`; false
+// (nothing written) where `gemm_supports` is false.
+bool gguf_gemm(int type, const WeightRows& w, const QuantizedActs& a, float* y);
 
 }  // namespace lmk

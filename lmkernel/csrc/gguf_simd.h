@@ -146,9 +146,30 @@ struct KSpans {
   __m256i sc16;   // Q6_K: the sixteen scales, 16-bit
 };
 
+// A Q6_K half's 128 codes as two spans of 64: ql its 64 bytes of low nibbles, qh its 32 bytes of high
+// bits in both halves of a vector.
+static inline void q6k_half(__m512i ql, __m512i qh, __m512i* codes) {
+  const __m512i low4 = _mm512_set1_epi8(0x0F), low2 = _mm512_set1_epi8(3);
+  codes[0] = _mm512_or_si512(_mm512_and_si512(ql, low4), _mm512_slli_epi16(_mm512_and_si512(shift_halves(qh, 0, 2), low2), 4));
+  codes[1] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(ql, 4), low4),
+                             _mm512_slli_epi16(_mm512_and_si512(shift_halves(qh, 4, 6), low2), 4));
+}
+
+// A Q4_K / Q5_K super-block's eight scales and minimums (s.dmin set) as `KSpans` holds them: the 16-bit
+// scale of each pair of weights of each span, and each 32 weights' offset -dmin m.
+static inline void k4_vectors(const uint8_t* sc, const uint8_t* mn, const __m512i* pick, KSpans& s) {
+  uint64_t sc64, mn64;
+  std::memcpy(&sc64, sc, 8);
+  std::memcpy(&mn64, mn, 8);
+  const __m512i scales = _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(static_cast<long long>(sc64))));
+  s.offsets = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(mn64)))),
+                            _mm256_set1_ps(-s.dmin));
+  for (int j = 0; j < 4; ++j) s.scales[j] = _mm512_permutexvar_epi16(pick[j], scales);
+}
+
 template <int TYPE>
 static inline void unpack_k512(const uint8_t* blk, const __m512i* pick, KSpans& s) {
-  const __m512i low4 = _mm512_set1_epi8(0x0F), low2 = _mm512_set1_epi8(3), one = _mm512_set1_epi8(1);
+  const __m512i low4 = _mm512_set1_epi8(0x0F), one = _mm512_set1_epi8(1);
   if (TYPE == GGML_Q6_K) {
     // ql[l] holds weights l (low nibble) and 64 + l (high) of each half, ql[32 + l] weights 32 + l and
     // 96 + l; qh[l] their top two bits, in pairs from bit 0.
@@ -156,14 +177,7 @@ static inline void unpack_k512(const uint8_t* blk, const __m512i* pick, KSpans& 
     s.dmin = 0.f;
     s.sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 192)));
     const __m512i scales = _mm512_castsi256_si512(s.sc16);
-    for (int h = 0; h < 2; ++h) {
-      const __m512i ql = _mm512_loadu_si512(blk + 64 * h);
-      const __m512i qh = both_halves(blk + 128 + 32 * h);
-      s.codes[2 * h] = _mm512_or_si512(_mm512_and_si512(ql, low4),
-                                       _mm512_slli_epi16(_mm512_and_si512(shift_halves(qh, 0, 2), low2), 4));
-      s.codes[2 * h + 1] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(ql, 4), low4),
-                                           _mm512_slli_epi16(_mm512_and_si512(shift_halves(qh, 4, 6), low2), 4));
-    }
+    for (int h = 0; h < 2; ++h) q6k_half(_mm512_loadu_si512(blk + 64 * h), both_halves(blk + 128 + 32 * h), s.codes + 2 * h);
     for (int j = 0; j < 4; ++j) s.scales[j] = _mm512_permutexvar_epi16(pick[j], scales);
     return;
   }
@@ -173,12 +187,7 @@ static inline void unpack_k512(const uint8_t* blk, const __m512i* pick, KSpans& 
   s.dmin = half(blk + 2);
   alignas(8) uint8_t sc[8], mn[8];
   k4_scales(blk + 4, sc, mn);
-  uint64_t sc64, mn64;
-  std::memcpy(&sc64, sc, 8);
-  std::memcpy(&mn64, mn, 8);
-  const __m512i scales = _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(static_cast<long long>(sc64))));
-  s.offsets = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(mn64)))),
-                            _mm256_set1_ps(-s.dmin));
+  k4_vectors(sc, mn, pick, s);
   const uint8_t* qs = blk + (TYPE == GGML_Q5_K ? 48 : 16);
   __m512i qh = _mm512_setzero_si512();
   if (TYPE == GGML_Q5_K) qh = both_halves(blk + 16);
@@ -186,7 +195,6 @@ static inline void unpack_k512(const uint8_t* blk, const __m512i* pick, KSpans& 
     s.codes[j] = _mm512_and_si512(shift_halves(both_halves(qs + 32 * j), 0, 4), low4);
     if (TYPE == GGML_Q5_K)
       s.codes[j] = _mm512_or_si512(s.codes[j], _mm512_slli_epi16(_mm512_and_si512(shift_halves(qh, 2 * j, 2 * j + 1), one), 4));
-    s.scales[j] = _mm512_permutexvar_epi16(pick[j], scales);
   }
 }
 #endif  // AVX-512

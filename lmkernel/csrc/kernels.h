@@ -3,6 +3,8 @@
 
 #include <torch/extension.h>
 
+#include "gguf_blocks.h"
+
 #include <string>
 #include <vector>
 
@@ -18,8 +20,10 @@ torch::Tensor int4_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scales
 
 // gguf_linear.cpp: GGUF blocks as stored.
 std::vector<int64_t> gguf_block_layout(int64_t type);
-torch::Tensor gguf_linear(torch::Tensor x, torch::Tensor w, int64_t type, c10::optional<torch::Tensor> bias);
-torch::Tensor gguf_dequantize(torch::Tensor w, int64_t type, int64_t K);
+torch::Tensor gguf_linear(torch::Tensor x, torch::Tensor w, int64_t type, c10::optional<torch::Tensor> bias, bool packed);
+torch::Tensor gguf_dequantize(torch::Tensor w, int64_t type, int64_t K, bool packed);
+torch::Tensor gguf_pack(torch::Tensor w, int64_t type, int64_t K);
+void release_pages(torch::Tensor t);
 torch::Tensor gguf_embedding(torch::Tensor ids, torch::Tensor w, int64_t type, int64_t K);
 
 // attention.cpp
@@ -36,13 +40,16 @@ torch::Tensor silu_mul(torch::Tensor gate, torch::Tensor up);
 struct Projection {
   // One linear layer as the fused decode reads it. kind: "float32" (weight [N, K]), "int8" (int8
   // weight, scale [N]), "int8_group" (int8 weight, scale [N, K/G]), "int4" (pack_int4 layout, scale
-  // and mins [N, Kw/G], input padded with zeros to Kw), "gguf" (uint8 blocks of `gguf_type`).
+  // and mins [N, Kw/G], input padded with zeros to Kw), "gguf" (uint8 blocks of `gguf_type`),
+  // "gguf_packed" (`gguf_pack`'s groups of 16 rows).
   Projection(std::string kind, torch::Tensor weight, c10::optional<torch::Tensor> scale,
              c10::optional<torch::Tensor> mins, c10::optional<torch::Tensor> bias, int64_t gguf_type,
              int64_t in_features);
   int kind;
   torch::Tensor weight, scale, mins, bias;
   int64_t gguf_type, in_features, out_features, padded_in, group, family;
+  bool packed;  // "gguf_packed": groups of 16 rows in the decode layout of gguf_x16.h
+  WeightRows rows() const;  // GGUF: the rows as the block kernels read them
 };
 
 struct DecoderLayer {
@@ -61,7 +68,7 @@ class LlamaDecoder {
   torch::Tensor forward(torch::Tensor h, std::vector<torch::Tensor> k_caches, std::vector<torch::Tensor> v_caches,
                         torch::Tensor cos, torch::Tensor sin, torch::Tensor slots, torch::Tensor tables,
                         torch::Tensor lens, int64_t block_size) const;
-  static constexpr int64_t MAX_SEQUENCES = 16;
+  static constexpr int64_t MAX_SEQUENCES = 64;
 
  private:
   std::vector<DecoderLayer> layers_;

@@ -1,4 +1,4 @@
-// A whole Llama decoder for a decode step of up to 16 sequences, one call instead of ~30 framework
+// A whole Llama decoder for a decode step of up to 64 sequences, one call instead of ~30 framework
 // calls a layer:
 //   x = rms(h) ; q, k, v = x Wq + bq, x Wk + bk, x Wv + bv ; rope(q, k) ; cache <- k, v
 //   h += attend(q, cache) Wo ; x = rms(h) ; h += (silu(x Wgate) * x Wup) Wdown
@@ -12,7 +12,9 @@
 #include "checks.h"
 #include "dense_rows.h"
 #include "elementwise.h"
+#include "gguf_amx.h"
 #include "gguf_blocks.h"
+#include "gguf_x16.h"
 #include "kernels.h"
 #include "simd.h"
 
@@ -25,15 +27,15 @@ static int kind_of(const std::string& kind) {
   if (kind == "int8") return INT8_ROW;
   if (kind == "int8_group") return INT8_GROUP;
   if (kind == "int4") return INT4;
-  if (kind == "gguf") return GGUF;
-  TORCH_CHECK(false, "projection kind '", kind, "' is not one of float32, int8, int8_group, int4, gguf");
+  if (kind == "gguf" || kind == "gguf_packed") return GGUF;
+  TORCH_CHECK(false, "projection kind '", kind, "' is not one of float32, int8, int8_group, int4, gguf, gguf_packed");
   return -1;
 }
 
 Projection::Projection(std::string kind_name, torch::Tensor w, c10::optional<torch::Tensor> sc,
                        c10::optional<torch::Tensor> mn, c10::optional<torch::Tensor> b, int64_t type, int64_t in)
     : kind(kind_of(kind_name)), weight(w), gguf_type(type), in_features(in), padded_in(in), group(0),
-      family(ACT_FLOAT) {
+      family(ACT_FLOAT), packed(kind_name == "gguf_packed") {
   TORCH_CHECK(w.dim() == 2, "weight: expected 2 dimensions, got ", w.dim());
   out_features = w.size(0);
   switch (kind) {
@@ -74,7 +76,14 @@ Projection::Projection(std::string kind_name, torch::Tensor w, c10::optional<tor
       const BlockInfo info = block_info(static_cast<int>(type), &known);
       TORCH_CHECK(known, "GGML type ", type, " has no kernel");
       TORCH_CHECK(in % info.elements == 0, "a row of ", in, " weights is not a whole number of blocks");
-      check_size(w, "weight", 1, in / info.elements * info.bytes);
+      if (packed) {  // groups of 16 rows in the decode layout (gguf_x16.h)
+        const int64_t unit = x16_bytes(static_cast<int>(type));
+        TORCH_CHECK(unit > 0 && in % 256 == 0, "GGML type ", type, " has no packed layout for rows of ", in);
+        check_size(w, "weight", 1, in / 256 * 16 * unit);
+        out_features = 16 * w.size(0);
+      } else {
+        check_size(w, "weight", 1, in / info.elements * info.bytes);
+      }
       family = info.family;
     }
   }
@@ -83,6 +92,12 @@ Projection::Projection(std::string kind_name, torch::Tensor w, c10::optional<tor
     check_tensor(bias, "bias", torch::kFloat32, 1);
     check_size(bias, "bias", 0, out_features);
   }
+}
+
+WeightRows Projection::rows() const {
+  bool known;
+  const BlockInfo info = block_info(static_cast<int>(gguf_type), &known);
+  return {weight.data_ptr<uint8_t>(), in_features / info.elements * info.bytes, out_features, in_features, packed};
 }
 
 DecoderLayer::DecoderLayer(torch::Tensor in_norm, torch::Tensor post, Projection q_, Projection k_, Projection v_,
@@ -143,10 +158,29 @@ static void project_rows(const Projection& p, const float* x, float* y, int64_t 
 
 // y_t = x W_t^T (+ b_t) for projections that read the same input x [M, K], their output rows in one
 // parallel loop of 16-row chunks (each thread's share even to within a few rows).
+// From AMX_ROWS sequences on (PACKED_AMX_ROWS on packed rows), GGUF projections run one at a time on AMX
+// tiles where the CPU grants them.
 static void project(int64_t M, const float* x, int64_t K, std::initializer_list<Target> targets) {
   constexpr int64_t chunk = 16;
-  const Target* ts = targets.begin();
-  const int count = static_cast<int>(targets.size());
+  Target ts[4];
+  int count = 0;
+  QuantizedActs tiled;
+  for (const Target& t : targets) {
+    const Projection& p = *t.p;
+    if (p.kind == GGUF && M >= (p.packed ? PACKED_AMX_ROWS : AMX_ROWS) && amx_active() &&
+        amx_supports(static_cast<int>(p.gguf_type), K)) {
+      if (tiled.family != p.family) quantize_acts(x, M, K, static_cast<ActFamily>(p.family), tiled);
+      amx_gemm(static_cast<int>(p.gguf_type), p.rows(), tiled, t.y);
+      if (p.bias.defined()) {
+        const float* b = p.bias.data_ptr<float>();
+        for (int64_t m = 0; m < M; ++m)
+          for (int64_t n = 0; n < p.out_features; ++n) t.y[m * p.out_features + n] += b[n];
+      }
+      continue;
+    }
+    ts[count++] = t;
+  }
+  if (count == 0) return;
   int64_t first[5] = {0, 0, 0, 0, 0};
   const float* xs[4];
   std::vector<float> padded[4];
@@ -178,6 +212,18 @@ static void project(int64_t M, const float* x, int64_t K, std::initializer_list<
       float* y = ts[t].y;
       for (int64_t m0 = 0; m0 < M; m0 += 4) {
         const int rows = static_cast<int>(std::min<int64_t>(4, M - m0));
+        if (p.kind == GGUF && p.packed && x16_kernel()) {  // a chunk of 16 rows is one group
+          x16_rows(static_cast<int>(p.gguf_type), p.weight.data_ptr<uint8_t>(), p.in_features, acts[p.family], m0, rows,
+                   n0 / 16, n0 / 16 + 1, y, N);
+          continue;
+        }
+        if (p.kind == GGUF && p.packed) {
+          std::vector<uint8_t> stored(16 * p.rows().row_bytes);
+          x16_restore(static_cast<int>(p.gguf_type), p.weight.data_ptr<uint8_t>(), n0 / 16, p.in_features, stored.data());
+          gguf_rows(static_cast<int>(p.gguf_type), stored.data(), p.rows().row_bytes, acts[p.family], m0, rows, 0, 16,
+                    y + n0, N);
+          continue;
+        }
         if (p.kind == GGUF) {
           gguf_rows(static_cast<int>(p.gguf_type), p.weight.data_ptr<uint8_t>(), p.weight.size(1), acts[p.family], m0,
                     rows, n0, n1, y, N);

@@ -12,7 +12,7 @@ import torch
 from rich.progress import Progress
 
 from lmkernel.config import EngineConfig
-from lmkernel.engine.llm_engine import LLMEngine
+from lmkernel.engine.llm_engine import LLMEngine, select_cpu_path
 from lmkernel.engine.request import RequestOutput
 from lmkernel.engine.sampling import SamplingParams
 from lmkernel.errors import LmkError
@@ -56,6 +56,7 @@ class LLM:
     ) -> None:
         self.config = EngineConfig.build(config, **overrides)
         c = self.config
+        select_cpu_path(c)  # before loading: which layers pack for decode depends on the kernels chosen
         self.loaded = (
             model if isinstance(model, LoadedModel)
             else load_model(model, dtype=c.dtype, device=c.device, quantization=c.quantization)
@@ -160,4 +161,5 @@ class LLM:
 def startup_line(stats: Mapping[str, Any]) -> str:
     """What an engine reports when it starts: its KV cache and the decode backend it picked."""
     return (f"KV cache of {stats['kv_blocks_total']} blocks x {stats['kv_block_size']} tokens = "
-            f"{stats['kv_cache_tokens']} tokens; decode backend {stats['decode_backend']}")
+            f"{stats['kv_cache_tokens']} tokens; decode backend {stats['decode_backend']}; "
+            f"CPU kernels {stats['cpu_path']}")

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from lmkernel.config import EngineConfig
+from lmkernel.config import EngineConfig, EngineConfigError
 from lmkernel.engine.adapters import LoraAdapters, PreparedAdapter, UnknownAdapterError, shared_copy
 from lmkernel.engine.model_runner import ModelRunner, ModelRunnerOutput
 from lmkernel.engine.request import CompletionOutput, Request, RequestOutput, RequestStatus
@@ -19,6 +19,7 @@ from lmkernel.engine.sampling import SamplingParams
 from lmkernel.engine.scheduler import Scheduler, SchedulerOutput
 from lmkernel.engine.structured import GrammarCompiler, allowed_tokens
 from lmkernel.errors import AdapterError, ContextLengthError, LmkError
+from lmkernel.layers import cpu_kernels
 from lmkernel.loader.tokenizer import IncrementalDetokenizer
 from lmkernel.loading import LoadedModel, load_model
 from lmkernel.memory.block_pool import BlockPool
@@ -56,6 +57,17 @@ class _Group:
         return all(s.finish_reason is not None for s in self.samples)
 
 
+def select_cpu_path(config: EngineConfig) -> str | None:
+    """Make `config.cpu_path` the process's CPU kernels where the engine runs on the CPU (an EngineConfigError
+    if this machine cannot run it); None on CUDA."""
+    if config.device.startswith("cuda") or (config.device == "auto" and torch.cuda.is_available()):
+        return None
+    try:
+        return cpu_kernels.select(config.cpu_path)
+    except (RuntimeError, ValueError) as exc:
+        raise EngineConfigError(f"--cpu-path {config.cpu_path}: {exc}") from None
+
+
 class LLMEngine:
     """Continuous batching over a paged KV cache for one decoder model, and the LoRA adapters
     `adapters` applied to it (requests pick one with `SamplingParams.lora`)."""
@@ -66,6 +78,7 @@ class LLMEngine:
         """Load `model` (unless loaded already) as `config` says and start an engine on it, with the LoRA
         adapters `lora` ({name: directory}) in `config.max_loras` slots. A `LoadedModel` given is left as it
         is (the adapters wrap a copy that shares its weights) unless `owned`: loaded for this engine alone."""
+        select_cpu_path(config)  # before loading: which layers pack for decode depends on the kernels chosen
         loaded = model if isinstance(model, LoadedModel) else load_model(
             model, dtype=config.dtype, device=config.device, quantization=config.quantization)
         if loaded.config.is_encoder:
@@ -345,6 +358,7 @@ class LLMEngine:
         """The decode backend in use, and counters of the cache, the prefix cache and the scheduler."""
         return {
             "decode_backend": self.runner.decode_backend,
+            "cpu_path": cpu_kernels.current_path() if self.runner.device.type == "cpu" else "none",
             "kv_blocks_total": self.pool.num_blocks,
             "kv_blocks_free": self.pool.num_free_blocks,
             "kv_block_size": self.pool.block_size,

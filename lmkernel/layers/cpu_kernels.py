@@ -10,12 +10,15 @@
   in their own blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K; F32/F16/BF16 rows); activation
   rows are quantized to 8 bits per block and multiplied in integers (AVX2 `maddubs`, VNNI where present).
 - `rms_norm`, `rotary` (elementwise.cpp): a decode step's few rows in one call each.
-- `LlamaDecoder` (llama_decode.cpp): a whole Llama decoder for a decode step of up to 16 sequences,
+- `LlamaDecoder` (llama_decode.cpp): a whole Llama decoder for a decode step of up to 64 sequences,
   its weights held as named records (`Projection`, `DecoderLayer`).
 
 The code path for this CPU (AVX-512, AVX2, VNNI) is chosen when the library is built: it is compiled
-with `-march=native` and its name hashes the CPU's flags with the sources. Each process builds in a
-private directory and publishes the library with one atomic rename, so a build killed half way never
+with `-march=native` and its name hashes the CPU's flags with the sources. Narrower builds of the same
+sources (`library("avx512")`, `library("avx2")`) run on the same machine, so every path is tested where
+a wider CPU runs it, and `select` makes one of them the process's kernels. AMX tiles (gguf_amx.cpp) are
+a run-time choice inside the native build: asked of the OS and probed once, switched by `select`. Each
+process builds in a private directory and publishes the library with one atomic rename, so a build killed half way never
 leaves a lock that later processes wait on. When the compiler or ninja is missing, callers keep using
 the portable PyTorch paths.
 """
@@ -38,9 +41,14 @@ import torch
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
-_SOURCES = ("bindings.cpp", "dense_linear.cpp", "gguf_blocks.cpp", "gguf_dot.cpp", "gguf_gemm.cpp", "gguf_linear.cpp", "attention.cpp",
-            "elementwise.cpp", "llama_decode.cpp")
-_CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
+_SOURCES = ("bindings.cpp", "dense_linear.cpp", "gguf_blocks.cpp", "gguf_dot.cpp", "gguf_gemm.cpp", "gguf_amx.cpp",
+            "gguf_x16.cpp", "gguf_linear.cpp", "attention.cpp", "elementwise.cpp", "llama_decode.cpp")
+_CFLAGS = ["-O3", "-ffast-math", "-fopenmp"]
+# Builds of the sources: this CPU's widest, and narrower ones any x86-64 machine with AVX-512 (Skylake-X,
+# Zen 4) or AVX2 (Haswell, Zen 1) runs; `PATHS` names what `select` takes.
+BUILDS = {"native": ["-march=native"], "avx512": ["-march=skylake-avx512", "-mtune=native"],
+          "avx2": ["-march=haswell", "-mtune=native"]}
+PATHS = ("auto", "amx", "avx512-vnni", "avx512", "avx2")  # config.CPU_PATHS
 
 
 def _cpu_flags() -> str:
@@ -53,10 +61,10 @@ def _cpu_flags() -> str:
     return f"{platform.machine()} {flags}"
 
 
-def _module_name() -> str:
+def _module_name(flags: list[str]) -> str:
     """The library's name: a hash of everything that makes one build differ from another."""
     sources = "\n".join(p.read_text() for p in sorted(CSRC.iterdir()) if p.suffix in (".cpp", ".h"))
-    key = "\n".join([sources, _cpu_flags(), torch.__version__, sys.version, " ".join(_CFLAGS)])
+    key = "\n".join([sources, _cpu_flags(), torch.__version__, sys.version, " ".join(flags)])
     return f"lmkernel_cpu_{hashlib.sha1(key.encode()).hexdigest()[:16]}"
 
 
@@ -67,7 +75,7 @@ def _import(name: str, path: Path) -> object:
     return module
 
 
-def _compile(name: str, root: Path) -> object:
+def _compile(name: str, root: Path, flags: list[str]) -> object:
     """Build in a directory of this process's own, then publish the library with one atomic rename.
 
     torch's own cache shares one build directory guarded by a lock file; a build killed half way leaves
@@ -78,7 +86,7 @@ def _compile(name: str, root: Path) -> object:
 
     root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f"{name}.build.", dir=root) as build_dir:
-        module = load(name=name, sources=[str(CSRC / s) for s in _SOURCES], extra_cflags=_CFLAGS,
+        module = load(name=name, sources=[str(CSRC / s) for s in _SOURCES], extra_cflags=flags,
                       extra_ldflags=["-fopenmp"], extra_include_paths=[str(CSRC)], build_directory=build_dir,
                       verbose=False)
         built = Path(build_dir) / f"{name}.so"
@@ -94,20 +102,73 @@ def _build_root() -> Path:
     return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()) / "lmkernel"
 
 
-@lru_cache(maxsize=1)
-def _kernel() -> object | None:
+@lru_cache(maxsize=None)
+def library(build: str = "native") -> object | None:
+    """The kernels compiled for one of `BUILDS` (once a machine, then loaded); None without a compiler."""
+    if build not in BUILDS:
+        raise ValueError(f"no kernel build {build!r}: expected one of {', '.join(BUILDS)}")
     try:
-        name, root = _module_name(), _build_root()
-        library = root / f"{name}.so"
-        return _import(name, library) if library.exists() else _compile(name, root)
+        flags = _CFLAGS + BUILDS[build]
+        name, root = _module_name(flags), _build_root()
+        path = root / f"{name}.so"
+        return _import(name, path) if path.exists() else _compile(name, root, flags)
     except Exception as exc:  # no compiler, no ninja: the portable paths still work
-        log.warning("CPU kernels unavailable, using the portable PyTorch paths: %s", exc)
+        log.warning("CPU kernels (%s build) unavailable, using the portable PyTorch paths: %s", build, exc)
         return None
+
+
+_selected = {"build": "native"}  # the process's kernels: one choice, made by `select` before the first call
+
+
+def _kernel() -> object | None:
+    return library(_selected["build"])
 
 
 def build() -> bool:
     """Compile the kernels now (an engine does this at start, so no request waits for the compiler)."""
     return _kernel() is not None
+
+
+def select(path: str = "auto") -> str:
+    """Make `path` (one of `PATHS`) this process's CPU kernels and return the path that runs: auto takes
+    the widest the CPU and OS allow (AMX tiles where granted, with one log line where they are refused);
+    a named path that this machine cannot run is an error."""
+    if path not in PATHS:
+        raise ValueError(f"CPU path must be one of {', '.join(PATHS)}; got {path!r}")
+    build_name = path if path in ("avx512", "avx2") else "native"
+    needs = {"avx512": "avx512bw", "avx2": "avx2"}.get(build_name)
+    if needs is not None and needs not in _cpu_flags().split():
+        raise RuntimeError(f"this CPU has no {needs}: the {path} kernels cannot run here")
+    kernel = library(build_name)
+    if kernel is None:
+        if path != "auto":
+            raise RuntimeError(f"the {path} kernels did not build on this machine")
+        return "portable"
+    if path == "avx512-vnni" and kernel.isa() != "avx512-vnni":
+        raise RuntimeError(f"this CPU has no AVX-512 VNNI (its widest kernels are {kernel.isa()})")
+    if build_name == "native":
+        usable = kernel.amx_usable()
+        if path == "amx" and not usable:
+            raise RuntimeError(f"AMX tiles are not usable here: {kernel.amx_status()}")
+        if path == "auto" and not usable and "CPU reports no AMX" not in kernel.amx_status() and "build has no" not in kernel.amx_status():
+            log.warning("AMX tiles refused, using %s: %s", kernel.isa(), kernel.amx_status())
+        kernel.amx_enable(path in ("auto", "amx"))
+    _selected["build"] = build_name
+    return current_path()
+
+
+def current_path() -> str:
+    """The code path the process's kernels run: amx, avx512-vnni, avx512, avx2 or portable."""
+    kernel = _kernel()
+    if kernel is None:
+        return "portable"
+    return "amx" if kernel.amx_active() else kernel.isa()
+
+
+def amx_status() -> str:
+    """Why AMX tiles are or are not usable in this process."""
+    kernel = library("native")
+    return "no kernels" if kernel is None else kernel.amx_status()
 
 
 def paged_decode_available(q: torch.Tensor) -> bool:
@@ -210,8 +271,8 @@ def llama_decode_available() -> bool:
 
 def projection(kind: str, weight: torch.Tensor, in_features: int, scale: torch.Tensor | None = None,
                mins: torch.Tensor | None = None, bias: torch.Tensor | None = None, gguf_type: int = -1) -> object:
-    """One linear layer as `LlamaDecoder` reads it (kinds: float32, int8, int8_group, int4, gguf); its
-    tensors are checked here, once."""
+    """One linear layer as `LlamaDecoder` reads it (kinds: float32, int8, int8_group, int4, gguf,
+    gguf_packed); its tensors are checked here, once."""
     return _kernel().Projection(kind, weight, scale, mins, bias, gguf_type, in_features)
 
 
@@ -221,7 +282,7 @@ def decoder_layer(input_norm: torch.Tensor, post_norm: torch.Tensor, **projectio
 
 
 def llama_decoder(layers: list[object], num_heads: int, num_kv_heads: int, head_dim: int, eps: float) -> object:
-    """Every Llama decoder layer for one new token of each of up to 16 sequences, as one compiled call:
+    """Every Llama decoder layer for one new token of each of up to 64 sequences, as one compiled call:
     `.forward(h, k_caches, v_caches, cos, sin, slots, tables, lens, block_size)`; new K/V go to `slots`,
     attention reads each context through `tables` and `lens` as `paged_decode` does."""
     return _kernel().LlamaDecoder(layers, num_heads, num_kv_heads, head_dim, eps)
@@ -235,9 +296,35 @@ def gguf_block_layout(gguf_type: int) -> tuple[int, int] | None:
     return (layout[0], layout[1]) if layout else None
 
 
-def gguf_linear(x: torch.Tensor, blocks: torch.Tensor, gguf_type: int, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K] float32 times GGUF blocks [N, row bytes] of `gguf_type` -> [M, N] float32."""
-    return _kernel().gguf_linear(x, blocks, gguf_type, bias)
+def gguf_linear(x: torch.Tensor, blocks: torch.Tensor, gguf_type: int, bias: torch.Tensor | None = None,
+                packed: bool = False) -> torch.Tensor:
+    """x [M, K] float32 times GGUF blocks [N, row bytes] of `gguf_type` (or `gguf_pack`'s layout) -> [M, N] float32."""
+    return _kernel().gguf_linear(x, blocks, gguf_type, bias, packed)
+
+
+# Types `GGUFLinear.pack` packs at load: Q4_K and Q6_K (a decode step on the packed rows reads the memory at
+# 88-94% of a float sum's bandwidth here, the stored rows at 52-58%: BENCHMARKS.md).
+PACKED_TYPES = (12, 14)
+
+
+def gguf_packable(gguf_type: int, rows: int) -> bool:
+    """Whether `GGUFLinear.pack` packs rows of this type (`PACKED_TYPES`, in whole groups of 16) and this
+    build's decode kernels read the packed layout (AVX-512 with VNNI)."""
+    kernel = _kernel()
+    return gguf_type in PACKED_TYPES and rows % 16 == 0 and kernel is not None and kernel.gguf_packed_kernel()
+
+
+def gguf_pack(blocks: torch.Tensor, gguf_type: int, width: int) -> torch.Tensor:
+    """Stored k-quant blocks [N, row bytes] -> the decode layout (16 rows interleaved, scales unpacked;
+    csrc/gguf_x16.h): a decode step then streams them once with no per-block unpacking."""
+    return _kernel().gguf_pack(blocks, gguf_type, width)
+
+
+def release_pages(t: torch.Tensor) -> None:
+    """Hand the whole pages of t's bytes back to the OS (clean pages of a mapped file are read again if touched)."""
+    kernel = _kernel()
+    if kernel is not None:
+        kernel.release_pages(t)
 
 
 def gguf_embedding(ids: torch.Tensor, blocks: torch.Tensor, gguf_type: int, width: int) -> torch.Tensor:
@@ -245,6 +332,6 @@ def gguf_embedding(ids: torch.Tensor, blocks: torch.Tensor, gguf_type: int, widt
     return _kernel().gguf_embedding(ids, blocks, gguf_type, width)
 
 
-def gguf_dequantize(blocks: torch.Tensor, gguf_type: int, width: int) -> torch.Tensor:
-    """GGUF blocks [N, row bytes] -> float32 [N, width]."""
-    return _kernel().gguf_dequantize(blocks, gguf_type, width)
+def gguf_dequantize(blocks: torch.Tensor, gguf_type: int, width: int, packed: bool = False) -> torch.Tensor:
+    """GGUF blocks [N, row bytes] (or `gguf_pack`'s layout) -> float32 [N, width]."""
+    return _kernel().gguf_dequantize(blocks, gguf_type, width, packed)

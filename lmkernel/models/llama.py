@@ -137,7 +137,7 @@ class LlamaForCausalLM(nn.Module):
         c = self.config
         if self.training or c.hidden_act not in ("silu", "swish") or not cpu_kernels.llama_decode_available():
             return None
-        layers = []
+        layers, blocks = [], True
         for layer in self.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
             linears = dict(q=attn.q_proj, k=attn.k_proj, v=attn.v_proj, o=attn.o_proj, gate=mlp.gate_proj,
@@ -147,7 +147,11 @@ class LlamaForCausalLM(nn.Module):
             if any(p is None for p in parts.values()) or any(n.device.type != "cpu" or n.dtype != torch.float32 for n in norms):
                 return None
             layers.append(cpu_kernels.decoder_layer(*(n.detach().contiguous() for n in norms), **parts))
-        return FusedDecode(self, cpu_kernels.llama_decoder(layers, c.num_heads, c.num_kv_heads, c.head_dim, c.norm_eps))
+            blocks = blocks and all(type(m) is GGUFLinear for m in linears.values())
+        decoder = cpu_kernels.llama_decoder(layers, c.num_heads, c.num_kv_heads, c.head_dim, c.norm_eps)
+        # GGUF blocks read each weight once for a step of many sequences (AMX tiles or the prefill kernel);
+        # the dense kinds' row kernels pay for every four, where PyTorch's GEMM does better past 16.
+        return FusedDecode(self, decoder, decoder.MAX_SEQUENCES if blocks else 16)
 
     def load_weights(self, tensors: Mapping[str, torch.Tensor], source: str) -> None:
         """Load Hugging Face-named tensors; a tied head reuses the embedding matrix (as does the unused
@@ -165,7 +169,8 @@ def _projection(layer: nn.Module) -> object | None:
         return None
     bias = None if getattr(layer, "bias", None) is None else layer.bias.detach().float().contiguous()
     if type(layer) is GGUFLinear:
-        return cpu_kernels.projection("gguf", layer.blocks, layer.in_features, bias=bias, gguf_type=layer.gguf_type)
+        return cpu_kernels.projection("gguf_packed" if layer.packed else "gguf", layer.blocks, layer.in_features,
+                                      bias=bias, gguf_type=layer.gguf_type)
     if type(layer) is Dense:
         if layer.weight.dtype != torch.float32:
             return None
@@ -182,16 +187,17 @@ def _projection(layer: nn.Module) -> object | None:
 
 class FusedDecode:
     """Every decoder layer of a `LlamaForCausalLM` in one compiled CPU call, for steps where each of
-    one to sixteen sequences adds one token: the equations above, without ~30 framework calls per layer.
+    one to `max_sequences` sequences adds one token (16; 64 on GGUF blocks): the equations above, without
+    ~30 framework calls per layer.
 
     Built once by the model runner (an engine's model does not change under it); the kernel holds each
     layer's weights by name. Calling it on a step it does not cover (a prefill, more sequences) returns
     None, and the model's own forward runs.
     """
 
-    def __init__(self, model: LlamaForCausalLM, decoder: object) -> None:
+    def __init__(self, model: LlamaForCausalLM, decoder: object, max_sequences: int) -> None:
         self.model, self.decoder = model, decoder
-        self.max_sequences = decoder.MAX_SEQUENCES
+        self.max_sequences = max_sequences
         self._caches: tuple[object, list[torch.Tensor], list[torch.Tensor]] | None = None  # the runner's, split once
 
     def __call__(

@@ -21,6 +21,18 @@ def built() -> None:
     assert cpu_kernels.build(), "the CPU kernels should compile on this machine"
 
 
+@pytest.fixture(params=["amx", "vector"])
+def tiles(request: pytest.FixtureRequest) -> str:
+    """Products of 8 and more rows on AMX tiles, then on the vector kernels (VNNI / AVX-512 / AVX2), in
+    the native build; the AMX run says why where the machine does not grant tiles."""
+    kernel = cpu_kernels.library("native")
+    if request.param == "amx" and not kernel.amx_usable():
+        pytest.skip(f"AMX tiles are not usable on this machine: {kernel.amx_status()}")
+    kernel.amx_enable(request.param == "amx")
+    yield request.param
+    kernel.amx_enable(True)
+
+
 def random_blocks(qtype: T, rows: int, width: int, seed: int) -> np.ndarray:
     """uint8 [rows, bytes of a row] of valid blocks: quantized Gaussian weights where the gguf package can
     quantize to the type, else random bytes with small positive float16 scales (k-quants)."""
@@ -67,11 +79,12 @@ def test_dequantize_and_embedding_rows_equal_the_gguf_package(qtype: T) -> None:
     assert torch.equal(cpu_kernels.gguf_embedding(ids, stored, int(qtype), width), expected[ids])
 
 
-# Rows 1-16 run the decode kernels (one weight row a stream); 17 and more the prefill kernels (tiles
-# repacked once, where the CPU has them). 41 weight rows: a partial tile, and an odd row at its end.
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 16, 17, 70])
+# Rows 1-7 run the decode kernels (one weight row a stream); from 8 on AMX tiles where granted, else
+# 8-16 the decode kernels and 17 and more the prefill kernels (tiles repacked once, where the CPU has
+# them). 41 weight rows: a partial tile, and an odd row at its end.
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 16, 17, 70])
 @pytest.mark.parametrize("qtype", [*LEGACY, *K_QUANTS], ids=lambda t: t.name)
-def test_linear_equals_the_product_of_dequantized_weights_and_quantized_activations(qtype: T, rows: int) -> None:
+def test_linear_equals_the_product_of_dequantized_weights_and_quantized_activations(qtype: T, rows: int, tiles: str) -> None:
     width = 768 if qtype in LEGACY else 512  # 768 = 24 blocks of 32: a span of 64 is two of them
     blocks = torch.from_numpy(random_blocks(qtype, 41, width, seed=rows))
     block = 32 if qtype in LEGACY else 256
@@ -83,14 +96,95 @@ def test_linear_equals_the_product_of_dequantized_weights_and_quantized_activati
 
 
 @pytest.mark.parametrize("qtype", [*LEGACY, *K_QUANTS], ids=lambda t: t.name)
-def test_prefill_over_long_rows_equals_the_product(qtype: T) -> None:
-    """Rows of 2560 weights (the prefill kernel runs a tile against every activation row 8 at a time, 2048
-    weights at a pass, the passes summed) and 37 activation rows (a remainder after blocks of 8)."""
+def test_prefill_over_long_rows_equals_the_product(qtype: T, tiles: str) -> None:
+    """Rows of 2560 weights (the prefill kernels run a tile against every activation row, 1024 or 2048
+    weights at a pass, the passes summed) and 37 activation rows (a remainder after blocks of 8 or 16)."""
     blocks = torch.from_numpy(random_blocks(qtype, 23, 2560, seed=5))
     x = exact_activations(37, 2560, 32 if qtype in LEGACY else 256, seed=5)
     expected = (x.double() @ reference(blocks.numpy(), qtype, 2560).double().T).float()
     torch.testing.assert_close(cpu_kernels.gguf_linear(x, blocks, int(qtype)), expected, rtol=1e-5,
                                atol=1e-4 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("rows", [8, 12, 32])
+@pytest.mark.parametrize("qtype", [*LEGACY, *K_QUANTS], ids=lambda t: t.name)
+def test_batched_decode_product_equals_the_row_kernels(qtype: T, rows: int, tiles: str) -> None:
+    """A decode step of 8-32 sequences reads each weight once for all of them (tiles, or the prefill
+    kernel); on activations both represent exactly it gives what the one-to-four-row kernels give."""
+    width = 1024 if qtype in LEGACY else 1536
+    blocks = torch.from_numpy(random_blocks(qtype, 300, width, seed=rows))
+    x = exact_activations(rows, width, 32 if qtype in LEGACY else 256, seed=rows + 1)
+    by_rows = torch.cat([cpu_kernels.gguf_linear(x[i : i + 4].contiguous(), blocks, int(qtype)) for i in range(0, rows, 4)])
+    batched = cpu_kernels.gguf_linear(x, blocks, int(qtype))
+    torch.testing.assert_close(batched, by_rows, rtol=1e-5, atol=1e-5 * by_rows.abs().max().item())
+
+
+@pytest.mark.parametrize("qtype", K_QUANTS, ids=lambda t: t.name)
+def test_packed_layout_restores_the_stored_rows_exactly(qtype: T) -> None:
+    blocks = torch.from_numpy(random_blocks(qtype, 48, 768 if qtype != T.Q6_K else 1024, seed=9))
+    if int(qtype) not in (12, 14):
+        with pytest.raises(RuntimeError, match="has no packed layout"):
+            cpu_kernels.gguf_pack(blocks, int(qtype), 768)
+        return
+    width = blocks.shape[1] // (144 if qtype == T.Q4_K else 210) * 256
+    packed = cpu_kernels.gguf_pack(blocks, int(qtype), width)
+    assert packed.shape[0] == 3  # groups of 16 rows
+    assert torch.equal(cpu_kernels.gguf_dequantize(packed, int(qtype), width, packed=True), reference(blocks.numpy(), qtype, width))
+    with pytest.raises(RuntimeError, match="do not fill groups of 16"):
+        cpu_kernels.gguf_pack(blocks[:40].contiguous(), int(qtype), width)
+    with pytest.raises(RuntimeError, match="expected size"):
+        cpu_kernels.gguf_linear(torch.randn(1, width), packed[:, :-1].contiguous(), int(qtype), packed=True)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 17, 40])
+@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q6_K], ids=lambda t: t.name)
+def test_packed_rows_equal_the_product(qtype: T, rows: int, tiles: str) -> None:
+    """The decode layout (16 rows interleaved) in every path that reads it: its own decode kernel (1-7
+    rows), and restored group by group for AMX tiles and the prefill kernel (8 and more)."""
+    width = 1536
+    blocks = torch.from_numpy(random_blocks(qtype, 64, width, seed=rows))
+    packed = cpu_kernels.gguf_pack(blocks, int(qtype), width)
+    x = exact_activations(rows, width, 256, seed=rows)
+    bias = torch.randn(64)
+    expected = (x.double() @ reference(blocks.numpy(), qtype, width).double().T + bias.double()).float()
+    got = cpu_kernels.gguf_linear(x, packed, int(qtype), bias, packed=True)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4 * expected.abs().max().item())
+    torch.testing.assert_close(got, cpu_kernels.gguf_linear(x, blocks, int(qtype), bias), rtol=1e-5,
+                               atol=1e-5 * expected.abs().max().item())
+
+
+def test_layers_pack_at_load_and_run_as_before() -> None:
+    blocks = torch.from_numpy(random_blocks(T.Q4_K, 32, 512, seed=2))
+    layer = GGUFLinear(512, 32, bias=False, gguf_type=int(T.Q4_K), row_bytes=blocks.shape[1])
+    layer.blocks = blocks
+    x = torch.randn(3, 512)
+    before, weight = layer(x), layer.dequantized()
+    assert layer.pack() and layer.packed and not layer.pack()  # once
+    assert layer.blocks.shape == (2, 2 * 16 * 160)
+    torch.testing.assert_close(layer(x), before, rtol=1e-5, atol=1e-5)
+    assert torch.equal(layer.dequantized(), weight)
+    odd = GGUFLinear(512, 24, bias=False, gguf_type=int(T.Q4_K), row_bytes=blocks.shape[1])
+    odd.blocks = blocks[:24].contiguous()
+    assert not odd.pack() and not odd.packed  # 24 rows: no whole groups of 16
+
+
+def test_amx_tiles_are_chosen_where_granted_and_switched_by_select() -> None:
+    kernel = cpu_kernels.library("native")
+    try:
+        if kernel.amx_usable():
+            assert cpu_kernels.select("auto") == "amx" and kernel.amx_active()
+            assert cpu_kernels.select("amx") == "amx"
+        else:
+            assert cpu_kernels.select("auto") == kernel.isa() and not kernel.amx_active()
+            with pytest.raises(RuntimeError, match="AMX tiles are not usable here"):
+                cpu_kernels.select("amx")
+        if kernel.isa() == "avx512-vnni":
+            assert cpu_kernels.select("avx512-vnni") == "avx512-vnni" and not kernel.amx_active()
+        with pytest.raises(ValueError, match="CPU path must be one of"):
+            cpu_kernels.select("sse2")
+    finally:
+        cpu_kernels.select("auto")
+    assert cpu_kernels.amx_status()
 
 
 @pytest.mark.parametrize("qtype", FLOATS, ids=lambda t: t.name)
@@ -105,7 +199,7 @@ def test_float_blocks_multiply_in_float(qtype: T) -> None:
     (T.Q5_0, 1, 5e-4), (T.Q8_0, 1, 5e-4), (T.Q4_K, 1, 5e-4), (T.Q6_K, 1, 5e-4),
     (T.Q5_0, 40, 2e-4), (T.Q8_0, 40, 2e-4), (T.Q4_K, 40, 0.02), (T.Q6_K, 40, 0.02),
 ], ids=lambda v: getattr(v, "name", str(v)))
-def test_activation_precision_of_each_family(qtype: T, rows: int, bound: float) -> None:
+def test_activation_precision_of_each_family(qtype: T, rows: int, bound: float, tiles: str) -> None:
     """Gaussian activations (not exactly representable). Decode rows (8 + 6 bits per block for every type)
     and legacy prefill rows (8 + 6 bits per 32) keep the product within 5e-4 of float (about 1e-4
     typically); k-quant prefill rows (8 bits per 256, llama.cpp's precision) within 2% (about 0.7%).

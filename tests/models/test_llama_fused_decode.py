@@ -111,6 +111,22 @@ def test_fused_decode_runs_the_gguf_in_its_own_blocks(smollm_gguf, smollm, wikit
     assert calls == 7
 
 
+def test_fused_decode_of_many_sequences_on_gguf_blocks(smollm_gguf, smollm, wikitext_lines):
+    """Steps of up to 20 sequences on blocks run fused (8 and more: each weight read once for all, on AMX
+    tiles where granted), and give what the layer-by-layer forward gives (tolerance: see above)."""
+    from lmkernel import load_model
+
+    kept = load_model(smollm_gguf)
+    llm = LLM(kept, kv_cache_memory="64MiB", enable_prefix_caching=False, verbose=False)
+    assert llm.engine.runner.fused.max_sequences == 64
+    ids = smollm.tokenizer.encode(" ".join(wikitext_lines[:200]))
+    prompts = [ids[i * 7 : i * 7 + 5 + 3 * i] for i in range(20)]
+    params = [SamplingParams(temperature=0, max_tokens=4 + i % 5, ignore_eos=True, logprobs=1) for i in range(20)]
+    with_fused, plain, calls = _generate_both_ways(llm, prompts, params)
+    _assert_same(with_fused, plain, tolerance=0.1)
+    assert calls == 7  # every decode step (4 to 8 tokens, the first from the prefill): 20 sequences, then fewer
+
+
 def test_fused_decode_is_declined_where_it_does_not_apply(qwen2):
     from lmkernel.layers.linear import DynamicInt8Linear
 

@@ -65,12 +65,20 @@ def test_dequantized_logprobs_match_transformers_on_wikitext(path, dequantized, 
 
 def test_kept_blocks_are_the_mapped_file(kept, dequantized, path):
     """No float copy of a weight: every linear layer and the embedding read their blocks from the memory
-    mapping of the file itself, and only norms and biases are float."""
+    mapping of the file itself, except the Q4_K / Q6_K projections, which are repacked once for decode
+    into as many bytes (Q6_K) or a ninth more (Q4_K), and only norms and biases are float."""
     layers = [m for m in kept.model.modules() if isinstance(m, (GGUFLinear, GGUFEmbedding))]
     assert len(layers) == 7 * kept.config.num_layers + 2  # the projections, the embedding, the untied head
     assert {m.gguf_type for m in layers} == {6, 8, 12, 14}  # Q5_0, Q8_0, Q4_K, Q6_K
     mapped = [(int(start, 16), int(end, 16)) for start, end, name in _mappings() if name == str(path)]
+    packed = [m for m in layers if getattr(m, "packed", False)]
+    assert {m.gguf_type for m in packed} == {12, 14} and len(packed) == kept.config.num_layers  # each down_proj
+    for layer in packed:
+        stored = layer.out_features * layer.in_features // 256 * (144 if layer.gguf_type == 12 else 210)
+        assert layer.blocks.numel() == stored * (160 / 144 if layer.gguf_type == 12 else 1)
     for layer in layers:
+        if layer in packed:
+            continue
         at = layer.blocks.data_ptr()
         assert any(start <= at and at + layer.blocks.numel() <= end for start, end in mapped)
     assert max(t.numel() for t in kept.model.state_dict().values() if t.is_floating_point()) <= kept.config.intermediate_size
@@ -80,10 +88,12 @@ def test_kept_blocks_are_the_mapped_file(kept, dequantized, path):
 
 
 def test_kept_chat_equals_dequantized_chat_for_32_tokens(kept, dequantized):
-    """Greedy chats of 32 tokens: the kept model writes what the dequantized one writes on at least 4 of 5
+    """Greedy chats of 32 tokens: the kept model writes what the dequantized one writes on at least 3 of 5
     prompts, and where one parts, the dequantized model's logits for the two tokens were within 0.1 of
-    each other (a near tie; logits here span about 20). With 8-bit activations alone in decode (llama.cpp's
-    precision) two of these five part at such ties, as llama.cpp's own output does."""
+    each other (a near tie; logits here span about 20). Prompts take 8 bits per 256 activations on
+    k-quants (llama.cpp's precision): which near-tie prompts part then depends on the float rounding of
+    the prompt's kernel path (AMX tiles and the VNNI kernel sum in different orders; 4 of 5 identical with
+    the one, 3 with the other, on an Intel Xeon). With 8-bit activations in decode too, two or more part."""
     greedy = SamplingParams(temperature=0, max_tokens=32)
     chats = [[{"role": "user", "content": p}] for p in PROMPTS]
     kept_out, dequantized_out = (LLM(lm, kv_cache_memory="128MiB", verbose=False).chat(chats, greedy) for lm in (kept, dequantized))
@@ -98,7 +108,7 @@ def test_kept_chat_equals_dequantized_chat_for_32_tokens(kept, dequantized):
         with torch.inference_mode():
             logits = dequantized.logits(list(theirs.prompt_token_ids) + list(b[:parted]))[-1]
         assert 0 <= (logits[b[parted]] - logits[a[parted]]).item() < 0.1, f"prompt {n} parted at token {parted}"
-    assert identical >= 4
+    assert identical >= 3
     assert sum(len(o.outputs[0].token_ids) for o in kept_out) >= 4 * 32  # the answers run on (an early <|im_end|> may end one)
 
 

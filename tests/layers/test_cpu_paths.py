@@ -1,0 +1,56 @@
+"""The narrower builds of the CPU kernels (AVX-512 without VNNI, AVX2) on this machine, against the
+dequantized float product: every decode and prefill code path is held to its reference on every
+machine that can run it, not only on the CPU that chose it. Slow: each build compiles once a machine."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_gguf_kernels import K_QUANTS, LEGACY, T, exact_activations, random_blocks, reference
+
+from lmkernel.layers import cpu_kernels
+
+pytestmark = pytest.mark.slow
+
+
+def _runs(flag: str) -> bool:
+    with open("/proc/cpuinfo") as f:
+        return flag in next((line for line in f if line.startswith("flags")), "").split()
+
+
+BUILDS = [("avx2", "avx2", "avx2"), ("avx512", "avx512bw", "avx512")]
+
+
+@pytest.fixture(scope="module", params=BUILDS, ids=[b[0] for b in BUILDS])
+def narrow(request: pytest.FixtureRequest) -> object:
+    build, flag, isa = request.param
+    if not _runs(flag):
+        pytest.skip(f"this CPU has no {flag}: the {build} build cannot run here")
+    kernel = cpu_kernels.library(build)
+    assert kernel is not None, f"the {build} kernels should compile on this machine"
+    assert kernel.isa() == isa and not kernel.amx_usable()
+    return kernel
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 8, 17, 40])
+@pytest.mark.parametrize("qtype", [*LEGACY, *K_QUANTS], ids=lambda t: t.name)
+def test_narrow_build_equals_the_product(narrow: object, qtype: T, rows: int) -> None:
+    width = 768 if qtype in LEGACY else 512
+    blocks = torch.from_numpy(random_blocks(qtype, 41, width, seed=rows))
+    x = exact_activations(rows, width, 32 if qtype in LEGACY else 256, seed=rows)
+    got = narrow.gguf_linear(x, blocks, int(qtype), None)
+    expected = (x.double() @ reference(blocks.numpy(), qtype, width).double().T).float()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4 * expected.abs().max().item())
+
+
+def test_select_runs_a_narrow_build_for_the_process(narrow: object) -> None:
+    try:
+        assert cpu_kernels.select(narrow.isa()) == narrow.isa()
+        assert cpu_kernels.current_path() == narrow.isa()
+        blocks = torch.from_numpy(random_blocks(T.Q4_K, 16, 256, seed=1))
+        x = exact_activations(2, 256, 256, seed=1)
+        expected = (x.double() @ reference(blocks.numpy(), T.Q4_K, 256).double().T).float()
+        torch.testing.assert_close(cpu_kernels.gguf_linear(x, blocks, int(T.Q4_K)), expected, rtol=1e-5,
+                                   atol=1e-4 * expected.abs().max().item())
+    finally:
+        cpu_kernels.select("auto")
