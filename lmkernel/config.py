@@ -103,6 +103,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 64
     max_model_len: int = 2048  # prompt + output tokens one request may reach
+    prefill_tokens_with_decodes: int | None = None  # prompt tokens a step carries beside decodes; None: the budget
 
 
 
@@ -151,6 +152,10 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     max_num_seqs: int = 64  # sequences in one step
     max_num_batched_tokens: int = 2048  # tokens computed in one step
+    # Prompt tokens a step may carry while other sequences decode: it bounds their inter-token latency when
+    # prompts arrive (a step of 2,048 prompt tokens takes ~10 s for a 1.5B model on two cores). None (offline
+    # generation: throughput first): the whole budget; `lmk serve` sets 512.
+    prefill_tokens_with_decodes: int | None = None
     max_model_len: int | None = None  # prompt + output of one request; None: the model's context
     threads: int | None = None  # torch threads (and so the CPU kernels'); None: torch's default
     seed: int = 0  # the sampler's seed for requests without their own
@@ -191,6 +196,8 @@ class EngineConfig:
             ("enable_prefix_caching", isinstance(self.enable_prefix_caching, bool), "true or false"),
             ("max_num_seqs", whole(self.max_num_seqs, 1), "an integer >= 1"),
             ("max_num_batched_tokens", whole(self.max_num_batched_tokens, 1), "an integer >= 1"),
+            ("prefill_tokens_with_decodes", self.prefill_tokens_with_decodes is None
+             or whole(self.prefill_tokens_with_decodes, 1), "an integer >= 1 (or None: no cap)"),
             ("max_model_len", self.max_model_len is None or whole(self.max_model_len, 2), "an integer >= 2"),
             ("threads", self.threads is None or whole(self.threads, 1), "an integer >= 1"),
             ("seed", whole(self.seed, 0), "an integer >= 0"),
@@ -223,4 +230,4 @@ class EngineConfig:
     def scheduler(self, model: ModelConfig) -> SchedulerConfig:
         """The scheduler's limits for `model` (a request never reaches past the model's context)."""
         longest = model.max_context if self.max_model_len is None else min(self.max_model_len, model.max_context)
-        return SchedulerConfig(self.max_num_batched_tokens, self.max_num_seqs, longest)
+        return SchedulerConfig(self.max_num_batched_tokens, self.max_num_seqs, longest, self.prefill_tokens_with_decodes)

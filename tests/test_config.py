@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from lmkernel.config import EngineConfig, EngineConfigError, ModelConfig
@@ -15,6 +17,7 @@ from lmkernel.config import EngineConfig, EngineConfigError, ModelConfig
     ("max_model_len", 1, "--max-model-len"), ("threads", 0, "--threads"), ("seed", -1, "--seed"),
     ("max_loras", 0, "--max-loras"), ("decode_backend", "gpu", "--decode-backend"),
     ("enable_prefix_caching", "yes", "--enable-prefix-caching"), ("max_num_seqs", 2.5, "--max-num-seqs"),
+    ("prefill_tokens_with_decodes", 0, "--prefill-tokens-with-decodes"),
 ])
 def test_every_bad_value_is_named_with_its_flag(setting, value, flag):
     with pytest.raises(EngineConfigError) as err:
@@ -30,6 +33,9 @@ def test_sizes_parse_and_limits_agree():
         EngineConfig(max_num_seqs=64, max_num_batched_tokens=32)
     with pytest.raises(AttributeError):
         c.max_num_seqs = 3  # frozen: passed down whole, changed only by building another
+    capped = EngineConfig(prefill_tokens_with_decodes=128)
+    assert capped.scheduler(SimpleNamespace(max_context=4096)).prefill_tokens_with_decodes == 128
+    assert EngineConfig().scheduler(SimpleNamespace(max_context=4096)).prefill_tokens_with_decodes is None  # offline: the whole budget
 
 
 def test_build_applies_overrides_and_names_unknown_settings():

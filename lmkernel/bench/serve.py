@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
-import socket
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -15,7 +12,9 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
+from lmkernel.bench.processes import HttpProcess, free_port, start_http_process
 from lmkernel.bench.workload import Workload
 from lmkernel.engine.llm import LLM
 from lmkernel.engine.sampling import SamplingParams
@@ -23,17 +22,8 @@ from lmkernel.errors import LmkError
 from lmkernel.loading import LoadedModel
 
 
-@dataclass
-class ServerProcess:
+class ServerProcess(HttpProcess):
     """A `lmk serve` child process listening on 127.0.0.1."""
-
-    process: subprocess.Popen[bytes]
-    url: str
-    log: Path
-
-    @property
-    def base_url(self) -> str:
-        return f"{self.url}/v1"
 
     def metric(self, name: str) -> float:
         """The value of an unlabelled metric on /metrics."""
@@ -42,42 +32,13 @@ class ServerProcess:
                 return float(line.split()[1])
         raise KeyError(name)
 
-    def stop(self, timeout: float = 60) -> int:
-        """SIGTERM (drain, then exit); returns the exit code."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-        return self.process.wait()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def start_server_process(args: list[str], log: Path, timeout: float = 300.0) -> ServerProcess:
     """Run `lmk serve ARGS --port P` and return once /health answers (or fail with its log)."""
     port = free_port()
-    with open(log, "wb") as out:
-        process = subprocess.Popen([sys.executable, "-m", "lmkernel.cli", "serve", *args, "--port", str(port)],
-                                   stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise LmkError(f"lmk serve exited with {process.returncode}:\n{log.read_text()}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return ServerProcess(process, url, log)
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    process.kill()
-    raise LmkError(f"lmk serve did not answer within {timeout:.0f} s:\n{log.read_text()}")
+    started = start_http_process([sys.executable, "-m", "lmkernel.cli", "serve", *args, "--port", str(port)], port, log,
+                                 "lmk serve", timeout)
+    return ServerProcess(started.process, started.url, started.log)
 
 
 @dataclass
@@ -116,8 +77,12 @@ async def _client(http: httpx.AsyncClient, model: str, queue: asyncio.Queue[tupl
             async for line in r.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
-                if "error" in json.loads(line[6:]):
+                payload = json.loads(line[6:])
+                if "error" in payload:
                     raise LmkError(f"the stream failed: {line}")
+                choices = payload.get("choices") or []
+                if not choices or (not choices[0].get("text") and choices[0].get("finish_reason") is not None):
+                    continue  # a usage or closing chunk (llama-server sends one) carries no token
                 now = time.perf_counter()
                 (ttft if first else itl).append(now - (start if first else last))
                 first, last = False, now
@@ -125,7 +90,7 @@ async def _client(http: httpx.AsyncClient, model: str, queue: asyncio.Queue[tupl
     return tokens
 
 
-def run_http(server: ServerProcess, model: str, work: Workload, concurrency: int) -> LoadResult:
+def run_http(server: HttpProcess, model: str, work: Workload, concurrency: int) -> LoadResult:
     """`concurrency` streaming clients, each sending its next request when the last one ends."""
 
     async def go() -> LoadResult:
@@ -135,7 +100,9 @@ def run_http(server: ServerProcess, model: str, work: Workload, concurrency: int
         ttft: list[float] = []
         itl: list[float] = []
         limits = httpx.Limits(max_connections=concurrency + 4)
-        async with httpx.AsyncClient(base_url=server.base_url, timeout=600, limits=limits) as http:
+        # A new connection a request: llama-server drops kept-alive connections between requests.
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=600, limits=limits,
+                                     headers={"Connection": "close"}) as http:
             start = time.perf_counter()
             counts = await asyncio.gather(*(_client(http, model, queue, ttft, itl) for _ in range(concurrency)))
             seconds = time.perf_counter() - start
@@ -152,3 +119,73 @@ def run_in_process(loaded: LoadedModel, kv_cache_memory: str, work: Workload, co
     outs = llm.generate(work.prompts, params, use_tqdm=False)
     seconds = time.perf_counter() - start
     return LoadResult(concurrency, seconds, len(outs), sum(len(o.outputs[0].token_ids) for o in outs), [], [])
+
+
+def engine_counters(server: ServerProcess) -> dict[str, float]:
+    """The engine's step counters on /metrics: seconds by phase, steps and tokens by kind."""
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(httpx.get(f"{server.url}/metrics").text):
+        if family.name in ("lmkernel_engine_step_seconds", "lmkernel_engine_steps", "lmkernel_engine_tokens"):
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    out[f"{family.name}:{next(iter(sample.labels.values()))}"] = sample.value
+    return out
+
+
+@dataclass
+class Limits:
+    """A decode step of `batch` sequences against this machine's limits, measured in one process."""
+
+    batch: int
+    attention_ms: float  # the step's paged attention (every layer) at the run's mean context, measured alone
+    floor_ms: float  # weights a decode step reads / read bandwidth
+    compute_ms: float  # the step's projection multiply-adds / the int8 peak
+    prefill_limit_tps: float  # prompt tokens a second the projections allow at the int8 peak
+    bandwidth_gbs: float
+    peak_tmacs: float
+    units: str
+
+
+def breakdown(before: dict[str, float], after: dict[str, float], wall: float) -> dict[str, float]:
+    """Seconds per phase between two `engine_counters` readings, and the rest of `wall` (HTTP, tokenizing,
+    streaming, the event loop, idle)."""
+    delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    phases = {k.split(":", 1)[1]: v for k, v in delta.items() if k.startswith("lmkernel_engine_step_seconds:")}
+    phases["HTTP and the rest"] = wall - sum(phases.values())
+    return {**phases, **{k: v for k, v in delta.items() if not k.startswith("lmkernel_engine_step_seconds:")}}
+
+
+def decode_limits(loaded: LoadedModel, batch: int, context: int, repeats: int = 5, block_size: int = 16) -> Limits:
+    """Time a decode step's attention for `batch` sequences of `context` tokens (the paged kernel on a cache
+    of the model's shape, every layer), and measure the read bandwidth and the int8 peak the step's
+    projections are bounded by."""
+    import torch
+
+    from lmkernel.bench.latency import decode_bytes, read_bandwidth
+    from lmkernel.layers import cpu_kernels
+    from lmkernel.layers.linear import GGUFLinear
+
+    model, config = loaded.model, loaded.config
+    head = getattr(model, "lm_head", None)
+    layers = [m for m in model.modules() if isinstance(m, (GGUFLinear, torch.nn.Linear)) and m is not head]
+    macs = sum(m.in_features * m.out_features for m in layers)
+    per_seq = -(-context // block_size)
+    slots = batch * per_seq * block_size
+    k = torch.randn(slots, config.num_kv_heads, config.head_dim)
+    v = torch.randn(slots, config.num_kv_heads, config.head_dim)
+    tables = torch.arange(batch * per_seq, dtype=torch.int64).reshape(batch, per_seq)
+    lens = torch.full((batch,), context, dtype=torch.int64)
+    q = torch.randn(batch, config.num_heads, config.head_dim)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(config.num_layers):
+            cpu_kernels.paged_decode(q, k, v, tables, lens, block_size, config.head_dim ** -0.5)
+        best = min(best, time.perf_counter() - start)
+    bandwidth = read_bandwidth()
+    tiles = cpu_kernels.current_path() == "amx"
+    peak = cpu_kernels.int8_peak(tiles)
+    if not peak:
+        raise LmkError("no int8 multiply-add units to measure a compute limit on (no AVX-512 VNNI kernels built)")
+    return Limits(batch, best * 1000, decode_bytes(model) / bandwidth * 1000, macs * batch / peak * 1000, peak / macs,
+                  bandwidth / 1e9, peak / 1e12, "AMX tiles" if tiles else "AVX-512 VNNI")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
@@ -13,6 +13,10 @@ from lmkernel.cli import Device, Dtype, KVMemory, Opt, Quantization, app, consol
 from lmkernel.errors import LmkError
 from lmkernel.apps.stream_monitor import MonitorConfig
 from lmkernel.registry import resolve
+
+if TYPE_CHECKING:
+    from lmkernel.bench.workload import Workload
+    from lmkernel.loading import LoadedModel
 
 MonitorDefaults = MonitorConfig()
 
@@ -281,21 +285,35 @@ def bench_serve(
     seed: Annotated[int, typer.Option()] = 0,
     kv_cache_memory: KVMemory = "1GiB",
     device: Device = "auto",
+    peer: Annotated[str | None, typer.Option(help="llama-server: the same load against llama.cpp's own server "
+                                                  "(GGUF models); default: against in-process LLM.generate")] = None,
+    peer_binary: Annotated[Path | None, typer.Option(help="a llama-server binary to run instead of building one")] = None,
+    peer_cmake_args: Annotated[str | None, typer.Option(help="cmake flags for building llama-server (default: native; "
+                                                             "AVX-512 VNNI without AMX on CPUs that report AMX)")] = None,
 ) -> None:
-    """Streaming clients over HTTP against `lmk serve`, then the same load through `LLM.generate`."""
+    """Streaming clients over HTTP against `lmk serve`, then the same load through `LLM.generate` or against
+    `llama-server` (--peer llama-server), one level of concurrency after another."""
     import tempfile
-    from pathlib import Path as _Path
 
     from lmkernel.bench.serve import run_http, run_in_process, start_server_process
     from lmkernel.bench.workload import text_workload
     from lmkernel.loading import load_model
 
     levels = concurrency or [1, 8, 32]
+    if peer is not None and peer != "llama-server":
+        raise fail(LmkError(f"--peer {peer}: the serving peer is llama-server"))
     try:
+        if peer is not None and resolve(model).kind != "gguf":
+            raise LmkError(f"{model}: llama-server runs GGUF files; this is a {resolve(model).kind}")
         loaded = load_model(model, device=device)
+        # A seed per level (and another for the warm-up): no prompt repeats, so no prefix cache serves one.
         works = {c: text_workload(loaded.tokenizer, c * requests_per_client, (min_prompt, max_prompt),
-                                      (output_tokens, output_tokens), seed) for c in levels}
-        log = _Path(tempfile.mkdtemp(prefix="lmk-bench-serve-")) / "serve.log"
+                                      (output_tokens, output_tokens), seed + c) for c in levels}
+        if peer is not None:
+            works[0] = text_workload(loaded.tokenizer, 4, (min_prompt, max_prompt), (8, 8), seed + 10_000)
+            return _serve_against_llama_server(model, loaded, works, kv_cache_memory, device, peer_binary,
+                                               peer_cmake_args, (min_prompt, max_prompt), output_tokens)
+        log = Path(tempfile.mkdtemp(prefix="lmk-bench-serve-")) / "serve.log"
         server = start_server_process([model, "--kv-cache-memory", kv_cache_memory, "--device", device], log)
     except (LmkError, ValueError) as exc:
         raise fail(exc) from None
@@ -317,6 +335,98 @@ def bench_serve(
         a, b = http[c], inproc[c]
         console.print(f"{c} clients: HTTP {a.tokens_per_second:.1f} tok/s, in-process LLM.generate "
                       f"{b.tokens_per_second:.1f} tok/s; HTTP overhead {1 - a.tokens_per_second / b.tokens_per_second:.1%}")
+
+
+def _serve_against_llama_server(model: str, loaded: LoadedModel, works: dict[int, Workload], kv_cache_memory: str, device: str,
+                                peer_binary: Path | None, cmake_args: str | None, prompts: tuple[int, int],
+                                output_tokens: int) -> None:
+    """`lmk bench serve --peer llama-server`: each level against `lmk serve`, then against a llama-server with
+    one slot per stream (continuous batching, same threads); the step breakdown at the level nearest 8."""
+    import tempfile
+    import time
+
+    import torch
+
+    from lmkernel.bench.llama_server_peer import CONTEXT_PER_SLOT, build_llama_server, default_cmake_flags, start_llama_server
+    from lmkernel.bench.processes import free_port
+    from lmkernel.bench.serve import breakdown, decode_limits, engine_counters, run_http, start_server_process
+    from lmkernel.layers import cpu_kernels
+
+    threads = torch.get_num_threads()
+    if peer_binary is not None and not peer_binary.is_file():
+        raise LmkError(f"--peer-binary {peer_binary}: no such file")
+    binary = peer_binary or build_llama_server(cmake_args, jobs=threads, log=console.print)
+    build = "given with --peer-binary" if peer_binary else f"built with {cmake_args or default_cmake_flags()}"
+    logs = Path(tempfile.mkdtemp(prefix="lmk-bench-serve-"))
+    warm = works.pop(0)
+    levels = sorted(works)
+    watched = min(levels, key=lambda c: abs(c - 8))
+    ours, theirs, phases = {}, {}, {}
+    server = start_server_process([model, "--kv-cache-memory", kv_cache_memory, "--device", device, "--threads",
+                                   str(threads), "--max-num-seqs", str(max(max(levels), 16))], logs / "lmk.log")
+    try:
+        for c in levels:
+            run_http(server, model, warm, 2)  # prompts of their own, so nothing measured is cached
+            before, start = engine_counters(server), time.perf_counter()
+            ours[c] = run_http(server, model, works[c], c)
+            phases[c] = breakdown(before, engine_counters(server), time.perf_counter() - start)
+            peer = start_llama_server(binary, loaded.source.path, threads, c, free_port(), logs / f"llama-server-{c}.log")
+            try:
+                run_http(peer, model, warm, 2)
+                theirs[c] = run_http(peer, model, works[c], c)
+            finally:
+                peer.stop()
+    finally:
+        server.stop()
+    p = phases[watched]
+    batch = max(1, round(p["lmkernel_engine_tokens:decode"] / max(p["lmkernel_engine_steps:decode"], 1)))
+    mean_context = round(sum(map(len, works[watched].prompts)) / len(works[watched].prompts) + output_tokens / 2)
+    limits = decode_limits(loaded, batch, mean_context)
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "unknown CPU")
+    console.print(f"{model} ({loaded.source.path.name}) on {cpu}, {threads} threads; prompts {prompts[0]}-{prompts[1]} "
+                  f"tokens (distinct), {output_tokens} tokens each (ignore_eos), each client sends its next request "
+                  f"when the last ends")
+    console.print(f"lmkernel kernels: {cpu_kernels.current_path()}; llama-server {binary}, {build}; -t {threads} -tb "
+                  f"{threads} -np STREAMS -c {CONTEXT_PER_SLOT}*STREAMS -cb")
+    table = Table("streams", "requests", "lmk serve tok/s", "llama-server tok/s", "ratio", "TTFT p50 s (lmk / llama)",
+                  "TTFT p99 s", "ITL p50 ms", "ITL p99 ms")
+    for c in levels:
+        a, b = ours[c], theirs[c]
+        table.add_row(str(c), str(a.requests), f"{a.tokens_per_second:.1f}", f"{b.tokens_per_second:.1f}",
+                      f"{a.tokens_per_second / b.tokens_per_second:.2f}x",
+                      f"{a.percentile('ttft', 50) / 1000:.2f} / {b.percentile('ttft', 50) / 1000:.2f}",
+                      f"{a.percentile('ttft', 99) / 1000:.2f} / {b.percentile('ttft', 99) / 1000:.2f}",
+                      f"{a.percentile('itl', 50):.0f} / {b.percentile('itl', 50):.0f}",
+                      f"{a.percentile('itl', 99):.0f} / {b.percentile('itl', 99):.0f}")
+    console.print(table)
+    wall = ours[watched].seconds
+    steps, tokens = p["lmkernel_engine_steps:decode"], p["lmkernel_engine_tokens:decode"]
+    prefill_steps, prompt_tokens = p["lmkernel_engine_steps:prefill"], p["lmkernel_engine_tokens:prompt"]
+    split = Table(f"where lmk serve's time went at {watched} streams ({wall:.1f} s)", "seconds", "share", "per step",
+                  "against the machine")
+    per_decode = p["forward_decode"] / max(steps, 1) * 1000
+    rows = [
+        ("prefill (forward of steps with prompt tokens)", p["forward_prefill"], f"{prefill_steps:.0f} of them",
+         f"{prompt_tokens / max(p['forward_prefill'], 1e-9):.0f} prompt tok/s; projections at the int8 peak: "
+         f"{limits.prefill_limit_tps:.0f}"),
+        (f"decode forward ({tokens / max(steps, 1):.1f} sequences a step)", p["forward_decode"], f"{per_decode:.1f} ms",
+         f"bandwidth floor {limits.floor_ms:.1f} ms, compute {limits.compute_ms:.1f} ms"),
+        (f"  of which attention ({mean_context}-token contexts, measured alone)", limits.attention_ms * steps / 1000,
+         f"{limits.attention_ms:.1f} ms", ""),
+        ("  of which projections, norms, rotary (the rest)", max(0.0, p["forward_decode"] - limits.attention_ms * steps / 1000),
+         f"{max(0.0, per_decode - limits.attention_ms):.1f} ms",
+         f"{limits.floor_ms / max(per_decode - limits.attention_ms, 1e-9):.0%} of the bandwidth"),
+        ("output layer (logits)", p["logits"], "", ""),
+        ("sampling", p["sampling"], "", ""),
+        ("scheduling, detokenizing, stop checks", p["schedule"] + p["process"], "", ""),
+        ("HTTP, streaming, the event loop, idle", p["HTTP and the rest"], "", ""),
+    ]
+    for name, seconds, per, against in rows:
+        split.add_row(name, f"{seconds:.1f}", f"{seconds / wall:.0%}", per, against)
+    console.print(split)
+    console.print(f"limits measured in this run: read bandwidth {limits.bandwidth_gbs:.1f} GB/s, int8 peak "
+                  f"{limits.peak_tmacs:.2f} T multiply-adds/s on {limits.units}")
 
 
 @bench_app.command("train")

@@ -30,6 +30,9 @@ def serve(
     enable_prefix_caching: Annotated[bool, typer.Option(help="reuse the KV blocks of prompts' shared prefixes")] = True,
     max_num_seqs: Annotated[int, typer.Option(help="sequences in one engine step")] = 64,
     max_num_batched_tokens: Annotated[int, typer.Option(help="tokens computed in one engine step")] = 2048,
+    prefill_tokens_with_decodes: Annotated[int, typer.Option(help="prompt tokens a step carries while other sequences "
+                                                                  "decode (bounds their inter-token latency); 0: no "
+                                                                  "cap beyond --max-num-batched-tokens")] = 512,
     max_model_len: Annotated[int | None, typer.Option(help="prompt + output tokens of one request (default: the "
                                                             "model's context)")] = None,
     threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's; with --ray: --replica-cpus)")] = None,
@@ -82,7 +85,8 @@ def serve(
             dtype=dtype, device=device, quantization=quantization, kv_cache_memory=kv_cache_memory,
             kv_cache_fraction=kv_cache_fraction, block_size=block_size, enable_prefix_caching=enable_prefix_caching,
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
-            threads=threads, seed=seed, max_loras=slots, decode_backend=decode_backend, cpu_path=cpu_path,
+            prefill_tokens_with_decodes=prefill_tokens_with_decodes or None, threads=threads, seed=seed,
+            max_loras=slots, decode_backend=decode_backend, cpu_path=cpu_path,
         )
 
         if tool_call_parser is not None and tool_call_parser not in PARSERS:

@@ -38,6 +38,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("amx_status", &lmk::amx_status, "why AMX tiles are or are not usable");
   m.def("amx_enable", &lmk::amx_enable, "switch the AMX tiles on (where usable) or off");
   m.def("amx_active", &lmk::amx_active, "whether products of many rows run on AMX tiles now");
+  m.def("int8_peak", &lmk::int8_peak, "int8 multiply-adds a second on tiles or 512-bit vectors, all threads (0: none)");
   m.def("isa", [] {
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
     return std::string("avx512-vnni");

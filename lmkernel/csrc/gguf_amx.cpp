@@ -452,6 +452,40 @@ static void gemm(const WeightRows& w, const QuantizedActs& a, float* y) {
   }
 }
 
+static double tile_peak(int64_t reps) {
+  if (!amx_usable()) return 0;
+  alignas(64) static const uint8_t a[16 * 64] = {1};
+  alignas(64) static const int8_t b[16 * 64] = {1};
+  const auto start = omp_get_wtime();
+  int threads = 1;
+#pragma omp parallel
+  {
+#pragma omp single
+    threads = omp_get_num_threads();
+    TileConfig cfg;
+    for (int t = 0; t < 8; ++t) cfg.tile(t, 16, 64);
+    _tile_loadconfig(&cfg);
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    _tile_loadd(4, a, 64);
+    _tile_loadd(5, a, 64);
+    _tile_loadd(6, b, 64);
+    _tile_loadd(7, b, 64);
+    for (int64_t r = 0; r < reps; ++r) {
+      _tile_dpbusd(0, 4, 6);
+      _tile_dpbusd(1, 4, 7);
+      _tile_dpbusd(2, 5, 6);
+      _tile_dpbusd(3, 5, 7);
+    }
+    alignas(64) int32_t c[256];
+    _tile_stored(0, c, 64);
+    _tile_release();
+  }
+  return 4.0 * 16 * 16 * 64 * reps * threads / (omp_get_wtime() - start);
+}
+
 bool amx_gemm(int type, const WeightRows& w, const QuantizedActs& a, float* y) {
   if (!amx_active() || !amx_supports(type, a.K) || a.M == 0) return false;
   switch (type) {
@@ -480,7 +514,37 @@ std::string amx_status() {
 bool amx_active() { return false; }
 bool amx_supports(int, int64_t) { return false; }
 bool amx_gemm(int, const WeightRows&, const QuantizedActs&, float*) { return false; }
+static double tile_peak(int64_t) { return 0; }
 
 #endif
+
+static double vector_peak(int64_t reps) {
+#if defined(__AVX512VNNI__) && defined(LMK_K512)
+  const auto start = omp_get_wtime();
+  int threads = 1;
+  int64_t sink = 0;
+#pragma omp parallel reduction(+ : sink)
+  {
+#pragma omp single
+    threads = omp_get_num_threads();
+    const __m512i a = _mm512_set1_epi8(1), b = _mm512_set1_epi8(1);
+    __m512i acc[8];
+    for (auto& v : acc) v = _mm512_setzero_si512();
+    for (int64_t r = 0; r < reps; ++r)
+      for (auto& v : acc) {
+        v = _mm512_dpbusd_epi32(v, a, b);
+        __asm__ volatile("" : "+v"(v));
+      }
+    for (auto& v : acc) sink += _mm512_reduce_add_epi32(v);
+  }
+  const double seconds = omp_get_wtime() - start;
+  return sink == 0 ? 0 : 8.0 * 64 * reps * threads / seconds;
+#else
+  (void)reps;
+  return 0;
+#endif
+}
+
+double int8_peak(bool tiles, int64_t reps) { return tiles ? tile_peak(reps) : vector_peak(reps); }
 
 }  // namespace lmk

@@ -32,4 +32,9 @@ bool amx_supports(int type, int64_t K);
 // written) where the tiles are not active or do not run `type`.
 bool amx_gemm(int type, const WeightRows& w, const QuantizedActs& a, float* y);
 
+// The machine's int8 multiply-add rate (per second, all threads) measured by `reps` rounds of
+// independent products that touch no memory: on tiles (tdpbusd; 0 where they are not usable) or on
+// 512-bit vectors (vpdpbusd; 0 in a build without AVX-512 VNNI). The compute limit `lmk bench` prints.
+double int8_peak(bool tiles, int64_t reps);
+
 }  // namespace lmk

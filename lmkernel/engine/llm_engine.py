@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -250,13 +251,18 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """One engine iteration: `schedule()`, `run()`, `update()`; returns outputs that changed."""
         outputs, self.pending = self.pending, []
+        times, start = self.runner.times, time.perf_counter()
         plan = self.scheduler.schedule()
         if plan.is_empty:
             return outputs
-        result = self.runner.execute(plan, self._allowed(plan))
+        allowed = self._allowed(plan)
+        times.schedule += time.perf_counter() - start
+        result = self.runner.execute(plan, allowed)
+        start = time.perf_counter()
         self.scheduler.update(plan, result.sampled)
         self.steps += 1
         outputs.extend(self._process(result))
+        times.process += time.perf_counter() - start
         return outputs
 
     def _allowed(self, plan: SchedulerOutput) -> dict[str, torch.Tensor] | None:
@@ -373,5 +379,6 @@ class LLMEngine:
             * self.pool.block_size,
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting),
+            **self.runner.times.as_stats(),
         }
 

@@ -3,8 +3,9 @@ cache, and samples the next token of every request whose chunk reached its last 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -47,6 +48,27 @@ def choose_decode_backend(model: CausalLM, kv_cache: KVCache, requested: str = "
 
 
 @dataclass
+class StepTimes:
+    """Seconds the engine's steps spent in each phase since it started (read by `stats()` and /metrics, and by
+    `lmk bench serve` to say where a step's time goes). A step with any prompt chunk counts as prefill."""
+
+    schedule: float = 0.0
+    forward_prefill: float = 0.0  # the model's forward in steps that carry prompt tokens (decodes ride along)
+    forward_decode: float = 0.0  # the model's forward in decode-only steps
+    logits: float = 0.0  # the output layer on the rows that need logits
+    sampling: float = 0.0
+    process: float = 0.0  # detokenizing, stop checks, grammars, building outputs
+    prefill_steps: int = 0
+    decode_steps: int = 0
+    prompt_tokens: int = 0
+    decode_tokens: int = 0
+
+    def as_stats(self) -> dict[str, float | int]:
+        return {f"step_{f.name}" if f.type == "int" else f"step_{f.name}_seconds": getattr(self, f.name)
+                for f in fields(self)}
+
+
+@dataclass
 class ModelRunnerOutput:
     """Per request id: the sampled token, its log-probs, and prompt log-probs for positions in this step."""
 
@@ -74,6 +96,7 @@ class ModelRunner:
         # token uses an adapter (it runs the base layers); the others run the model's forward.
         self.decode_backend, self.fused = choose_decode_backend(model, kv_cache, config.decode_backend)
         self.use_kernel = self.decode_backend != "torch"
+        self.times = StepTimes()
 
     def add_generator(self, request_id: str, seed: int) -> None:
         self.generators[request_id] = torch.Generator().manual_seed(seed)
@@ -165,9 +188,20 @@ class ModelRunner:
             slots = slots if any(s >= 0 for s in slots) else []
         per_token = [s for s, c in zip(slots, out.chunks) for _ in range(c.num_tokens)]
         ids, positions, meta = self.layout(out, LoraRouting.of(per_token, self.device))
+        times, start = self.times, time.perf_counter()
         hidden = self.fused(ids, positions, meta, self.kv_layers) if self.fused is not None and not slots else None
         if hidden is None:
             hidden = self.model(ids, positions, meta, self.kv_layers)
+        prompt = sum(c.num_tokens for c in out.chunks if c.num_tokens > 1 or c.start < c.request.num_prompt_tokens)
+        now = time.perf_counter()
+        if prompt:
+            times.forward_prefill += now - start
+            times.prefill_steps += 1
+        else:
+            times.forward_decode += now - start
+            times.decode_steps += 1
+        times.prompt_tokens += prompt
+        times.decode_tokens += int(ids.shape[0]) - prompt
         result = ModelRunnerOutput()
         rows: list[int] = []  # hidden rows that need logits
         row_slots: list[int] = []  # their adapter slots, with adapters
@@ -192,13 +226,16 @@ class ModelRunner:
             return result
         every_row = rows == list(range(hidden.shape[0]))  # a decode step: no rows to pick
         picked = hidden if every_row else hidden[torch.tensor(rows, device=self.device)]
+        start = time.perf_counter()
         logits = self.model.compute_logits(picked, LoraRouting.of(row_slots, self.device)).float()
+        times.logits += time.perf_counter() - start
         for request, at, count, start in prompt_at:
             scored = torch.log_softmax(logits[at : at + count], -1)
             n = request.sampling_params.prompt_logprobs
             result.prompt_logprobs[request.request_id] = [
                 self._position(scored[j], request.token_ids[start + j + 1], n) for j in range(count)
             ]
+        start = time.perf_counter()
         if sample_at:
             at_rows = [at for _, at in sample_at]
             sample_logits = logits if at_rows == list(range(logits.shape[0])) else logits[torch.tensor(at_rows, device=logits.device)]
@@ -216,6 +253,7 @@ class ModelRunner:
                 result.sampled[r.request_id] = token
                 if lp is not None:
                     result.logprobs[r.request_id] = self._position(lp, token, r.sampling_params.logprobs)
+        times.sampling += time.perf_counter() - start
         return result
 
     def _banned(self, request: Request) -> list[int]:

@@ -88,12 +88,19 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         decodes = [r for r in self.running if r.num_tokens - r.num_computed_tokens == 1]
         prefills = [r for r in self.running if r.num_tokens - r.num_computed_tokens > 1]
+        # Beside decodes, prompt chunks share a smaller budget, so the decodes' next token is not held up by
+        # a whole step of prompt tokens.
+        cap = self.config.prefill_tokens_with_decodes
+        prefill_budget = min(budget, cap) if decodes and cap is not None else budget
         for request in decodes + prefills:
             if budget == 0:
                 break
             if request.status is not RequestStatus.RUNNING:  # preempted earlier in this loop
                 continue
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            remaining = request.num_tokens - request.num_computed_tokens
+            if remaining > 1 and prefill_budget <= 0:
+                continue
+            num_new = min(remaining, budget if remaining == 1 else min(budget, prefill_budget))
             target = request.num_computed_tokens + num_new
             while not self.pool.allocate(request.request_id, request.token_ids, target, salt=request.cache_salt):
                 victim = max(self.running, key=lambda r: (r.priority, r.arrival_order))
@@ -103,8 +110,10 @@ class Scheduler:
             else:
                 out.chunks.append(self._chunk(request, request.num_computed_tokens, num_new))
                 budget -= num_new
+                if remaining > 1:
+                    prefill_budget -= num_new
         if not out.preempted:
-            budget = self._admit_waiting(out, budget)
+            self._admit_waiting(out, min(budget, prefill_budget))
         return out
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> int:

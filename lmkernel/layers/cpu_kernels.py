@@ -33,6 +33,7 @@ import platform
 import shutil
 import sys
 import tempfile
+import time
 from functools import lru_cache
 from pathlib import Path
 
@@ -169,6 +170,22 @@ def amx_status() -> str:
     """Why AMX tiles are or are not usable in this process."""
     kernel = library("native")
     return "no kernels" if kernel is None else kernel.amx_status()
+
+
+def int8_peak(tiles: bool, seconds: float = 0.25) -> float:
+    """int8 multiply-adds a second this process reaches on AMX tiles (`tiles`) or 512-bit VNNI vectors, all
+    threads, in a loop that touches no memory: the compute limit a benchmark compares with (0: no such units)."""
+    kernel = library("native")
+    if kernel is None:
+        return 0.0
+    reps = 1 << 12
+    while True:  # grow the loop until it runs long enough to time
+        start = time.perf_counter()
+        rate = kernel.int8_peak(tiles, reps)
+        if rate == 0 or time.perf_counter() - start >= seconds / 4:
+            break
+        reps *= 4
+    return max(rate, kernel.int8_peak(tiles, reps)) if rate else 0.0
 
 
 def paged_decode_available(q: torch.Tensor) -> bool:

@@ -8,6 +8,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+STEP_PHASES = ("schedule", "forward_prefill", "forward_decode", "logits", "sampling", "process")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 
@@ -57,5 +58,17 @@ class _EngineCounters(Collector):
 
     def collect(self) -> list[Metric]:
         stats = self.engine_stats()
+        phases = CounterMetricFamily("lmkernel_engine_step_seconds", "Seconds the engine's steps spent in each phase",
+                                     labels=["phase"])
+        steps = CounterMetricFamily("lmkernel_engine_steps", "Engine steps, by kind (prefill: carries prompt tokens)",
+                                    labels=["kind"])
+        tokens = CounterMetricFamily("lmkernel_engine_tokens", "Tokens through the model's forward, by kind",
+                                     labels=["kind"])
+        for phase in STEP_PHASES:
+            phases.add_metric([phase], float(stats[f"step_{phase}_seconds"]))
+        for kind in ("prefill", "decode"):
+            steps.add_metric([kind], float(stats[f"step_{kind}_steps"]))
+        tokens.add_metric(["prompt"], float(stats["step_prompt_tokens"]))
+        tokens.add_metric(["decode"], float(stats["step_decode_tokens"]))
         return [CounterMetricFamily("lmkernel_preemptions", "Requests preempted (blocks freed, recomputed later)",
-                                    value=float(stats["preemptions"]))]
+                                    value=float(stats["preemptions"])), phases, steps, tokens]

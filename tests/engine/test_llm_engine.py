@@ -108,12 +108,20 @@ def test_request_ids_are_unique_while_running(engine):
 
 def test_each_step_is_schedule_run_update(engine):
     engine.add_request("one", list(range(10, 50)), SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
-    steps = engine.stats()["steps"]
+    before = engine.stats()
+    steps = before["steps"]
     first = engine.step()  # 40 prompt tokens under a budget of 128: the whole prefill and the first token
     assert [len(o.outputs[0].token_ids) for o in first] == [1] and engine.scheduler.running[0].num_computed_tokens == 40
     while engine.has_unfinished_requests():
         out = engine.step()
-    assert out[0].finished and len(out[0].outputs[0].token_ids) == 3 and engine.stats()["steps"] == steps + 3
+    after = engine.stats()
+    assert out[0].finished and len(out[0].outputs[0].token_ids) == 3 and after["steps"] == steps + 3
+    # The step timers: one prefill step of 40 prompt tokens, two decode steps of one token each.
+    changed = {k: after[k] - before[k] for k in after if k.startswith("step_")}
+    assert changed["step_prefill_steps"] == 1 and changed["step_prompt_tokens"] == 40
+    assert changed["step_decode_steps"] == 2 and changed["step_decode_tokens"] == 2
+    for phase in ("schedule", "forward_prefill", "forward_decode", "logits", "sampling", "process"):
+        assert changed[f"step_{phase}_seconds"] > 0, phase
 
 
 def test_engine_settings_are_applied(smollm):

@@ -21,9 +21,29 @@ def run(s: Scheduler, sampled_token: int = 7):
     return out
 
 
-def make(blocks=100, bs=4, budget=32, seqs=8, caching=False) -> Scheduler:
-    return Scheduler(SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=seqs, max_model_len=10_000),
-                     BlockPool(blocks, bs, caching))
+def make(blocks=100, bs=4, budget=32, seqs=8, caching=False, beside_decodes=None) -> Scheduler:
+    return Scheduler(SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=seqs, max_model_len=10_000,
+                                     prefill_tokens_with_decodes=beside_decodes), BlockPool(blocks, bs, caching))
+
+
+def test_prompt_tokens_beside_decodes_are_capped_so_decodes_keep_their_pace():
+    s = make(budget=64, blocks=200, beside_decodes=10)
+    s.add_request(req("a", 30))
+    s.add_request(req("b", 30))
+    out = run(s)  # nothing decodes yet: the whole budget goes to prompts
+    assert [(c.request.request_id, c.num_tokens) for c in out.chunks] == [("a", 30), ("b", 30)]
+    s.add_request(req("c", 25))
+    s.add_request(req("d", 25))
+    out = run(s)  # two decodes, then at most 10 prompt tokens (running or newly admitted)
+    assert [(c.request.request_id, c.num_tokens) for c in out.chunks] == [("a", 1), ("b", 1), ("c", 10)]
+    out = run(s)
+    assert [(c.request.request_id, c.num_tokens) for c in out.chunks] == [("a", 1), ("b", 1), ("c", 10)]
+    out = run(s)  # c's last 5, then 5 of d's
+    assert [(c.request.request_id, c.num_tokens) for c in out.chunks] == [("a", 1), ("b", 1), ("c", 5), ("d", 5)]
+    for rid in ("a", "b", "c"):
+        s.finish(rid, RequestStatus.FINISHED_STOPPED)
+    out = run(s)  # no decode left: d's remaining 20 in one step
+    assert [(c.request.request_id, c.num_tokens) for c in out.chunks] == [("d", 20)]
 
 
 def test_long_prompt_is_chunked_and_decodes_go_first():

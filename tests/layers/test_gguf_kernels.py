@@ -136,11 +136,12 @@ def test_packed_layout_restores_the_stored_rows_exactly(qtype: T) -> None:
         cpu_kernels.gguf_linear(torch.randn(1, width), packed[:, :-1].contiguous(), int(qtype), packed=True)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 17, 40])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 16, 17, 40])
 @pytest.mark.parametrize("qtype", [T.Q4_K, T.Q6_K], ids=lambda t: t.name)
 def test_packed_rows_equal_the_product(qtype: T, rows: int, tiles: str) -> None:
-    """The decode layout (16 rows interleaved) in every path that reads it: its own decode kernel (1-7
-    rows), and restored group by group for AMX tiles and the prefill kernel (8 and more)."""
+    """The decode layout (16 rows interleaved) in every path that reads it: its own decode kernel (1-15
+    rows; without tiles up to 63), AMX tiles reading it in place (16 and more) and restored for the prefill
+    kernel (64 and more, without tiles); a batched product equals the decode kernel's four rows at a time."""
     width = 1536
     blocks = torch.from_numpy(random_blocks(qtype, 64, width, seed=rows))
     packed = cpu_kernels.gguf_pack(blocks, int(qtype), width)
@@ -151,6 +152,9 @@ def test_packed_rows_equal_the_product(qtype: T, rows: int, tiles: str) -> None:
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4 * expected.abs().max().item())
     torch.testing.assert_close(got, cpu_kernels.gguf_linear(x, blocks, int(qtype), bias), rtol=1e-5,
                                atol=1e-5 * expected.abs().max().item())
+    by_rows = torch.cat([cpu_kernels.gguf_linear(x[i : i + 4].contiguous(), packed, int(qtype), bias, packed=True)
+                         for i in range(0, rows, 4)])
+    torch.testing.assert_close(got, by_rows, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
 def test_layers_pack_at_load_and_run_as_before() -> None:
@@ -241,3 +245,18 @@ def test_wrong_arguments_raise_instead_of_reading_past_a_buffer() -> None:
         cpu_kernels.gguf_embedding(torch.tensor([8]), blocks, int(T.Q4_K), 512)
     assert cpu_kernels.gguf_block_layout(int(T.Q2_K)) is None
     assert cpu_kernels.gguf_block_layout(int(T.Q4_K)) == (256, 144)
+
+
+def test_int8_peak_is_the_units_rate() -> None:
+    """The compute limit `lmk bench serve` prints: vectors reach a plausible int8 rate, and tiles (where
+    granted) several times that, as an AMX unit's 16 x 16 x 64 product a few cycles should."""
+    kernel = cpu_kernels.library("native")
+    vector = cpu_kernels.int8_peak(False, seconds=0.1)
+    if kernel.isa() != "avx512-vnni":
+        assert vector == 0.0
+        pytest.skip(f"no 512-bit VNNI in this build ({kernel.isa()})")
+    assert 1e10 < vector < 1e13
+    if not kernel.amx_usable():
+        assert cpu_kernels.int8_peak(True, seconds=0.1) == 0.0
+        pytest.skip(f"AMX tiles are not usable on this machine: {kernel.amx_status()}")
+    assert cpu_kernels.int8_peak(True, seconds=0.1) > 2 * vector

@@ -16,6 +16,7 @@ import torch
 from server_process import Server, start_server
 
 from lmkernel import LLM, SamplingParams
+from lmkernel.bench.serve import engine_counters
 
 pytestmark = pytest.mark.slow  # a real server: `make test` runs it, `make test-fast` does not
 
@@ -334,6 +335,13 @@ def test_fifty_streams_a_fifth_disconnecting(server: Server) -> None:
     text = httpx.get(f"{server.url}/metrics").text
     assert 'status="5' not in text
     assert "lmkernel_time_to_first_token_seconds_count" in text and "lmkernel_inter_token_latency_seconds_count" in text
+    # The engine's step counters (what `lmk bench serve` splits a run's time by): 50 prompts went through
+    # prefill steps, and the tokens after each first one through decode steps.
+    counters = engine_counters(server)
+    assert counters["lmkernel_engine_steps:prefill"] >= 1 and counters["lmkernel_engine_steps:decode"] >= 1
+    assert counters["lmkernel_engine_tokens:prompt"] >= 50 and counters["lmkernel_engine_tokens:decode"] >= 40
+    assert counters["lmkernel_engine_step_seconds:forward_decode"] > 0
+    assert counters["lmkernel_engine_step_seconds:forward_prefill"] > 0
 
 
 def wait_idle(server: Server, seconds: float = 10.0) -> None:
