@@ -72,12 +72,11 @@ def keep_gguf_blocks(model: nn.Module, kept: Mapping[str, int], row_bytes: Mappi
         row_bytes = {**row_bytes, tied_head: row_bytes[embedding]}
     for name, gguf_type in layers.items():
         old = model.get_submodule(name)
-        if isinstance(old, nn.Linear):
-            new: nn.Module = GGUFLinear(old.in_features, old.out_features, old.bias is not None, gguf_type,
-                                        row_bytes[name], dtype)
-        elif isinstance(old, nn.Embedding):
-            new = GGUFEmbedding(old.num_embeddings, old.embedding_dim, gguf_type, row_bytes[name], dtype)
-        else:
+        if not isinstance(old, (nn.Linear, nn.Embedding)):
             raise WeightsError(f"module '{name}' holds GGUF blocks but is a {type(old).__name__}")
+        with torch.device("meta"):  # shapes only: the blocks arrive with the checkpoint (assigned, not copied)
+            new = (GGUFLinear(old.in_features, old.out_features, old.bias is not None, gguf_type, row_bytes[name], dtype)
+                   if isinstance(old, nn.Linear) else
+                   GGUFEmbedding(old.num_embeddings, old.embedding_dim, gguf_type, row_bytes[name], dtype))
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
