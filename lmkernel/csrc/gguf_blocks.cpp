@@ -133,11 +133,12 @@ static inline void record_sums(QuantizedActs& out, int64_t g, float d, int qsum,
   s32 = g % 2 ? s32 + value : value;
 }
 
-void quantize_acts(const float* x, int64_t M, int64_t K, ActFamily family, QuantizedActs& out) {
+void quantize_acts(const float* x, int64_t M, int64_t K, ActFamily family, QuantizedActs& out, bool rest) {
   out.family = family;
   out.M = M;
   out.K = K;
   out.x = x;
+  out.rest = rest;
   if (family == ACT_FLOAT) return;
   const int64_t B = family == ACT_Q8_32 ? 32 : 256, nb = K / B;
   out.q.resize(M * K);
@@ -172,7 +173,7 @@ void quantize_acts(const float* x, int64_t M, int64_t K, ActFamily family, Quant
           constexpr int NEAREST = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
           const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(xb + 16 * g), _mm512_set1_ps(id));
           const __m512 q = _mm512_min_ps(_mm512_set1_ps(127.f), _mm512_max_ps(_mm512_set1_ps(-127.f), _mm512_roundscale_ps(v, NEAREST)));
-          const __m512 r = _mm512_min_ps(_mm512_set1_ps(32.f), _mm512_max_ps(_mm512_set1_ps(-32.f),
+          const __m512 r = !rest ? _mm512_setzero_ps() : _mm512_min_ps(_mm512_set1_ps(32.f), _mm512_max_ps(_mm512_set1_ps(-32.f),
               _mm512_roundscale_ps(_mm512_mul_ps(_mm512_sub_ps(v, q), _mm512_set1_ps(REST_STEPS)), NEAREST)));
           const __m512i qi = _mm512_cvtps_epi32(q), ri = _mm512_cvtps_epi32(r);
           _mm_storeu_si128(reinterpret_cast<__m128i*>(qb + 16 * g), _mm512_cvtepi32_epi8(qi));
@@ -185,7 +186,7 @@ void quantize_acts(const float* x, int64_t M, int64_t K, ActFamily family, Quant
           const float v = xb[i] * id;  // in steps of d
           const float q = std::min(127.f, std::max(-127.f, std::nearbyint(v)));
           qb[i] = static_cast<int8_t>(q);
-          rb[i] = static_cast<int8_t>(std::min(32.f, std::max(-32.f, std::nearbyint((v - q) * REST_STEPS))));
+          rb[i] = !rest ? 0 : static_cast<int8_t>(std::min(32.f, std::max(-32.f, std::nearbyint((v - q) * REST_STEPS))));
         }
         for (int64_t g = 0; g < B / 16; ++g) {
           int qsum = 0, rsum = 0;

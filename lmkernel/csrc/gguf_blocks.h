@@ -43,9 +43,19 @@ BlockInfo block_info(int type, bool* known);
 // 256, as llama.cpp).
 static constexpr int REST_STEPS = 64;
 
+// From this many rows on (batched decode steps, prompts), k-quant activations carry their 8 bits alone
+// (the rest is zero): the tile and prefill kernels read q alone anyway, so every product of that many
+// rows gets the same integer sums whichever kernel runs it, and a decode step of 8-15 rows on the packed
+// rows' vector kernel, bound by its multiplies, does half of them.
+static constexpr int64_t BATCH_ACT_ROWS = 8;
+
+// Whether rows of `family` quantized M at a time keep the 6-bit rest (see BATCH_ACT_ROWS).
+static inline bool keeps_rest(int family, int64_t M) { return family != ACT_Q8_256 || M < BATCH_ACT_ROWS; }
+
 struct QuantizedActs {
   ActFamily family = ACT_FLOAT;
   int64_t M = 0, K = 0;
+  bool rest = true;                // false: r is all zeros and every sum is of q alone
   const float* x = nullptr;        // the float rows (ACT_FLOAT reads these)
   std::vector<int8_t> q, r;        // [M, K]
   std::vector<float> d;            // [M, K / block]: the scale of q (r's is d / 64)
@@ -89,8 +99,9 @@ struct WeightRows {
   bool packed = false;
 };
 
-// Quantize float rows x [M, K] for `family` (K a multiple of the family's block).
-void quantize_acts(const float* x, int64_t M, int64_t K, ActFamily family, QuantizedActs& out);
+// Quantize float rows x [M, K] for `family` (K a multiple of the family's block); without `rest`, to the
+// 8 bits of q alone.
+void quantize_acts(const float* x, int64_t M, int64_t K, ActFamily family, QuantizedActs& out, bool rest = true);
 
 // y[m, n] (row stride ldy) = sum_k x[m, k] w[n, k] for rows n in [n0, n1) and activation rows
 // m in [m0, m0 + rows), rows <= 4; w holds N rows of `row_bytes` bytes of `type` blocks (gguf_dot.cpp).

@@ -117,7 +117,7 @@ torch::Tensor gguf_linear(torch::Tensor x, torch::Tensor w, int64_t type, c10::o
   }
   auto y = torch::empty({M, N}, x.options());
   QuantizedActs acts;
-  quantize_acts(x.data_ptr<float>(), M, K, info.family, acts);
+  quantize_acts(x.data_ptr<float>(), M, K, info.family, acts, keeps_rest(info.family, M));
   float* yp = y.data_ptr<float>();
   const int t = static_cast<int>(type);
   // Packed rows: their own kernel below PACKED_AMX_ROWS, and without tiles below PACKED_GEMM_ROWS (the

@@ -17,7 +17,7 @@
 // One `dpbusd` of a vector of codes against four activations broadcast to every lane then adds to the
 // 16 rows' sums at once: no horizontal sums, no unpacking but a mask and a shift. Activations are
 // 8 + 6 bits per 256 (x = d (q + r / 64)) as in the stored-row decode kernels, so both give the same
-// integer sums.
+// integer sums; from BATCH_ACT_ROWS rows a call on, 8 bits alone, and the rest's products are skipped.
 #include "gguf_x16.h"
 
 #include <cstring>
@@ -133,16 +133,23 @@ static inline __m512 halves16(const uint8_t* p) {  // 16 float16 -> float32
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 
-// Codes (16 rows x 4) against four activations of each row m: 64 q + r accumulates as aq, ar.
-template <int M>
+// Codes (16 rows x 4) against four activations of each row m: 64 q + r accumulates as aq, ar (q alone
+// without REST, where the activations' rest is zero).
+template <int M, bool REST>
 static inline void dot4(__m512i codes, const QuantizedActs& a, const int64_t* at, int64_t k, __m512i* aq, __m512i* ar) {
   for (int m = 0; m < M; ++m) {
     aq[m] = _mm512_dpbusd_epi32(aq[m], codes, bcast4(a.q.data() + at[m] + k));
-    ar[m] = _mm512_dpbusd_epi32(ar[m], codes, bcast4(a.r.data() + at[m] + k));
+    if constexpr (REST) ar[m] = _mm512_dpbusd_epi32(ar[m], codes, bcast4(a.r.data() + at[m] + k));
   }
 }
+// The integer sum 64 q + r in steps of d / 64 (REST), or q's in steps of d.
+template <bool REST>
+static inline __m512i combine(__m512i aq, __m512i ar) {
+  if constexpr (REST) return _mm512_add_epi32(_mm512_slli_epi32(aq, 6), ar);
+  return aq;
+}
 
-template <int M>
+template <int M, bool REST>
 static void q4k_group(const uint8_t* g, int64_t nb, const QuantizedActs& a, int64_t m0, float* y, int64_t ldy) {
   const int64_t K = a.K;
   const __m512i low4 = _mm512_set1_epi8(0x0F);
@@ -163,14 +170,14 @@ static void q4k_group(const uint8_t* g, int64_t nb, const QuantizedActs& a, int6
       for (int c = 0; c < 8; ++c) {
         const __m512i v = _mm512_loadu_si512(o + Q4K_CODES + 64 * (8 * j + c));
         const int64_t k = 64 * j + 4 * c;
-        dot4<M>(_mm512_and_si512(v, low4), a, at, k, ql, rl);
-        dot4<M>(_mm512_and_si512(_mm512_srli_epi16(v, 4), low4), a, at, k + 32, qh, rh);
+        dot4<M, REST>(_mm512_and_si512(v, low4), a, at, k, ql, rl);
+        dot4<M, REST>(_mm512_and_si512(_mm512_srli_epi16(v, 4), low4), a, at, k + 32, qh, rh);
       }
       const __m128i* sc = reinterpret_cast<const __m128i*>(o + Q4K_SC);
       const __m512i slo = _mm512_cvtepu8_epi32(_mm_loadu_si128(sc + 2 * j)), shi = _mm512_cvtepu8_epi32(_mm_loadu_si128(sc + 2 * j + 1));
       for (int m = 0; m < M; ++m) {
-        isb[m] = _mm512_add_epi32(isb[m], _mm512_mullo_epi32(_mm512_add_epi32(_mm512_slli_epi32(ql[m], 6), rl[m]), slo));
-        isb[m] = _mm512_add_epi32(isb[m], _mm512_mullo_epi32(_mm512_add_epi32(_mm512_slli_epi32(qh[m], 6), rh[m]), shi));
+        isb[m] = _mm512_add_epi32(isb[m], _mm512_mullo_epi32(combine<REST>(ql[m], rl[m]), slo));
+        isb[m] = _mm512_add_epi32(isb[m], _mm512_mullo_epi32(combine<REST>(qh[m], rh[m]), shi));
       }
     }
     const __m128i* mn = reinterpret_cast<const __m128i*>(o + Q4K_MN);
@@ -180,7 +187,7 @@ static void q4k_group(const uint8_t* g, int64_t nb, const QuantizedActs& a, int6
     }
     const __m512 d = halves16(o + Q4K_D), dmin = halves16(o + Q4K_DMIN);
     for (int m = 0; m < M; ++m) {
-      const float dx = a.d[(m0 + m) * (K / 256) + b] / REST_STEPS;
+      const float dx = a.d[(m0 + m) * (K / 256) + b] / (REST ? REST_STEPS : 1);
       acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isb[m]), _mm512_mul_ps(d, _mm512_set1_ps(dx)), acc[m]);
       acc[m] = _mm512_fnmadd_ps(dmin, fmin[m], acc[m]);
     }
@@ -188,7 +195,7 @@ static void q4k_group(const uint8_t* g, int64_t nb, const QuantizedActs& a, int6
   for (int m = 0; m < M; ++m) _mm512_storeu_ps(y + m * ldy, acc[m]);
 }
 
-template <int M>
+template <int M, bool REST>
 static void q6k_group(const uint8_t* g, int64_t nb, const QuantizedActs& a, int64_t m0, float* y, int64_t ldy) {
   const int64_t K = a.K;
   const __m512i low4 = _mm512_set1_epi8(0x0F), bits45 = _mm512_set1_epi8(0x30);
@@ -218,20 +225,20 @@ static void q6k_group(const uint8_t* g, int64_t nb, const QuantizedActs& a, int6
               _mm512_or_si512(_mm512_and_si512(B, low4), _mm512_and_si512(_mm512_slli_epi16(H, 2), bits45)),
               _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(A, 4), low4), _mm512_and_si512(H, bits45)),
               _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(B, 4), low4), _mm512_and_si512(_mm512_srli_epi16(H, 2), bits45))};
-          for (int q = 0; q < 4; ++q) dot4<M>(codes[q], a, at, 128 * h + 32 * q + 4 * c, aq[q], ar[q]);
+          for (int q = 0; q < 4; ++q) dot4<M, REST>(codes[q], a, at, 128 * h + 32 * q + 4 * c, aq[q], ar[q]);
         }
         for (int q = 0; q < 4; ++q) {
           const int s = 8 * h + 2 * q + half;
           const __m512 sc = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(o + Q6K_SC + 16 * s))));
           for (int m = 0; m < M; ++m) {
-            fsb[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(aq[q][m], 6), ar[q][m])), sc, fsb[m]);
+            fsb[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(combine<REST>(aq[q][m], ar[q][m])), sc, fsb[m]);
             foff[m] = _mm512_fmadd_ps(sc, _mm512_set1_ps(a.sums16[at[m] / 16 + s]), foff[m]);
           }
         }
       }
     const __m512 d = halves16(o + Q6K_D);
     for (int m = 0; m < M; ++m) {
-      const float dx = a.d[(m0 + m) * (K / 256) + b] / REST_STEPS;
+      const float dx = a.d[(m0 + m) * (K / 256) + b] / (REST ? REST_STEPS : 1);
       const __m512 both = _mm512_fmadd_ps(fsb[m], _mm512_set1_ps(dx), _mm512_mul_ps(foff[m], _mm512_set1_ps(-32.f)));
       acc[m] = _mm512_fmadd_ps(both, d, acc[m]);
     }
@@ -239,14 +246,21 @@ static void q6k_group(const uint8_t* g, int64_t nb, const QuantizedActs& a, int6
   for (int m = 0; m < M; ++m) _mm512_storeu_ps(y + m * ldy, acc[m]);
 }
 
-template <int M>
+template <int M, bool REST>
 static void groups(int type, const uint8_t* packed, int64_t K, const QuantizedActs& a, int64_t m0, int64_t g0, int64_t g1,
                    float* y, int64_t ldy) {
   const int64_t nb = K / 256, stride = nb * 16 * x16_bytes(type);
   for (int64_t g = g0; g < g1; ++g) {
-    if (type == GGML_Q4_K) q4k_group<M>(packed + g * stride, nb, a, m0, y + m0 * ldy + 16 * g, ldy);
-    else q6k_group<M>(packed + g * stride, nb, a, m0, y + m0 * ldy + 16 * g, ldy);
+    if (type == GGML_Q4_K) q4k_group<M, REST>(packed + g * stride, nb, a, m0, y + m0 * ldy + 16 * g, ldy);
+    else q6k_group<M, REST>(packed + g * stride, nb, a, m0, y + m0 * ldy + 16 * g, ldy);
   }
+}
+
+template <int M>
+static void groups(int type, const uint8_t* packed, int64_t K, const QuantizedActs& a, int64_t m0, int64_t g0, int64_t g1,
+                   float* y, int64_t ldy) {
+  if (a.rest) groups<M, true>(type, packed, K, a, m0, g0, g1, y, ldy);
+  else groups<M, false>(type, packed, K, a, m0, g0, g1, y, ldy);
 }
 
 void x16_rows(int type, const uint8_t* packed, int64_t K, const QuantizedActs& a, int64_t m0, int rows, int64_t g0,

@@ -22,7 +22,8 @@ void x16_pack(int type, const uint8_t* w, int64_t row_bytes, int64_t N, int64_t 
 void x16_restore(int type, const uint8_t* packed, int64_t g, int64_t K, uint8_t* out);
 
 // y[m, n] (row stride ldy) for the rows n of groups [g0, g1) and activation rows m0 .. m0 + rows - 1
-// (rows <= 4), activations quantized to 8 + 6 bits per 256 (as the decode kernels of gguf_dot.cpp).
+// (rows <= 4), activations quantized to 8 + 6 bits per 256 as the decode kernels of gguf_dot.cpp read
+// them (or to 8 alone, `a.rest` false: half the multiplies).
 void x16_rows(int type, const uint8_t* packed, int64_t K, const QuantizedActs& a, int64_t m0, int rows, int64_t g0,
               int64_t g1, float* y, int64_t ldy);
 

@@ -169,7 +169,7 @@ static void project(int64_t M, const float* x, int64_t K, std::initializer_list<
     const Projection& p = *t.p;
     if (p.kind == GGUF && M >= (p.packed ? PACKED_AMX_ROWS : AMX_ROWS) && amx_active() &&
         amx_supports(static_cast<int>(p.gguf_type), K)) {
-      if (tiled.family != p.family) quantize_acts(x, M, K, static_cast<ActFamily>(p.family), tiled);
+      if (tiled.family != p.family) quantize_acts(x, M, K, static_cast<ActFamily>(p.family), tiled, keeps_rest(p.family, M));
       amx_gemm(static_cast<int>(p.gguf_type), p.rows(), tiled, t.y);
       if (p.bias.defined()) {
         const float* b = p.bias.data_ptr<float>();
@@ -196,7 +196,7 @@ static void project(int64_t M, const float* x, int64_t K, std::initializer_list<
       xs[t] = padded[t].data();
     }
     if (p.kind == GGUF && !quantized[p.family]) {
-      quantize_acts(x, M, K, static_cast<ActFamily>(p.family), acts[p.family]);
+      quantize_acts(x, M, K, static_cast<ActFamily>(p.family), acts[p.family], keeps_rest(p.family, M));
       quantized[p.family] = true;
     }
   }

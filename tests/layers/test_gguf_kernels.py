@@ -157,6 +157,24 @@ def test_packed_rows_equal_the_product(qtype: T, rows: int, tiles: str) -> None:
     torch.testing.assert_close(got, by_rows, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
+@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q6_K], ids=lambda t: t.name)
+def test_batched_steps_get_a_prompts_integer_sums(qtype: T, tiles: str) -> None:
+    """From 8 rows a call on, k-quant activations carry 8 bits alone, as a prompt's do: a decode step of
+    8-15 rows on the packed rows' vector kernel gives each row what a prompt's product (tiles, or the
+    prefill kernel) gives it, to float rounding; one row alone keeps 8 + 6 bits and is nearer the float
+    product."""
+    blocks = torch.from_numpy(random_blocks(qtype, 64, 1536, seed=7))
+    packed = cpu_kernels.gguf_pack(blocks, int(qtype), 1536)
+    x = torch.randn(40, 1536, generator=torch.Generator().manual_seed(7))
+    exact = x.double() @ reference(blocks.numpy(), qtype, 1536).double().T
+    prompt = cpu_kernels.gguf_linear(x, blocks, int(qtype))
+    for rows in (8, 12):
+        step = cpu_kernels.gguf_linear(x[:rows].contiguous(), packed, int(qtype), packed=True)
+        torch.testing.assert_close(step, prompt[:rows], rtol=1e-5, atol=1e-5 * prompt.abs().max().item())
+    single = cpu_kernels.gguf_linear(x[:1].contiguous(), packed, int(qtype), packed=True).double()
+    assert (single - exact[:1]).norm() < 0.2 * (prompt[:1].double() - exact[:1]).norm()
+
+
 def test_layers_pack_at_load_and_run_as_before() -> None:
     blocks = torch.from_numpy(random_blocks(T.Q4_K, 32, 512, seed=2))
     layer = GGUFLinear(512, 32, bias=False, gguf_type=int(T.Q4_K), row_bytes=blocks.shape[1])
@@ -202,11 +220,13 @@ def test_float_blocks_multiply_in_float(qtype: T) -> None:
 @pytest.mark.parametrize(("qtype", "rows", "bound"), [
     (T.Q5_0, 1, 5e-4), (T.Q8_0, 1, 5e-4), (T.Q4_K, 1, 5e-4), (T.Q6_K, 1, 5e-4),
     (T.Q5_0, 40, 2e-4), (T.Q8_0, 40, 2e-4), (T.Q4_K, 40, 0.02), (T.Q6_K, 40, 0.02),
+    (T.Q4_K, 8, 0.02), (T.Q6_K, 8, 0.02),
 ], ids=lambda v: getattr(v, "name", str(v)))
 def test_activation_precision_of_each_family(qtype: T, rows: int, bound: float, tiles: str) -> None:
-    """Gaussian activations (not exactly representable). Decode rows (8 + 6 bits per block for every type)
-    and legacy prefill rows (8 + 6 bits per 32) keep the product within 5e-4 of float (about 1e-4
-    typically); k-quant prefill rows (8 bits per 256, llama.cpp's precision) within 2% (about 0.7%).
+    """Gaussian activations (not exactly representable). Rows of a call of 1-7 (8 + 6 bits per block for
+    every type) and legacy rows of any number (8 + 6 bits per 32) keep the product within 5e-4 of float
+    (about 1e-4 typically); k-quant calls of 8 rows and more (8 bits per 256, llama.cpp's precision: batched
+    decode steps and prompts) within 2% (about 0.7%).
     Seeded: one row's error varies by 2x from row to row."""
     blocks = torch.from_numpy(random_blocks(qtype, 64, 1536, seed=3))
     x = torch.randn(rows, 1536, generator=torch.Generator().manual_seed(rows))
