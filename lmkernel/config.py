@@ -162,10 +162,15 @@ class EngineConfig:
     max_loras: int | None = None  # LoRA adapter slots; None: as many as adapters given at start
     decode_backend: str = "auto"  # auto: the fastest the model offers on this device; see DECODE_BACKENDS
     cpu_path: str = "auto"  # the CPU kernels' code path: auto (AMX tiles where granted, else the widest vectors); see CPU_PATHS
+    # Where a GGUF's k-quant layers are kept in the decode layout after a first load (later loads map it, not
+    # pack again): "auto" ($LMK_HOME/packed), a directory, or None (pack at every load, keep nothing).
+    packed_cache: str | None = "auto"
 
     def __post_init__(self) -> None:
         if self.quantization == "dequantize":  # the `--quantization` spelling of None
             object.__setattr__(self, "quantization", None)
+        if self.packed_cache == "off":  # the `--packed-cache` spelling of None
+            object.__setattr__(self, "packed_cache", None)
         if self.kv_cache_memory is not None and not isinstance(self.kv_cache_memory, bool):
             try:
                 object.__setattr__(self, "kv_cache_memory", parse_bytes(self.kv_cache_memory))
@@ -204,6 +209,8 @@ class EngineConfig:
             ("max_loras", self.max_loras is None or whole(self.max_loras, 1), "an integer >= 1"),
             ("decode_backend", self.decode_backend in DECODE_BACKENDS, "one of " + ", ".join(DECODE_BACKENDS)),
             ("cpu_path", self.cpu_path in CPU_PATHS, "one of " + ", ".join(CPU_PATHS)),
+            ("packed_cache", self.packed_cache is None or (isinstance(self.packed_cache, str) and self.packed_cache != ""),
+             "auto, a directory, or None (off)"),
         ]
         for name, ok, expected in rules:
             if not ok:

@@ -21,7 +21,7 @@ from lmkernel.layers.attention import AttentionMetadata
 from lmkernel.layers.linear import GGUFEmbedding, GGUFLinear
 from lmkernel.layers.lora import linear_layers, merged_dense
 from lmkernel.layers.quantized import QuantizationConfig, build_quantized
-from lmkernel.loader import gguf_file, hf_dir
+from lmkernel.loader import gguf_file, hf_dir, packed_cache
 from lmkernel.loader.adapter import CONFIG_FILE, LoraAdapter, head_architecture, head_labels, hf_names, match_adapter, \
     needs_head, to_peft_layout
 from lmkernel.loader.peft_kinds import PeftAdapter, read_any_adapter
@@ -30,7 +30,7 @@ from lmkernel.models import model_class
 from lmkernel.models.ensemble import EnsembleClassifier
 from lmkernel.models.peft_adapters import apply_peft_adapter
 from lmkernel.models.weights import build_on_meta, keep_gguf_blocks
-from lmkernel.registry import ENSEMBLE_FILE, ModelSource, resolve
+from lmkernel.registry import ENSEMBLE_FILE, ModelSource, packed_cache_dir, resolve
 
 Adapter = LoraAdapter | PeftAdapter  # what `adapter=` may name: LoRA/AdaLoRA, or IA3, prompt tuning, bottleneck
 
@@ -189,7 +189,7 @@ QUANTIZATION_CHOICES = ("auto", "keep", None)
 
 def load_model(
     name_or_path: str | Path, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
-    quantization: str | None = "auto", adapter: str | Path | None = None,
+    quantization: str | None = "auto", adapter: str | Path | None = None, packed_cache: str | Path | None = None,
 ) -> LoadedModel:
     """Load an alias, a Hugging Face directory or a GGUF file into a `LoadedModel`; nothing is downloaded.
 
@@ -198,7 +198,9 @@ def load_model(
     `quantization=None` dequantizes them to `dtype`. "auto" (the default) keeps them on CPU and
     dequantizes for CUDA, and whenever an adapter is merged into the weights. A quantized directory
     always loads as saved. `adapter` (a PEFT LoRA directory) is merged into the weights; a LoRA
-    directory given as the model loads the base its config names with it merged.
+    directory given as the model loads the base its config names with it merged. `packed_cache` (a
+    directory, or "auto": `$LMK_HOME/packed`) keeps the k-quant layers' decode layout after the first load
+    of a GGUF file, so later loads map it instead of packing again.
     """
     if quantization not in QUANTIZATION_CHOICES:
         raise LmkError(f"quantization must be one of {QUANTIZATION_CHOICES}; got {quantization!r}")
@@ -216,7 +218,8 @@ def load_model(
         lora = read_any_adapter(source.path)
         source = adapter_base(lora)
     keep = _keep_gguf(quantization, source, dev, lora)
-    return _load(source, torch_dtype, dev, keep, lora)
+    cache = packed_cache_dir() if packed_cache == "auto" else Path(packed_cache).expanduser() if packed_cache else None
+    return _load(source, torch_dtype, dev, keep, lora, cache)
 
 
 def _keep_gguf(quantization: str | None, source: ModelSource, dev: torch.device, lora: Adapter | None) -> bool:
@@ -251,7 +254,7 @@ def adapter_base(lora: Adapter) -> ModelSource:
 
 
 def _load(source: ModelSource, dtype: torch.dtype, dev: torch.device, keep_gguf: bool,
-          lora: Adapter | None) -> LoadedModel:
+          lora: Adapter | None, packed_cache: Path | None = None) -> LoadedModel:
     config, tokenizer, reader = _open(source)
     if lora is not None and needs_head(lora, config):  # a task head, e.g. a classifier
         config = replace(config, hf_architecture=head_architecture(lora, config), id2label=head_labels(lora, config))
@@ -280,10 +283,25 @@ def _load(source: ModelSource, dtype: torch.dtype, dev: torch.device, keep_gguf:
         else:
             config = _merge_adapter(model, config, lora)
     if reader is not None and keep_gguf and dev.type == "cpu":
-        for module in model.modules():  # k-quant projections into the decode layout, once
-            if isinstance(module, GGUFLinear):
-                module.pack()
+        pack_layers(model, source.path, packed_cache)
     return LoadedModel(config, tokenizer, model.eval(), source, dtype, dev)
+
+
+def pack_layers(model: nn.Module, gguf: Path, cache: Path | None) -> None:
+    """K-quant projections into the decode layout, once: mapped from `cache` where it holds them for this
+    file, else packed here (and written to `cache` for the next load, on a thread of its own)."""
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, GGUFLinear) and m.packable}
+    if not layers:
+        return
+    expected = {name: packed_cache.PackedLayer(m.gguf_type, m.packed_shape) for name, m in layers.items()}
+    kept = packed_cache.read(cache, gguf, expected) if cache is not None else None
+    for name, m in layers.items():
+        if kept is not None:
+            m.use_packed(kept[name])
+        else:
+            m.pack()
+    if kept is None and cache is not None:
+        packed_cache.write_in_background(cache, gguf, {name: (m.gguf_type, m.blocks) for name, m in layers.items()})
 
 
 def _load_ensemble(source: ModelSource, dtype: torch.dtype, dev: torch.device) -> LoadedModel:

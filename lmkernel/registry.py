@@ -78,10 +78,20 @@ ALIASES: dict[str, Alias] = {
 }
 
 
+def lmk_home(home: str | None = None) -> Path:
+    """lmkernel's own files: `$LMK_HOME`, by default ~/.cache/lmkernel."""
+    root = home if home is not None else os.environ.get("LMK_HOME")
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "lmkernel"
+
+
 def model_cache(home: str | None = None) -> Path:
     """Where pulled models live: `$LMK_HOME/models`, by default ~/.cache/lmkernel/models."""
-    root = home if home is not None else os.environ.get("LMK_HOME")
-    return (Path(root).expanduser() if root else Path.home() / ".cache" / "lmkernel") / "models"
+    return lmk_home(home) / "models"
+
+
+def packed_cache_dir(home: str | None = None) -> Path:
+    """Where GGUF files' k-quant layers are kept in the decode layout after a first load: `$LMK_HOME/packed`."""
+    return lmk_home(home) / "packed"
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,8 @@ from lmkernel.config import EngineConfig, EngineConfigError, ModelConfig
     ("max_model_len", 1, "--max-model-len"), ("threads", 0, "--threads"), ("seed", -1, "--seed"),
     ("max_loras", 0, "--max-loras"), ("decode_backend", "gpu", "--decode-backend"),
     ("enable_prefix_caching", "yes", "--enable-prefix-caching"), ("max_num_seqs", 2.5, "--max-num-seqs"),
-    ("prefill_tokens_with_decodes", 0, "--prefill-tokens-with-decodes"),
+    ("prefill_tokens_with_decodes", 0, "--prefill-tokens-with-decodes"), ("packed_cache", "", "--packed-cache"),
+    ("packed_cache", 3, "--packed-cache"),
 ])
 def test_every_bad_value_is_named_with_its_flag(setting, value, flag):
     with pytest.raises(EngineConfigError) as err:
@@ -38,6 +39,12 @@ def test_sizes_parse_and_limits_agree():
     assert EngineConfig().scheduler(SimpleNamespace(max_context=4096)).prefill_tokens_with_decodes is None  # offline: the whole budget
 
 
+def test_packed_cache_is_auto_a_directory_or_off():
+    assert EngineConfig().packed_cache == "auto"
+    assert EngineConfig(packed_cache="off").packed_cache is None
+    assert EngineConfig(packed_cache="/tmp/packed").packed_cache == "/tmp/packed"
+
+
 def test_build_applies_overrides_and_names_unknown_settings():
     base = EngineConfig(max_num_seqs=8, max_num_batched_tokens=64)
     assert EngineConfig.build(base, seed=3) == EngineConfig(max_num_seqs=8, max_num_batched_tokens=64, seed=3)
@@ -56,6 +63,7 @@ def test_scheduler_limits_never_pass_the_models_context():
     (["--block-size", "12"], "--block-size"), (["--max-num-seqs", "0"], "--max-num-seqs"),
     (["--kv-cache-memory", "much"], "--kv-cache-memory"), (["--decode-backend", "gpu"], "--decode-backend"),
     (["--threads", "0"], "--threads"), (["--max-model-len", "1"], "--max-model-len"),
+    (["--packed-cache", ""], "--packed-cache"),
 ])
 def test_lmk_serve_flags_build_the_same_record(args, flag):
     """`lmk serve` refuses a bad engine flag before loading anything, with EngineConfig's own message."""

@@ -26,9 +26,9 @@ class LoadResult:
     resident: int  # bytes of resident memory the load added (weights mapped and touched, caches, buffers)
 
 
-def lmkernel_script(model: str, threads: int, context: int, cpu_path: str = "auto") -> str:
+def lmkernel_script(model: str, threads: int, context: int, cpu_path: str = "auto", packed_cache: str | None = None) -> str:
     """A Python program that loads `model` with lmkernel (a KV cache of `context` tokens, the CPU kernels of
-    `cpu_path`) and prints what `LoadResult` holds."""
+    `cpu_path`, k-quant layers packed at load or kept in `packed_cache`) and prints what `LoadResult` holds."""
     return f"""
 import json, time, torch
 torch.set_num_threads({threads})
@@ -39,7 +39,7 @@ from lmkernel.memory.kv_cache import bytes_per_block
 cpu_kernels.select({cpu_path!r})  # the compiled library is imported, as every library's is before the clock starts
 before = resident_bytes()
 start = time.perf_counter()
-loaded = load_model({model!r})
+loaded = load_model({model!r}, packed_cache={packed_cache!r})
 llm = LLM(loaded, kv_cache_memory=bytes_per_block(loaded.config, 16, loaded.dtype) * -(-{context} // 16), verbose=False)
 llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
 seconds = time.perf_counter() - start
@@ -60,3 +60,28 @@ def best_of(script: str, what: str, rounds: int) -> LoadResult:
     """The fastest of `rounds` fresh loads (the file in the page cache from the first), with its memory."""
     results = [run_script(script, what) for _ in range(rounds)]
     return min(results, key=lambda r: r.seconds)
+
+
+def lmkernel_loads(model: str, threads: int, context: int, cpu_path: str, rounds: int) -> tuple[LoadResult, LoadResult]:
+    """lmkernel's load of `model` the first time (its k-quant layers packed, and written to an empty packed
+    cache) and every time after (mapped from that cache), each the best of `rounds` fresh processes. The
+    caches are made under $LMK_HOME (a disk, as a user's would be) and removed."""
+    import shutil
+    import tempfile
+
+    from lmkernel.registry import lmk_home
+
+    lmk_home().mkdir(parents=True, exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix="bench-packed-", dir=lmk_home()))
+    try:
+        first = []
+        for i in range(rounds):
+            first.append(run_script(lmkernel_script(model, threads, context, cpu_path, str(root / f"first-{i}")),
+                                    "lmkernel's first load"))
+            shutil.rmtree(root / f"first-{i}", ignore_errors=True)
+        kept = str(root / "kept")
+        run_script(lmkernel_script(model, threads, context, cpu_path, kept), "lmkernel's first load")
+        later = best_of(lmkernel_script(model, threads, context, cpu_path, kept), "lmkernel's load", rounds)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return min(first, key=lambda r: r.seconds), later

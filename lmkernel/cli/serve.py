@@ -40,6 +40,9 @@ def serve(
     decode_backend: Annotated[str, typer.Option(help="auto (the fastest that applies), fused, paged-kernel or torch")] = "auto",
     cpu_path: Annotated[str, typer.Option(help="CPU kernels: auto (AMX tiles where granted, else the widest vectors), "
                                                "amx, avx512-vnni, avx512 or avx2")] = "auto",
+    packed_cache: Annotated[str, typer.Option(help="where a GGUF's k-quant layers are kept in the decode layout after "
+                                                   "a first load, so a restart maps them: auto ($LMK_HOME/packed), a "
+                                                   "directory, or off")] = "auto",
     max_body_bytes: Annotated[int, typer.Option(help="larger request bodies get 413")] = 1 << 20,
     max_queued_requests: Annotated[int, typer.Option(help="completions and chats at once before 429")] = 256,
     rate_limit_rpm: Annotated[int | None, typer.Option(help="requests per minute per key")] = None,
@@ -86,7 +89,7 @@ def serve(
             kv_cache_fraction=kv_cache_fraction, block_size=block_size, enable_prefix_caching=enable_prefix_caching,
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
             prefill_tokens_with_decodes=prefill_tokens_with_decodes or None, threads=threads, seed=seed,
-            max_loras=slots, decode_backend=decode_backend, cpu_path=cpu_path,
+            max_loras=slots, decode_backend=decode_backend, cpu_path=cpu_path, packed_cache=packed_cache,
         )
 
         if tool_call_parser is not None and tool_call_parser not in PARSERS:

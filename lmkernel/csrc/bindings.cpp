@@ -32,6 +32,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("w"), py::arg("type"), py::arg("K"), py::arg("packed") = false);
   m.def("gguf_pack", &lmk::gguf_pack, "stored k-quant blocks [N, row bytes] -> the decode layout [N / 16, ...]");
   m.def("gguf_packed_kernel", &lmk::x16_kernel, "whether this build decodes the packed layout directly");
+  m.def("gguf_packed_bytes", [](int64_t type) { return lmk::x16_bytes(static_cast<int>(type)); },
+        "bytes of one row's super-block in the decode layout; 0 for a type without it");
   m.def("release_pages", &lmk::release_pages, "hand the whole pages of a tensor's bytes back to the OS (MADV_PAGEOUT)");
   m.def("gguf_embedding", &lmk::gguf_embedding, "rows `ids` of GGUF blocks, dequantized -> float32 [T, K]");
   m.def("amx_usable", &lmk::amx_usable, "whether this process may run AMX tiles (asked and probed once)");

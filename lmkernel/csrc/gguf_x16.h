@@ -45,6 +45,8 @@ class RowReader {
 bool x16_kernel();
 
 // Offsets within one group's super-block (16 rows): Q4_K 2,560 bytes, Q6_K 3,360 (see gguf_x16.cpp).
+// Packed layers are kept on disk between loads (lmkernel/loader/packed_cache.py): a change to this layout
+// must bump its LAYOUT_VERSION.
 static constexpr int64_t Q4K_D = 0, Q4K_DMIN = 32, Q4K_SC = 64, Q4K_MN = 192, Q4K_RAW = 320, Q4K_CODES = 512;
 static constexpr int64_t Q6K_D = 0, Q6K_SC = 32, Q6K_QL = 288, Q6K_QH = 2336;
 

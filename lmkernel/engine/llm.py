@@ -59,7 +59,8 @@ class LLM:
         select_cpu_path(c)  # before loading: which layers pack for decode depends on the kernels chosen
         self.loaded = (
             model if isinstance(model, LoadedModel)
-            else load_model(model, dtype=c.dtype, device=c.device, quantization=c.quantization)
+            else load_model(model, dtype=c.dtype, device=c.device, quantization=c.quantization,
+                            packed_cache=c.packed_cache)
         )
         self.tokenizer = self.loaded.tokenizer
         self.engine: LLMEngine | None = None

@@ -81,7 +81,8 @@ class LLMEngine:
         is (the adapters wrap a copy that shares its weights) unless `owned`: loaded for this engine alone."""
         select_cpu_path(config)  # before loading: which layers pack for decode depends on the kernels chosen
         loaded = model if isinstance(model, LoadedModel) else load_model(
-            model, dtype=config.dtype, device=config.device, quantization=config.quantization)
+            model, dtype=config.dtype, device=config.device, quantization=config.quantization,
+            packed_cache=config.packed_cache)
         if loaded.config.is_encoder:
             raise LmkError(f"{loaded.source.path}: the generation engine needs a decoder; this is an encoder model")
         adapters = None

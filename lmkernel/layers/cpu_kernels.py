@@ -331,6 +331,12 @@ def gguf_packable(gguf_type: int, rows: int) -> bool:
     return gguf_type in PACKED_TYPES and rows % 16 == 0 and kernel is not None and kernel.gguf_packed_kernel()
 
 
+def gguf_packed_shape(gguf_type: int, rows: int, width: int) -> tuple[int, int]:
+    """The shape `gguf_pack` gives `rows` rows of `width` weights: [rows / 16, width / 256 * 16 * bytes of a
+    row's super-block in the layout]."""
+    return rows // 16, width // 256 * 16 * _kernel().gguf_packed_bytes(gguf_type)
+
+
 def gguf_pack(blocks: torch.Tensor, gguf_type: int, width: int) -> torch.Tensor:
     """Stored k-quant blocks [N, row bytes] -> the decode layout (16 rows interleaved, scales unpacked;
     csrc/gguf_x16.h): a decode step then streams them once with no per-block unpacking."""

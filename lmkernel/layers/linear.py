@@ -321,17 +321,38 @@ class GGUFLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
         self.packed = False  # `blocks` in the decode layout of `cpu_kernels.gguf_pack` (see `pack`)
 
+    @property
+    def packable(self) -> bool:
+        """Whether `pack` would repack these blocks (a k-quant type with a decode layout, whole groups of 16
+        rows, and kernels in this build that read it)."""
+        return not self.packed and cpu_kernels.gguf_packable(self.gguf_type, self.out_features)
+
+    @property
+    def packed_shape(self) -> tuple[int, int]:
+        """The shape of the packed blocks: [groups of 16 rows, their bytes]."""
+        return cpu_kernels.gguf_packed_shape(self.gguf_type, self.out_features, self.in_features)
+
     def pack(self) -> bool:
         """Repack Q4_K / Q6_K blocks into the decode layout (16 rows interleaved, scales unpacked: 2-11% more
         bytes than stored), once, after loading; the stored blocks' pages go back to the OS. False where the
         type or row count has no such layout."""
-        if self.packed or not cpu_kernels.gguf_packable(self.gguf_type, self.out_features):
+        if not self.packable:
             return False
         stored = self.blocks
         self.blocks = cpu_kernels.gguf_pack(stored.contiguous(), self.gguf_type, self.in_features)
         self.packed = True
         cpu_kernels.release_pages(stored)
         return True
+
+    def use_packed(self, blocks: torch.Tensor) -> None:
+        """Take blocks already in the decode layout (as `pack` made them before, kept on disk) in place of
+        the stored ones, whose pages are then never read."""
+        if not self.packable or tuple(blocks.shape) != self.packed_shape or blocks.dtype != torch.uint8:
+            raise ValueError(f"packed blocks of shape {tuple(blocks.shape)} ({blocks.dtype}) do not fit a layer of "
+                             f"{self.out_features} x {self.in_features} GGML type {self.gguf_type}; expected "
+                             f"{self.packed_shape} uint8")
+        self.blocks = blocks
+        self.packed = True
 
     @property
     def float_blocks(self) -> bool:

@@ -7,7 +7,7 @@ import gguf
 import pytest
 import torch
 from model_checks import flatten, split
-from tiny_gguf import T, vocabulary, write_llama_gguf
+from tiny_gguf import T, write_llama_gguf
 
 from lmkernel import load_model
 from lmkernel.errors import UnsupportedModelError, WeightsError
@@ -26,24 +26,6 @@ MIXED_TYPES = {
     "blk.1.attn_q.weight": T.Q8_0,
     "blk.1.attn_k.weight": T.Q4_0,
 }
-
-
-@pytest.fixture(scope="module")
-def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(vocabulary()), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True,
-        rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=2,
-    )
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():  # RMSNorm weights start at 1; make them count
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-    return model
 
 
 IDS = [1, 40, 70, 259, 100, 3, 200, 261, 88, 2, 17, 150]
