@@ -121,6 +121,7 @@ void x16_restore(int type, const uint8_t* packed, int64_t g, int64_t K, uint8_t*
 }
 
 #if defined(LMK_K512) && defined(__AVX512VNNI__)
+#define LMK_X16 1
 
 bool x16_kernel() { return true; }
 
@@ -245,6 +246,140 @@ static void q6k_group(const uint8_t* g, int64_t nb, const QuantizedActs& a, int6
   }
   for (int m = 0; m < M; ++m) _mm512_storeu_ps(y + m * ldy, acc[m]);
 }
+
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+
+// AVX2 (no vpdpbusd): four codes (unsigned) of each row times four activations (signed) by vpmaddubsw, pairs
+// into 16 bits (at most 2 x 63 x 127: no saturation), then vpmaddwd by the weight of what was multiplied (64
+// for q and 1 for its rest, or 1 for q alone), so one 32-bit sum a row holds 64 q + r as the 512-bit kernel's.
+// A packed 64-byte vector is two halves of 8 rows; each half is a pass of its own over the group, so every
+// sum of up to four activation rows stays in the 16 registers.
+#define LMK_X16 1
+
+bool x16_kernel() { return true; }
+
+static inline __m256i bcast4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm256_set1_epi32(v);
+}
+static inline __m256i bytes8(const uint8_t* p) {  // 8 bytes, zero-extended to 32 bits
+  return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+}
+static inline __m256 halves8(const uint8_t* p) {  // 8 float16 -> float32
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+template <int M, bool REST>
+static inline void dot4(__m256i codes, const QuantizedActs& a, const int64_t* at, int64_t k, __m256i* acc) {
+  const __m256i ones = _mm256_set1_epi16(1), qweight = _mm256_set1_epi16(REST ? REST_STEPS : 1);
+  for (int m = 0; m < M; ++m) {
+    acc[m] = _mm256_add_epi32(acc[m], _mm256_madd_epi16(_mm256_maddubs_epi16(codes, bcast4(a.q.data() + at[m] + k)), qweight));
+    if constexpr (REST)
+      acc[m] = _mm256_add_epi32(acc[m], _mm256_madd_epi16(_mm256_maddubs_epi16(codes, bcast4(a.r.data() + at[m] + k)), ones));
+  }
+}
+
+template <int M, bool REST>
+static void q4k_group(const uint8_t* g, int64_t nb, const QuantizedActs& a, int64_t m0, float* y, int64_t ldy) {
+  const int64_t K = a.K;
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  for (int h = 0; h < 2; ++h) {  // rows 8 h .. 8 h + 7: bytes 32 h .. 32 h + 31 of every packed vector
+    __m256 acc[M];
+    for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint8_t* o = g + b * 16 * 160;
+      int64_t at[M];
+      for (int m = 0; m < M; ++m) at[m] = (m0 + m) * K + b * 256;
+      __m256i isb[M];
+      __m256 fmin[M];
+      for (int m = 0; m < M; ++m) isb[m] = _mm256_setzero_si256(), fmin[m] = _mm256_setzero_ps();
+      for (int j = 0; j < 4; ++j) {  // span j: low nibbles sub-block 2j, high nibbles 2j + 1
+        if (h == 0)
+          for (int c = 0; c < 10; ++c)  // the super-block PREFETCH ahead, a tenth of its 40 lines a span
+            _mm_prefetch(reinterpret_cast<const char*>(o + PREFETCH * 16 * 160 + 64 * (10 * j + c)), _MM_HINT_T0);
+        __m256i lo[M], hi[M];
+        for (int m = 0; m < M; ++m) lo[m] = hi[m] = _mm256_setzero_si256();
+        for (int c = 0; c < 8; ++c) {
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(o + Q4K_CODES + 64 * (8 * j + c) + 32 * h));
+          const int64_t k = 64 * j + 4 * c;
+          dot4<M, REST>(_mm256_and_si256(v, low4), a, at, k, lo);
+          dot4<M, REST>(_mm256_and_si256(_mm256_srli_epi16(v, 4), low4), a, at, k + 32, hi);
+        }
+        const __m256i slo = bytes8(o + Q4K_SC + 16 * (2 * j) + 8 * h), shi = bytes8(o + Q4K_SC + 16 * (2 * j + 1) + 8 * h);
+        for (int m = 0; m < M; ++m)
+          isb[m] = _mm256_add_epi32(isb[m], _mm256_add_epi32(_mm256_mullo_epi32(lo[m], slo), _mm256_mullo_epi32(hi[m], shi)));
+      }
+      for (int s = 0; s < 8; ++s) {
+        const __m256 mins = _mm256_cvtepi32_ps(bytes8(o + Q4K_MN + 16 * s + 8 * h));
+        for (int m = 0; m < M; ++m) fmin[m] = _mm256_fmadd_ps(mins, _mm256_set1_ps(a.sums32[at[m] / 32 + s]), fmin[m]);
+      }
+      const __m256 d = halves8(o + Q4K_D + 16 * h), dmin = halves8(o + Q4K_DMIN + 16 * h);
+      for (int m = 0; m < M; ++m) {
+        const float dx = a.d[(m0 + m) * (K / 256) + b] / (REST ? REST_STEPS : 1);
+        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isb[m]), _mm256_mul_ps(d, _mm256_set1_ps(dx)), acc[m]);
+        acc[m] = _mm256_fnmadd_ps(dmin, fmin[m], acc[m]);
+      }
+    }
+    for (int m = 0; m < M; ++m) _mm256_storeu_ps(y + m * ldy + 8 * h, acc[m]);
+  }
+}
+
+template <int M, bool REST>
+static void q6k_group(const uint8_t* g, int64_t nb, const QuantizedActs& a, int64_t m0, float* y, int64_t ldy) {
+  const int64_t K = a.K;
+  const __m256i low4 = _mm256_set1_epi8(0x0F), bits45 = _mm256_set1_epi8(0x30);
+  for (int rh = 0; rh < 2; ++rh) {  // rows 8 rh .. 8 rh + 7
+    __m256 acc[M];
+    for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint8_t* o = g + b * 16 * 210;
+      int64_t at[M];
+      for (int m = 0; m < M; ++m) at[m] = (m0 + m) * K + b * 256;
+      __m256 fsb[M], foff[M];
+      for (int m = 0; m < M; ++m) fsb[m] = foff[m] = _mm256_setzero_ps();
+      for (int h = 0; h < 2; ++h)
+        for (int half = 0; half < 2; ++half) {  // weights 128 h + 32 q + 16 half .. + 15: sub-block 8 h + 2 q + half
+          if (rh == 0)
+            for (int c = 0; c < 13; ++c)  // the super-block PREFETCH ahead, a quarter of its 53 lines a step
+              _mm_prefetch(reinterpret_cast<const char*>(o + PREFETCH * 16 * 210 + 64 * (13 * (2 * h + half) + c)), _MM_HINT_T0);
+          __m256i aq[4][M];
+          for (int q = 0; q < 4; ++q)
+            for (int m = 0; m < M; ++m) aq[q][m] = _mm256_setzero_si256();
+          for (int c = 4 * half; c < 4 * half + 4; ++c) {
+            const __m256i A = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(o + Q6K_QL + 64 * (16 * h + c) + 32 * rh));
+            const __m256i B = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(o + Q6K_QL + 64 * (16 * h + c + 8) + 32 * rh));
+            const __m256i H = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(o + Q6K_QH + 64 * (8 * h + c) + 32 * rh));
+            const __m256i codes[4] = {
+                _mm256_or_si256(_mm256_and_si256(A, low4), _mm256_and_si256(_mm256_slli_epi16(H, 4), bits45)),
+                _mm256_or_si256(_mm256_and_si256(B, low4), _mm256_and_si256(_mm256_slli_epi16(H, 2), bits45)),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(A, 4), low4), _mm256_and_si256(H, bits45)),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(B, 4), low4), _mm256_and_si256(_mm256_srli_epi16(H, 2), bits45))};
+            for (int q = 0; q < 4; ++q) dot4<M, REST>(codes[q], a, at, 128 * h + 32 * q + 4 * c, aq[q]);
+          }
+          for (int q = 0; q < 4; ++q) {
+            const int s = 8 * h + 2 * q + half;
+            const __m256 sc = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(o + Q6K_SC + 16 * s + 8 * rh))));
+            for (int m = 0; m < M; ++m) {
+              fsb[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(aq[q][m]), sc, fsb[m]);
+              foff[m] = _mm256_fmadd_ps(sc, _mm256_set1_ps(a.sums16[at[m] / 16 + s]), foff[m]);
+            }
+          }
+        }
+      const __m256 d = halves8(o + Q6K_D + 16 * rh);
+      for (int m = 0; m < M; ++m) {
+        const float dx = a.d[(m0 + m) * (K / 256) + b] / (REST ? REST_STEPS : 1);
+        const __m256 both = _mm256_fmadd_ps(fsb[m], _mm256_set1_ps(dx), _mm256_mul_ps(foff[m], _mm256_set1_ps(-32.f)));
+        acc[m] = _mm256_fmadd_ps(both, d, acc[m]);
+      }
+    }
+    for (int m = 0; m < M; ++m) _mm256_storeu_ps(y + m * ldy + 8 * rh, acc[m]);
+  }
+}
+
+#endif
+
+#ifdef LMK_X16
 
 template <int M, bool REST>
 static void groups(int type, const uint8_t* packed, int64_t K, const QuantizedActs& a, int64_t m0, int64_t g0, int64_t g1,

@@ -41,7 +41,7 @@ class RowReader {
   std::vector<uint8_t> buf_;
 };
 
-// Whether this build runs `x16_rows` (AVX-512 with VNNI); where not, callers restore the stored rows.
+// Whether this build runs `x16_rows` (AVX-512 with VNNI, or AVX2); where not, callers restore the stored rows.
 bool x16_kernel();
 
 // Offsets within one group's super-block (16 rows): Q4_K 2,560 bytes, Q6_K 3,360 (see gguf_x16.cpp).

@@ -326,7 +326,7 @@ PACKED_TYPES = (12, 14)
 
 def gguf_packable(gguf_type: int, rows: int) -> bool:
     """Whether `GGUFLinear.pack` packs rows of this type (`PACKED_TYPES`, in whole groups of 16) and this
-    build's decode kernels read the packed layout (AVX-512 with VNNI)."""
+    build's decode kernels read the packed layout (AVX-512 with VNNI, or AVX2)."""
     kernel = _kernel()
     return gguf_type in PACKED_TYPES and rows % 16 == 0 and kernel is not None and kernel.gguf_packed_kernel()
 

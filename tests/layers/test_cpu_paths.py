@@ -43,6 +43,26 @@ def test_narrow_build_equals_the_product(narrow: object, qtype: T, rows: int) ->
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4 * expected.abs().max().item())
 
 
+@pytest.mark.parametrize("rows", [1, 3, 4, 8, 17, 70])
+@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q6_K], ids=lambda t: t.name)
+def test_narrow_build_decodes_packed_rows(narrow: object, qtype: T, rows: int) -> None:
+    """The decode layout on the narrow builds' own packed kernel (AVX2's vpmaddubsw, which the AVX-512 build
+    without VNNI runs too): exact on exactly representable rows, and on Gaussian rows the same integer sums
+    as the stored rows' kernels (8 + 6 bits below 8 rows a call, 8 from there)."""
+    assert narrow.gguf_packed_kernel()
+    width = 1536
+    blocks = torch.from_numpy(random_blocks(qtype, 64, width, seed=rows))
+    packed = narrow.gguf_pack(blocks, int(qtype), width)
+    x = exact_activations(rows, width, 256, seed=rows)
+    expected = (x.double() @ reference(blocks.numpy(), qtype, width).double().T).float()
+    got = narrow.gguf_linear(x, packed, int(qtype), None, True)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4 * expected.abs().max().item())
+    gauss = torch.randn(rows, width, generator=torch.Generator().manual_seed(rows))
+    stored = narrow.gguf_linear(gauss, blocks, int(qtype), None)
+    torch.testing.assert_close(narrow.gguf_linear(gauss, packed, int(qtype), None, True), stored, rtol=1e-5,
+                               atol=1e-5 * stored.abs().max().item())
+
+
 def test_select_runs_a_narrow_build_for_the_process(narrow: object) -> None:
     try:
         assert cpu_kernels.select(narrow.isa()) == narrow.isa()
