@@ -189,7 +189,7 @@ QUANTIZATION_CHOICES = ("auto", "keep", None)
 
 def load_model(
     name_or_path: str | Path, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
-    quantization: str | None = "auto", adapter: str | Path | None = None, packed_cache: str | Path | None = None,
+    quantization: str | None = "auto", adapter: str | Path | None = None, packed_cache: str | Path | None = "auto",
 ) -> LoadedModel:
     """Load an alias, a Hugging Face directory or a GGUF file into a `LoadedModel`; nothing is downloaded.
 
@@ -198,8 +198,8 @@ def load_model(
     `quantization=None` dequantizes them to `dtype`. "auto" (the default) keeps them on CPU and
     dequantizes for CUDA, and whenever an adapter is merged into the weights. A quantized directory
     always loads as saved. `adapter` (a PEFT LoRA directory) is merged into the weights; a LoRA
-    directory given as the model loads the base its config names with it merged. `packed_cache` (a
-    directory, or "auto": `$LMK_HOME/packed`) keeps the k-quant layers' decode layout after the first load
+    directory given as the model loads the base its config names with it merged. `packed_cache` ("auto":
+    `$LMK_HOME/packed`, a directory, or None) keeps the k-quant layers' decode layout after the first load
     of a GGUF file, so later loads map it instead of packing again.
     """
     if quantization not in QUANTIZATION_CHOICES:

@@ -21,6 +21,7 @@ import shutil
 import struct
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -156,7 +157,35 @@ def write(directory: Path, gguf: Path, layers: dict[str, tuple[int, torch.Tensor
     except OSError as exc:
         log.info("lmkernel: could not keep the packed layers in %s (%s); the next load packs again", directory, exc)
         return None
+    drop_orphans(directory)
     return path
+
+
+def drop_orphans(directory: Path) -> list[Path]:
+    """Remove the cache files in `directory` whose GGUF file is gone (or that name none), and temporary
+    files a killed writer left over an hour ago, so files of deleted or moved models do not pile up; the
+    ones removed."""
+    removed = []
+    for path in directory.glob(f".*{SUFFIX}.*.tmp"):
+        try:
+            if time.time() - path.stat().st_mtime > 3600:
+                path.unlink()
+                removed.append(path)
+        except OSError:
+            continue
+    for path in directory.glob(f"*{SUFFIX}"):
+        try:
+            with path.open("rb") as f:
+                head = f.read(len(MAGIC) + 8)
+                length = struct.unpack("<Q", head[len(MAGIC):])[0] if len(head) == len(MAGIC) + 8 else 0
+                header = json.loads(f.read(length)) if head[: len(MAGIC)] == MAGIC and length <= MAX_HEADER else None
+            source = header.get("key", {}).get("gguf") if isinstance(header, dict) else None
+            if not isinstance(source, str) or not Path(source).is_file():
+                path.unlink()
+                removed.append(path)
+        except (OSError, ValueError, AttributeError):
+            continue
+    return removed
 
 
 def write_in_background(directory: Path, gguf: Path, layers: dict[str, tuple[int, torch.Tensor]]) -> threading.Thread:

@@ -180,3 +180,18 @@ def test_overlapping_layers_missing_layers_and_broken_files_are_refused(tmp_path
     assert packed_cache.read(tmp_path, gguf, expected) is None
     path.write_bytes(b"GGUF" + bytes(100))
     assert packed_cache.read(tmp_path, gguf, expected) is None
+
+
+def test_files_of_models_that_are_gone_are_dropped_when_another_is_kept(tmp_path, tiny_llama):
+    cache = tmp_path / "packed"
+    gone = write_llama_gguf(tmp_path / "gone.gguf", tiny_llama, TYPES)
+    load_model(gone, packed_cache=cache)
+    written()
+    orphan = packed_cache.cache_file(cache, gone)
+    assert orphan.exists()
+    gone.unlink()
+    (cache / f"junk{packed_cache.SUFFIX}").write_bytes(b"not ours")
+    kept = write_llama_gguf(tmp_path / "kept.gguf", tiny_llama, TYPES)
+    load_model(kept, packed_cache=cache)
+    written()
+    assert sorted(p.name for p in cache.iterdir()) == [packed_cache.cache_file(cache, kept).name]
