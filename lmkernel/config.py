@@ -127,6 +127,75 @@ def parse_bytes(value: str | int | float) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
 
 
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding: a proposer guesses the next `num_speculative_tokens` tokens of a sequence and the
+    model checks them all in one forward (rows of a decode step), keeping the longest run it agrees with.
+
+    `model`: "ngram" (prompt lookup: the tokens that followed the latest earlier occurrence of the sequence's
+    last `prompt_lookup_max` .. `prompt_lookup_min` tokens) or a draft model (alias or path) sharing the
+    target's vocabulary. Speculation pauses while more than `disable_by_batch_size` sequences run (a full
+    batch already reads the weights once for many rows), and for a sequence whose proposals keep failing.
+    """
+
+    model: str
+    num_speculative_tokens: int = 3
+    prompt_lookup_min: int = 2
+    prompt_lookup_max: int = 4
+    disable_by_batch_size: int = 4
+
+    @property
+    def is_ngram(self) -> bool:
+        return self.model == "ngram"
+
+    def describe(self) -> str:
+        return f"{self.model} x{self.num_speculative_tokens}"
+
+
+SPECULATIVE_FLAGS = {"model": "--speculative-model", "num_speculative_tokens": "--num-speculative-tokens",
+                     "prompt_lookup_min": "--prompt-lookup-min", "prompt_lookup_max": "--prompt-lookup-max",
+                     "disable_by_batch_size": "--speculative-disable-by-batch-size"}
+
+
+def speculative_config(value: SpeculativeConfig | dict[str, Any] | str | None) -> SpeculativeConfig | None:
+    """`EngineConfig.speculative` from what a caller gave: a SpeculativeConfig, a dict of its fields, a model
+    name ("ngram" or a draft model), or None; checked, every bad value named with its flag."""
+    if value is None or isinstance(value, SpeculativeConfig):
+        spec = value
+    elif isinstance(value, str):
+        spec = SpeculativeConfig(value)
+    elif isinstance(value, dict):
+        unknown = sorted(set(value) - set(SPECULATIVE_FLAGS))
+        if unknown:
+            raise EngineConfigError(f"speculative: unknown setting {', '.join(map(repr, unknown))}; expected "
+                                    f"{', '.join(SPECULATIVE_FLAGS)}")
+        if "model" not in value:
+            raise EngineConfigError("speculative: 'model' is missing (\"ngram\" or a draft model)")
+        spec = SpeculativeConfig(**value)
+    else:
+        raise EngineConfigError(f"speculative must be None, a SpeculativeConfig, a dict of its fields or a model name; "
+                                f"got {value!r}")
+    if spec is None:
+        return None
+
+    def whole(v: object, low: int, high: int) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and low <= v <= high
+
+    rules = [
+        ("model", isinstance(spec.model, str) and spec.model.strip() != "", '"ngram" or a draft model\'s alias or path'),
+        ("num_speculative_tokens", whole(spec.num_speculative_tokens, 1, 15), "an integer in 1..15"),
+        ("prompt_lookup_min", whole(spec.prompt_lookup_min, 1, 64), "an integer in 1..64"),
+        ("prompt_lookup_max", whole(spec.prompt_lookup_max, 1, 64) and spec.prompt_lookup_max >= spec.prompt_lookup_min,
+         f"an integer in 1..64, at least --prompt-lookup-min ({spec.prompt_lookup_min})"),
+        ("disable_by_batch_size", whole(spec.disable_by_batch_size, 1, 4096), "an integer >= 1"),
+    ]
+    for name, ok, expected in rules:
+        if not ok:
+            raise EngineConfigError(f"{SPECULATIVE_FLAGS[name]} (SpeculativeConfig.{name}) must be {expected}; "
+                                    f"got {getattr(spec, name)!r}")
+    return spec
+
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = ("auto", "keep", None)
 DECODE_BACKENDS = ("auto", "fused", "paged-kernel", "torch")
@@ -136,7 +205,7 @@ CPU_PATHS = ("auto", "amx", "avx512-vnni", "avx512", "avx2")  # layers.cpu_kerne
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything that describes one generation engine besides its model: how the weights load, the paged
-    KV cache, the scheduler's limits, threads, seed, adapter slots and the decode path.
+    KV cache, the scheduler's limits, threads, seed, adapter slots, the decode path and speculative decoding.
 
     The one record `LLM(model, **overrides)`, `AsyncEngine.build`, `lmk serve` and each Ray replica make;
     it is checked here, once, when it is made (every bad value named with its `lmk serve` flag), and
@@ -165,8 +234,11 @@ class EngineConfig:
     # Where a GGUF's k-quant layers are kept in the decode layout after a first load (later loads map it, not
     # pack again): "auto" ($LMK_HOME/packed), a directory, or None (pack at every load, keep nothing).
     packed_cache: str | None = "auto"
+    # Speculative decoding (a SpeculativeConfig, a dict of its fields, or "ngram" / a draft model); None: off.
+    speculative: SpeculativeConfig | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "speculative", speculative_config(self.speculative))
         if self.quantization == "dequantize":  # the `--quantization` spelling of None
             object.__setattr__(self, "quantization", None)
         if self.packed_cache == "off":  # the `--packed-cache` spelling of None

@@ -60,6 +60,21 @@ def test_generate_streams_the_greedy_completion():
     assert out.stdout.rstrip("\n") == expected
 
 
+def test_generate_with_speculative_decoding_streams_the_same_completion():
+    from lmkernel import LLM, SamplingParams
+
+    prompt = "List: red, green, blue, red, green, blue, red, green,"
+    out = run("generate", "smollm2-135m-instruct", prompt, "--max-tokens", "24", "--temperature", "0", "--device", "cpu",
+              "--speculative-model", "ngram", "--num-speculative-tokens", "3")
+    assert out.returncode == 0, out.stderr
+    expected = LLM("smollm2-135m-instruct", kv_cache_memory="64MiB", verbose=False).generate(
+        [prompt], SamplingParams(temperature=0, max_tokens=24))[0].outputs[0].text
+    assert out.stdout.rstrip("\n") == expected
+    assert "speculative decoding: prompt lookup" in out.stderr and "proposed tokens accepted" in out.stderr
+    bad = invoke("generate", "smollm2-135m-instruct", "x", "--speculative-model", "ngram", "--num-speculative-tokens", "0")
+    assert bad.returncode == 1 and "--num-speculative-tokens" in bad.stderr and "Traceback" not in bad.stderr
+
+
 def test_chat_keeps_history_and_quits():
     out = subprocess.run(
         [*LMK, "chat", "--max-tokens", "12", "--temperature", "0", "--device", "cpu"],

@@ -64,11 +64,14 @@ class LoadResult:
 
 
 async def _client(http: httpx.AsyncClient, model: str, queue: asyncio.Queue[tuple[list[int], int]],
-                  ttft: list[float], itl: list[float]) -> int:
+                  ttft: list[float], itl: list[float], ignore_eos: bool) -> int:
     tokens = 0
     while not queue.empty():
         prompt, n = queue.get_nowait()
-        body = {"model": model, "prompt": prompt, "max_tokens": n, "temperature": 0, "ignore_eos": True, "stream": True}
+        body = {"model": model, "prompt": prompt, "max_tokens": n, "temperature": 0, "ignore_eos": ignore_eos,
+                "stream": True}
+        if not ignore_eos:  # the answer ends where the model ends it: count what the usage chunk says
+            body["stream_options"] = {"include_usage": True}
         start = last = time.perf_counter()
         first = True
         async with http.stream("POST", "/completions", json=body) as r:
@@ -80,6 +83,8 @@ async def _client(http: httpx.AsyncClient, model: str, queue: asyncio.Queue[tupl
                 payload = json.loads(line[6:])
                 if "error" in payload:
                     raise LmkError(f"the stream failed: {line}")
+                if not ignore_eos and payload.get("usage"):
+                    n = payload["usage"]["completion_tokens"]
                 choices = payload.get("choices") or []
                 if not choices or (not choices[0].get("text") and choices[0].get("finish_reason") is not None):
                     continue  # a usage or closing chunk (llama-server sends one) carries no token
@@ -90,8 +95,9 @@ async def _client(http: httpx.AsyncClient, model: str, queue: asyncio.Queue[tupl
     return tokens
 
 
-def run_http(server: HttpProcess, model: str, work: Workload, concurrency: int) -> LoadResult:
-    """`concurrency` streaming clients, each sending its next request when the last one ends."""
+def run_http(server: HttpProcess, model: str, work: Workload, concurrency: int, ignore_eos: bool = True) -> LoadResult:
+    """`concurrency` streaming clients, each sending its next request when the last one ends; each request
+    generates its workload length (`ignore_eos`), or up to it, ending where the model ends its answer."""
 
     async def go() -> LoadResult:
         queue: asyncio.Queue[tuple[list[int], int]] = asyncio.Queue()
@@ -104,7 +110,7 @@ def run_http(server: HttpProcess, model: str, work: Workload, concurrency: int) 
         async with httpx.AsyncClient(base_url=server.base_url, timeout=600, limits=limits,
                                      headers={"Connection": "close"}) as http:
             start = time.perf_counter()
-            counts = await asyncio.gather(*(_client(http, model, queue, ttft, itl) for _ in range(concurrency)))
+            counts = await asyncio.gather(*(_client(http, model, queue, ttft, itl, ignore_eos) for _ in range(concurrency)))
             seconds = time.perf_counter() - start
         return LoadResult(concurrency, seconds, len(work.prompts), sum(counts), ttft, itl)
 

@@ -30,6 +30,15 @@ Device = Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda
 Quantization = Annotated[str, typer.Option(
     help="GGUF weights: auto (kept in their blocks on CPU, dequantized for CUDA), keep, or dequantize")]
 KVMemory = Annotated[str, typer.Option("--kv-cache-memory", help="KV-cache budget, e.g. 512MiB or 2GiB")]
+SpecModel = Annotated[str | None, typer.Option(help="speculative decoding: 'ngram' (prompt lookup) or a draft model "
+                                                    "sharing the model's vocabulary (alias or path); off when unset")]
+SpecTokens = Annotated[int, typer.Option(help="with --speculative-model: tokens proposed a step (3 suits CPU kernels: "
+                                              "4 rows of a decode step cost ~1.6 rows' time)")]
+
+
+def speculative(model: str | None, num_tokens: int) -> dict[str, object] | None:
+    """`EngineConfig.speculative` from the two speculative flags."""
+    return None if model is None else {"model": model, "num_speculative_tokens": num_tokens}
 Opt = typer.Option
 
 

@@ -165,6 +165,81 @@ def _bench_against_llama_cpp(model: str, prompt_tokens: int, new_tokens: int, pr
     console.print(table)
 
 
+@bench_app.command("speculative")
+def bench_speculative(
+    model: Annotated[str, typer.Option()] = "qwen2.5-coder-1.5b-instruct",
+    proposer: Annotated[list[str] | None, typer.Option(help="ngram and/or draft models (default: ngram and "
+                                                              "qwen2.5-coder-0.5b-instruct)")] = None,
+    tokens: Annotated[list[int] | None, typer.Option("--k", help="proposed tokens a step (default 2, 4, 6)")] = None,
+    edit_prompts: Annotated[int, typer.Option(help="code-editing prompts to run (of 20)")] = 20,
+    chat_prompts: Annotated[int, typer.Option(help="ordinary chat prompts to run (of 8)")] = 8,
+    max_tokens: Annotated[int, typer.Option()] = 192,
+    kv_cache_memory: KVMemory = "1GiB",
+    serve: Annotated[bool, typer.Option("--serve", help="instead: the code-editing prompts through `lmk serve` with "
+                                                        "and without speculation, streaming clients")] = False,
+    concurrency: Annotated[list[int] | None, typer.Option(help="with --serve: streaming clients (default 1, 8)")] = None,
+) -> None:
+    """Speculative decoding (prompt lookup, a draft model; several proposal lengths) against plain decoding at
+    batch 1, greedy, on code-editing and chat prompts: decode speed, acceptance, tokens per checking forward,
+    and whether every output equals the plain one token for token. With --serve, through the server."""
+    from lmkernel.bench.speculative import CHAT_PROMPTS, EDIT_PROMPTS, compare
+    from lmkernel.layers import cpu_kernels
+    from lmkernel.loading import load_model
+
+    proposers = proposer or ["ngram", "qwen2.5-coder-0.5b-instruct"]
+    settings = [(p, k) for p in proposers for k in (tokens or [2, 4, 6])]
+    workloads = {"code editing": EDIT_PROMPTS[:edit_prompts], "chat": CHAT_PROMPTS[:chat_prompts]}
+    if serve:
+        return _speculative_serve(model, settings, EDIT_PROMPTS[:edit_prompts], concurrency or [1, 8], max_tokens,
+                                  kv_cache_memory)
+    try:
+        results = compare(load_model(model), settings, {k: v for k, v in workloads.items() if v}, max_tokens,
+                          kv_cache_memory)
+    except (LmkError, ValueError) as exc:
+        raise fail(exc) from None
+    import torch
+
+    drafts = sorted({p for p in proposers if p != "ngram"})
+    console.print(f"{model}, batch 1, greedy, {torch.get_num_threads()} threads, CPU kernels {cpu_kernels.current_path()}"
+                  f"{'; draft model ' + ', '.join(drafts) if drafts else ''}; decode speed from each request's first "
+                  "token to its last; every setting runs each prompt in turn")
+    for name, runs in results.items():
+        plain = runs[0]
+        table = Table("setting", "decode tok/s", "vs plain", "acceptance", "tokens / check", "same tokens as plain",
+                      title=f"{name}: {len(plain.outputs)} prompts, {plain.tokens} tokens")
+        for r in runs:
+            same = sum(a == b for a, b in zip(r.outputs, plain.outputs))
+            table.add_row(r.label, f"{r.tok_s:.1f}", f"{r.tok_s / plain.tok_s:.2f}x",
+                          "" if r is plain else f"{r.acceptance:.0%}", "" if r is plain else f"{r.tokens_per_check:.2f}",
+                          f"{same} of {len(plain.outputs)}")
+        console.print(table)
+
+
+def _speculative_serve(model: str, settings: list[tuple[str, int]], texts: list[str], levels: list[int],
+                       max_tokens: int, kv_cache_memory: str) -> None:
+    import tempfile
+
+    from lmkernel.bench.speculative import serve_compare
+    from lmkernel.loading import load_model
+
+    try:
+        tokenizer = load_model(model).tokenizer  # mapped, not read: the server loads the model itself
+        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
+                                                 tokenize=True) for t in texts]
+        results = serve_compare(model, settings, prompts, levels, max_tokens, kv_cache_memory,
+                                Path(tempfile.mkdtemp(prefix="lmk-bench-spec-")))
+    except (LmkError, ValueError) as exc:
+        raise fail(exc) from None
+    table = Table("setting", "clients", "out tok/s", "vs plain", "TTFT p50 ms", "ITL p50 ms", "ITL p99 ms",
+                  title=f"{model} through lmk serve: {len(prompts)} code-editing prompts, up to {max_tokens} tokens each")
+    for label, by_level in results.items():
+        for c, r in by_level.items():
+            base = results["plain"][c].tokens_per_second
+            table.add_row(label, str(c), f"{r.tokens_per_second:.1f}", f"{r.tokens_per_second / base:.2f}x",
+                          f"{r.percentile('ttft', 50):.0f}", f"{r.percentile('itl', 50):.0f}", f"{r.percentile('itl', 99):.0f}")
+    console.print(table)
+
+
 @bench_app.command("decode-steps")
 def bench_decode_steps(
     model: Annotated[str, typer.Option()] = "qwen2.5-coder-1.5b-instruct",

@@ -6,21 +6,22 @@ from typing import Annotated
 
 import typer
 
-from lmkernel.cli import Device, Dtype, KVMemory, Model, app, err_console, fail
+from lmkernel.cli import Device, Dtype, KVMemory, Model, SpecModel, SpecTokens, app, err_console, fail, speculative
 from lmkernel.errors import LmkError
 
 
-def _open_llm(model: str, dtype: str, device: str, kv_cache_memory: str):
+def _open_llm(model: str, dtype: str, device: str, kv_cache_memory: str, spec: dict[str, object] | None = None):
     from lmkernel.engine.llm import LLM
 
     try:
-        llm = LLM(model, dtype=dtype, device=device, kv_cache_memory=kv_cache_memory, verbose=False)
+        llm = LLM(model, dtype=dtype, device=device, kv_cache_memory=kv_cache_memory, speculative=spec, verbose=False)
     except (LmkError, ValueError) as exc:
         raise fail(exc) from None
     if llm.engine is None:
         raise fail(LmkError(f"{model} is an encoder model; generate and chat need a decoder"))
     s = llm.stats()
-    err_console.print(f"KV cache: {s['kv_blocks_total']} blocks x {s['kv_block_size']} tokens = {s['kv_cache_tokens']} tokens", highlight=False)
+    err_console.print(f"KV cache: {s['kv_blocks_total']} blocks x {s['kv_block_size']} tokens = {s['kv_cache_tokens']} tokens"
+                      + ("" if s["speculative"] == "off" else f"; speculative decoding: {s['speculative']}"), highlight=False)
     return llm
 
 
@@ -52,6 +53,8 @@ def generate(
     dtype: Dtype = "auto",
     device: Device = "auto",
     kv_cache_memory: KVMemory = "512MiB",
+    speculative_model: SpecModel = None,
+    num_speculative_tokens: SpecTokens = 3,
 ) -> None:
     """Stream a completion of PROMPT to the terminal."""
     from lmkernel.engine.sampling import SamplingParams
@@ -60,7 +63,13 @@ def generate(
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
     except ValueError as exc:
         raise fail(exc) from None
-    _stream(_open_llm(model, dtype, device, kv_cache_memory), prompt, params)
+    llm = _open_llm(model, dtype, device, kv_cache_memory, speculative(speculative_model, num_speculative_tokens))
+    _stream(llm, prompt, params)
+    if speculative_model is not None:
+        s = llm.stats()
+        err_console.print(f"speculative decoding: {s['spec_accepted_tokens']} of {s['spec_proposed_tokens']} proposed "
+                          f"tokens accepted ({s['spec_acceptance_rate']:.0%}), {s['spec_tokens_per_check']:.2f} tokens "
+                          "per checking forward", highlight=False)
 
 
 @app.command()
@@ -72,11 +81,13 @@ def chat(
     dtype: Dtype = "auto",
     device: Device = "auto",
     kv_cache_memory: KVMemory = "512MiB",
+    speculative_model: SpecModel = None,
+    num_speculative_tokens: SpecTokens = 3,
 ) -> None:
     """Chat with MODEL in the terminal; the conversation so far is the prompt. Ctrl-D or 'exit' quits."""
     from lmkernel.engine.sampling import SamplingParams
 
-    llm = _open_llm(model, dtype, device, kv_cache_memory)
+    llm = _open_llm(model, dtype, device, kv_cache_memory, speculative(speculative_model, num_speculative_tokens))
     history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature)
     while True:

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from lmkernel.cli import Device, Dtype, Quantization, app, fail
+from lmkernel.cli import Device, Dtype, Quantization, SpecModel, SpecTokens, app, fail, speculative
 from lmkernel.config import EngineConfig
 from lmkernel.errors import LmkError
 
@@ -43,6 +43,8 @@ def serve(
     packed_cache: Annotated[str, typer.Option(help="where a GGUF's k-quant layers are kept in the decode layout after "
                                                    "a first load, so a restart maps them: auto ($LMK_HOME/packed), a "
                                                    "directory, or off")] = "auto",
+    speculative_model: SpecModel = None,
+    num_speculative_tokens: SpecTokens = 3,
     max_body_bytes: Annotated[int, typer.Option(help="larger request bodies get 413")] = 1 << 20,
     max_queued_requests: Annotated[int, typer.Option(help="completions and chats at once before 429")] = 256,
     rate_limit_rpm: Annotated[int | None, typer.Option(help="requests per minute per key")] = None,
@@ -90,6 +92,7 @@ def serve(
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
             prefill_tokens_with_decodes=prefill_tokens_with_decodes or None, threads=threads, seed=seed,
             max_loras=slots, decode_backend=decode_backend, cpu_path=cpu_path, packed_cache=packed_cache,
+            speculative=speculative(speculative_model, num_speculative_tokens),
         )
 
         if tool_call_parser is not None and tool_call_parser not in PARSERS:

@@ -82,11 +82,13 @@ static void attend_span(const float* qb, const float* kp, const float* vp, const
 void attend_all(const float* qp, const float* kp, const float* vp, const int64_t* tp, const int64_t* lp,
                        int64_t B, int64_t nb, int64_t block_size, int64_t Hq, int64_t Hkv, int64_t D, float sc,
                        float* op) {
-  // One task per (sequence, KV head, span of the context). With fewer (sequence, KV head) pairs than
-  // twice the threads (batch-1 decode), each context is cut into spans so that every thread has work
-  // while each cached row is still read once; the spans' partial results are then merged.
+  // One task per (sequence, KV head, span of the context). With fewer KV heads than twice the threads,
+  // each context is cut into spans so that batch-1 decode gives every thread work while each cached row is
+  // still read once; the spans' partial results are then merged. The cut depends on the sequence alone,
+  // never on the batch: a row's attention is the same number whatever else the step holds (speculative
+  // proposals checked as rows of one step must match plain decoding's rows bit for bit).
   const int64_t G = Hq / Hkv, pairs = B * Hkv, threads = omp_get_max_threads();
-  const int64_t spans = pairs >= 2 * threads ? 1 : (2 * threads + pairs - 1) / pairs;
+  const int64_t spans = Hkv >= 2 * threads ? 1 : (2 * threads + Hkv - 1) / Hkv;
   std::vector<float> part_o(pairs * spans * G * D), part_m(pairs * spans * G), part_l(pairs * spans * G);
 #pragma omp parallel
   {

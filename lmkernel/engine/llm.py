@@ -160,7 +160,10 @@ class LLM:
 
 
 def startup_line(stats: Mapping[str, Any]) -> str:
-    """What an engine reports when it starts: its KV cache and the decode backend it picked."""
-    return (f"KV cache of {stats['kv_blocks_total']} blocks x {stats['kv_block_size']} tokens = "
+    """What an engine reports when it starts: its KV cache, the decode backend it picked and its speculation."""
+    line = (f"KV cache of {stats['kv_blocks_total']} blocks x {stats['kv_block_size']} tokens = "
             f"{stats['kv_cache_tokens']} tokens; decode backend {stats['decode_backend']}; "
             f"CPU kernels {stats['cpu_path']}")
+    if stats.get("speculative", "off") != "off":
+        line += f"; speculative decoding: {stats['speculative']}"
+    return line

@@ -18,6 +18,7 @@ from lmkernel.engine.model_runner import ModelRunner, ModelRunnerOutput
 from lmkernel.engine.request import CompletionOutput, Request, RequestOutput, RequestStatus
 from lmkernel.engine.sampling import SamplingParams
 from lmkernel.engine.scheduler import Scheduler, SchedulerOutput
+from lmkernel.engine.speculative import build_speculator
 from lmkernel.engine.structured import GrammarCompiler, allowed_tokens
 from lmkernel.errors import AdapterError, ContextLengthError, LmkError
 from lmkernel.layers import cpu_kernels
@@ -114,6 +115,8 @@ class LLMEngine:
             {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set())
         self.runner = ModelRunner(loaded.model, self.kv_cache, self.tokenizer, loaded.device, config, adapters,
                                   self.eos_ids)
+        self.speculator = build_speculator(config, loaded.config.vocab_size, self.tokenizer,
+                                           self.pool.num_blocks * self.pool.block_size)
         self.groups: dict[str, _Group] = {}
         self.owner: dict[str, tuple[_Group, _Sample]] = {}
         self.arrivals = 0
@@ -253,12 +256,18 @@ class LLMEngine:
         """One engine iteration: `schedule()`, `run()`, `update()`; returns outputs that changed."""
         outputs, self.pending = self.pending, []
         times, start = self.runner.times, time.perf_counter()
+        if self.speculator is not None:
+            self._propose()
+        proposing = time.perf_counter() - start
         plan = self.scheduler.schedule()
         if plan.is_empty:
             return outputs
         allowed = self._allowed(plan)
         times.schedule += time.perf_counter() - start
+        start = time.perf_counter()
         result = self.runner.execute(plan, allowed)
+        if self.speculator is not None:
+            self._learn(plan, result, proposing + time.perf_counter() - start)
         start = time.perf_counter()
         self.scheduler.update(plan, result.sampled)
         self.steps += 1
@@ -266,26 +275,66 @@ class LLMEngine:
         times.process += time.perf_counter() - start
         return outputs
 
+    def _learn(self, plan: SchedulerOutput, result: ModelRunnerOutput, seconds: float) -> None:
+        """Tell the speculator what each check kept, and time decode-only steps with and without checks (the
+        proposer's time counted in)."""
+        for chunk in plan.chunks:
+            if chunk.draft and chunk.request.request_id in result.sampled:
+                self.speculator.learn(chunk.request, len(chunk.draft), len(result.sampled[chunk.request.request_id]) - 1)
+        if all(c.draft or c.num_tokens == 1 for c in plan.chunks):
+            self.speculator.time_step(any(c.draft for c in plan.chunks), seconds,
+                                      sum(len(t) for t in result.sampled.values()))
+
+    def _propose(self) -> None:
+        """Proposals for this step's decodes; a grammar's requests keep only those their grammar allows."""
+        running = self.scheduler.running
+        decoding = [r for r in running if r.num_tokens - r.num_computed_tokens == 1]
+        prompts_pending = bool(self.scheduler.waiting) or len(decoding) < len(running)
+        self.speculator.propose(decoding, len(running), self.max_model_len, prompts_pending)
+        for r in decoding:
+            if r.draft_token_ids and r.matcher is not None:
+                del r.draft_token_ids[r.matcher.validate_tokens(r.draft_token_ids):]
+
     def _allowed(self, plan: SchedulerOutput) -> dict[str, torch.Tensor] | None:
         """The next tokens each constrained request of the plan may take, all computed in one parallel call."""
-        constrained = [c.request for c in plan.chunks if c.samples and c.request.matcher is not None]
-        if not constrained:
+        constrained = [c.request for c in plan.chunks if c.samples and not c.draft and c.request.matcher is not None]
+        checked = [c for c in plan.chunks if c.draft and c.request.matcher is not None]
+        if not constrained and not checked:
             return None
-        masks = allowed_tokens(self.grammars.fill_masks([r.matcher for r in constrained]), self.loaded.config.vocab_size)
-        return {r.request_id: masks[i] for i, r in enumerate(constrained)}
+        vocab = self.loaded.config.vocab_size
+        allowed: dict[str, torch.Tensor] = {}
+        if constrained:
+            masks = allowed_tokens(self.grammars.fill_masks([r.matcher for r in constrained]), vocab)
+            allowed = {r.request_id: masks[i] for i, r in enumerate(constrained)}
+        for chunk in checked:  # the mask after each proposal: walk the grammar along them, then back
+            matcher = chunk.request.matcher
+            rows = []
+            for token in chunk.draft:
+                rows.append(self.grammars.fill_masks([matcher]))
+                matcher.consume_token(token)
+            rows.append(self.grammars.fill_masks([matcher]))
+            matcher.rollback(len(chunk.draft))
+            allowed[chunk.request.request_id] = allowed_tokens(torch.cat(rows), vocab)
+        return allowed
 
     def _process(self, result: ModelRunnerOutput) -> list[RequestOutput]:
         touched: dict[str, _Group] = {}
         for request_id, positions in result.prompt_logprobs.items():
             self.owner[request_id][1].request.prompt_logprobs.extend(positions)
-        for request_id, token in result.sampled.items():
+        for request_id, tokens in result.sampled.items():
             group, sample = self.owner[request_id]
             request = sample.request
-            if request_id in result.logprobs:
-                request.logprobs.append(result.logprobs[request_id])
-            self._check_stop(sample, token)
-            if request.matcher is not None:
-                self._advance_grammar(sample, token)
+            logprobs = result.logprobs.get(request_id)
+            del request.token_ids[request.num_tokens - len(tokens):]  # taken back one at a time, up to a stop
+            for j, token in enumerate(tokens):
+                request.token_ids.append(token)
+                if logprobs is not None:
+                    request.logprobs.append(logprobs[j])
+                self._check_stop(sample, token)
+                if request.matcher is not None:
+                    self._advance_grammar(sample, token)
+                if sample.finish_reason is not None:
+                    break
             touched[group.request_id] = group
             if sample.finish_reason is not None:
                 self._release(request_id, RequestStatus.FINISHED_STOPPED if sample.finish_reason == "stop" else RequestStatus.FINISHED_LENGTH)
@@ -328,6 +377,8 @@ class LLMEngine:
     def _release(self, request_id: str, status: RequestStatus) -> None:
         self.scheduler.finish(request_id, status)
         self.runner.drop_request(request_id)
+        if self.speculator is not None:
+            self.speculator.drop(request_id)
         self.owner.pop(request_id, None)
 
     def _output(self, group: _Group) -> RequestOutput:
@@ -380,6 +431,8 @@ class LLMEngine:
             * self.pool.block_size,
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting),
+            "speculative": self.speculator.describe() if self.speculator is not None else "off",
+            **(self.speculator.stats.as_stats() if self.speculator is not None else {}),
             **self.runner.times.as_stats(),
         }
 

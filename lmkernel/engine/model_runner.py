@@ -14,6 +14,7 @@ from lmkernel.engine.adapters import LoraAdapters
 from lmkernel.engine.request import Logprob, PositionLogprobs, Request
 from lmkernel.engine.sampling import Sampler, top_logprobs
 from lmkernel.engine.scheduler import SchedulerOutput
+from lmkernel.engine.speculative import verify
 from lmkernel.layers import cpu_kernels
 from lmkernel.layers.attention import AttentionMetadata, DecodeBatch, DecodeGroup, PagedLayout
 from lmkernel.layers.lora import LoraRouting
@@ -70,10 +71,11 @@ class StepTimes:
 
 @dataclass
 class ModelRunnerOutput:
-    """Per request id: the sampled token, its log-probs, and prompt log-probs for positions in this step."""
+    """Per request id: the tokens the step gave it (one sampled token, after the proposals it kept when it
+    checked some), their log-probs, and prompt log-probs for positions in this step."""
 
-    sampled: dict[str, int] = field(default_factory=dict)
-    logprobs: dict[str, PositionLogprobs] = field(default_factory=dict)
+    sampled: dict[str, list[int]] = field(default_factory=dict)
+    logprobs: dict[str, list[PositionLogprobs]] = field(default_factory=dict)
     prompt_logprobs: dict[str, list[PositionLogprobs]] = field(default_factory=dict)
 
 
@@ -106,35 +108,46 @@ class ModelRunner:
 
     def layout(self, out: SchedulerOutput, lora: LoraRouting | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        """Token ids, positions and attention metadata for the step's chunks laid end to end."""
+        """Token ids, positions and attention metadata for the step's chunks laid end to end.
+
+        A chunk carrying proposals runs as one single-token sequence a row: each row is a decode query over
+        the paged cache (the arithmetic plain decoding gives it), reading the K/V that the rows before it
+        wrote in the same layer.
+        """
         bs = self.kv_cache.block_size
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         seq_lens: list[int] = []
+        lengths: list[int] = []
+        tables: list[list[int]] = []
         context_slots: dict[int, torch.Tensor] = {}
         decode_seqs: list[int] = []
-        for i, chunk in enumerate(out.chunks):
-            start, end = chunk.start, chunk.start + chunk.num_tokens
-            table = chunk.block_table
-            ids.extend(chunk.request.token_ids[start:end])
-            positions.extend(range(start, end))
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
-            seq_lens.append(end)
-            if chunk.num_tokens == 1 and start > 0:
-                decode_seqs.append(i)
-            elif start > 0:
-                context_slots[i] = self._context_slots(table, end)
-        lengths = [c.num_tokens for c in out.chunks]
+        for chunk in out.chunks:
+            start, table, tokens = chunk.start, chunk.block_table, chunk.token_ids
+            end = start + chunk.num_tokens
+            pieces = [(p, p + 1) for p in range(start, end)] if chunk.draft else [(start, end)]
+            for s, e in pieces:
+                i = len(lengths)
+                ids.extend(tokens[s - start : e - start])
+                positions.extend(range(s, e))
+                slots.extend(table[p // bs] * bs + p % bs for p in range(s, e))
+                seq_lens.append(e)
+                lengths.append(e - s)
+                tables.append(table)
+                if e - s == 1 and s > 0:
+                    decode_seqs.append(i)
+                elif s > 0:
+                    context_slots[i] = self._context_slots(table, e)
         starts = [0]
         for n in lengths[:-1]:
             starts.append(starts[-1] + n)
         batch, groups = None, ()
         if decode_seqs and self.use_kernel:
-            batch = self._decode_batch(decode_seqs, starts, out, seq_lens)
+            batch = self._decode_batch(decode_seqs, starts, tables, seq_lens)
         elif decode_seqs:
             groups = tuple(
-                self._decode_group(g, [starts[i] for i in g], [out.chunks[i].block_table for i in g], [seq_lens[i] for i in g])
+                self._decode_group(g, [starts[i] for i in g], [tables[i] for i in g], [seq_lens[i] for i in g])
                 for g in group_by_length(decode_seqs, seq_lens)
             )
         paged = PagedLayout(
@@ -147,13 +160,12 @@ class ModelRunner:
         meta = AttentionMetadata.for_lengths(lengths, causal=True, paged=paged, lora=lora)
         return torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device), meta
 
-    def _decode_batch(self, seqs: list[int], starts: list[int], out: SchedulerOutput, seq_lens: list[int]) -> DecodeBatch:
-        tables = [out.chunks[i].block_table for i in seqs]
-        width = max(len(t) for t in tables)
+    def _decode_batch(self, seqs: list[int], starts: list[int], tables: list[list[int]], seq_lens: list[int]) -> DecodeBatch:
+        width = max(len(tables[i]) for i in seqs)
         return DecodeBatch(
             tuple(seqs),
             torch.tensor([starts[i] for i in seqs]),
-            torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int64),
+            torch.tensor([tables[i] + [0] * (width - len(tables[i])) for i in seqs], dtype=torch.int64),
             torch.tensor([seq_lens[i] for i in seqs], dtype=torch.int64),
             self.kv_cache.block_size,
         )
@@ -189,10 +201,9 @@ class ModelRunner:
         per_token = [s for s, c in zip(slots, out.chunks) for _ in range(c.num_tokens)]
         ids, positions, meta = self.layout(out, LoraRouting.of(per_token, self.device))
         times, start = self.times, time.perf_counter()
-        hidden = self.fused(ids, positions, meta, self.kv_layers) if self.fused is not None and not slots else None
-        if hidden is None:
-            hidden = self.model(ids, positions, meta, self.kv_layers)
-        prompt = sum(c.num_tokens for c in out.chunks if c.num_tokens > 1 or c.start < c.request.num_prompt_tokens)
+        hidden = self._forward(ids, positions, meta, bool(slots))
+        prompt = sum(c.num_tokens for c in out.chunks
+                     if not c.draft and (c.num_tokens > 1 or c.start < c.request.num_prompt_tokens))
         now = time.perf_counter()
         if prompt:
             times.forward_prefill += now - start
@@ -206,9 +217,11 @@ class ModelRunner:
         rows: list[int] = []  # hidden rows that need logits
         row_slots: list[int] = []  # their adapter slots, with adapters
         sample_at: list[tuple[Request, int]] = []
+        verify_at: list[tuple[Request, int, list[int]]] = []  # (request, index in `rows`, its proposals)
         prompt_at: list[tuple[Request, int, int, int]] = []  # (request, index in `rows`, count, first position)
+        first = 0
         for i, chunk in enumerate(out.chunks):
-            request, first = chunk.request, meta.cu_seqlens[i]
+            request = chunk.request
             if request.wants_prompt_logprobs:
                 # Row for position p scores prompt token p + 1. The list opens with None (token 0 has no
                 # score); positions scored before a preemption are not scored again.
@@ -217,17 +230,28 @@ class ModelRunner:
                 if hi > lo:
                     prompt_at.append((request, len(rows), hi - lo, lo))
                     rows.extend(range(first + lo - chunk.start, first + hi - chunk.start))
-            if chunk.samples:
+            if chunk.draft:
+                verify_at.append((request, len(rows), chunk.draft))
+                rows.extend(range(first, first + chunk.num_tokens))
+            elif chunk.samples:
                 sample_at.append((request, len(rows)))
                 rows.append(first + chunk.num_tokens - 1)
             if slots:
                 row_slots.extend([slots[i]] * (len(rows) - len(row_slots)))
+            first += chunk.num_tokens
         if not rows:
             return result
         every_row = rows == list(range(hidden.shape[0]))  # a decode step: no rows to pick
         picked = hidden if every_row else hidden[torch.tensor(rows, device=self.device)]
         start = time.perf_counter()
-        logits = self.model.compute_logits(picked, LoraRouting.of(row_slots, self.device)).float()
+        if verify_at and picked.shape[0] > cpu_kernels.SMALL_LINEAR_MAX_ROWS:
+            # Rows that check proposals get a lone decode row's output layer: the few-row kernels, a few rows a call.
+            step = cpu_kernels.SMALL_LINEAR_MAX_ROWS
+            logits = torch.cat([self.model.compute_logits(picked[i : i + step],
+                                                          LoraRouting.of(row_slots[i : i + step], self.device)).float()
+                                for i in range(0, picked.shape[0], step)])
+        else:
+            logits = self.model.compute_logits(picked, LoraRouting.of(row_slots, self.device)).float()
         times.logits += time.perf_counter() - start
         for request, at, count, start in prompt_at:
             scored = torch.log_softmax(logits[at : at + count], -1)
@@ -250,16 +274,45 @@ class ModelRunner:
                 [allowed.get(r.request_id) for r in reqs] if allowed else None,
             )
             for r, token, lp in zip(reqs, sampled.token_ids, sampled.logprobs):
-                result.sampled[r.request_id] = token
+                result.sampled[r.request_id] = [token]
                 if lp is not None:
-                    result.logprobs[r.request_id] = self._position(lp, token, r.sampling_params.logprobs)
+                    result.logprobs[r.request_id] = [self._position(lp, token, r.sampling_params.logprobs)]
+        for request, at, draft in verify_at:
+            result.sampled[request.request_id] = tokens = self._verify(request, logits[at : at + len(draft) + 1], draft,
+                                                                       allowed.get(request.request_id) if allowed else None)
+            n = request.sampling_params.logprobs
+            if n is not None:
+                result.logprobs[request.request_id] = [
+                    self._position(torch.log_softmax(logits[at + j], -1), t, n) for j, t in enumerate(tokens)]
         times.sampling += time.perf_counter() - start
         return result
 
-    def _banned(self, request: Request) -> list[int]:
-        """Tokens that may not end the output yet (min_tokens)."""
+    def _verify(self, request: Request, logits: torch.Tensor, draft: list[int], masks: torch.Tensor | None) -> list[int]:
+        """The tokens a request keeps from a step that checked its proposals; `masks` [rows, V]: its grammar's
+        allowed tokens after each kept proposal (the last mask stands for rows past a proposal it refuses)."""
+        def allowed(i: int) -> torch.Tensor | None:
+            return None if masks is None else masks[min(i, masks.shape[0] - 1)]
+
+        return verify(self.sampler, logits, request, draft, self.generators.get(request.request_id),
+                      lambda i: self._banned(request, i), allowed)
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, adapters: bool) -> torch.Tensor:
+        """Final hidden states of the step: the fused decode call where it covers the step, else the model."""
+        hidden = self.fused(ids, positions, meta, self.kv_layers) if self.fused is not None and not adapters else None
+        return hidden if hidden is not None else self.model(ids, positions, meta, self.kv_layers)
+
+    @torch.inference_mode()
+    def last_logits(self, out: SchedulerOutput) -> torch.Tensor:
+        """Logits [chunks, V] of each chunk's last token, nothing sampled (a draft model's proposals)."""
+        ids, positions, meta = self.layout(out)
+        hidden = self._forward(ids, positions, meta, False)
+        last = torch.tensor(meta.cu_seqlens[1:], device=self.device) - 1
+        return self.model.compute_logits(hidden[last]).float()
+
+    def _banned(self, request: Request, ahead: int = 0) -> list[int]:
+        """Tokens that may not end the output yet (min_tokens), `ahead` tokens past the request's last."""
         p = request.sampling_params
-        if request.num_output_tokens >= p.min_tokens:
+        if request.num_output_tokens + ahead >= p.min_tokens:
             return []
         return ([] if p.ignore_eos else self.eos_ids) + p.stop_token_ids
 

@@ -58,6 +58,9 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None  # when the scheduler first gave it tokens
     matcher: Any = None  # structured output: the llguidance matcher its tokens must pass
+    # Speculative decoding: tokens proposed to follow `token_ids`, checked by the next decode step (set by the
+    # engine before each step; the step's rows for them compute K/V that stay only for those accepted).
+    draft_token_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -90,9 +93,6 @@ class Request:
     @property
     def wants_prompt_logprobs(self) -> bool:
         return self.sampling_params.prompt_logprobs is not None
-
-    def append_token(self, token_id: int) -> None:
-        self.token_ids.append(token_id)
 
 
 @dataclass

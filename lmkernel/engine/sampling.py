@@ -146,25 +146,39 @@ class Sampler:
         for row, p in enumerate(params):
             raw = logits[row]
             keep.append(torch.log_softmax(raw, -1) if p.logprobs is not None else None)
-            x = raw.clone()
-            if allowed is not None and allowed[row] is not None:
-                x.masked_fill_(~allowed[row].to(x.device), float("-inf"))
-            if banned[row]:
-                ban = list(banned[row])
-                kept = x[ban].clone()
-                x[ban] = float("-inf")
-                if not torch.isfinite(x).any():  # the grammar allows nothing else: it wins over min_tokens
-                    x[ban] = kept
-            apply_penalties(x, p, token_ids[row], num_prompt[row])
-            if p.greedy:
-                chosen.append(int(torch.argmax(x)))
-                continue
-            probs = filter_logits(x, p).softmax(-1)
-            generator = generators[row] or self.default_generator
-            # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p, using the row's own stream.
-            noise = torch.empty(probs.shape, dtype=torch.float32).exponential_(generator=generator)
-            chosen.append(int(torch.argmax(probs.cpu() / noise)))
+            x = self.prepare(raw, p, token_ids[row], num_prompt[row], banned[row], allowed[row] if allowed else None)
+            chosen.append(int(torch.argmax(x)) if p.greedy else self.draw(self.probs(x, p), generators[row]))
         return SamplerOutput(chosen, keep)
+
+    @staticmethod
+    def prepare(raw: torch.Tensor, p: SamplingParams, token_ids: Sequence[int], num_prompt: int,
+                banned: Sequence[int], allowed: torch.Tensor | None) -> torch.Tensor:
+        """One row's logits as the request samples from them: grammar mask, min_tokens ban, penalties (a copy)."""
+        x = raw.clone()
+        if allowed is not None:
+            x.masked_fill_(~allowed.to(x.device), float("-inf"))
+        if banned:
+            ban = list(banned)
+            kept = x[ban].clone()
+            x[ban] = float("-inf")
+            if not torch.isfinite(x).any():  # the grammar allows nothing else: it wins over min_tokens
+                x[ban] = kept
+        return apply_penalties(x, p, token_ids, num_prompt)
+
+    @staticmethod
+    def probs(x: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+        """The distribution a non-greedy request draws from, after temperature, top-k, top-p and min-p."""
+        return filter_logits(x, p).softmax(-1)
+
+    def draw(self, probs: torch.Tensor, generator: torch.Generator | None) -> int:
+        """A token from `probs`, on the request's own random stream (else the sampler's)."""
+        # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p.
+        noise = torch.empty(probs.shape, dtype=torch.float32).exponential_(generator=generator or self.default_generator)
+        return int(torch.argmax(probs.cpu() / noise))
+
+    def uniform(self, generator: torch.Generator | None) -> float:
+        """A number in [0, 1) from the request's own random stream (else the sampler's)."""
+        return float(torch.rand((), generator=generator or self.default_generator))
 
 
 def top_logprobs(logprobs: torch.Tensor, chosen: int, n: int) -> list[tuple[int, float, int]]:

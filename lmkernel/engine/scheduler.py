@@ -4,7 +4,9 @@ The one rule: every request has `num_tokens` (prompt plus output so far) and `nu
 (those with K/V in the cache). Each step gives requests new tokens to compute, closing that gap,
 under a budget of `max_num_batched_tokens` and `max_num_seqs`. A decode is a gap of one token; a
 prefill is a larger gap, cut into chunks when the budget is short; a prefix-cache hit starts
-`num_computed_tokens` above zero; a preempted request drops back to zero and closes the gap again.
+`num_computed_tokens` above zero; a preempted request drops back to zero and closes the gap again. A
+decode may carry speculative proposals (`Request.draft_token_ids`): its chunk then computes them too, and
+`update` keeps the K/V of those the step accepted and gives back the blocks of the rest.
 Running requests are served first, decodes before unfinished prefills, then waiting ones in order
 of (priority, arrival). When blocks run out, the running request with the largest (priority,
 arrival), the youngest, is preempted. No tensors here: memory is reached only through the `BlockPool`.
@@ -13,6 +15,7 @@ arrival), the youngest, is preempted. No tensors here: memory is reached only th
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from lmkernel.config import SchedulerConfig
@@ -29,6 +32,12 @@ class ScheduledChunk:
     num_tokens: int
     block_table: list[int]
     samples: bool  # the chunk reaches the last known token, so the step yields the next one
+    draft: list[int] = field(default_factory=list)  # proposals after the last known token, checked in this step
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The tokens the chunk computes: known ones, then its proposals."""
+        return self.request.token_ids[self.start : self.start + self.num_tokens - len(self.draft)] + self.draft
 
 
 @dataclass
@@ -100,7 +109,10 @@ class Scheduler:
             remaining = request.num_tokens - request.num_computed_tokens
             if remaining > 1 and prefill_budget <= 0:
                 continue
-            num_new = min(remaining, budget if remaining == 1 else min(budget, prefill_budget))
+            draft = request.draft_token_ids[: budget - 1] if remaining == 1 else []
+            if draft and not self.pool.can_allocate(request.request_id, request.num_tokens + len(draft)):
+                draft = []  # proposals never take blocks another sequence needs
+            num_new = min(remaining, budget if remaining == 1 else min(budget, prefill_budget)) + len(draft)
             target = request.num_computed_tokens + num_new
             while not self.pool.allocate(request.request_id, request.token_ids, target, salt=request.cache_salt):
                 victim = max(self.running, key=lambda r: (r.priority, r.arrival_order))
@@ -108,7 +120,7 @@ class Scheduler:
                 if victim is request:
                     break
             else:
-                out.chunks.append(self._chunk(request, request.num_computed_tokens, num_new))
+                out.chunks.append(self._chunk(request, request.num_computed_tokens, num_new, draft))
                 budget -= num_new
                 if remaining > 1:
                     prefill_budget -= num_new
@@ -136,20 +148,26 @@ class Scheduler:
             budget -= num_new
         return budget
 
-    def _chunk(self, request: Request, start: int, num_tokens: int) -> ScheduledChunk:
+    def _chunk(self, request: Request, start: int, num_tokens: int, draft: list[int] | None = None) -> ScheduledChunk:
         table = self.pool.block_table(request.request_id)
-        return ScheduledChunk(request, start, num_tokens, table, start + num_tokens == request.num_tokens)
+        draft = list(draft or [])
+        return ScheduledChunk(request, start, num_tokens, table, start + num_tokens - len(draft) == request.num_tokens,
+                              draft)
 
-    def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> None:
-        """Advance each scheduled request by the tokens computed, and append its sampled token."""
+    def update(self, out: SchedulerOutput, sampled: Mapping[str, Sequence[int]]) -> None:
+        """Advance each scheduled request by the tokens computed and append the tokens its step produced: one
+        sampled token, after the proposals it accepted when its chunk carried some (whose K/V stay; the blocks
+        of the rejected ones go back to the pool)."""
         for chunk in out.chunks:
             request = chunk.request
             if request.status is not RequestStatus.RUNNING:
                 continue  # finished (aborted) while the step ran
-            request.num_computed_tokens = chunk.start + chunk.num_tokens
-            token = sampled.get(request.request_id)
-            if token is not None:
-                request.append_token(token)
+            tokens = sampled.get(request.request_id, ())
+            accepted = max(len(tokens) - 1, 0) if chunk.draft else 0
+            request.num_computed_tokens = chunk.start + chunk.num_tokens - len(chunk.draft) + accepted
+            request.token_ids.extend(tokens)
+            if chunk.draft:
+                self.pool.trim(request.request_id, request.num_tokens)
 
     def _preempt(self, victim: Request, out: SchedulerOutput) -> int:
         """Free the victim's blocks and send it back to wait; returns budget given back by its chunk."""

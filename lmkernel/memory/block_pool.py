@@ -101,7 +101,8 @@ class BlockPool:
         """Grow the request's table to hold `num_tokens` tokens; False (and no change) when blocks run out.
 
         Blocks that will be full once those tokens are computed are registered in the prefix cache now,
-        so a request scheduled in the same step can share them (its attention reads after the write).
+        so a request scheduled in the same step can share them (its attention reads after the write). Only
+        blocks within `token_ids` are: tokens past them (speculative proposals) may still be rejected.
         """
         if not self.can_allocate(request_id, num_tokens, cached_blocks):
             return False
@@ -118,8 +119,23 @@ class BlockPool:
                     del self.cached[key]
                 self.block_keys[block] = None
             table.append(block)
-        self._register_full_blocks(request_id, token_ids, num_tokens, salt)
+        self._register_full_blocks(request_id, token_ids, min(num_tokens, len(token_ids)), salt)
         return True
+
+    def trim(self, request_id: str, num_tokens: int) -> None:
+        """Give back the request's blocks past those `num_tokens` tokens need (the blocks of rejected proposals).
+        Such blocks were never registered in the prefix cache, so they go straight back to the free list."""
+        table = self.tables.get(request_id)
+        if table is None:
+            return
+        keep = max(self.blocks_for(num_tokens), len(self.chains.get(request_id, ())))
+        while len(table) > keep:
+            block = table.pop()
+            self.ref_counts[block] -= 1
+            if self.ref_counts[block] == 0:
+                self.free_blocks[block] = None
+                if self.block_keys[block] is None:
+                    self.free_blocks.move_to_end(block, last=False)
 
     def free(self, request_id: str, computed_tokens: int | None = None) -> None:
         """Return a request's blocks. Cached ones stay findable (tail first out); the rest are reused first.

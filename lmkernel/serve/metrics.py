@@ -70,5 +70,13 @@ class _EngineCounters(Collector):
             steps.add_metric([kind], float(stats[f"step_{kind}_steps"]))
         tokens.add_metric(["prompt"], float(stats["step_prompt_tokens"]))
         tokens.add_metric(["decode"], float(stats["step_decode_tokens"]))
-        return [CounterMetricFamily("lmkernel_preemptions", "Requests preempted (blocks freed, recomputed later)",
-                                    value=float(stats["preemptions"])), phases, steps, tokens]
+        families = [CounterMetricFamily("lmkernel_preemptions", "Requests preempted (blocks freed, recomputed later)",
+                                        value=float(stats["preemptions"])), phases, steps, tokens]
+        if "spec_checks" in stats:  # speculative decoding is on (vLLM's spec_decode counters)
+            for key, name, doc in (
+                ("spec_checks", "num_drafts", "Decode rows that checked proposals"),
+                ("spec_proposed_tokens", "num_draft_tokens", "Proposed tokens checked"),
+                ("spec_accepted_tokens", "num_accepted_tokens", "Proposed tokens the model accepted"),
+            ):
+                families.append(CounterMetricFamily(f"lmkernel_spec_decode_{name}", doc, value=float(stats[key])))
+        return families

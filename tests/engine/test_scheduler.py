@@ -17,7 +17,7 @@ def req(rid: str, n: int, priority: int = 0) -> Request:
 
 def run(s: Scheduler, sampled_token: int = 7):
     out = s.schedule()
-    s.update(out, {c.request.request_id: sampled_token for c in out.chunks if c.samples})
+    s.update(out, {c.request.request_id: [sampled_token] for c in out.chunks if c.samples})
     return out
 
 
@@ -134,3 +134,40 @@ def test_prefix_hit_starts_computed_tokens_above_zero():
     out = run(s)
     chunk = next(c for c in out.chunks if c.request.request_id == "second")
     assert chunk.start == 16 and chunk.num_tokens == 2
+
+
+def test_a_decode_carries_its_proposals_and_update_keeps_only_the_accepted():
+    s = make(blocks=20, bs=4, budget=32)
+    a = req("a", 6)
+    s.add_request(a)
+    run(s)  # prefill: 6 computed, one token sampled
+    a.draft_token_ids = [11, 12, 13]
+    out = s.schedule()
+    (chunk,) = out.chunks
+    assert (chunk.start, chunk.num_tokens, chunk.draft) == (6, 4, [11, 12, 13])
+    assert chunk.token_ids == [7, 11, 12, 13]
+    assert len(s.pool.block_table("a")) == 3  # room for 10 tokens
+    s.update(out, {"a": [11, 5]})  # the first proposal kept, then the model's own token
+    assert a.token_ids[-3:] == [7, 11, 5] and a.num_computed_tokens == 8 and a.num_tokens == 9
+    assert len(s.pool.block_table("a")) == 3  # 9 tokens still need 3 blocks
+    a.draft_token_ids = [1, 2, 3]
+    out = s.schedule()
+    s.update(out, {"a": [4]})  # nothing kept
+    assert a.num_computed_tokens == 9 and a.num_tokens == 10 and len(s.pool.block_table("a")) == 3
+
+
+def test_proposals_fit_the_budget_and_never_take_blocks_from_others():
+    s = make(blocks=3, bs=4, budget=3)
+    a = req("a", 2)
+    s.add_request(a)
+    run(s)
+    a.draft_token_ids = [1, 2, 3, 4, 5]
+    (chunk,) = s.schedule().chunks
+    assert chunk.draft == [1, 2]  # a budget of 3 tokens: one known, two proposed
+    s2 = make(blocks=1, bs=4, budget=32)
+    b = req("b", 3)
+    s2.add_request(b)
+    run(s2)
+    b.draft_token_ids = [1, 2, 3]
+    (chunk,) = s2.schedule().chunks
+    assert chunk.draft == [] and chunk.num_tokens == 1  # the proposals would need a second block: none free

@@ -112,3 +112,20 @@ def test_salted_prefixes_are_shared_only_under_the_same_salt():
     assert pool.find_cached_prefix(prompt, "lora:a") == pool.block_table("lora-a")[:3]
     assert pool.find_cached_prefix(prompt) == pool.block_table("base")[:3]
     assert set(pool.block_table("base")).isdisjoint(pool.block_table("lora-a"))
+
+
+def test_blocks_past_the_known_tokens_are_not_cached_and_trim_gives_them_back():
+    """Speculative proposals take blocks beyond the request's known tokens: those are never registered in the
+    prefix cache (a rejected proposal's K/V must not be found), and `trim` returns them."""
+    pool = BlockPool(num_blocks=8, block_size=4)
+    known = list(range(6))
+    assert pool.allocate("a", known, 6 + 5)  # 6 known tokens, 5 proposed: 3 blocks
+    assert len(pool.block_table("a")) == 3
+    assert len(pool.cached) == 1  # only the block of tokens 0-3 is full of known tokens
+    pool.trim("a", 7)  # one proposal kept: 7 tokens need 2 blocks
+    assert len(pool.block_table("a")) == 2 and pool.num_free_blocks == 6
+    assert pool.find_cached_prefix(known + [9, 9, 9]) == pool.block_table("a")[:1]
+    pool.trim("a", 1)  # never below the blocks the prefix cache holds for it
+    assert len(pool.block_table("a")) == 1
+    pool.free("a")
+    assert pool.num_free_blocks == 8
