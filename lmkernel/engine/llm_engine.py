@@ -306,15 +306,9 @@ class LLMEngine:
         if constrained:
             masks = allowed_tokens(self.grammars.fill_masks([r.matcher for r in constrained]), vocab)
             allowed = {r.request_id: masks[i] for i, r in enumerate(constrained)}
-        for chunk in checked:  # the mask after each proposal: walk the grammar along them, then back
-            matcher = chunk.request.matcher
-            rows = []
-            for token in chunk.draft:
-                rows.append(self.grammars.fill_masks([matcher]))
-                matcher.consume_token(token)
-            rows.append(self.grammars.fill_masks([matcher]))
-            matcher.rollback(len(chunk.draft))
-            allowed[chunk.request.request_id] = allowed_tokens(torch.cat(rows), vocab)
+        for chunk in checked:
+            allowed[chunk.request.request_id] = allowed_tokens(self.grammars.masks_along(chunk.request.matcher,
+                                                                                         chunk.draft), vocab)
         return allowed
 
     def _process(self, result: ModelRunnerOutput) -> list[RequestOutput]:

@@ -144,6 +144,17 @@ class GrammarCompiler:
                                               len(matchers))
         return bitmask
 
+    def masks_along(self, matcher: Any, tokens: Sequence[int]) -> torch.Tensor:
+        """The bitmask [len(tokens) + 1, words] before each of `tokens` and after the last, walking the matcher
+        along them and back (speculative proposals, which its grammar allows: see `validate_tokens`)."""
+        rows = []
+        for token in tokens:
+            rows.append(self.fill_masks([matcher]))
+            matcher.consume_token(token)
+        rows.append(self.fill_masks([matcher]))
+        matcher.rollback(len(tokens))
+        return torch.cat(rows)
+
 
 def allowed_tokens(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """The bitmask's rows as bool [rows, vocab_size]: True where the token is allowed."""
