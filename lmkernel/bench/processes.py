@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import signal
 import socket
-import subprocess
+import subprocess  # nosec B404  # runs our own commands as argument lists, never a shell
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +48,7 @@ def start_http_process(args: list[str], port: int, log: Path, name: str, timeout
     """Run `args` (a server told to listen on `port`) and return once its /health answers 200 (a loading
     server answers 503); fail with the end of its log if it exits or does not answer in `timeout` s."""
     with open(log, "wb") as out:
-        process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)  # nosec B603  # an argument list this module builds, no shell
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

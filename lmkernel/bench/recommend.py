@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 import random
-import subprocess
+import subprocess  # nosec B404  # runs our own commands as argument lists, never a shell
 import sys
 import tempfile
 import time
@@ -45,7 +45,7 @@ def prepare(data: Interactions, items: ItemTable, root: Path, name: str, cold_fr
     and the order they give is the one lmkernel's split uses."""
     cold: set[int] = set()
     if cold_fraction:
-        cold = set(random.Random(seed).sample(range(len(items.ids)), round(cold_fraction * len(items.ids))))
+        cold = set(random.Random(seed).sample(range(len(items.ids)), round(cold_fraction * len(items.ids))))  # nosec B311  # seeded order for data and benchmarks, not a secret
         last = {int(seq[-1]) for seq in user_sequences(data) if len(seq)}
         keep = np.array([int(i) not in cold or r in last for r, i in enumerate(data.item)])
         data = data.subset(keep)
@@ -79,7 +79,7 @@ def score(top10: dict[str, list[str]], targets: dict[str, str], users: set[str] 
 def run_peer(model: str, prepared: Prepared, timeout: float) -> dict:
     """One RecBole model in a child process; its JSON result (test metrics, top 10 per test user, time)."""
     out = prepared.data_dir.parent / f"{prepared.data_dir.name}-{model}.json"
-    proc = subprocess.run([sys.executable, "-m", "lmkernel.bench.recbole_peer", model, str(prepared.data_dir), str(out)],
+    proc = subprocess.run([sys.executable, "-m", "lmkernel.bench.recbole_peer", model, str(prepared.data_dir), str(out)],  # nosec B603  # an argument list this module builds, no shell
                           capture_output=True, text=True, timeout=timeout,
                           cwd=prepared.data_dir.parent)  # RecBole writes log/ and log_tensorboard/ where it runs
     if proc.returncode != 0 or not out.is_file():

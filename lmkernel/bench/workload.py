@@ -69,7 +69,7 @@ def text_workload(
     name = str(text_file) if text_file is not None else "the benchmark text"
     text = text_file.read_text(encoding="utf-8") if text_file is not None else bench_text()
     ids = tokenizer.encode(text, add_special_tokens=False)
-    rng = random.Random(seed)
+    rng = random.Random(seed)  # nosec B311  # seeded order for data and benchmarks, not a secret
     prompts, outputs = [], []
     for _ in range(num_requests):
         n = rng.randint(*prompt_range)

@@ -35,6 +35,10 @@ SpecModel = Annotated[str | None, typer.Option(help="speculative decoding: 'ngra
 SpecTokens = Annotated[int, typer.Option(help="with --speculative-model: tokens proposed a step (3 suits CPU kernels: "
                                               "4 rows of a decode step cost ~1.6 rows' time)")]
 
+Deterministic = Annotated[bool, typer.Option("--deterministic", help="batch-invariant arithmetic: a request's tokens and "
+                                             "log-probs do not depend on its batch, prompt chunking or the prefix cache "
+                                             "(prompts ~4x slower: BENCHMARKS.md)")]
+
 
 def speculative(model: str | None, num_tokens: int) -> dict[str, object] | None:
     """`EngineConfig.speculative` from the two speculative flags."""

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from lmkernel.cli import Device, Dtype, Opt, Quantization, app, err_console, fail
+from lmkernel.cli import Deterministic, Device, Dtype, Opt, Quantization, app, err_console, fail
 from lmkernel.config import EngineConfig
 from lmkernel.errors import LmkError
 
@@ -31,6 +31,7 @@ def batch(
     max_model_len: Annotated[int | None, Opt(help="prompt + output tokens of one request (default: the model's)")] = None,
     threads: Annotated[int | None, Opt(help="torch threads (default: torch's; with --ray: --replica-cpus)")] = None,
     seed: Annotated[int, Opt(help="the sampler's seed for requests without their own")] = 0,
+    deterministic: Deterministic = False,
     tool_call_parser: Annotated[str | None, Opt(help="how tool calls are read (default: from the chat template)")] = None,
     lora: Annotated[list[str] | None, Opt("--lora", help="NAME=PATH: a PEFT LoRA adapter bodies name as MODEL:NAME")] = None,
     ray: Annotated[bool, Opt("--ray", help="run on Ray Data, one engine per actor")] = False,
@@ -60,7 +61,8 @@ def batch(
         engine = EngineConfig(dtype=dtype, device=device, quantization=quantization,
                               kv_cache_memory=kv_cache_memory, max_num_seqs=max_num_seqs,
                               max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
-                              threads=threads if threads is not None or not ray else max(1, int(replica_cpus)), seed=seed)
+                              threads=threads if threads is not None or not ray else max(1, int(replica_cpus)), seed=seed,
+                              deterministic=deterministic)
         wants_embeddings = any(r.url == "/v1/embeddings" for r in requests)
         if wants_embeddings and embedding_model is None:
             raise LmkError(f"{input}: has /v1/embeddings lines; give --embedding-model (an encoder such as all-minilm-l6-v2)")

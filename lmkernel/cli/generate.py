@@ -6,15 +6,18 @@ from typing import Annotated
 
 import typer
 
-from lmkernel.cli import Device, Dtype, KVMemory, Model, SpecModel, SpecTokens, app, err_console, fail, speculative
+from lmkernel.cli import (Deterministic, Device, Dtype, KVMemory, Model, SpecModel, SpecTokens, app, err_console, fail,
+                          speculative)
 from lmkernel.errors import LmkError
 
 
-def _open_llm(model: str, dtype: str, device: str, kv_cache_memory: str, spec: dict[str, object] | None = None):
+def _open_llm(model: str, dtype: str, device: str, kv_cache_memory: str, spec: dict[str, object] | None = None,
+              deterministic: bool = False):
     from lmkernel.engine.llm import LLM
 
     try:
-        llm = LLM(model, dtype=dtype, device=device, kv_cache_memory=kv_cache_memory, speculative=spec, verbose=False)
+        llm = LLM(model, dtype=dtype, device=device, kv_cache_memory=kv_cache_memory, speculative=spec,
+                  deterministic=deterministic, verbose=False)
     except (LmkError, ValueError) as exc:
         raise fail(exc) from None
     if llm.engine is None:
@@ -55,6 +58,7 @@ def generate(
     kv_cache_memory: KVMemory = "512MiB",
     speculative_model: SpecModel = None,
     num_speculative_tokens: SpecTokens = 3,
+    deterministic: Deterministic = False,
 ) -> None:
     """Stream a completion of PROMPT to the terminal."""
     from lmkernel.engine.sampling import SamplingParams
@@ -63,7 +67,8 @@ def generate(
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
     except ValueError as exc:
         raise fail(exc) from None
-    llm = _open_llm(model, dtype, device, kv_cache_memory, speculative(speculative_model, num_speculative_tokens))
+    llm = _open_llm(model, dtype, device, kv_cache_memory, speculative(speculative_model, num_speculative_tokens),
+                    deterministic)
     _stream(llm, prompt, params)
     if speculative_model is not None:
         s = llm.stats()
@@ -83,11 +88,13 @@ def chat(
     kv_cache_memory: KVMemory = "512MiB",
     speculative_model: SpecModel = None,
     num_speculative_tokens: SpecTokens = 3,
+    deterministic: Deterministic = False,
 ) -> None:
     """Chat with MODEL in the terminal; the conversation so far is the prompt. Ctrl-D or 'exit' quits."""
     from lmkernel.engine.sampling import SamplingParams
 
-    llm = _open_llm(model, dtype, device, kv_cache_memory, speculative(speculative_model, num_speculative_tokens))
+    llm = _open_llm(model, dtype, device, kv_cache_memory, speculative(speculative_model, num_speculative_tokens),
+                    deterministic)
     history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature)
     while True:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from lmkernel.cli import Device, Dtype, Quantization, SpecModel, SpecTokens, app, fail, speculative
+from lmkernel.cli import Deterministic, Device, Dtype, Quantization, SpecModel, SpecTokens, app, fail, speculative
 from lmkernel.config import EngineConfig
 from lmkernel.errors import LmkError
 
@@ -45,6 +46,7 @@ def serve(
                                                    "directory, or off")] = "auto",
     speculative_model: SpecModel = None,
     num_speculative_tokens: SpecTokens = 3,
+    deterministic: Deterministic = False,
     max_body_bytes: Annotated[int, typer.Option(help="larger request bodies get 413")] = 1 << 20,
     max_queued_requests: Annotated[int, typer.Option(help="completions and chats at once before 429")] = 256,
     rate_limit_rpm: Annotated[int | None, typer.Option(help="requests per minute per key")] = None,
@@ -56,7 +58,10 @@ def serve(
                                                                "or llama3_json; default: chosen from the chat template")] = None,
     quantization: Quantization = "auto",
     lora: Annotated[list[str] | None, typer.Option("--lora", help="NAME=PATH: serve a PEFT LoRA adapter as MODEL:NAME; repeat for more")] = None,
-    allow_runtime_lora: Annotated[bool, typer.Option(help="POST /v1/load_lora_adapter and /v1/unload_lora_adapter (needs --api-key)")] = False,
+    allow_runtime_lora: Annotated[bool, typer.Option(help="POST /v1/load_lora_adapter and /v1/unload_lora_adapter (needs --api-key "
+                                                          "and --lora-modules-dir)")] = False,
+    lora_modules_dir: Annotated[list[Path] | None, typer.Option(help="with --allow-runtime-lora: a directory adapters may be "
+                                                                     "loaded from (symlinks resolved; repeat for more)")] = None,
     max_loras: Annotated[int | None, typer.Option(help="adapters held at once (default: the --lora count; 4 with --allow-runtime-lora); "
                                                        "loading past it drops the least recently used one not in use")] = None,
     recommender: Annotated[Path | None, typer.Option(help="a directory of `lmk recommend fit`, served at POST /v1/recommend")] = None,
@@ -72,17 +77,25 @@ def serve(
 ) -> None:
     """Serve the OpenAI API (completions, chat, embeddings) over HTTP, in one process or on Ray Serve."""
     try:
-        from lmkernel.serve.auth import read_keys_file
+        from lmkernel.serve.auth import hide_keys_from_process_title, read_keys_file
         from lmkernel.serve.server import LaunchConfig, parse_lora_options, serve as run
         from lmkernel.serve.app import ServerConfig
     except ImportError as exc:
         raise fail(LmkError(f"serving needs the serve extra: pip install -e '.[serve]' ({exc.name} is missing)")) from None
     try:
+        hide_keys_from_process_title(sys.argv)
         keys = list(api_key or []) + (read_keys_file(api_keys_file) if api_keys_file else [])
         from lmkernel.serve.tool_parsers import PARSERS
 
         if allow_runtime_lora and not keys:
             raise LmkError("--allow-runtime-lora lets clients load adapter files from this machine: it needs --api-key or --api-keys-file")
+        if allow_runtime_lora and not lora_modules_dir:
+            raise LmkError("--allow-runtime-lora needs --lora-modules-dir DIR: the directories clients may load adapters from")
+        if lora_modules_dir and not allow_runtime_lora:
+            raise LmkError("--lora-modules-dir is for --allow-runtime-lora; add it, or leave the directory out")
+        for d in lora_modules_dir or []:
+            if not d.is_dir():
+                raise LmkError(f"--lora-modules-dir {d}: not a directory")
         if max_loras is not None and max_loras < len(lora or []):
             raise LmkError(f"--max-loras must be at least the number of --lora adapters; got {max_loras}")
         slots = max_loras if max_loras is not None else (max(4, len(lora or [])) if allow_runtime_lora else None)
@@ -92,7 +105,7 @@ def serve(
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
             prefill_tokens_with_decodes=prefill_tokens_with_decodes or None, threads=threads, seed=seed,
             max_loras=slots, decode_backend=decode_backend, cpu_path=cpu_path, packed_cache=packed_cache,
-            speculative=speculative(speculative_model, num_speculative_tokens),
+            speculative=speculative(speculative_model, num_speculative_tokens), deterministic=deterministic,
         )
 
         if tool_call_parser is not None and tool_call_parser not in PARSERS:
@@ -106,6 +119,7 @@ def serve(
             max_body_bytes=max_body_bytes, max_queued_requests=max_queued_requests,
             requests_per_minute=rate_limit_rpm, tokens_per_minute=rate_limit_tpm, request_timeout=request_timeout,
             log_prompts=log_prompts, tool_call_parser=tool_call_parser, allow_runtime_lora=allow_runtime_lora,
+            lora_modules_dirs=[str(d.resolve()) for d in lora_modules_dir or []],
         )
         launch = LaunchConfig(model, embedding_model, engine, host, port, shutdown_grace, parse_lora_options(lora or []))
         if not ray:

@@ -132,7 +132,7 @@ class InProcessAPI:
     def __init__(self, app: Any) -> None:
         import httpx
 
-        self.client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://lmk-batch",
+        self.client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://lmk-batch",  # nosec B113  # an in-process ASGI transport: a batch request may run as long as it needs
                                         timeout=None)
 
     async def call(self, request: BatchRequest, default_model: str | None) -> dict[str, Any]:

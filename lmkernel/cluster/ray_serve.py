@@ -84,7 +84,7 @@ class LmkernelServer:
         setup_logging()
         self.lmkernel_app = load_app(launch, config)  # not `app`: Ray's wrapper owns that name
         self.metrics_http, _ = start_http_server(0, addr=launch.host, registry=self.lmkernel_app.state.metrics.registry)
-        host = ray.util.get_node_ip_address() if launch.host in ("0.0.0.0", "::") else launch.host
+        host = ray.util.get_node_ip_address() if launch.host in ("0.0.0.0", "::") else launch.host  # nosec B104  # the replica binds the host the user gave (--host); the metrics address follows it
         self.metrics_key = METRICS_KEY_PREFIX + serve.get_replica_context().replica_id.unique_id
         _internal_kv_put(self.metrics_key, f"{host}:{self.metrics_http.server_port}", namespace=KV_NAMESPACE)
 

@@ -27,7 +27,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_linear", &lmk::int4_linear, "x [M<=4, K] times a pack_int4 weight");
   m.def("gguf_block_layout", &lmk::gguf_block_layout, "(weights, bytes, activation family) of a GGML type; [] if none");
   m.def("gguf_linear", &lmk::gguf_linear, "x [M, K] float32 times GGUF blocks w [N, row bytes] (or packed) -> [M, N]",
-        py::arg("x"), py::arg("w"), py::arg("type"), py::arg("bias") = py::none(), py::arg("packed") = false);
+        py::arg("x"), py::arg("w"), py::arg("type"), py::arg("bias") = py::none(), py::arg("packed") = false, py::arg("invariant") = false);
   m.def("gguf_dequantize", &lmk::gguf_dequantize, "GGUF blocks [N, row bytes] (or packed) -> float32 [N, K]",
         py::arg("w"), py::arg("type"), py::arg("K"), py::arg("packed") = false);
   m.def("gguf_pack", &lmk::gguf_pack, "stored k-quant blocks [N, row bytes] -> the decode layout [N / 16, ...]");
@@ -71,6 +71,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<lmk::LlamaDecoder>(m, "LlamaDecoder", py::module_local())
       .def(py::init<std::vector<lmk::DecoderLayer>, int64_t, int64_t, int64_t, double>(), py::arg("layers"),
            py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("eps"))
-      .def("forward", &lmk::LlamaDecoder::forward, py::call_guard<py::gil_scoped_release>())
+      .def("forward", &lmk::LlamaDecoder::forward, py::arg("h"), py::arg("k_caches"), py::arg("v_caches"), py::arg("cos"),
+           py::arg("sin"), py::arg("slots"), py::arg("tables"), py::arg("lens"), py::arg("block_size"),
+           py::arg("invariant") = false, py::call_guard<py::gil_scoped_release>())
       .def_readonly_static("MAX_SEQUENCES", &lmk::LlamaDecoder::MAX_SEQUENCES);
 }

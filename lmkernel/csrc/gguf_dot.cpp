@@ -90,14 +90,16 @@ static void dot_legacy512(const uint8_t* w, const QuantizedActs& a, int64_t m0, 
   constexpr int64_t BYTES = Legacy<TYPE>::bytes;
   const int64_t K = a.K, spans = K / 64;
   __m512 acc[M];
-  float offsets[M];
-  for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps(), offsets[m] = 0.f;
+  __m128 offsets[M];  // lanes 0 and 1: each block's offset against its activations' sum (vectors, so that a row's
+                      // float sums are the same whether 1 or 4 rows run: scalar ones get vectorized across rows)
+  for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps(), offsets[m] = _mm_setzero_ps();
   for (int64_t s = 0; s < spans; ++s) {
     float d[2], offset[2];
     const __m512i codes = legacy_codes512<TYPE>(w + 2 * s * BYTES, w + (2 * s + 1) * BYTES, d, offset);
     const __m512i u = TYPE == GGML_Q8_0 ? _mm512_abs_epi8(codes) : codes;
     const __mmask64 negative = TYPE == GGML_Q8_0 ? _mm512_movepi8_mask(codes) : 0;
     const __m512 dl = _mm512_insertf32x8(_mm512_set1_ps(d[0]), _mm256_set1_ps(d[1]), 1);
+    const __m128 off = _mm_setr_ps(offset[0], offset[1], 0.f, 0.f);
     for (int m = 0; m < M; ++m) {
       const int64_t at = (m0 + m) * K + 64 * s;
       __m512i q = _mm512_loadu_si512(a.q.data() + at), r = _mm512_loadu_si512(a.r.data() + at);
@@ -107,10 +109,16 @@ static void dot_legacy512(const uint8_t* w, const QuantizedActs& a, int64_t m0, 
       }
       const __m512i sums = _mm512_dpbusd_epi32(_mm512_slli_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), u, q), 6), u, r);
       acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(dl, _mm512_loadu_ps(a.lanes.data() + at / 4)), acc[m]);
-      if (TYPE != GGML_Q8_0) offsets[m] += offset[0] * a.sums32[at / 32] + offset[1] * a.sums32[at / 32 + 1];
+      if (TYPE != GGML_Q8_0)
+        offsets[m] = _mm_fmadd_ps(off, _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(a.sums32.data() + at / 32))),
+                                  offsets[m]);
     }
   }
-  for (int m = 0; m < M; ++m) y[m * ldy] = _mm512_reduce_add_ps(acc[m]) + offsets[m];
+  for (int m = 0; m < M; ++m) {
+    alignas(16) float o[4];
+    _mm_store_ps(o, offsets[m]);
+    y[m * ldy] = _mm512_reduce_add_ps(acc[m]) + (o[0] + o[1]);
+  }
 }
 #endif
 
@@ -159,8 +167,8 @@ static void dot_k(const uint8_t* w, const QuantizedActs& a, int64_t m0, float* y
   const int64_t K = a.K, nb = K / 256;
   const __m256i low4 = _mm256_set1_epi8(0x0F), low2 = _mm256_set1_epi8(3), one = _mm256_set1_epi8(1);
   __m256 acc[M];
-  float offsets[M];
-  for (int m = 0; m < M; ++m) { acc[m] = _mm256_setzero_ps(); offsets[m] = 0.f; }
+  __m256 offsets[M];  // vectors, so that a row's float sums are the same whether 1 or 4 rows run
+  for (int m = 0; m < M; ++m) acc[m] = offsets[m] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* blk = w + b * BYTES;
     // The super-block as 8 groups of 32 codes, each with its 16-bit scales (one per 16 weights) and
@@ -216,10 +224,11 @@ static void dot_k(const uint8_t* w, const QuantizedActs& a, int64_t m0, float* y
       const __m256i sums = _mm256_add_epi32(_mm256_slli_epi32(iq, 6), ir);  // 64 q + r
       acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(d * a.d[(m0 + m) * nb + b] / REST_STEPS), acc[m]);
       const float* sums16 = a.sums16.data() + at / 16;
-      for (int i = 0; i < 16; ++i) offsets[m] += offset16[i] * sums16[i];
+      offsets[m] = _mm256_fmadd_ps(_mm256_loadu_ps(offset16), _mm256_loadu_ps(sums16), offsets[m]);
+      offsets[m] = _mm256_fmadd_ps(_mm256_loadu_ps(offset16 + 8), _mm256_loadu_ps(sums16 + 8), offsets[m]);
     }
   }
-  for (int m = 0; m < M; ++m) y[m * ldy] = hsum8(acc[m]) + offsets[m];
+  for (int m = 0; m < M; ++m) y[m * ldy] = hsum8(acc[m]) + hsum8(offsets[m]);
 }
 #endif  // AVX-512
 #endif  // AVX2

@@ -100,12 +100,14 @@ static void packed_rows(int type, const WeightRows& w, const QuantizedActs& acts
   }
 }
 
-torch::Tensor gguf_linear(torch::Tensor x, torch::Tensor w, int64_t type, c10::optional<torch::Tensor> bias, bool packed) {
+torch::Tensor gguf_linear(torch::Tensor x, torch::Tensor w, int64_t type, c10::optional<torch::Tensor> bias, bool packed,
+                          bool invariant) {
   // x [M, K] float32, w uint8 [N, bytes of a row] (or packed) -> [M, N] float32. Rows of x are quantized
   // to 8 bits per block (legacy and k-quant types). From AMX_ROWS rows on, AMX tiles run the product where
   // the CPU grants them (gguf_amx.cpp); else from GEMM_ROWS rows on, the prefill kernel repacks tiles of
   // weight rows once (gguf_gemm.cpp); below, each thread takes 16 weight rows at a time and runs every
-  // row of x against them, four at a time, while they are in its cache.
+  // row of x against them, four at a time, while they are in its cache. `invariant`: every row through that
+  // last kernel, with its rest, so a row's result is the same bits whatever else is in x (--deterministic).
   check_tensor(x, "x", torch::kFloat32, 2);
   const int64_t M = x.size(0), K = x.size(1);
   BlockInfo info;
@@ -117,13 +119,13 @@ torch::Tensor gguf_linear(torch::Tensor x, torch::Tensor w, int64_t type, c10::o
   }
   auto y = torch::empty({M, N}, x.options());
   QuantizedActs acts;
-  quantize_acts(x.data_ptr<float>(), M, K, info.family, acts, keeps_rest(info.family, M));
+  quantize_acts(x.data_ptr<float>(), M, K, info.family, acts, invariant || keeps_rest(info.family, M));
   float* yp = y.data_ptr<float>();
   const int t = static_cast<int>(type);
   // Packed rows: their own kernel below PACKED_AMX_ROWS, and without tiles below PACKED_GEMM_ROWS (the
   // prefill kernel restores every group a call, which only a prompt's rows pay back).
-  if ((M >= (packed ? PACKED_AMX_ROWS : AMX_ROWS) && amx_gemm(t, rows, acts, yp)) ||
-      (M >= (packed ? PACKED_GEMM_ROWS : GEMM_ROWS) && gguf_gemm(t, rows, acts, yp))) {
+  if (!invariant && ((M >= (packed ? PACKED_AMX_ROWS : AMX_ROWS) && amx_gemm(t, rows, acts, yp)) ||
+                     (M >= (packed ? PACKED_GEMM_ROWS : GEMM_ROWS) && gguf_gemm(t, rows, acts, yp)))) {
     if (bias.has_value()) y.add_(*bias);
     return y;
   }

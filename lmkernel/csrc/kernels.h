@@ -20,7 +20,8 @@ torch::Tensor int4_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scales
 
 // gguf_linear.cpp: GGUF blocks as stored.
 std::vector<int64_t> gguf_block_layout(int64_t type);
-torch::Tensor gguf_linear(torch::Tensor x, torch::Tensor w, int64_t type, c10::optional<torch::Tensor> bias, bool packed);
+torch::Tensor gguf_linear(torch::Tensor x, torch::Tensor w, int64_t type, c10::optional<torch::Tensor> bias, bool packed,
+                          bool invariant);
 torch::Tensor gguf_dequantize(torch::Tensor w, int64_t type, int64_t K, bool packed);
 torch::Tensor gguf_pack(torch::Tensor w, int64_t type, int64_t K);
 void release_pages(torch::Tensor t);
@@ -67,7 +68,7 @@ class LlamaDecoder {
   // the final norm). Every layer writes its K/V at `slots` and attends through the block tables.
   torch::Tensor forward(torch::Tensor h, std::vector<torch::Tensor> k_caches, std::vector<torch::Tensor> v_caches,
                         torch::Tensor cos, torch::Tensor sin, torch::Tensor slots, torch::Tensor tables,
-                        torch::Tensor lens, int64_t block_size) const;
+                        torch::Tensor lens, int64_t block_size, bool invariant) const;
   static constexpr int64_t MAX_SEQUENCES = 64;
 
  private:

@@ -160,14 +160,16 @@ static void project_rows(const Projection& p, const float* x, float* y, int64_t 
 // parallel loop of 16-row chunks (each thread's share even to within a few rows).
 // From AMX_ROWS sequences on (PACKED_AMX_ROWS on packed rows), GGUF projections run one at a time on AMX
 // tiles where the CPU grants them.
-static void project(int64_t M, const float* x, int64_t K, std::initializer_list<Target> targets) {
+// `invariant`: never the tiles, and k-quant activations keep their rest at any M, so that each row's result
+// is the same bits whatever rows share the call.
+static void project(int64_t M, const float* x, int64_t K, std::initializer_list<Target> targets, bool invariant) {
   constexpr int64_t chunk = 16;
   Target ts[4];
   int count = 0;
   QuantizedActs tiled;
   for (const Target& t : targets) {
     const Projection& p = *t.p;
-    if (p.kind == GGUF && M >= (p.packed ? PACKED_AMX_ROWS : AMX_ROWS) && amx_active() &&
+    if (!invariant && p.kind == GGUF && M >= (p.packed ? PACKED_AMX_ROWS : AMX_ROWS) && amx_active() &&
         amx_supports(static_cast<int>(p.gguf_type), K)) {
       if (tiled.family != p.family) quantize_acts(x, M, K, static_cast<ActFamily>(p.family), tiled, keeps_rest(p.family, M));
       amx_gemm(static_cast<int>(p.gguf_type), p.rows(), tiled, t.y);
@@ -196,7 +198,7 @@ static void project(int64_t M, const float* x, int64_t K, std::initializer_list<
       xs[t] = padded[t].data();
     }
     if (p.kind == GGUF && !quantized[p.family]) {
-      quantize_acts(x, M, K, static_cast<ActFamily>(p.family), acts[p.family], keeps_rest(p.family, M));
+      quantize_acts(x, M, K, static_cast<ActFamily>(p.family), acts[p.family], invariant || keeps_rest(p.family, M));
       quantized[p.family] = true;
     }
   }
@@ -250,7 +252,7 @@ static void project(int64_t M, const float* x, int64_t K, std::initializer_list<
 torch::Tensor LlamaDecoder::forward(torch::Tensor h, std::vector<torch::Tensor> k_caches,
                                     std::vector<torch::Tensor> v_caches, torch::Tensor cos, torch::Tensor sin,
                                     torch::Tensor slots, torch::Tensor tables, torch::Tensor lens,
-                                    int64_t block_size) const {
+                                    int64_t block_size, bool invariant) const {
   const int64_t B = h.size(0), Dm = hidden_, D = head_dim_, Hq = num_heads_, Hkv = num_kv_heads_, I = intermediate_;
   check_tensor(h, "h", torch::kFloat32, 2);
   check_size(h, "h", 1, Dm);
@@ -295,7 +297,7 @@ torch::Tensor LlamaDecoder::forward(torch::Tensor h, std::vector<torch::Tensor> 
   for (size_t l = 0; l < layers_.size(); ++l) {
     const DecoderLayer& w = layers_[l];
     rms_rows(hp, w.input_norm.data_ptr<float>(), xn, B, Dm, eps_);
-    project(B, xn, Dm, {{&w.q, q}, {&w.k, k}, {&w.v, v}});
+    project(B, xn, Dm, {{&w.q, q}, {&w.k, k}, {&w.v, v}}, invariant);
     rotate_rows(q, cp, sp, q, B, Hq, D);
     rotate_rows(k, cp, sp, k, B, Hkv, D);
     float* kc = k_caches[l].data_ptr<float>();
@@ -306,12 +308,12 @@ torch::Tensor LlamaDecoder::forward(torch::Tensor h, std::vector<torch::Tensor> 
     }
     attend_all(q, kc, vc, tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), B, tables.size(1), block_size, Hq, Hkv,
                D, scale, att);
-    project(B, att, Hq * D, {{&w.o, xn}});
+    project(B, att, Hq * D, {{&w.o, xn}}, invariant);
     for (int64_t i = 0; i < B * Dm; ++i) hp[i] += xn[i];
     rms_rows(hp, w.post_norm.data_ptr<float>(), xn, B, Dm, eps_);
-    project(B, xn, Dm, {{&w.gate, gate}, {&w.up, up}});
+    project(B, xn, Dm, {{&w.gate, gate}, {&w.up, up}}, invariant);
     silu_mul_rows(gate, up, gate, B * I);
-    project(B, gate, I, {{&w.down, xn}});
+    project(B, gate, I, {{&w.down, xn}}, invariant);
     for (int64_t i = 0; i < B * Dm; ++i) hp[i] += xn[i];
   }
   return out;

@@ -164,6 +164,8 @@ def startup_line(stats: Mapping[str, Any]) -> str:
     line = (f"KV cache of {stats['kv_blocks_total']} blocks x {stats['kv_block_size']} tokens = "
             f"{stats['kv_cache_tokens']} tokens; decode backend {stats['decode_backend']}; "
             f"CPU kernels {stats['cpu_path']}")
+    if stats.get("deterministic"):
+        line += "; deterministic (batch-invariant rows)"
     if stats.get("speculative", "off") != "off":
         line += f"; speculative decoding: {stats['speculative']}"
     return line

@@ -410,6 +410,7 @@ class LLMEngine:
         """The decode backend in use, and counters of the cache, the prefix cache and the scheduler."""
         return {
             "decode_backend": self.runner.decode_backend,
+            "deterministic": self.config.deterministic,
             "cpu_path": cpu_kernels.current_path() if self.runner.device.type == "cpu" else "none",
             "kv_blocks_total": self.pool.num_blocks,
             "kv_blocks_free": self.pool.num_free_blocks,

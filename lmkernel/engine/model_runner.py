@@ -98,6 +98,9 @@ class ModelRunner:
         # token uses an adapter (it runs the base layers); the others run the model's forward.
         self.decode_backend, self.fused = choose_decode_backend(model, kv_cache, config.decode_backend)
         self.use_kernel = self.decode_backend != "torch"
+        self.deterministic = config.deterministic
+        if self.deterministic:
+            check_deterministic(self.fused, adapters)
         self.times = StepTimes()
 
     def add_generator(self, request_id: str, seed: int) -> None:
@@ -112,7 +115,8 @@ class ModelRunner:
 
         A chunk carrying proposals runs as one single-token sequence a row: each row is a decode query over
         the paged cache (the arithmetic plain decoding gives it), reading the K/V that the rows before it
-        wrote in the same layer.
+        wrote in the same layer. With `deterministic`, every chunk does: a prompt token is computed as it
+        would be decoded, whatever chunk or batch it came in.
         """
         bs = self.kv_cache.block_size
         ids: list[int] = []
@@ -126,7 +130,7 @@ class ModelRunner:
         for chunk in out.chunks:
             start, table, tokens = chunk.start, chunk.block_table, chunk.token_ids
             end = start + chunk.num_tokens
-            pieces = [(p, p + 1) for p in range(start, end)] if chunk.draft else [(start, end)]
+            pieces = [(p, p + 1) for p in range(start, end)] if chunk.draft or self.deterministic else [(start, end)]
             for s, e in pieces:
                 i = len(lengths)
                 ids.extend(tokens[s - start : e - start])
@@ -135,7 +139,7 @@ class ModelRunner:
                 seq_lens.append(e)
                 lengths.append(e - s)
                 tables.append(table)
-                if e - s == 1 and s > 0:
+                if e - s == 1 and (s > 0 or self.deterministic):
                     decode_seqs.append(i)
                 elif s > 0:
                     context_slots[i] = self._context_slots(table, e)
@@ -244,8 +248,9 @@ class ModelRunner:
         every_row = rows == list(range(hidden.shape[0]))  # a decode step: no rows to pick
         picked = hidden if every_row else hidden[torch.tensor(rows, device=self.device)]
         start = time.perf_counter()
-        if verify_at and picked.shape[0] > cpu_kernels.SMALL_LINEAR_MAX_ROWS:
-            # Rows that check proposals get a lone decode row's output layer: the few-row kernels, a few rows a call.
+        if (verify_at or self.deterministic) and picked.shape[0] > cpu_kernels.SMALL_LINEAR_MAX_ROWS:
+            # Rows that check proposals (every row, when deterministic) get a lone decode row's output layer: the
+            # few-row kernels, a few rows a call.
             step = cpu_kernels.SMALL_LINEAR_MAX_ROWS
             logits = torch.cat([self.model.compute_logits(picked[i : i + step],
                                                           LoraRouting.of(row_slots[i : i + step], self.device)).float()
@@ -298,7 +303,9 @@ class ModelRunner:
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, adapters: bool) -> torch.Tensor:
         """Final hidden states of the step: the fused decode call where it covers the step, else the model."""
-        hidden = self.fused(ids, positions, meta, self.kv_layers) if self.fused is not None and not adapters else None
+        hidden = None
+        if self.fused is not None and not adapters:
+            hidden = self.fused(ids, positions, meta, self.kv_layers, invariant=self.deterministic)
         return hidden if hidden is not None else self.model(ids, positions, meta, self.kv_layers)
 
     @torch.inference_mode()
@@ -320,6 +327,17 @@ class ModelRunner:
         return {
             t: Logprob(v, rank, self.tokenizer.decode([t])) for t, v, rank in top_logprobs(logprobs, token, n)
         }
+
+
+def check_deterministic(fused: FusedDecoder | None, adapters: LoraAdapters | None) -> None:
+    """Refuse `EngineConfig.deterministic` where its batch-invariant arithmetic cannot hold: it needs the fused
+    CPU decode step (every token runs as one of its rows), which serves steps without adapters."""
+    if fused is None:
+        raise EngineConfigError("--deterministic needs the fused CPU decode step (a Llama-family model, on CPU, in "
+                                "float32, with --decode-backend auto or fused); this model or device has none")
+    if adapters is not None:
+        raise EngineConfigError("--deterministic does not cover LoRA adapters (their tokens run the model's own "
+                                "forward); serve the adapters without it, or merge them: lmk lora merge")
 
 
 def group_by_length(seqs: list[int], lengths: list[int], slack: float = 1.25) -> list[list[int]]:

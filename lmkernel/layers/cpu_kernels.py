@@ -66,7 +66,7 @@ def _module_name(flags: list[str]) -> str:
     """The library's name: a hash of everything that makes one build differ from another."""
     sources = "\n".join(p.read_text() for p in sorted(CSRC.iterdir()) if p.suffix in (".cpp", ".h"))
     key = "\n".join([sources, _cpu_flags(), torch.__version__, sys.version, " ".join(flags)])
-    return f"lmkernel_cpu_{hashlib.sha1(key.encode()).hexdigest()[:16]}"
+    return f"lmkernel_cpu_{hashlib.sha1(key.encode(), usedforsecurity=False).hexdigest()[:16]}"
 
 
 def _import(name: str, path: Path) -> object:
@@ -314,9 +314,10 @@ def gguf_block_layout(gguf_type: int) -> tuple[int, int] | None:
 
 
 def gguf_linear(x: torch.Tensor, blocks: torch.Tensor, gguf_type: int, bias: torch.Tensor | None = None,
-                packed: bool = False) -> torch.Tensor:
-    """x [M, K] float32 times GGUF blocks [N, row bytes] of `gguf_type` (or `gguf_pack`'s layout) -> [M, N] float32."""
-    return _kernel().gguf_linear(x, blocks, gguf_type, bias, packed)
+                packed: bool = False, invariant: bool = False) -> torch.Tensor:
+    """x [M, K] float32 times GGUF blocks [N, row bytes] of `gguf_type` (or `gguf_pack`'s layout) -> [M, N] float32;
+    `invariant`: each row of y the same bits whatever other rows x has (the row kernels at any M)."""
+    return _kernel().gguf_linear(x, blocks, gguf_type, bias, packed, invariant)
 
 
 # Types `GGUFLinear.pack` packs at load: Q4_K and Q6_K (a decode step on the packed rows reads the memory at

@@ -62,7 +62,7 @@ class AdapterConfig:
             "peft_version": PEFT_FORMAT_VERSION, "qalora_group_size": 16, "r": self.r,
             "rank_pattern": dict(self.rank_pattern), "revision": None,
             "target_modules": self.target_modules if isinstance(self.target_modules, str) else list(self.target_modules),
-            "target_parameters": None, "task_type": self.task_type, "trainable_token_indices": None,
+            "target_parameters": None, "task_type": self.task_type, "trainable_token_indices": None,  # nosec B105  # a token or tensor name, not a password
             "use_bdlora": None, "use_dora": False, "use_qalora": False, "use_rslora": self.use_rslora,
             "velora_config": None,
         }

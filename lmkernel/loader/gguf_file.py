@@ -39,7 +39,7 @@ KERNEL_TYPES = (_T.F32, _T.F16, _T.BF16, _T.Q8_0, _T.Q4_0, _T.Q4_1, _T.Q5_0, _T.
 SUPPORTED_TENSOR_TYPES = KERNEL_TYPES
 
 _GLOBAL_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
+    "token_embd.weight": "model.embed_tokens.weight",  # nosec B105  # a token or tensor name, not a password
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
@@ -64,17 +64,39 @@ def _meta(metadata: dict[str, Any], path: Path, key: str, default: Any = None) -
     return default
 
 
+def _number(metadata: dict[str, Any], path: Path, key: str, kind: type, default: Any = None) -> Any:
+    """A numeric metadata value as `kind` (int or float), or a WeightsError naming the key."""
+    value = _meta(metadata, path, key, default)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (kind is float or float(value).is_integer())
+    if not ok or not np.isfinite(float(value)):
+        raise WeightsError(f"{path}: GGUF metadata '{key}' is {value!r}; expected {'an integer' if kind is int else 'a number'}")
+    return kind(value)
+
+
 def parse_config(path: Path, reader: GGUFFile, metadata: dict[str, Any]) -> ModelConfig:
-    """GGUF metadata (`{arch}.*` and `tokenizer.ggml.*` keys) into a `ModelConfig`."""
+    """GGUF metadata (`{arch}.*` and `tokenizer.ggml.*` keys) into a `ModelConfig`, checked against itself and
+    against the tensor table (every shape the model will read), so that no kernel meets a size it was not told."""
+    config = _parse_config(path, reader, metadata)
+    check_config(path, config, metadata)
+    check_tensor_shapes(path, reader, config)
+    return config
+
+
+def _parse_config(path: Path, reader: GGUFFile, metadata: dict[str, Any]) -> ModelConfig:
     arch = metadata.get("general.architecture", "")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise UnsupportedModelError(
             f"{path}: GGUF architecture '{arch}' is not supported; expected one of {list(SUPPORTED_ARCHITECTURES)}"
         )
-    hidden = int(_meta(metadata, path, f"{arch}.embedding_length"))
-    heads = int(_meta(metadata, path, f"{arch}.attention.head_count"))
-    head_dim = int(metadata.get(f"{arch}.attention.key_length") or metadata.get(f"{arch}.rope.dimension_count") or hidden // heads)
+    hidden = _number(metadata, path, f"{arch}.embedding_length", int)
+    heads = _number(metadata, path, f"{arch}.attention.head_count", int)
+    if hidden < 1 or heads < 1:
+        raise WeightsError(f"{path}: GGUF metadata gives embedding_length {hidden} and head_count {heads}; both must be >= 1")
+    head_dim = _number(metadata, path, f"{arch}.attention.key_length", int,
+                       metadata.get(f"{arch}.rope.dimension_count") or hidden // heads)
     tokens = metadata.get("tokenizer.ggml.tokens") or []
+    if not isinstance(tokens, list):
+        raise WeightsError(f"{path}: GGUF metadata 'tokenizer.ggml.tokens' is not a list of strings")
     scaling = None
     scaling_type = metadata.get(f"{arch}.rope.scaling.type")
     if scaling_type and scaling_type != "none":
@@ -85,16 +107,16 @@ def parse_config(path: Path, reader: GGUFFile, metadata: dict[str, Any]) -> Mode
     names = {t.name for t in reader.tensors}
     return ModelConfig(
         architecture="llama",
-        vocab_size=int(metadata.get(f"{arch}.vocab_size") or len(tokens)),
+        vocab_size=_number(metadata, path, f"{arch}.vocab_size", int, len(tokens) or None),
         hidden_size=hidden,
-        intermediate_size=int(_meta(metadata, path, f"{arch}.feed_forward_length")),
-        num_layers=int(_meta(metadata, path, f"{arch}.block_count")),
+        intermediate_size=_number(metadata, path, f"{arch}.feed_forward_length", int),
+        num_layers=_number(metadata, path, f"{arch}.block_count", int),
         num_heads=heads,
-        num_kv_heads=int(metadata.get(f"{arch}.attention.head_count_kv") or heads),
+        num_kv_heads=_number(metadata, path, f"{arch}.attention.head_count_kv", int, heads),
         head_dim=head_dim,
-        max_position_embeddings=int(_meta(metadata, path, f"{arch}.context_length")),
-        norm_eps=float(_meta(metadata, path, f"{arch}.attention.layer_norm_rms_epsilon")),
-        rope_theta=float(metadata.get(f"{arch}.rope.freq_base", 10000.0)),
+        max_position_embeddings=_number(metadata, path, f"{arch}.context_length", int),
+        norm_eps=_number(metadata, path, f"{arch}.attention.layer_norm_rms_epsilon", float),
+        rope_theta=_number(metadata, path, f"{arch}.rope.freq_base", float, 10000.0),
         rope_scaling=scaling,
         tie_word_embeddings="output.weight" not in names,
         sliding_window=metadata.get(f"{arch}.attention.sliding_window") or None,
@@ -106,6 +128,65 @@ def parse_config(path: Path, reader: GGUFFile, metadata: dict[str, Any]) -> Mode
         hf_model_type=arch,
         hf_architecture="LlamaForCausalLM",
     )
+
+
+def check_config(path: Path, c: ModelConfig, metadata: dict[str, Any]) -> None:
+    """Sizes that make a model: positive, heads in whole groups, an even head width, special ids in the vocabulary."""
+    rules = [
+        ("vocab_size", c.vocab_size >= 1), ("feed_forward_length", c.intermediate_size >= 1),
+        ("block_count", 1 <= c.num_layers <= 1024), ("context_length", c.max_position_embeddings >= 1),
+        ("head_count_kv", 1 <= c.num_kv_heads <= c.num_heads and c.num_heads % c.num_kv_heads == 0),
+        ("key_length", c.head_dim >= 2 and c.head_dim % 2 == 0),
+        ("layer_norm_rms_epsilon", 0 < c.norm_eps < 1), ("rope.freq_base", c.rope_theta > 0),
+    ]
+    for key, ok in rules:
+        if not ok:
+            raise WeightsError(f"{path}: GGUF metadata '{key}' does not describe a model (vocab {c.vocab_size}, hidden "
+                               f"{c.hidden_size}, feed-forward {c.intermediate_size}, {c.num_layers} layers, "
+                               f"{c.num_heads} heads / {c.num_kv_heads} K/V heads of {c.head_dim}, context "
+                               f"{c.max_position_embeddings}, eps {c.norm_eps}, rope base {c.rope_theta})")
+    tokens = metadata.get("tokenizer.ggml.tokens") or []
+    for key in ("bos", "eos", "padding", "unknown"):
+        value = metadata.get(f"tokenizer.ggml.{key}_token_id")
+        if value is not None and (not isinstance(value, int) or not 0 <= value < max(len(tokens), c.vocab_size)):
+            raise WeightsError(f"{path}: GGUF metadata 'tokenizer.ggml.{key}_token_id' is {value!r}; expected an id "
+                               f"below the vocabulary's {max(len(tokens), c.vocab_size)}")
+
+
+def _expected_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Each tensor the model reads, by GGUF name, with its shape (rows first)."""
+    q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    shapes: dict[str, tuple[int, ...]] = {"token_embd.weight": (c.vocab_size, c.hidden_size),
+                                          "output_norm.weight": (c.hidden_size,)}
+    if not c.tie_word_embeddings:
+        shapes["output.weight"] = (c.vocab_size, c.hidden_size)
+    for i in range(c.num_layers):
+        b = f"blk.{i}."
+        shapes |= {b + "attn_norm.weight": (c.hidden_size,), b + "ffn_norm.weight": (c.hidden_size,),
+                   b + "attn_q.weight": (q, c.hidden_size), b + "attn_k.weight": (kv, c.hidden_size),
+                   b + "attn_v.weight": (kv, c.hidden_size), b + "attn_output.weight": (c.hidden_size, q),
+                   b + "ffn_gate.weight": (c.intermediate_size, c.hidden_size),
+                   b + "ffn_up.weight": (c.intermediate_size, c.hidden_size),
+                   b + "ffn_down.weight": (c.hidden_size, c.intermediate_size)}
+        if c.attention_bias:
+            shapes |= {b + "attn_q.bias": (q,), b + "attn_k.bias": (kv,), b + "attn_v.bias": (kv,)}
+    return shapes
+
+
+def check_tensor_shapes(path: Path, reader: GGUFFile, c: ModelConfig) -> None:
+    """Every tensor the model reads is in the file with the shape the metadata implies, and no layer tensor lies
+    past the block count: a changed dimension is refused here, naming the tensor, not met by a kernel."""
+    found = {t.name: t for t in reader.tensors}
+    for name, shape in _expected_shapes(c).items():
+        t = found.get(name)
+        if t is None:
+            raise WeightsError(f"{path}: tensor '{name}' is missing (the metadata says {c.num_layers} layers)")
+        if tuple(t.shape) != shape:
+            raise WeightsError(f"{path}: tensor '{name}' has shape {list(t.shape)}; the metadata implies {list(shape)}")
+    for name in found:
+        index = name.split(".")[1] if hf_name(name) is not None and name.startswith("blk.") else "0"
+        if not index.isdigit() or int(index) >= c.num_layers:
+            raise WeightsError(f"{path}: tensor '{name}' names no layer of the metadata's {c.num_layers}")
 
 
 # Control tokens that end a turn or a text in the families people run (llama.cpp's list): Llama-3's

@@ -19,6 +19,9 @@ from gguf.quants import quant_shape_to_byte_shape
 
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
+MAX_DIMS = 4  # GGML_MAX_DIMS
+MAX_DIM = 1 << 40  # no real dimension comes near; larger ones only overflow the byte arithmetic
+_TYPES = {int(t) for t in GGMLQuantizationType}
 
 # GGUF value types: 0-7, 10-12 are scalars (numpy dtype), 8 a string, 9 an array.
 _SCALARS = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1", 10: "<u8", 11: "<i8",
@@ -118,23 +121,54 @@ class GGUFFile:
         for _ in range(kv_count):
             key = cursor.string()
             self.metadata[key] = cursor.value(cursor.u32())
-        infos = []
-        for _ in range(tensor_count):
+        infos, seen = [], set()
+        for i in range(tensor_count):
             name = cursor.string()
-            dims = [cursor.u64() for _ in range(cursor.u32())]
-            infos.append((name, dims, GGMLQuantizationType(cursor.u32()), cursor.u64()))
-        alignment = int(self.metadata.get("general.alignment", DEFAULT_ALIGNMENT))
+            if name in seen:
+                raise ValueError(f"tensor '{name}' is listed twice")
+            seen.add(name)
+            rank = cursor.u32()
+            if not 1 <= rank <= MAX_DIMS:
+                raise ValueError(f"tensor '{name}' has {rank} dimensions; expected 1 to {MAX_DIMS}")
+            dims = [cursor.u64() for _ in range(rank)]
+            kind = cursor.u32()
+            if kind not in _TYPES:
+                raise ValueError(f"tensor '{name}' has GGML type {kind}, which no GGUF reader knows")
+            infos.append((name, dims, GGMLQuantizationType(kind), cursor.u64()))
+        alignment = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+        if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment < 1 or alignment & (alignment - 1):
+            raise ValueError(f"general.alignment is {alignment!r}; expected a power of two")
         start = -(-cursor.pos // alignment) * alignment
         self.tensors = [self._tensor(name, dims, kind, start + offset) for name, dims, kind, offset in infos]
+        self._check_overlaps(alignment, start)
+
+    def _check_overlaps(self, alignment: int, start: int) -> None:
+        """Tensors lie after the header, aligned, and no two share a byte (a crafted table could point
+        several weights at one region, or a weight into the header)."""
+        spans = sorted((t.data.ctypes.data - self._map.ctypes.data, t.data.nbytes, t.name) for t in self.tensors)
+        end = start
+        for offset, size, name in spans:
+            if (offset - start) % alignment:
+                raise ValueError(f"tensor '{name}' starts at byte {offset}, not on the file's {alignment}-byte alignment")
+            if offset < end:
+                raise ValueError(f"tensor '{name}' at byte {offset} overlaps the header or another tensor")
+            end = offset + size
 
     def _tensor(self, name: str, dims: list[int], kind: GGMLQuantizationType, offset: int) -> GGUFTensor:
         shape = tuple(reversed(dims))
-        n = int(np.prod(shape)) if shape else 1
+        if any(d < 1 or d > MAX_DIM for d in shape):
+            raise ValueError(f"tensor '{name}' has shape {list(shape)}; every dimension must be 1 to {MAX_DIM}")
+        n = int(np.prod(np.array(shape, dtype=object))) if shape else 1
         if kind in _PLAIN:
             dtype, count = np.dtype(_PLAIN[kind]), n
             array_shape = shape
         else:
+            if kind not in GGML_QUANT_SIZES:
+                raise ValueError(f"tensor '{name}' has GGML type {kind.name}, which has no block layout")
             block, size = GGML_QUANT_SIZES[kind]
+            if shape[-1] % block:
+                raise ValueError(f"tensor '{name}': a row of {shape[-1]} weights is not a whole number of "
+                                 f"{kind.name} blocks of {block}")
             dtype, count = np.dtype(np.uint8), n * size // block
             array_shape = quant_shape_to_byte_shape(shape, kind)
         end = offset + count * dtype.itemsize

@@ -195,7 +195,8 @@ def write_peft_adapter(directory: str | Path, adapter: PeftAdapter, overwrite: b
         "peft_version": PEFT_FORMAT_VERSION, "revision": None, "task_type": c.task_type,
     }
     if adapter.kind in VIRTUAL:
-        assert adapter.prompt is not None
+        if adapter.prompt is None:
+            raise AdapterError(f"a {adapter.kind} adapter without its virtual-token table cannot be written")
         config.update({"num_virtual_tokens": c.num_virtual_tokens, "token_dim": int(adapter.prompt.shape[1]),
                        "num_transformer_submodules": 1})
         if adapter.kind == "PROMPT_TUNING":

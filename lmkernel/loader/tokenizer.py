@@ -7,14 +7,14 @@ template with jinja2 the way transformers does, and detokenizes incrementally fo
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import jinja2
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as Backend
 
@@ -49,8 +49,8 @@ _NAMED = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_
 _BUILDER_DEFAULTS = {"gpt2": ("<|endoftext|>",), "llama": ("<s>", "</s>", "<unk>"), "bert": ()}
 # SentencePiece files of these architectures need builders transformers special-cases.
 _SPM_SPECIAL_ARCHS = ("gemma", "gemma2", "gemma3", "phi3")
-_GGUF_SPECIALS = {"bos_token": "bos", "eos_token": "eos", "unk_token": "unknown", "pad_token": "padding",
-                  "cls_token": "cls", "sep_token": "seperator", "mask_token": "mask"}  # "seperator": GGUF's spelling
+_GGUF_SPECIALS = {"bos_token": "bos", "eos_token": "eos", "unk_token": "unknown", "pad_token": "padding",  # nosec B105  # a token or tensor name, not a password
+                  "cls_token": "cls", "sep_token": "seperator", "mask_token": "mask"}  # nosec B105  # token names ("seperator": GGUF's spelling), not passwords
 _CLEANUPS = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
              (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))  # fmt: skip
 
@@ -114,7 +114,17 @@ class Tokenizer:
 
     @classmethod
     def from_hf_dir(cls, directory: Path) -> Tokenizer:
-        """From a Hugging Face directory: tokenizer.json, plus tokenizer_config.json for specials and the template."""
+        """From a Hugging Face directory: tokenizer.json, plus tokenizer_config.json for specials and the template;
+        files that do not make a tokenizer are a ModelSourceError naming the directory."""
+        return _checked(lambda: cls._from_hf_dir(directory), str(directory), "tokenizer files")
+
+    @classmethod
+    def from_gguf(cls, metadata: Mapping[str, Any], source: str) -> Tokenizer:
+        """From GGUF metadata (`tokenizer.ggml.*`), built as transformers builds it from the same file."""
+        return _checked(lambda: cls._from_gguf(metadata, source), source, "GGUF tokenizer metadata")
+
+    @classmethod
+    def _from_hf_dir(cls, directory: Path) -> Tokenizer:
         path = directory / "tokenizer.json"
         if not path.is_file():
             raise ModelSourceError(f"{directory}: no tokenizer.json; expected the model's tokenizers-format tokenizer file")
@@ -139,8 +149,7 @@ class Tokenizer:
         return cls(backend, specials, template, str(directory), clean_up)
 
     @classmethod
-    def from_gguf(cls, metadata: Mapping[str, Any], source: str) -> Tokenizer:
-        """From GGUF metadata (`tokenizer.ggml.*`), built as transformers builds it from the same file."""
+    def _from_gguf(cls, metadata: Mapping[str, Any], source: str) -> Tokenizer:
         kind = metadata.get("tokenizer.ggml.model")
         arch = metadata.get("general.architecture")
         if kind not in _BUILDER_DEFAULTS or (kind == "llama" and arch in _SPM_SPECIAL_ARCHS):
@@ -227,9 +236,22 @@ class Tokenizer:
                 messages=[dict(m) for m in messages], tools=list(tools) if tools else None, documents=None,
                 add_generation_prompt=add_generation_prompt, **self.special_tokens,
             )
-        except jinja2.TemplateError as exc:
-            raise ChatTemplateError(f"{self.source}: chat template failed to render: {exc}") from None
+        except ChatTemplateError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a template is outside code: anything it raises is its failure
+            raise ChatTemplateError(f"{self.source}: chat template failed to render: {type(exc).__name__}: {exc}") from None
         return self.encode(text, add_special_tokens=False) if tokenize else text
+
+
+def _checked(build: Callable[[], Tokenizer], source: str, what: str) -> Tokenizer:
+    """`build()`, with anything but our own errors (the Rust side raises bare Exceptions, odd values TypeErrors)
+    turned into a ModelSourceError naming the source: tokenizer files come from outside."""
+    try:
+        return build()
+    except LmkError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - see the docstring
+        raise ModelSourceError(f"{source}: the {what} do not make a tokenizer ({type(exc).__name__}: {exc})") from None
 
 
 def _byte_level(tokens: list[str], metadata: Mapping[str, Any]) -> Backend:
@@ -332,10 +354,27 @@ def _tojson(
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
+class _TemplateSandbox(ImmutableSandboxedEnvironment):
+    """jinja2's sandbox, and no power or repetition that builds a value no chat prompt needs (a hostile
+    template's `'x' * 10**10` would take the process's memory)."""
+
+    intercepted_binops = frozenset(["*", "**"])
+    MAX_ITEMS = 1 << 20
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "**" and isinstance(right, (int, float)) and abs(right) > 64:
+            raise SecurityError(f"chat template raises to the power {right}")
+        if operator == "*":
+            sized, times = (left, right) if isinstance(left, (str, list, tuple)) else (right, left)
+            if isinstance(sized, (str, list, tuple)) and isinstance(times, int) and len(sized) * times > self.MAX_ITEMS:
+                raise SecurityError(f"chat template repeats a value {times} times")
+        return super().call_binop(context, operator, left, right)
+
+
 @lru_cache(maxsize=8)
 def _compile(template: str) -> jinja2.Template:
     """A template compiled in a sandbox with the options and helpers Hugging Face templates expect."""
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env = _TemplateSandbox(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.filters["tojson"] = _tojson  # jinja2's own escapes HTML characters; templates expect plain JSON
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)

@@ -201,18 +201,27 @@ class FusedDecode:
         self._caches: tuple[object, list[torch.Tensor], list[torch.Tensor]] | None = None  # the runner's, split once
 
     def __call__(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, kv_caches: Sequence[KVLayer]
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, kv_caches: Sequence[KVLayer],
+        invariant: bool = False,
     ) -> torch.Tensor | None:
+        """Final hidden states, or None for a step it does not cover. `invariant`: each row's result the same
+        bits whatever rows share the step (row kernels only; a step of more than `max_sequences` rows runs in
+        pieces, each reading the K/V the pieces before it wrote)."""
         paged = meta.paged
         batch = paged.decode_batch if paged is not None else None
         n = input_ids.shape[0]
-        if batch is None or len(batch.seqs) != n or n > self.max_sequences or kv_caches[0][0].dtype != torch.float32:
+        if batch is None or len(batch.seqs) != n or (n > self.max_sequences and not invariant) \
+                or kv_caches[0][0].dtype != torch.float32:
             return None
         if self._caches is None or self._caches[0] is not kv_caches:
             self._caches = (kv_caches, [k for k, _ in kv_caches], [v for _, v in kv_caches])
         m = self.model
         h = m.model.embed_tokens(input_ids).float().contiguous()
         cos, sin = m.rotary.cos_sin(positions, h.dtype, meta.cu_seqlens)
-        h = self.decoder.forward(h, self._caches[1], self._caches[2], cos.contiguous(), sin.contiguous(),
-                                 paged.slot_mapping, batch.tables, batch.lens, batch.block_size)
-        return m.model.norm(h)
+        cos, sin = cos.contiguous(), sin.contiguous()
+        pieces = [
+            self.decoder.forward(h[a:b], self._caches[1], self._caches[2], cos[a:b], sin[a:b], paged.slot_mapping[a:b],
+                                 batch.tables[a:b], batch.lens[a:b], batch.block_size, invariant=invariant)
+            for a, b in ((a, min(n, a + self.max_sequences)) for a in range(0, n, self.max_sequences))
+        ]
+        return m.model.norm(pieces[0] if len(pieces) == 1 else torch.cat(pieces))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +16,36 @@ from lmkernel.serve.protocol import APIError
 def key_hash(key: str | None) -> str | None:
     """What logs and metrics may show of a key: a short SHA-256 prefix, never the key."""
     return None if key is None else hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+SECRET_FLAGS = ("--api-key",)
+
+
+def masked_argv(argv: Sequence[str]) -> list[str]:
+    """`argv` with the value of every secret flag (`--api-key K` and `--api-key=K`) replaced by ***."""
+    out: list[str] = []
+    hide = False
+    for arg in argv:
+        if hide:
+            out.append("***")
+            hide = False
+        elif arg in SECRET_FLAGS:
+            out.append(arg)
+            hide = True
+        elif arg.partition("=")[0] in SECRET_FLAGS and "=" in arg:
+            out.append(arg.partition("=")[0] + "=***")
+        else:
+            out.append(arg)
+    return out
+
+
+def hide_keys_from_process_title(argv: Sequence[str]) -> None:
+    """Rewrite this process's title (what `ps` and /proc/PID/cmdline show) with API keys masked."""
+    masked = masked_argv(argv)
+    if masked != list(argv):
+        import setproctitle
+
+        setproctitle.setproctitle(" ".join(masked))
 
 
 def read_keys_file(path: Path) -> list[str]:

@@ -39,6 +39,7 @@ class ServerConfig:
     log_prompts: bool = False
     tool_call_parser: str | None = None  # None: chosen from the model's chat template
     allow_runtime_lora: bool = False  # /v1/load_lora_adapter and /v1/unload_lora_adapter
+    lora_modules_dirs: list[str] = field(default_factory=list)  # the directories runtime loads may read from
 
 
 @dataclass

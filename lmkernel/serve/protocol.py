@@ -17,7 +17,7 @@ from lmkernel.engine.structured import StructuredOutputError, StructuredOutputs
 class APIError(Exception):
     """An error answered as `{"error": {"message", "type", "param", "code"}}` with an HTTP status."""
 
-    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+    TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
              408: "timeout_error", 413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
@@ -394,7 +394,7 @@ class RecommendResponse(BaseModel):
 REQUEST_MODELS = (CompletionRequest, ChatCompletionRequest, EmbeddingRequest, TokenizeRequest, DetokenizeRequest,
                   LoadLoraAdapterRequest, UnloadLoraAdapterRequest, RecommendRequest)
 _ERRORS = {400: "invalid request (the field is named in error.param)", 401: "missing or wrong API key",
-           404: "unknown model or route", 413: "body too large", 429: "queue full or over a rate limit",
+           403: "a path outside the directories the server was given", 404: "unknown model or route", 413: "body too large", 429: "queue full or over a rate limit",
            503: "shutting down"}
 
 

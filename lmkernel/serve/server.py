@@ -111,7 +111,7 @@ def serve(launch: LaunchConfig, config: ServerConfig, recommender: Recommends | 
     setup_logging()
     app = load_app(launch, config, recommender)
     uv = uvicorn.Config(app, host=launch.host, port=launch.port, log_level="warning", access_log=False,
-                        timeout_graceful_shutdown=1)
+                        timeout_graceful_shutdown=1, h11_max_incomplete_event_size=16 * 1024)  # README's limits table
     server = _DrainingServer(uv, app.state.server, launch.shutdown_grace)
     print(f"lmkernel: serving {served_names(config)} on http://{launch.host}:{launch.port}", flush=True)
     server.run()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle  # nosec B403  # only for its error type: state.pt loads with weights_only
 import random
 import shutil
 import tempfile
@@ -124,9 +125,9 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     """Restore weights, optimizer, scheduler and RNG states from `path`; return the data position."""
     try:
         weights = load_file(str(path / "trainable.safetensors"))
-        state = torch.load(path / "state.pt", weights_only=False)
+        state = torch.load(path / "state.pt", weights_only=True)  # tensors and plain values only: no pickled code
         position = Position(**json.loads((path / "position.json").read_text(encoding="utf-8")))
-    except (OSError, ValueError, RuntimeError, TypeError) as exc:
+    except (OSError, ValueError, RuntimeError, TypeError, pickle.UnpicklingError) as exc:
         raise LmkError(f"{path}: checkpoint cannot be read ({exc})") from None
     params = dict(model.named_parameters())
     expected = {n for n, p in params.items() if p.requires_grad}

@@ -67,7 +67,7 @@ class OldTask:
         if fraction <= 0:
             return []
         count = max(1, round(fraction * len(self.train_items)))
-        return random.Random(seed).sample(self.train_items, count)
+        return random.Random(seed).sample(self.train_items, count)  # nosec B311  # seeded order for data and benchmarks, not a secret
 
 
 class ElasticWeights:
@@ -79,7 +79,7 @@ class ElasticWeights:
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         self.anchor = {n: p.detach().clone() for n, p in self.params.items()}
         self.fisher = {n: torch.zeros_like(p) for n, p in self.params.items()}
-        chosen = random.Random(seed).sample(range(len(items)), min(samples, len(items)))
+        chosen = random.Random(seed).sample(range(len(items)), min(samples, len(items)))  # nosec B311  # seeded order for data and benchmarks, not a secret
         was_training = model.training
         model.eval()  # no dropout: the gradients of the model as it is
         for i in chosen:

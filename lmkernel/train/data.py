@@ -124,7 +124,7 @@ def chat_tokens(tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]], whe
 def holdout_split(n: int, fraction: float, seed: int, labels: Sequence[int] | None = None) -> tuple[list[int], list[int]]:
     """Indices of `n` examples split into (kept, held out): `fraction` of them held out at random with `seed`,
     within each label when `labels` are given (so the held-out split keeps the label shares)."""
-    rng = random.Random(seed)
+    rng = random.Random(seed)  # nosec B311  # seeded order for data and benchmarks, not a secret
     groups: dict[int, list[int]] = {}
     for i in range(n):
         groups.setdefault(labels[i] if labels is not None else 0, []).append(i)
@@ -162,7 +162,7 @@ def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int
     windows of BUCKET_WINDOW batches are sorted by length so a batch pads little, and the batches
     are shuffled again so lengths do not come in order."""
     order = list(range(len(lengths)))
-    rng = random.Random(f"{seed}:{epoch}")
+    rng = random.Random(f"{seed}:{epoch}")  # nosec B311  # seeded order for data and benchmarks, not a secret
     rng.shuffle(order)
     if by_length:
         window = batch_size * BUCKET_WINDOW
@@ -188,7 +188,7 @@ def augment(texts: Sequence[str], labels: Sequence[int], seed: int, copies: int 
     """Extra training sentences for classification: each original is kept and gets `copies` variants,
     one of random deletion (each word dropped with p=0.1), random swap (two words exchanged) or mixing
     (the first half of its words followed by the second half of another sentence with the same label)."""
-    rng = random.Random(f"augment:{seed}")
+    rng = random.Random(f"augment:{seed}")  # nosec B311  # seeded order for data and benchmarks, not a secret
     by_label: dict[int, list[int]] = {}
     for i, label in enumerate(labels):
         by_label.setdefault(label, []).append(i)

@@ -147,7 +147,7 @@ class MultiTask(Task):
     def read_split(self, path: Path, flag: str, holdout: float) -> tuple[list[Any], list[Any] | None]:
         self.tasks = read_tasks(path)
         self.subs = [Classification(self.tokenizer, self.fresh, self.max_length, self.seed) for _ in self.tasks]
-        rng = random.Random(self.seed)
+        rng = random.Random(self.seed)  # nosec B311  # seeded order for data and benchmarks, not a secret
         items: list[Any] = []
         chosen: list[Any] = []
         for t, (spec, sub) in enumerate(zip(self.tasks, self.subs)):

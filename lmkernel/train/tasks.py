@@ -239,7 +239,7 @@ class MaskedLM(Task):
         return inputs, targets
 
     def collate(self, items: Sequence[Any], indices: Sequence[int], epoch: int, device: torch.device) -> Batch:
-        masked = [self.mask(items[i], random.Random(f"{self.seed}:{epoch}:{i}")) for i in indices]
+        masked = [self.mask(items[i], random.Random(f"{self.seed}:{epoch}:{i}")) for i in indices]  # nosec B311  # seeded order for data and benchmarks, not a secret
         ids, positions, meta = _layout([m[0] for m in masked], False, device)
         targets = [t for _, ts in masked for t in ts]
         scored = sum(t != IGNORE for t in targets)

@@ -74,3 +74,18 @@ def test_select_runs_a_narrow_build_for_the_process(narrow: object) -> None:
                                    atol=1e-4 * expected.abs().max().item())
     finally:
         cpu_kernels.select("auto")
+
+
+@pytest.mark.parametrize("qtype", [*LEGACY, *K_QUANTS], ids=lambda t: t.name)
+def test_narrow_build_rows_do_not_depend_on_their_neighbours(narrow: object, qtype: T) -> None:
+    """Up to 7 rows always, any number with `invariant` (--deterministic): each row the bits it gets alone."""
+    width = 768 if qtype in LEGACY else 512
+    blocks = torch.from_numpy(random_blocks(qtype, 48, width, seed=5))
+    x = torch.randn(40, width, generator=torch.Generator().manual_seed(6))
+    for packed in (False, True) if qtype in (T.Q4_K, T.Q6_K) else (False,):
+        w = narrow.gguf_pack(blocks, int(qtype), width) if packed else blocks
+        alone = torch.cat([narrow.gguf_linear(x[i : i + 1], w, int(qtype), None, packed) for i in range(40)])
+        for rows in (2, 3, 4, 5, 7):
+            assert torch.equal(narrow.gguf_linear(x[:rows], w, int(qtype), None, packed), alone[:rows]), (packed, rows)
+        for rows in (8, 17, 40):
+            assert torch.equal(narrow.gguf_linear(x[:rows], w, int(qtype), None, packed, True), alone[:rows]), (packed, rows)

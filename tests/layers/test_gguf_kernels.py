@@ -119,6 +119,26 @@ def test_batched_decode_product_equals_the_row_kernels(qtype: T, rows: int, tile
     torch.testing.assert_close(batched, by_rows, rtol=1e-5, atol=1e-5 * by_rows.abs().max().item())
 
 
+@pytest.mark.parametrize("qtype", [*LEGACY, *K_QUANTS], ids=lambda t: t.name)
+def test_each_row_is_the_same_bits_whatever_rows_share_the_call(qtype: T, tiles: str) -> None:
+    """Up to 7 rows (a decode step) always, and any number with `invariant` (--deterministic): a row's result
+    does not depend on the rows beside it, packed or stored."""
+    width = 1024 if qtype in LEGACY else 1536
+    blocks = torch.from_numpy(random_blocks(qtype, 64, width, seed=3))
+    layers = [blocks]
+    if qtype in (T.Q4_K, T.Q6_K):
+        layers.append(cpu_kernels.gguf_pack(blocks, int(qtype), width))
+    x = torch.randn(70, width, generator=torch.Generator().manual_seed(4))
+    for w in layers:
+        packed = w is not blocks
+        alone = torch.cat([cpu_kernels.gguf_linear(x[i : i + 1], w, int(qtype), packed=packed) for i in range(70)])
+        for rows in range(2, 8):
+            assert torch.equal(cpu_kernels.gguf_linear(x[:rows], w, int(qtype), packed=packed), alone[:rows]), rows
+        for rows in (8, 16, 33, 70):
+            got = cpu_kernels.gguf_linear(x[:rows], w, int(qtype), packed=packed, invariant=True)
+            assert torch.equal(got, alone[:rows]), rows
+
+
 @pytest.mark.parametrize("qtype", K_QUANTS, ids=lambda t: t.name)
 def test_packed_layout_restores_the_stored_rows_exactly(qtype: T) -> None:
     blocks = torch.from_numpy(random_blocks(qtype, 48, 768 if qtype != T.Q6_K else 1024, seed=9))

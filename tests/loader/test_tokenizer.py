@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import unicodedata
@@ -9,6 +10,8 @@ from pathlib import Path
 
 import gguf
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tiny_gguf import byte_symbols
 
 from lmkernel.errors import LmkError, ModelSourceError, UnsupportedModelError
@@ -337,3 +340,35 @@ def test_sentencepiece_spaces_bytes_and_specials(llama_cpp_vocabs):
     assert tok.encode("🦙", add_special_tokens=False) == [29871, 243, 162, 169, 156]  # four byte-fallback pieces
     for text in ["Hello world", "  two  spaces\n\ttab", "🦙.cpp and ünïcödé", "a\n\n\n   b"]:
         assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
+
+
+HOSTILE_TEMPLATES = [
+    "{{ 1 / 0 }}", "{{ messages[0]['content'] + 1 }}", "{{ messages.append(1) }}", "{{ ''.__class__.__mro__ }}",
+    "{{ 'x' * 10000000000 }}", "{{ [1] * 100000000 }}", "{{ 10 ** 100000000 }}", "{% for m in messages %}{{ m.nope.deeper }}",
+    "{{ raise_exception('no') }}", "{{ tools | tojson(indent='x') }}", "{% set x = messages | map('int') | list %}{{ x }}",
+    "{{ strftime_now(12) }}", "{{ range(10**9) | list | length }}", "{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(1) }}",
+    "{{ messages | attr('__dict__') }}", "{{ cycler.__init__.__globals__ }}", "{% include 'x' %}", "{{",
+]
+FRAGMENTS = ["{{ ", " }}", "{% ", " %}", "messages", "[0]", "['content']", "for m in messages", "endfor", "if ", "endif",
+             " + ", " * ", "tools", " | tojson", "'a'", "1", "(", ")", "loop.index", "add_generation_prompt", "bos_token"]
+
+
+@pytest.mark.parametrize("template", HOSTILE_TEMPLATES)
+def test_hostile_chat_templates_fail_cleanly(mini_tok, template):
+    tok = copy.copy(mini_tok)
+    tok.chat_template = template
+    try:
+        tok.apply_chat_template([{"role": "user", "content": "hi"}], tools=[{"type": "function", "function": {"name": "f"}}])
+    except LmkError as exc:
+        assert "chat template" in str(exc)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(FRAGMENTS), max_size=14))
+def test_random_chat_templates_render_or_fail_cleanly(mini_tok, pieces):
+    tok = copy.copy(mini_tok)
+    tok.chat_template = "".join(pieces)
+    try:
+        tok.apply_chat_template([{"role": "user", "content": "hi"}])
+    except LmkError:
+        pass

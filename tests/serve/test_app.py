@@ -185,6 +185,8 @@ def test_bad_lora_option_is_one_clear_line() -> None:
     assert out.returncode == 1 and "--lora 'tuned': expected NAME=PATH" in out.stderr and "Traceback" not in out.stderr
     out = invoke("serve", MODEL, "--allow-runtime-lora")
     assert out.returncode == 1 and "needs --api-key" in out.stderr and "Traceback" not in out.stderr
+    out = invoke("serve", MODEL, "--allow-runtime-lora", "--api-key", "k")
+    assert out.returncode == 1 and "needs --lora-modules-dir" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_runtime_lora_endpoints_are_off_unless_allowed(server: Server, adapter) -> None:
@@ -368,3 +370,21 @@ def test_one_json_log_line_per_request_without_the_key(server: Server, client: o
     assert mine and mine[-1]["completion_tokens"] == 2 and mine[-1]["status"] == 200
     assert KEY not in server.log.read_text() and "Log me" not in server.log.read_text()
     assert all(k in mine[-1] for k in ("id", "key", "model", "ttft_s", "e2e_s", "queue_s"))
+
+
+def test_keys_and_prompts_leak_into_no_title_metric_or_health(server: Server, client: openai.OpenAI) -> None:
+    marker = "zebra-kumquat-4711"
+    client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": f"Say {marker}"}], max_tokens=4)
+    cmdline = open(f"/proc/{server.process.pid}/cmdline", "rb").read().decode()
+    assert KEY not in cmdline and "--api-key" in cmdline and "***" in cmdline
+    for path in ("/metrics", "/health", "/ready"):
+        r = httpx.get(f"{server.url}{path}", timeout=30)
+        assert r.status_code == 200 and marker not in r.text and KEY not in r.text, path
+    assert KEY not in server.log.read_text() and marker not in server.log.read_text()
+
+
+def test_secret_flags_are_masked() -> None:
+    from lmkernel.serve.auth import masked_argv
+
+    assert masked_argv(["lmk", "serve", "m", "--api-key", "sk-1", "--api-key=sk-2", "--port", "80"]) == [
+        "lmk", "serve", "m", "--api-key", "***", "--api-key=***", "--port", "80"]

@@ -28,7 +28,7 @@ def _served_model(case):
 def server(tmp_path_factory: pytest.TempPathFactory):
     s = start_server(tmp_path_factory.mktemp("serve"), GENERATE, "--embedding-model", EMBED,
                      "--api-key", KEY, "--kv-cache-memory", "128MiB", "--request-timeout", "3", "--allow-runtime-lora",
-                     "--max-loras", "1")
+                     "--max-loras", "1", "--lora-modules-dir", str(tmp_path_factory.mktemp("adapters")))
     yield s
     assert s.stop() == 0, s.log.read_text()
 

@@ -24,15 +24,20 @@ PROMPT = "The history of the city begins"
 
 
 @pytest.fixture(scope="module")
-def adapter_dirs(smollm, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("adapters")
+def root(tmp_path_factory: pytest.TempPathFactory):
+    """The one directory the server may load adapters from."""
+    return tmp_path_factory.mktemp("adapters")
+
+
+@pytest.fixture(scope="module")
+def adapter_dirs(smollm, root) -> dict[str, str]:
     return {name: str(random_llama_adapter(root / name, smollm.config, seed=i + 1)) for i, name in enumerate("abc")}
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory):
+def server(tmp_path_factory: pytest.TempPathFactory, root):
     s = start_server(tmp_path_factory.mktemp("serve"), MODEL, "--api-key", KEY, "--allow-runtime-lora", "--max-loras", "2",
-                     "--kv-cache-memory", "128MiB")
+                     "--kv-cache-memory", "128MiB", "--lora-modules-dir", str(root))
     yield s
     assert s.stop() == 0, s.log.read_text()
 
@@ -105,11 +110,30 @@ def test_least_recently_used_adapter_makes_room(server: Server, adapter_dirs) ->
         assert call(server, "unload_lora_adapter", {"lora_name": name}).status_code == 200
 
 
-def test_bad_adapters_and_keys(server: Server, smollm, adapter_dirs, tmp_path) -> None:
+def test_adapters_load_only_from_the_given_directories(server: Server, smollm, root, adapter_dirs, tmp_path) -> None:
+    """Outside --lora-modules-dir (directly, by '..', or through a symlink inside it, to the directory or to one of
+    its files) is a 403 that does not say whether the path exists; a relative path is taken inside the directory."""
+    outside = random_llama_adapter(tmp_path / "outside", smollm.config, seed=4)
+    (root / "link").symlink_to(outside, target_is_directory=True)
+    sneaky = root / "sneaky"
+    sneaky.mkdir()
+    for f in outside.iterdir():
+        (sneaky / f.name).symlink_to(f)
+    for path in (str(outside), str(tmp_path / "missing"), f"{root}/../{tmp_path.name}/outside", str(root / "link"),
+                 str(sneaky), "/etc"):
+        r = call(server, "load_lora_adapter", {"lora_name": "x", "lora_path": path})
+        assert r.status_code == 403 and r.json()["error"]["param"] == "lora_path", path
+        assert r.json()["error"]["code"] == "forbidden_path"
+    r = call(server, "load_lora_adapter", {"lora_name": "rel", "lora_path": "a"})
+    assert r.status_code == 200, r.text
+    assert call(server, "unload_lora_adapter", {"lora_name": "rel"}).status_code == 200
+
+
+def test_bad_adapters_and_keys(server: Server, smollm, root, adapter_dirs) -> None:
     assert call(server, "load_lora_adapter", {"lora_name": "x", "lora_path": adapter_dirs["a"]}, key=None).status_code == 401
-    r = call(server, "load_lora_adapter", {"lora_name": "x", "lora_path": str(tmp_path / "missing")})
+    r = call(server, "load_lora_adapter", {"lora_name": "x", "lora_path": str(root / "missing")})
     assert r.status_code == 400 and r.json()["error"]["param"] == "lora_path" and "missing" in r.json()["error"]["message"]
-    other = random_llama_adapter(tmp_path / "wide", dataclasses.replace(smollm.config, hidden_size=640), seed=9)
+    other = random_llama_adapter(root / "wide", dataclasses.replace(smollm.config, hidden_size=640), seed=9)
     r = call(server, "load_lora_adapter", {"lora_name": "wide", "lora_path": str(other)})
     assert r.status_code == 400 and str(other) in r.json()["error"]["message"]
     assert call(server, "load_lora_adapter", {"lora_name": "bad:name", "lora_path": adapter_dirs["a"]}).json()["error"]["param"] == "lora_name"

@@ -116,3 +116,59 @@ def test_parallel_tool_calls_false_forces_exactly_one_call() -> None:
     tools = [WEATHER, {"type": "function", "function": {"name": "get_time"}}]
     assert plan_tools(tools, "required", "<tool_call>tools", None).grammar.startswith("start: call+")
     assert plan_tools(tools, "required", "<tool_call>tools", None, parallel=False).grammar.startswith("start: call\n")
+
+
+FENCED = '```json\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n```'
+
+
+@pytest.mark.parametrize("step", [1, 4, 1000])
+def test_a_fenced_object_naming_an_offered_tool_is_a_call_streamed_or_not(step: int) -> None:
+    for text in (FENCED, "\n" + FENCED.replace("```json", "```") + "\n"):
+        content, calls = HermesParser(["get_weather"]).parse(text)
+        assert content is None and [(c.name, json.loads(c.arguments)) for c in calls] == [("get_weather", {"city": "Paris"})]
+        assert streamed(HermesParser(["get_weather"]), text, step)[1] == {0: {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    assert HermesParser(["get_time"]).parse(FENCED) == (FENCED, [])  # not an offered tool: text
+    llama = '```json\n{"name": "get_weather", "parameters": {"city": "Lima"}}\n```'
+    assert [c.name for c in Llama3JsonParser(["get_weather"]).parse(llama)[1]] == ["get_weather"]
+    assert Llama3JsonParser(["get_time"]).parse(llama) == (llama, [])
+
+
+def test_code_in_a_fence_streams_as_text_without_waiting_for_the_end() -> None:
+    parser = HermesParser(["get_weather"])
+    assert parser.feed("```py") == []  # a fence's first line decides
+    events = parser.feed("thon\nprint('hi')\n")
+    assert "".join(e.content for e in events) == "```python\nprint('hi')\n"
+    assert "".join(e.content for e in Llama3JsonParser(["get_weather"]).feed("```\nls -la\n")) == "```\nls -la\n"
+
+
+# Outputs of Qwen2.5-Coder-0.5B/1.5B-Instruct to chat requests offering get_weather and get_time, and texts built
+# like them: tagged calls, a bare and a fenced object, calls among text, a broken call, code, plain answers.
+RECORDED = [
+    '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>',
+    '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n<tool_call>\n'
+    '{"name": "get_time", "arguments": {"timezone": "Europe/Paris"}}\n</tool_call>',
+    '{"name": "get_weather", "arguments": {"city": "Tokyo"}}',
+    '```json\n{\n  "name": "get_weather",\n  "arguments": {\n    "city": "Tokyo"\n  }\n}\n```',
+    '```json\n{"name": "get_weather", "arguments": {"city": "Tokyo"}}\n```\nThis calls the weather tool.',
+    "I'll check that for you.\n<tool_call>\n{\"name\": \"get_time\", \"arguments\": {}}\n</tool_call>",
+    '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"\n</tool_call>',
+    '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}',
+    "```python\nimport requests\nprint(requests.get('https://wttr.in/Paris').text)\n```",
+    "The weather in Paris is usually mild in spring, around 15 C.",
+    '{"city": "Paris"}',
+    '```json\n{"name": "book_flight", "arguments": {"to": "Oslo"}}\n```',
+    "Use <tool_call> tags like <tool_call>this</tool_call> to call tools.",
+    "",
+    "   \n",
+]
+
+
+@pytest.mark.parametrize("step", [1, 2, 3, 7, 10_000])
+@pytest.mark.parametrize("make", [lambda: HermesParser(["get_weather", "get_time"]),
+                                  lambda: Llama3JsonParser(["get_weather", "get_time"])], ids=["hermes", "llama3_json"])
+def test_streamed_and_whole_outputs_are_read_the_same_way(make, step: int) -> None:
+    for text in RECORDED:
+        whole_content, whole_calls = make().parse(text)
+        content, calls = streamed(make(), text, step)
+        assert [(c["name"], c["arguments"]) for c in calls.values()] == [(c.name, c.arguments) for c in whole_calls], text
+        assert (content.strip() or None if calls else content) == whole_content, text

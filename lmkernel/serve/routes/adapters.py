@@ -1,8 +1,11 @@
 """LoRA adapters loaded and unloaded while serving, under vLLM's names: POST /v1/load_lora_adapter and
-POST /v1/unload_lora_adapter (only with --allow-runtime-lora, which needs API keys)."""
+POST /v1/unload_lora_adapter (only with --allow-runtime-lora, which needs API keys, and only from the
+directories given with --lora-modules-dir)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -29,6 +32,24 @@ def _engine(svc: Service, request: Request) -> AsyncEngine:
     return svc.engine
 
 
+def allowed_adapter_path(path: str, roots: Sequence[str]) -> str:
+    """`path` with its symlinks resolved, if it and every file under it lie inside one of `roots`; else a 403
+    that says nothing of what lies outside (not even whether it exists)."""
+    def inside(p: Path) -> bool:
+        return any(p == r or r in p.parents for r in resolved_roots)
+
+    resolved_roots = [Path(r).resolve() for r in roots]
+    target = Path(path).expanduser()
+    target = target.resolve() if target.is_absolute() or not resolved_roots else (resolved_roots[0] / target).resolve()
+    outside = not inside(target)
+    if not outside and target.is_dir():
+        outside = any(not inside(entry.resolve()) for entry in target.rglob("*"))
+    if outside:
+        raise APIError(403, f"lora_path {path!r} is outside the directories adapters may be loaded from "
+                       "(--lora-modules-dir), or links out of them", "lora_path", code="forbidden_path")
+    return str(target)
+
+
 @router.post("/v1/load_lora_adapter", **documented(LoadLoraAdapterRequest, LoraAdapterStatus))
 async def load_lora_adapter(request: Request) -> dict[str, Any]:
     svc = service(request)
@@ -39,8 +60,9 @@ async def load_lora_adapter(request: Request) -> dict[str, Any]:
         raise APIError(400, f"lora_name {name!r}: expected a non-empty name without ':' or surrounding spaces", "lora_name")
     if name in engine.lora_names:
         raise APIError(400, f"an adapter named '{name}' is already loaded; unload it first", "lora_name")
+    path = allowed_adapter_path(body.lora_path, svc.config.lora_modules_dirs)
     try:
-        dropped = await engine.load_adapter(name, body.lora_path)
+        dropped = await engine.load_adapter(name, path)
     except AdapterError as exc:
         raise APIError(400, str(exc), None if "adapter slots" in str(exc) else "lora_path") from None
     return {"lora_name": name, "status": "loaded", "model": f"{svc.config.model_name}:{name}", "unloaded": dropped}

@@ -87,14 +87,14 @@ async def chat(request: Request) -> Response:
         constraint = ("tools", {"grammar": plan.grammar})
     params = svc.admit(key, [ids], params if adapter is None else dataclasses.replace(params, lora=adapter), "messages")
     gen = Generation(svc, "chat", key, [ids], [json.dumps(conversation, ensure_ascii=False)], params, constraint)
-    parse = make_parser(plan.parser, plan.tools).parse if plan is not None and plan.parses else None
+    parses = plan is not None and plan.parses
     base = {"id": f"chatcmpl-{gen.id}", "object": "chat.completion.chunk", "created": int(time.time()), "model": body.model}
 
     if body.stream:
         include = bool(body.stream_options and body.stream_options.include_usage)
         opening = [{**base, "choices": [{"index": j, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                          "finish_reason": None}]} for j in range(body.n)]
-        if parse is not None:
+        if parses:
             return gen.stream(_tool_chunks(plan, base, body.n), opening, include, base)
         sent: dict[int, int] = {}
 
@@ -119,7 +119,8 @@ async def chat(request: Request) -> Response:
 
     await gen.collect(request)
     out = gen.final[0]
-    assert out is not None
+    if out is None:  # collect() returns only once every prompt finished
+        raise APIError(500, "the request ended without an output")
     choices = []
     for j, o in enumerate(out.outputs):
         lp = None
@@ -127,8 +128,8 @@ async def chat(request: Request) -> Response:
             lp = {"content": [_logprobs(tok, p, t, top_n) for t, p in zip(o.token_ids, o.logprobs or [])]}
         message: dict[str, Any] = {"role": "assistant", "content": o.text}
         reason = o.finish_reason
-        if parse is not None:
-            content, calls = parse(o.text)
+        if parses:  # a parser of its own for each choice: it reads the text by the steps a stream takes
+            content, calls = make_parser(plan.parser, plan.tools).parse(o.text)
             if calls:
                 message = {"role": "assistant", "content": content, "tool_calls": [c.openai() for c in calls]}
                 reason = "tool_calls" if reason == "stop" else reason

@@ -86,7 +86,8 @@ async def completions(request: Request) -> Response:
     await gen.collect(request)
     choices = []
     for i, out in enumerate(gen.final):
-        assert out is not None
+        if out is None:  # collect() returns only once every prompt finished
+            raise APIError(500, "the request ended without an output")
         for j, o in enumerate(out.outputs):
             lp = _logprobs(svc, out, j, body.logprobs, body.echo, 0) if body.logprobs is not None else None
             choices.append({"index": i * n + j, "text": (prompt_texts[i] if body.echo else "") + o.text,

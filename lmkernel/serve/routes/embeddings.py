@@ -27,7 +27,8 @@ async def embeddings(request: Request) -> Response:
     body = await svc.parse(request, EmbeddingRequest)
     svc.check_model(body.model, "embed")
     embedder = svc.embedder
-    assert embedder is not None
+    if embedder is None:  # check_model answers 404 first when no embedding model is served
+        raise APIError(404, "this server has no embedding model", "model", code="model_not_found")
     if body.dimensions is not None:
         raise APIError(400, f"model '{body.model}' cannot truncate its {embedder.dimensions}-dimensional "
                        "embeddings; leave 'dimensions' out", "dimensions")

@@ -1,5 +1,6 @@
 """Llama 3.1/3.2 JSON tool calls: the whole output is {"name": ..., "parameters": {...}} (several joined by
-"; "), optionally after <|python_tag|>; any other output is text."""
+"; "), optionally after <|python_tag|>; any other output is text. The same object in a fenced block is a call
+when it names an offered tool."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from lmkernel.serve.tool_parsers import StreamEvent, ToolCall, call_schema
+from lmkernel.serve.tool_parsers import StreamEvent, ToolCall, ToolParser, call_schema, may_be_whole_call, unfenced
 
 TAG = "<|python_tag|>"
 
@@ -29,13 +30,10 @@ def _calls(text: str) -> list[ToolCall] | None:
     return calls or None
 
 
-class Llama3JsonParser:
-    def __init__(self) -> None:
-        self._buf, self._holding, self.calls = "", None, 0
-
-    def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
-        calls = _calls(text) if text.strip().startswith(("{", TAG)) else None
-        return (None, calls) if calls else (text, [])
+class Llama3JsonParser(ToolParser):
+    def __init__(self, names: Sequence[str] = ()) -> None:
+        super().__init__(names)
+        self._buf, self._holding = "", None
 
     def grammar(self, tools: Sequence[Mapping[str, Any]], several: bool) -> str:
         schema = json.dumps(call_schema(tools, "parameters"))
@@ -49,7 +47,9 @@ class Llama3JsonParser:
             head = self._buf.lstrip()
             if not head or (len(head) < len(TAG) and TAG.startswith(head)):
                 return []
-            self._holding = head.startswith(("{", TAG))
+            self._holding = True if head.startswith(TAG) else may_be_whole_call(head)
+            if self._holding is None:
+                return []
         if self._holding:
             return []
         out, self._buf = self._buf, ""
@@ -57,13 +57,11 @@ class Llama3JsonParser:
 
     def finish(self) -> list[StreamEvent]:
         text, self._buf = self._buf, ""
-        if not self._holding:
-            return [StreamEvent(content=text)] if text else []
-        calls = _calls(text)
+        calls = _calls(text) if self._holding else None
+        body = unfenced(text)
+        if not calls and self._holding and body != text:  # fenced: a call only to an offered tool
+            calls = _calls(body)
+            calls = calls if calls and all(c.name in self.names for c in calls) else None
         if not calls:
             return [StreamEvent(content=text)] if text else []
-        events = []
-        for i, call in enumerate(calls):
-            events += [StreamEvent(index=i, call_id=call.id, name=call.name), StreamEvent(index=i, arguments=call.arguments)]
-        self.calls = len(calls)
-        return events
+        return [e for call in calls for e in self._call_events(call)]
