@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from pathlib import Path
 from typing import Any
@@ -79,8 +80,55 @@ def _eos_ids(directory: Path, raw: dict[str, Any]) -> int | list[int] | None:
     return None if not ids else ids[0] if len(ids) == 1 else ids
 
 
+MAX_POSITIONS = 1 << 24  # no released model's context comes near; past it a value is a typo or an attack
+MAX_SIZE = 1 << 24  # nor any width or vocabulary
+_LAYER_INDEX = re.compile(r"\.(?:layers|layer|h)\.(\d+)\.")
+
+
 def parse_config(directory: Path) -> ModelConfig:
-    """Read `config.json` (and sentence-transformers files beside it) into a `ModelConfig`."""
+    """Read `config.json` (and sentence-transformers files beside it) into a `ModelConfig`, checked against
+    itself and against the weight files' headers (layer count, embedding table) before any model is built
+    from it: a crafted config must not make a model of a billion layers."""
+    path = directory / "config.json"
+    try:
+        config = _parse_config(directory)
+    except LmkError:
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as exc:
+        raise WeightsError(f"{path}: a value does not describe a model ({type(exc).__name__}: {exc})") from None
+    check_config(directory, config)
+    return config
+
+
+def check_config(directory: Path, c: ModelConfig) -> None:
+    """Sizes positive and consistent, and the layer count and embedding table those of the weight files."""
+    path = directory / "config.json"
+    rules = [("vocab_size", 1 <= c.vocab_size <= MAX_SIZE), ("hidden_size", 1 <= c.hidden_size <= MAX_SIZE),
+             ("intermediate_size", 1 <= c.intermediate_size <= MAX_SIZE), ("num_hidden_layers", c.num_layers >= 1),
+             ("num_attention_heads", c.num_heads >= 1 and 1 <= c.head_dim and c.num_heads * c.head_dim <= MAX_SIZE),
+             ("num_key_value_heads", 1 <= c.num_kv_heads <= c.num_heads and c.num_heads % c.num_kv_heads == 0),
+             ("max_position_embeddings", 1 <= c.max_position_embeddings <= MAX_POSITIONS),
+             ("norm eps", 0 < c.norm_eps < 1), ("rope_theta", c.rope_theta > 0),
+             ("hidden_act", isinstance(c.hidden_act, str)), ("architectures", isinstance(c.hf_architecture, str))]
+    for key, ok in rules:
+        if not ok:
+            raise WeightsError(f"{path}: '{key}' does not describe a model (vocab {c.vocab_size}, hidden {c.hidden_size}, "
+                               f"intermediate {c.intermediate_size}, {c.num_layers} layers, {c.num_heads} heads / "
+                               f"{c.num_kv_heads} K/V heads of {c.head_dim}, {c.max_position_embeddings} positions, "
+                               f"eps {c.norm_eps}, rope theta {c.rope_theta})")
+    shapes = {name: info["shape"] for f in weight_files(directory) for name, info in check_safetensors(f).items()
+              if name != "__metadata__"}
+    layers = {int(m.group(1)) for name in shapes if (m := _LAYER_INDEX.search(name))}
+    if layers and (len(layers) != c.num_layers or max(layers) != c.num_layers - 1):
+        raise WeightsError(f"{path}: num_hidden_layers is {c.num_layers}, but the weight files hold layers "
+                           f"{min(layers)}..{max(layers)} ({len(layers)} of them)")
+    table = next((n for n in shapes if n.endswith(("embed_tokens.weight", "word_embeddings.weight", "wte.weight"))), None)
+    if table is not None and list(shapes[table]) != [c.vocab_size, c.hidden_size]:
+        raise WeightsError(f"{path}: vocab_size {c.vocab_size} and hidden size {c.hidden_size} do not fit the weight files' "
+                           f"embedding table '{table}' of shape {list(shapes[table])}")
+
+
+def _parse_config(directory: Path) -> ModelConfig:
     path = directory / "config.json"
     raw = read_json(path)
     model_type = raw.get("model_type", "")
@@ -207,6 +255,19 @@ def check_safetensors(path: Path) -> dict[str, Any]:
             header = json.loads(f.read(header_len))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise WeightsError(f"{path}: not a safetensors file (header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise WeightsError(f"{path}: not a safetensors file (the header is not a JSON object)")
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        ok = isinstance(info, dict) and isinstance(info.get("dtype"), str) and isinstance(info.get("shape"), list) \
+            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in info["shape"]) \
+            and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2 \
+            and all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in info["data_offsets"]) \
+            and info["data_offsets"][0] <= info["data_offsets"][1]
+        if not ok:
+            raise WeightsError(f"{path}: tensor '{name}' has a malformed header entry (expected dtype, a shape of "
+                               f"sizes and two increasing data offsets): {str(info)[:200]}")
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + header_len + end > size:
         raise WeightsError(

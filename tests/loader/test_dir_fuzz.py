@@ -1,0 +1,72 @@
+"""Fuzzing Hugging Face model directories (config.json, safetensors headers) and PEFT adapter directories
+(adapter_config.json, adapter weights): each seeded mutation must load and run, or end in a clear `LmkError`
+naming the file, never another exception or a crash."""
+
+from __future__ import annotations
+
+import gc
+import os
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from dir_mutations import mutate_dir
+from lora_checks import random_llama_adapter
+
+from lmkernel import LLM, SamplingParams, load_model
+from lmkernel.errors import LmkError
+
+MUTANTS = int(os.environ.get("LMK_FUZZ_MUTANTS", "60"))
+PARAMS = [SamplingParams(temperature=0, max_tokens=2), SamplingParams(temperature=1.0, max_tokens=2, seed=3)]
+
+
+@pytest.fixture(scope="module")
+def hf_model(tiny_llama, minilm_dir, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("hf") / "tiny"
+    tiny_llama.save_pretrained(directory)
+    shutil.copy(minilm_dir / "tokenizer.json", directory / "tokenizer.json")
+    (directory / "tokenizer_config.json").write_text('{"eos_token": "[SEP]", "chat_template": "{{ messages[0].content }}"}')
+    return directory
+
+
+def _campaign(source: Path, tmp_path: Path, run) -> Counter[str]:
+    outcomes: Counter[str] = Counter()
+    raw = []
+    for seed in range(MUTANTS):
+        target = tmp_path / f"mutant-{seed}"
+        what = mutate_dir(source, target, seed)
+        try:
+            run(target)
+            outcomes["ran"] += 1
+        except LmkError as exc:
+            assert str(exc)
+            outcomes["refused"] += 1
+        except Exception as exc:  # noqa: BLE001 - every escape is the failure this test reports
+            raw.append(f"seed {seed} ({what}): {type(exc).__name__}: {exc}")
+        gc.collect()
+        shutil.rmtree(target)
+    assert not raw, "\n".join(raw)
+    return outcomes
+
+
+def test_mutated_model_directories_load_and_run_or_are_refused(hf_model: Path, tmp_path: Path) -> None:
+    def run(directory: Path) -> None:
+        llm = LLM(load_model(directory), kv_cache_memory="4MiB", verbose=False)
+        llm.generate([[5, 6, 7]] * 2, PARAMS)
+
+    run(hf_model)
+    outcomes = _campaign(hf_model, tmp_path, run)
+    assert outcomes["refused"] and outcomes["ran"], outcomes
+
+
+def test_mutated_adapter_directories_load_and_run_or_are_refused(smollm, tmp_path: Path) -> None:
+    adapter = random_llama_adapter(tmp_path / "adapter", smollm.config, seed=2)
+
+    def run(directory: Path) -> None:
+        llm = LLM(smollm, lora={"a": str(directory)}, kv_cache_memory="16MiB", verbose=False)
+        llm.generate([[5, 6, 7]] * 2, [SamplingParams(temperature=0, max_tokens=2, lora="a")] * 2)
+
+    run(adapter)
+    outcomes = _campaign(adapter, tmp_path, run)
+    assert outcomes["refused"] and outcomes["ran"], outcomes
