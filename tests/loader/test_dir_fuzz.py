@@ -70,3 +70,25 @@ def test_mutated_adapter_directories_load_and_run_or_are_refused(smollm, tmp_pat
     run(adapter)
     outcomes = _campaign(adapter, tmp_path, run)
     assert outcomes["refused"] and outcomes["ran"], outcomes
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("num_hidden_layers", 2**31, "num_hidden_layers is 2147483648, but the weight files hold layers 0..1"),  # was a hang
+    ("intermediate_size", 2**63, "'intermediate_size' does not describe a model"),  # was a TypeError from torch.empty
+    ("hidden_act", [1, 2], "'hidden_act' does not describe a model"),  # was "unhashable type: 'list'"
+    ("architectures", [[1, 2]], "'architectures' does not describe a model"),  # was an AttributeError
+    ("vocab_size", 7, "do not fit the weight files' embedding table"),
+    ("num_key_value_heads", 3, "'num_key_value_heads' does not describe a model"),
+    ("max_position_embeddings", 2**40, "'max_position_embeddings' does not describe a model"),
+    ("hidden_size", "wide", "config.json: a value does not describe a model"),
+])
+def test_crafted_config_values_are_refused_before_a_model_is_built(hf_model: Path, tmp_path: Path, key, value, message) -> None:
+    import json
+
+    target = tmp_path / "crafted"
+    shutil.copytree(hf_model, target)
+    config = json.loads((target / "config.json").read_text())
+    config[key] = value
+    (target / "config.json").write_text(json.dumps(config))
+    with pytest.raises(LmkError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        load_model(target)
