@@ -100,3 +100,27 @@ def test_crafted_fields_are_refused_naming_what_is_wrong(source: Path, tmp_path:
     path = _set(source, tmp_path / "crafted.gguf", changes)
     with pytest.raises(LmkError, match=message):
         load_model(path, packed_cache=None)
+
+
+CORPUS = Path(__file__).resolve().parent / "corpus" / "gguf_headers"
+
+
+def test_the_coverage_guided_corpus_replays_cleanly(source: Path, tmp_path: Path) -> None:
+    """Headers the atheris campaign (`tests/loader/fuzz_gguf.py`) kept for new coverage, each followed by this
+    file's data region: every one loads or is refused clearly."""
+    from gguf_mutations import header_fields
+
+    data = source.read_bytes()
+    region = data[-(-header_fields(data)[1] // 32) * 32 :]
+    headers = sorted(CORPUS.iterdir())
+    assert len(headers) > 50
+    for i, header in enumerate(headers):
+        path = tmp_path / f"corpus-{i}.gguf"
+        raw = header.read_bytes()
+        path.write_bytes(raw + b"\0" * (-len(raw) % 32) + region)
+        try:
+            load_model(path, packed_cache=None)
+        except LmkError:
+            pass
+        gc.collect()
+        path.unlink()
