@@ -17,7 +17,7 @@ from lora_checks import random_llama_adapter
 from lmkernel import LLM, SamplingParams, load_model
 from lmkernel.errors import LmkError
 
-MUTANTS = int(os.environ.get("LMK_FUZZ_MUTANTS", "60"))
+MUTANTS = int(os.environ.get("LMK_FUZZ_MUTANTS", "40"))
 PARAMS = [SamplingParams(temperature=0, max_tokens=2), SamplingParams(temperature=1.0, max_tokens=2, seed=3)]
 
 
@@ -50,6 +50,7 @@ def _campaign(source: Path, tmp_path: Path, run) -> Counter[str]:
     return outcomes
 
 
+@pytest.mark.slow  # a campaign: make test runs it, make test-fast does not
 def test_mutated_model_directories_load_and_run_or_are_refused(hf_model: Path, tmp_path: Path) -> None:
     def run(directory: Path) -> None:
         llm = LLM(load_model(directory), kv_cache_memory="4MiB", verbose=False)
@@ -60,6 +61,7 @@ def test_mutated_model_directories_load_and_run_or_are_refused(hf_model: Path, t
     assert outcomes["refused"] and outcomes["ran"], outcomes
 
 
+@pytest.mark.slow
 def test_mutated_adapter_directories_load_and_run_or_are_refused(smollm, tmp_path: Path) -> None:
     adapter = random_llama_adapter(tmp_path / "adapter", smollm.config, seed=2)
 

@@ -21,9 +21,9 @@ def _generate_both_ways(llm: LLM, prompts: list[list[int]], params: SamplingPara
     assert isinstance(fused, FusedDecode), "a float32 Llama on CPU should decode through the fused kernel"
     calls = 0
 
-    def counted(*args: object) -> torch.Tensor | None:
+    def counted(*args: object, **kwargs: object) -> torch.Tensor | None:
         nonlocal calls
-        out = fused(*args)
+        out = fused(*args, **kwargs)
         calls += out is not None
         return out
 

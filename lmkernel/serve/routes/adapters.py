@@ -39,11 +39,14 @@ def allowed_adapter_path(path: str, roots: Sequence[str]) -> str:
         return any(p == r or r in p.parents for r in resolved_roots)
 
     resolved_roots = [Path(r).resolve() for r in roots]
-    target = Path(path).expanduser()
-    target = target.resolve() if target.is_absolute() or not resolved_roots else (resolved_roots[0] / target).resolve()
-    outside = not inside(target)
-    if not outside and target.is_dir():
-        outside = any(not inside(entry.resolve()) for entry in target.rglob("*"))
+    try:
+        target = Path(path).expanduser()
+        target = target.resolve() if target.is_absolute() or not resolved_roots else (resolved_roots[0] / target).resolve()
+        outside = not inside(target)
+        if not outside and target.is_dir():
+            outside = any(not inside(entry.resolve()) for entry in target.rglob("*"))
+    except (ValueError, OSError, RuntimeError):  # a NUL byte, a lone surrogate, a symlink loop
+        raise APIError(400, "lora_path is not a usable file system path", "lora_path") from None
     if outside:
         raise APIError(403, f"lora_path {path!r} is outside the directories adapters may be loaded from "
                        "(--lora-modules-dir), or links out of them", "lora_path", code="forbidden_path")
