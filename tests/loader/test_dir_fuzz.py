@@ -4,7 +4,6 @@ naming the file, never another exception or a crash."""
 
 from __future__ import annotations
 
-import gc
 import os
 import shutil
 from collections import Counter
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from dir_mutations import mutate_dir
+from fuzzing import campaign
 from lora_checks import random_llama_adapter
 
 from lmkernel import LLM, SamplingParams, load_model
@@ -31,23 +31,11 @@ def hf_model(tiny_llama, minilm_dir, tmp_path_factory: pytest.TempPathFactory) -
 
 
 def _campaign(source: Path, tmp_path: Path, run) -> Counter[str]:
-    outcomes: Counter[str] = Counter()
-    raw = []
-    for seed in range(MUTANTS):
+    def mutant(seed: int) -> tuple[Path, str]:
         target = tmp_path / f"mutant-{seed}"
-        what = mutate_dir(source, target, seed)
-        try:
-            run(target)
-            outcomes["ran"] += 1
-        except LmkError as exc:
-            assert str(exc)
-            outcomes["refused"] += 1
-        except Exception as exc:  # noqa: BLE001 - every escape is the failure this test reports
-            raw.append(f"seed {seed} ({what}): {type(exc).__name__}: {exc}")
-        gc.collect()
-        shutil.rmtree(target)
-    assert not raw, "\n".join(raw)
-    return outcomes
+        return target, mutate_dir(source, target, seed)
+
+    return campaign(MUTANTS, mutant, run)
 
 
 @pytest.mark.slow  # a campaign: make test runs it, make test-fast does not
