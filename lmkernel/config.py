@@ -10,11 +10,15 @@ from typing import Any
 from lmkernel.errors import LmkError
 
 
+ENCODER_ARCHITECTURES = ("bert", "mpnet", "nomic_bert")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Sizes, attention layout, positional scheme, norms and special ids of one model.
 
-    `architecture` picks the model file: "llama" (Llama, Mistral, Qwen2, SmolLM), "gpt2" or "bert".
+    `architecture` picks the model file: "llama" (Llama, Mistral, Qwen2, SmolLM), "gemma3" (and EmbeddingGemma,
+    `bidirectional`), "gpt2", or the encoders "bert", "mpnet" and "nomic_bert".
     """
 
     architecture: str
@@ -32,7 +36,13 @@ class ModelConfig:
     rope_scaling: dict[str, Any] | None = None
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # bias on the Q, K and V projections (Qwen2)
-    sliding_window: int | None = None  # attention reaches back this many tokens (Mistral v0.1); None: all
+    sliding_window: int | None = None  # attention reaches back this many tokens (Mistral v0.1, Gemma 3); None: all
+    # Per layer, "sliding_attention" or "full_attention" (Gemma 3 interleaves them); empty: every layer slides
+    # when `sliding_window` is set.
+    layer_types: tuple[str, ...] = ()
+    rope_local_theta: float | None = None  # rotary base of the sliding layers, where it differs (Gemma 3)
+    query_pre_attn_scalar: float | None = None  # attention scale is its inverse square root (Gemma); None: head_dim
+    bidirectional: bool = False  # a decoder architecture run as an encoder (EmbeddingGemma): no causal mask
     type_vocab_size: int = 0  # BERT token-type embeddings
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
@@ -42,6 +52,10 @@ class ModelConfig:
     pooling: str = "mean"  # "mean" or "cls"
     normalize_embeddings: bool = False
     max_seq_length: int | None = None  # truncation length for embeddings (sentence-transformers)
+    # sentence-transformers Dense modules after pooling: (in, out, bias, activation: "identity" or "tanh")
+    sentence_dense: tuple[tuple[int, int, bool, str], ...] = ()
+    prompts: dict[str, str] = field(default_factory=dict)  # named prefixes for embeddings ("query", "document", ...)
+    matryoshka: bool = False  # embeddings trained to be cut short (`dimensions`): EmbeddingGemma, nomic-embed v1.5
     id2label: dict[int, str] = field(default_factory=dict)
     # Dropout probabilities, active only in training mode.
     hidden_dropout: float = 0.0  # after embeddings and on each residual branch
@@ -53,25 +67,27 @@ class ModelConfig:
     @property
     def is_encoder(self) -> bool:
         """Whether the model is a bidirectional encoder (embeddings, classification) rather than a decoder."""
-        return self.architecture == "bert"
+        return self.architecture in ENCODER_ARCHITECTURES or self.bidirectional
 
     @property
     def is_classifier(self) -> bool:
         """Whether the model ends in a sequence-classification head (an encoder's, or a decoder's on its last token)."""
         return self.hf_architecture.endswith("ForSequenceClassification")
 
+    def window(self, layer: int) -> int | None:
+        """The sliding window of layer `layer` (keys less than this many positions back), or None for all."""
+        if self.sliding_window is None or (self.layer_types and self.layer_types[layer] != "sliding_attention"):
+            return None
+        return self.sliding_window
+
     @property
     def max_context(self) -> int:
-        """The longest context a request may have: the positions the model was trained for, and no more
-        than its sliding window (lmkernel attends to the whole context, so longer ones are refused)."""
-        return min(self.max_position_embeddings, self.sliding_window or self.max_position_embeddings)
+        """The longest context a request may have: the positions the model was trained for."""
+        return self.max_position_embeddings
 
     @property
     def context_limit_reason(self) -> str:
         """What sets `max_context`, for error messages."""
-        if self.sliding_window is not None and self.sliding_window < self.max_position_embeddings:
-            return (f"the model's sliding window of {self.sliding_window} tokens (lmkernel refuses longer contexts "
-                    "rather than attend to only part of them)")
         return f"the model's context length of {self.max_position_embeddings} tokens"
 
     @property

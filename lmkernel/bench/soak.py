@@ -39,6 +39,9 @@ class Sample:
     rss_mib: float
     fds: int
     threads: int
+    cpu_s: float = 0.0  # the server's user + system CPU seconds so far
+    tokens: float = 0.0  # tokens it has generated so far (its lmkernel_generation_tokens counter)
+    steal_s: float = 0.0  # CPU seconds the host's hypervisor has taken from this machine so far (/proc/stat)
 
 
 @dataclass
@@ -68,6 +71,22 @@ class SoakReport:
         """Resident memory at the end against just after warm-up (a fraction: 0.05 = 5% more)."""
         return self.samples[-1].rss_mib / self.warm(warmup).rss_mib - 1
 
+    def work_by_third(self) -> list[tuple[float, float, float]]:
+        """For each third of the run: tokens generated a second, server CPU milliseconds a generated token, and
+        the share of the machine's CPU time the hypervisor stole. Rising latency with a steady CPU cost a token
+        is the host giving the server less; a rising cost is the server doing more for the same work."""
+        out = []
+        for third in range(3):
+            inside = [s for s in self.samples if third * self.seconds / 3 <= s.at <= (third + 1) * self.seconds / 3]
+            if len(inside) < 2:
+                out.append((0.0, 0.0, 0.0))
+                continue
+            a, b = inside[0], inside[-1]
+            tokens, elapsed = b.tokens - a.tokens, b.at - a.at
+            out.append((tokens / elapsed, 1000 * (b.cpu_s - a.cpu_s) / max(tokens, 1.0),
+                        (b.steal_s - a.steal_s) / (elapsed * (os.cpu_count() or 1))))
+        return out
+
     def percentiles(self, kind: str, third: int) -> tuple[float, float] | None:
         """p50 and p99 latency (s) of a kind's requests that started in one third of the run."""
         lo, hi = third * self.seconds / 3, (third + 1) * self.seconds / 3
@@ -77,10 +96,20 @@ class SoakReport:
         return statistics.median(xs), xs[min(len(xs) - 1, int(0.99 * len(xs)))]
 
 
-def _proc(pid: int) -> tuple[float, int, int]:
+def _proc(pid: int) -> tuple[float, int, int, float]:
+    """Resident MiB, open descriptors, threads and user + system CPU seconds of a process."""
     status = Path(f"/proc/{pid}/status").read_text()
     fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-    return int(fields["VmRSS"].split()[0]) / 1024, len(os.listdir(f"/proc/{pid}/fd")), int(fields["Threads"])
+    ticks = os.sysconf("SC_CLK_TCK")
+    stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    cpu = (int(stat[11]) + int(stat[12])) / ticks  # utime and stime, fields 14 and 15 of stat(5)
+    return int(fields["VmRSS"].split()[0]) / 1024, len(os.listdir(f"/proc/{pid}/fd")), int(fields["Threads"]), cpu
+
+
+def _steal_seconds() -> float:
+    """CPU seconds stolen from this machine by its hypervisor since boot (the `steal` column of /proc/stat)."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()
+    return int(fields[8]) / os.sysconf("SC_CLK_TCK") if len(fields) > 8 else 0.0
 
 
 def write_random_adapter(directory: Path, model: str, seed: int) -> Path:
@@ -210,8 +239,12 @@ def soak(model: str, embed: str, seconds: float, clients: int, log_dir: Path, kv
         for t in threads:
             t.start()
         while any(t.is_alive() for t in threads):
-            rss, fds, nthreads = _proc(server.process.pid)
-            report.samples.append(Sample(time.monotonic() - start, rss, fds, nthreads))
+            rss, fds, nthreads, cpu = _proc(server.process.pid)
+            try:
+                tokens = server.metric("lmkernel_generation_tokens_total")
+            except (httpx.HTTPError, KeyError):  # a slow answer under load: keep the last count
+                tokens = report.samples[-1].tokens if report.samples else 0.0
+            report.samples.append(Sample(time.monotonic() - start, rss, fds, nthreads, cpu, tokens, _steal_seconds()))
             time.sleep(min(5.0, max(0.5, seconds / 60)))
         time.sleep(1.0)  # the last aborted streams reach the engine's next step
         report.kv_free = server.metric("lmkernel_kv_cache_free_blocks")

@@ -165,6 +165,35 @@ def _bench_against_llama_cpp(model: str, prompt_tokens: int, new_tokens: int, pr
     console.print(table)
 
 
+@bench_app.command("embed")
+def bench_embed(
+    model: Annotated[str, typer.Option(help="a sentence-transformers folder or an embedding GGUF")] = "all-minilm-l6-v2",
+    sentences: Annotated[int, typer.Option(help="PhraseBank validation sentences embedded each round")] = 512,
+    rounds: Annotated[int, typer.Option()] = 3,
+    threads: Annotated[int, typer.Option(help="threads for both sides")] = 2,
+    phrasebank: Annotated[Path | None, typer.Option(
+        help="Financial PhraseBank JSON lines (default: the repository's shared/data/financial-phrasebank/valid.jsonl)")] = None,
+) -> None:
+    """Sentence-embedding throughput against sentence-transformers (a folder) or llama.cpp (a GGUF), same texts,
+    same threads, rounds alternating."""
+    from lmkernel.bench.embed import embed_speed
+    from lmkernel.bench.workload import shared_file
+    from lmkernel.loading import load_model
+
+    try:
+        path = shared_file("financial-phrasebank/valid.jsonl", "--phrasebank", phrasebank)
+        texts = [json.loads(line)["text"] for line in path.read_text().splitlines() if line.strip()][:sentences]
+        loaded = load_model(model)
+        if not loaded.config.is_encoder:
+            raise LmkError(f"{model}: the embedding benchmark needs an encoder model")
+        r = embed_speed(loaded, texts, rounds, threads)
+    except (LmkError, ValueError, OSError) as exc:
+        raise fail(exc) from None
+    console.print(f"{model}: {r.sentences} sentences ({r.tokens} tokens), {threads} threads, median of {rounds} rounds")
+    console.print(f"lmkernel {r.ours:.1f} sentences/s; {r.peer} {r.theirs:.1f} sentences/s; lmkernel is "
+                  f"{r.ours / r.theirs:.2f}x as fast; lowest cosine between the two sides' embeddings {r.min_cosine:.6f}")
+
+
 @bench_app.command("speculative")
 def bench_speculative(
     model: Annotated[str, typer.Option()] = "qwen2.5-coder-1.5b-instruct",
@@ -364,6 +393,10 @@ def bench_soak(
                   f"{last.threads}; KV blocks free at the end {r.kv_free:.0f} of "
                   f"{r.kv_total:.0f}; 5xx {r.server_errors}; unexpected statuses {r.unexpected() or 'none'}; exit code "
                   f"after SIGTERM {r.exit_code}", highlight=False)
+    work = r.work_by_third()
+    console.print("by third: generated tokens/s " + " / ".join(f"{t:.1f}" for t, _, _ in work)
+                  + "; server CPU ms a generated token " + " / ".join(f"{c:.1f}" for _, c, _ in work)
+                  + "; host steal " + " / ".join(f"{st:.1%}" for _, _, st in work), highlight=False)
     for e in r.errors[:20]:
         console.print(e, highlight=False)
     if r.server_errors or r.unexpected() or r.errors or r.exit_code != 0 or r.kv_free != r.kv_total:

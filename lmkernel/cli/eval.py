@@ -71,6 +71,35 @@ def eval_embeddings(
            {"mean_cosine": result.mean_cosine, "min_cosine": result.min_cosine}, json_out)
 
 
+@eval_app.command("retrieval")
+def eval_retrieval(
+    model: Model,
+    data: Annotated[Path, typer.Option(help="a text file of paragraphs, one a line (e.g. WikiText-2)")],
+    limit: Annotated[int | None, typer.Option(help="use only the first N paragraphs")] = None,
+    prompts: Annotated[bool, typer.Option(help="put the model's 'query' / 'document' prefixes first, if it has them")] = True,
+    dtype: Dtype = "float32",
+    json_out: Annotated[bool, typer.Option("--json", help="print one JSON object as the last line")] = False,
+) -> None:
+    """Recall@1, recall@10 and MRR@10 of a sentence encoder finding each paragraph's continuation from its first
+    sentence, among the continuations of all the paragraphs."""
+    from lmkernel.eval.perplexity import read_text
+    from lmkernel.eval.retrieval import continuation_task, evaluate_retrieval
+    from lmkernel.loading import load_model
+
+    try:
+        task = continuation_task(read_text(data), limit)
+        lm = load_model(model, dtype=dtype)
+        named = lm.config.prompts if prompts else {}
+        result = evaluate_retrieval(lm, task, "query" if "query" in named else None,
+                                    "document" if "document" in named else None)
+    except (LmkError, ValueError) as exc:
+        raise fail(exc) from None
+    report(f"{result.queries} queries over {result.documents} documents: recall@1 {result.recall_at_1:.4f}, "
+           f"recall@10 {result.recall_at_10:.4f}, MRR@10 {result.mrr_at_10:.4f}",
+           {"recall_at_1": result.recall_at_1, "recall_at_10": result.recall_at_10, "mrr_at_10": result.mrr_at_10,
+            "queries": result.queries}, json_out)
+
+
 @eval_app.command("classify")
 def eval_classify(
     model: Model,

@@ -81,7 +81,7 @@ static void attend_span(const float* qb, const float* kp, const float* vp, const
 
 void attend_all(const float* qp, const float* kp, const float* vp, const int64_t* tp, const int64_t* lp,
                        int64_t B, int64_t nb, int64_t block_size, int64_t Hq, int64_t Hkv, int64_t D, float sc,
-                       float* op) {
+                       int64_t window, float* op) {
   // One task per (sequence, KV head, span of the context). With fewer KV heads than twice the threads,
   // each context is cut into spans so that batch-1 decode gives every thread work while each cached row is
   // still read once; the spans' partial results are then merged. The cut depends on the sequence alone,
@@ -96,8 +96,9 @@ void attend_all(const float* qp, const float* kp, const float* vp, const int64_t
 #pragma omp for schedule(dynamic)
     for (int64_t t = 0; t < pairs * spans; ++t) {
       const int64_t b = t / (Hkv * spans), hkv = t / spans % Hkv, c = t % spans, L = lp[b];
-      attend_span(qp + b * Hq * D, kp, vp, tp + b * nb, c * L / spans, (c + 1) * L / spans, block_size, Hkv, G, D, hkv,
-                  sc, part_o.data() + t * G * D, part_m.data() + t * G, part_l.data() + t * G);
+      const int64_t first = window > 0 && L > window ? L - window : 0, n = L - first;  // the keys this query reads
+      attend_span(qp + b * Hq * D, kp, vp, tp + b * nb, first + c * n / spans, first + (c + 1) * n / spans, block_size,
+                  Hkv, G, D, hkv, sc, part_o.data() + t * G * D, part_m.data() + t * G, part_l.data() + t * G);
     }
   }
   for (int64_t pr = 0; pr < pairs; ++pr) {
@@ -130,7 +131,7 @@ void attend_all(const float* qp, const float* kp, const float* vp, const int64_t
 namespace lmk {
 
 torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor tables,
-                           torch::Tensor lens, int64_t block_size, double scale) {
+                           torch::Tensor lens, int64_t block_size, double scale, int64_t window) {
   // q [B, Hq, D]; caches [slots, Hkv, D]; tables [B, max_blocks] (int64); lens [B] (int64)
   check_tensor(q, "q", torch::kFloat32, 3);
   check_tensor(k_cache, "k_cache", torch::kFloat32, 3);
@@ -144,9 +145,10 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
   check_size(tables, "tables", 0, B);
   check_size(lens, "lens", 0, B);
   check_block_tables(tables, lens, block_size, k_cache.size(0));
+  TORCH_CHECK(window >= 0, "window must be 0 (the whole context) or positive, got ", window);
   auto out = torch::empty_like(q);
   attend_all(q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), tables.data_ptr<int64_t>(),
-             lens.data_ptr<int64_t>(), B, tables.size(1), block_size, Hq, Hkv, D, static_cast<float>(scale),
+             lens.data_ptr<int64_t>(), B, tables.size(1), block_size, Hq, Hkv, D, static_cast<float>(scale), window,
              out.data_ptr<float>());
   return out;
 }

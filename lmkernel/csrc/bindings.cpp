@@ -52,7 +52,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return std::string("portable");
 #endif
   }, "the widest vector instructions this build's kernels use");
-  m.def("paged_decode", &lmk::paged_decode, "one query per sequence against its paged K/V context");
+  m.def("paged_decode", &lmk::paged_decode, "one query per sequence against its paged K/V context (its last `window` "
+        "tokens when window > 0)", py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("tables"), py::arg("lens"),
+        py::arg("block_size"), py::arg("scale"), py::arg("window") = 0);
   m.def("rms_norm", &lmk::rms_norm, "RMS norm of rows");
   m.def("rotary", &lmk::rotary, "rotary embedding of rows [N, heads, D]");
   m.def("silu_mul", &lmk::silu_mul, "silu(gate) * up");
@@ -65,9 +67,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readonly("in_features", &lmk::Projection::in_features);
   py::class_<lmk::DecoderLayer>(m, "DecoderLayer", py::module_local())
       .def(py::init<torch::Tensor, torch::Tensor, lmk::Projection, lmk::Projection, lmk::Projection, lmk::Projection,
-                    lmk::Projection, lmk::Projection, lmk::Projection>(),
+                    lmk::Projection, lmk::Projection, lmk::Projection, int64_t>(),
            py::arg("input_norm"), py::arg("post_norm"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("o"),
-           py::arg("gate"), py::arg("up"), py::arg("down"));
+           py::arg("gate"), py::arg("up"), py::arg("down"), py::arg("window") = 0);
   py::class_<lmk::LlamaDecoder>(m, "LlamaDecoder", py::module_local())
       .def(py::init<std::vector<lmk::DecoderLayer>, int64_t, int64_t, int64_t, double>(), py::arg("layers"),
            py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("eps"))

@@ -29,7 +29,7 @@ torch::Tensor gguf_embedding(torch::Tensor ids, torch::Tensor w, int64_t type, i
 
 // attention.cpp
 torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor tables,
-                           torch::Tensor lens, int64_t block_size, double scale);
+                           torch::Tensor lens, int64_t block_size, double scale, int64_t window);
 void check_block_tables(const torch::Tensor& tables, const torch::Tensor& lens, int64_t block_size, int64_t slots);
 
 // elementwise.cpp
@@ -55,9 +55,10 @@ struct Projection {
 
 struct DecoderLayer {
   DecoderLayer(torch::Tensor input_norm, torch::Tensor post_norm, Projection q, Projection k, Projection v,
-               Projection o, Projection gate, Projection up, Projection down);
+               Projection o, Projection gate, Projection up, Projection down, int64_t window);
   torch::Tensor input_norm, post_norm;
   Projection q, k, v, o, gate, up, down;
+  int64_t window;  // sliding-window attention: the last `window` tokens; 0: the whole context
 };
 
 class LlamaDecoder {

@@ -101,8 +101,10 @@ WeightRows Projection::rows() const {
 }
 
 DecoderLayer::DecoderLayer(torch::Tensor in_norm, torch::Tensor post, Projection q_, Projection k_, Projection v_,
-                           Projection o_, Projection gate_, Projection up_, Projection down_)
-    : input_norm(in_norm), post_norm(post), q(q_), k(k_), v(v_), o(o_), gate(gate_), up(up_), down(down_) {
+                           Projection o_, Projection gate_, Projection up_, Projection down_, int64_t window_)
+    : input_norm(in_norm), post_norm(post), q(q_), k(k_), v(v_), o(o_), gate(gate_), up(up_), down(down_),
+      window(window_) {
+  TORCH_CHECK(window >= 0, "window must be 0 (the whole context) or positive, got ", window);
   const int64_t hidden = in_norm.numel();
   check_tensor(input_norm, "input_norm", torch::kFloat32, 1);
   check_tensor(post_norm, "post_norm", torch::kFloat32, 1);
@@ -307,7 +309,7 @@ torch::Tensor LlamaDecoder::forward(torch::Tensor h, std::vector<torch::Tensor> 
       std::memcpy(vc + slot[b] * Hkv * D, v + b * Hkv * D, Hkv * D * sizeof(float));
     }
     attend_all(q, kc, vc, tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), B, tables.size(1), block_size, Hq, Hkv,
-               D, scale, att);
+               D, scale, w.window, att);
     project(B, att, Hq * D, {{&w.o, xn}}, invariant);
     for (int64_t i = 0; i < B * Dm; ++i) hp[i] += xn[i];
     rms_rows(hp, w.post_norm.data_ptr<float>(), xn, B, Dm, eps_);

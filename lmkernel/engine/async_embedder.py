@@ -10,7 +10,7 @@ import torch
 
 from lmkernel.errors import ContextLengthError, LmkError
 from lmkernel.loader.tokenizer import Tokenizer
-from lmkernel.loading import LoadedModel
+from lmkernel.loading import LoadedModel, truncate_embeddings
 
 
 class AsyncEmbedder:
@@ -27,7 +27,18 @@ class AsyncEmbedder:
 
     @property
     def dimensions(self) -> int:
-        return self.loaded.config.hidden_size
+        c = self.loaded.config
+        return c.sentence_dense[-1][1] if c.sentence_dense else c.hidden_size
+
+    @property
+    def matryoshka(self) -> bool:
+        """Whether the model's embeddings may be cut short (`dimensions`)."""
+        return self.loaded.config.matryoshka
+
+    @property
+    def prompts(self) -> dict[str, str]:
+        """The model's named prefixes ("query", "document", ...)."""
+        return self.loaded.config.prompts
 
     @property
     def max_input_tokens(self) -> int:
@@ -47,7 +58,9 @@ class AsyncEmbedder:
             if len(ids) > limit:
                 raise ContextLengthError(f"input[{i}] has {len(ids)} tokens; this model takes at most {limit}")
 
-    async def embed(self, inputs: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Embeddings [N, dimensions], float32, of inputs that passed `check_inputs`, on a worker thread."""
+    async def embed(self, inputs: Sequence[Sequence[int]], dimensions: int | None = None) -> torch.Tensor:
+        """Embeddings [N, dimensions], float32, of inputs that passed `check_inputs`, on a worker thread; cut to
+        `dimensions` and normalised again where given."""
         self.check_inputs(inputs)
-        return await asyncio.to_thread(self.loaded.embed_token_ids, inputs)
+        vectors = await asyncio.to_thread(self.loaded.embed_token_ids, inputs)
+        return truncate_embeddings(vectors, dimensions)

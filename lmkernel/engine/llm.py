@@ -129,11 +129,13 @@ class LLM:
                         bar.advance(task)
         return [done[i] for i in ids]
 
-    def embed(self, texts: str | Sequence[str]) -> torch.Tensor:
-        """Sentence embeddings [N, dim] of an encoder model (sorted by length, no padding)."""
+    def embed(self, texts: str | Sequence[str], prompt_name: str | None = None, dimensions: int | None = None) -> torch.Tensor:
+        """Sentence embeddings [N, dim] of an encoder model (sorted by length, no padding); `prompt_name` picks one
+        of the model's prefixes ("query", "document"), `dimensions` cuts each embedding short and normalises it."""
         if not self.loaded.config.is_encoder:
             raise LmkError(f"{self.loaded.source.path}: embed() needs an encoder model; this is a decoder")
-        return self.loaded.embed([texts] if isinstance(texts, str) else list(texts))
+        return self.loaded.embed([texts] if isinstance(texts, str) else list(texts), prompt_name=prompt_name,
+                                 dimensions=dimensions)
 
     @torch.inference_mode()
     def classify(self, texts: str | Sequence[str], max_batch_tokens: int = 8192) -> list[ClassificationOutput]:

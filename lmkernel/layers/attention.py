@@ -8,6 +8,10 @@ then each sequence reads its whole context back through its slots: prefill chunk
 single-token decodes all at once through the compiled CPU kernel that follows the block tables, or,
 where it cannot run (CUDA, other dtypes), in groups of similar length, one call per group (keys
 masked past each sequence's length).
+
+A layer with a sliding `window` lets each query read only keys less than `window` positions before it
+(Mistral, Gemma 3's local layers), or, without the causal mask, less than `window` positions away on
+either side (EmbeddingGemma); every path above applies it.
 """
 
 from __future__ import annotations
@@ -127,20 +131,42 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None
     return o.squeeze(0).transpose(0, 1)
 
 
+def allowed_keys(query_positions: torch.Tensor, num_keys: int, causal: bool, window: int | None) -> torch.Tensor:
+    """[Tq, Tk] bool: which of keys 0..Tk-1 each query (at its position) reads: the earlier ones and itself if
+    `causal`, all otherwise, and of those only the ones less than `window` positions from it."""
+    q = query_positions[:, None]
+    k = torch.arange(num_keys, device=query_positions.device)[None, :]
+    ok = k <= q if causal else torch.ones(q.shape[0], num_keys, dtype=torch.bool, device=q.device)
+    if window is not None:
+        ok = ok & ((q - k < window) if causal else ((q - k).abs() < window))
+    return ok
+
+
+def _with_bias(mask: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """A boolean mask as SDPA takes it, or, with an additive score `bias`, the bias where the mask allows
+    and -inf elsewhere."""
+    if bias is None or mask is None:
+        return mask if bias is None else bias
+    return bias.masked_fill(~mask, float("-inf"))
+
+
 def _padded_sdpa(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata, scale: float | None, dropout_p: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata, scale: float | None, dropout_p: float,
+    window: int | None = None, bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Several whole sequences in one call, padded to the longest: a training batch or a batch of
     sentences to embed (sorted by length, so little padding) pays one kernel instead of one a sequence."""
     valid, cells = (t.to(q.device) for t in meta.padding)
     batch, longest = valid.shape
     mask = valid[:, None, None, :]  # [B, 1, 1, Lmax]: padded keys are never attended to
-    if meta.causal:
-        mask = mask & torch.ones(longest, longest, dtype=torch.bool, device=q.device).tril()
+    if meta.causal or window is not None:
+        mask = mask & allowed_keys(torch.arange(longest, device=q.device), longest, meta.causal, window)
     # One scatter in and one gather out, each row to a distinct cell: the backward passes are the
     # same two plain copies (no per-sequence slices, no accumulation into shared rows).
     padded = [t.new_zeros(batch * longest, *t.shape[1:]).index_copy(0, cells, t).view(batch, longest, *t.shape[1:])
               .transpose(1, 2) for t in (q, k, v)]
+    if bias is not None:
+        mask = _with_bias(mask, bias[None, :, :longest, :longest])
     o = F.scaled_dot_product_attention(*padded, attn_mask=mask, dropout_p=dropout_p, scale=scale, enable_gqa=True)
     return o.transpose(1, 2).reshape(batch * longest, *q.shape[1:]).index_select(0, cells)
 
@@ -153,16 +179,22 @@ def attend(
     scale: float | None = None,
     kv_cache: KVLayer | None = None,
     dropout_p: float = 0.0,
+    window: int | None = None,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Scaled dot-product attention; q [N, Hq, D], k and v [N, Hkv, D] -> [N, Hq, D].
 
     Grouped-query attention: each of the Hkv key/value heads serves Hq / Hkv query heads.
-    `dropout_p` drops attention probabilities (training without a cache only).
+    `dropout_p` drops attention probabilities (training without a cache only); `window`: the layer's
+    sliding window (None: the whole context); `bias` [Hq, L, L] (L at least the longest sequence) is added
+    to the scores of query i and key j of every sequence (relative positions; without a cache only).
     """
     bounds = meta.cu_seqlens
     paged = meta.paged if kv_cache is not None else None
-    if paged is None and meta.num_sequences > 1:
-        return _padded_sdpa(q, k, v, meta, scale, dropout_p)
+    if bias is not None and paged is not None:
+        raise ValueError("an attention bias is for whole sequences without a cache (encoders)")
+    if paged is None and (meta.num_sequences > 1 or bias is not None):
+        return _padded_sdpa(q, k, v, meta, scale, dropout_p, window, bias)
     if paged is not None:
         k_cache, v_cache = kv_cache
         k_cache.index_copy_(0, paged.slot_mapping, k)
@@ -170,7 +202,7 @@ def attend(
         batch = paged.decode_batch
         if batch is not None and len(batch.seqs) == q.shape[0]:  # a step of decodes only: no rows to pick
             scale_value = scale if scale is not None else q.shape[-1] ** -0.5
-            return paged_decode(q, k_cache, v_cache, batch.tables, batch.lens, batch.block_size, scale_value)
+            return paged_decode(q, k_cache, v_cache, batch.tables, batch.lens, batch.block_size, scale_value, window)
     out = torch.empty_like(q)
     decode = paged.decode_seqs if paged is not None else set()
     for i in range(meta.num_sequences):
@@ -178,23 +210,36 @@ def attend(
             continue
         s, e = bounds[i], bounds[i + 1]
         slots = paged.context_slots.get(i) if paged is not None else None
-        if slots is None:  # the whole context is in this step
+        if slots is None and window is None:  # the whole context is in this step
             out[s:e] = _sdpa(q[s:e], k[s:e], v[s:e], scale, is_causal=meta.causal, dropout_p=dropout_p)
             continue
+        if slots is None:
+            allowed = allowed_keys(torch.arange(e - s, device=q.device), e - s, meta.causal, window)
+            out[s:e] = _sdpa(q[s:e], k[s:e], v[s:e], scale, attn_mask=allowed, dropout_p=dropout_p)
+            continue
         context, new = slots.shape[0], e - s
-        allowed = torch.arange(context, device=q.device)[None, :] <= torch.arange(context - new, context, device=q.device)[:, None]
-        out[s:e] = _sdpa(q[s:e], k_cache[slots], v_cache[slots], scale, attn_mask=allowed)
+        first = 0 if window is None else max(0, context - new - window + 1)  # no query of the chunk reads keys before it
+        allowed = allowed_keys(torch.arange(context - new, context, device=q.device), context, True, window)[:, first:]
+        out[s:e] = _sdpa(q[s:e], k_cache[slots[first:]], v_cache[slots[first:]], scale, attn_mask=allowed)
     batch = paged.decode_batch if paged is not None else None
     if batch is not None:
         scale_value = scale if scale is not None else q.shape[-1] ** -0.5
-        out[batch.rows] = paged_decode(q[batch.rows], k_cache, v_cache, batch.tables, batch.lens, batch.block_size, scale_value)
+        out[batch.rows] = paged_decode(q[batch.rows], k_cache, v_cache, batch.tables, batch.lens, batch.block_size,
+                                       scale_value, window)
     for group in paged.decode_groups if paged is not None else ():
         shape = (*group.slots.shape, *k_cache.shape[1:])
         flat = group.slots.view(-1)
         keys = torch.index_select(k_cache, 0, flat, out=group.keys).view(shape).transpose(1, 2)  # [B, Hkv, Lmax, D]
         values = torch.index_select(v_cache, 0, flat, out=group.values).view(shape).transpose(1, 2)
+        mask = group.mask
+        if window is not None:  # keys within the window of each sequence's last position
+            longest = group.slots.shape[1]
+            lengths = (mask.sum(-1).view(-1, 1) if mask is not None
+                       else torch.full((len(group.seqs), 1), longest, device=q.device))
+            recent = (torch.arange(longest, device=q.device)[None, :] >= lengths - window).view(-1, 1, 1, longest)
+            mask = recent if mask is None else mask & recent
         o = F.scaled_dot_product_attention(
-            q[group.rows].unsqueeze(2), keys, values, attn_mask=group.mask, scale=scale, enable_gqa=True
+            q[group.rows].unsqueeze(2), keys, values, attn_mask=mask, scale=scale, enable_gqa=True
         )
         out[group.rows] = o.squeeze(2)
     return out

@@ -195,10 +195,11 @@ def paged_decode_available(q: torch.Tensor) -> bool:
 
 def paged_decode(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor,
-    block_size: int, scale: float,
+    block_size: int, scale: float, window: int | None = None,
 ) -> torch.Tensor:
-    """Attention of one query per sequence over its whole cached context: q [B, Hq, D] -> [B, Hq, D]."""
-    return _kernel().paged_decode(q.contiguous(), k_cache, v_cache, tables, lens, block_size, scale)
+    """Attention of one query per sequence over its cached context (its last `window` tokens where given):
+    q [B, Hq, D] -> [B, Hq, D]."""
+    return _kernel().paged_decode(q.contiguous(), k_cache, v_cache, tables, lens, block_size, scale, window or 0)
 
 
 SMALL_LINEAR_MAX_ROWS = 4
@@ -293,9 +294,11 @@ def projection(kind: str, weight: torch.Tensor, in_features: int, scale: torch.T
     return _kernel().Projection(kind, weight, scale, mins, bias, gguf_type, in_features)
 
 
-def decoder_layer(input_norm: torch.Tensor, post_norm: torch.Tensor, **projections: object) -> object:
-    """A decoder layer's norms and its q, k, v, o, gate, up and down `projection`s, by name."""
-    return _kernel().DecoderLayer(input_norm, post_norm, **projections)
+def decoder_layer(input_norm: torch.Tensor, post_norm: torch.Tensor, window: int | None = None,
+                  **projections: object) -> object:
+    """A decoder layer's norms and its q, k, v, o, gate, up and down `projection`s, by name; `window`: its
+    attention reads only the last `window` tokens (sliding window)."""
+    return _kernel().DecoderLayer(input_norm, post_norm, window=window or 0, **projections)
 
 
 def llama_decoder(layers: list[object], num_heads: int, num_kv_heads: int, head_dim: int, eps: float) -> object:

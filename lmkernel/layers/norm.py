@@ -30,3 +30,23 @@ class RMSNorm(nn.Module):
 def layer_norm(dim: int, eps: float) -> nn.LayerNorm:
     """LayerNorm with weight and bias (GPT-2, BERT)."""
     return nn.LayerNorm(dim, eps=eps)
+
+
+class OffsetRMSNorm(nn.Module):
+    """Gemma's RMS norm: rows scaled by (1 + weight), the checkpoint storing the offset from one; computed in
+    float32 and cast back, as the reference does. Takes rows of any leading shape ([N, D], [N, heads, D])."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = 1.0 + self.weight.float()
+        rows = x.reshape(-1, x.shape[-1])
+        if rows.dtype == torch.float32:
+            y = cpu_kernels.rms_norm(rows.contiguous(), scale, self.eps)
+            if y is not None:
+                return y.view(x.shape)
+        h = rows.float()
+        return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps) * scale).to(x.dtype).view(x.shape)

@@ -30,7 +30,7 @@ def read_metadata(reader: GGUFFile) -> dict[str, Any]:
     return dict(reader.metadata)
 
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "gemma3", "nomic-bert")
 # llama.cpp's converter permutes the Q and K rows of these architectures for its rope layout.
 _PERMUTED_QK = ("llama", "mistral")
 _T = gguf.GGMLQuantizationType
@@ -54,6 +54,36 @@ _LAYER_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+# Gemma 3 norms its sublayers' outputs too, and its queries and keys; its "ffn_norm" is the one before the MLP.
+_GEMMA3_LAYER_NAMES = {
+    **_LAYER_NAMES,
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_attention_norm": "post_attention_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+}
+# nomic-bert, under the names of nomic's own checkpoint.
+_NOMIC_GLOBAL_NAMES = {
+    "token_embd.weight": "embeddings.word_embeddings.weight",  # nosec B105  # a tensor name, not a password
+    "token_types.weight": "embeddings.token_type_embeddings.weight",
+    "token_embd_norm.weight": "emb_ln.weight",
+    "token_embd_norm.bias": "emb_ln.bias",
+}
+_NOMIC_LAYER_NAMES = {
+    "attn_qkv": "attn.Wqkv", "attn_output": "attn.out_proj", "attn_output_norm": "norm1",
+    "ffn_up": "mlp.fc11", "ffn_gate": "mlp.fc12", "ffn_down": "mlp.fc2", "layer_output_norm": "norm2",
+}
+_NAMES_BY_ARCH = {"gemma3": (_GLOBAL_NAMES, _GEMMA3_LAYER_NAMES, "model.layers"),
+                  "nomic-bert": (_NOMIC_GLOBAL_NAMES, _NOMIC_LAYER_NAMES, "encoder.layers")}
+# nomic-embed's task prefixes (its sentence-transformers config; a GGUF does not carry them).
+NOMIC_PROMPTS = {"query": "search_query: ", "document": "search_document: ", "classification": "classification: ",
+                 "clustering": "clustering: "}
+# llama.cpp stores Gemma's (1 + w) norm weights with the one added; Hugging Face names hold w.
+_NORM_OFFSET_ARCHS = ("gemma3",)
+# Gemma 3 in llama.cpp: every sixth layer global, the others local with a rotary base of 10,000; scores
+# scaled by the head width, but by hidden / heads in the 62-layer (27B) model.
+_GEMMA3_PATTERN, _GEMMA3_LOCAL_BASE, _GEMMA3_27B_LAYERS = 6, 10_000.0, 62
 
 
 def _meta(metadata: dict[str, Any], path: Path, key: str, default: Any = None) -> Any:
@@ -88,6 +118,8 @@ def _parse_config(path: Path, reader: GGUFFile, metadata: dict[str, Any]) -> Mod
         raise UnsupportedModelError(
             f"{path}: GGUF architecture '{arch}' is not supported; expected one of {list(SUPPORTED_ARCHITECTURES)}"
         )
+    if arch == "nomic-bert":
+        return _nomic_config(path, reader, metadata)
     hidden = _number(metadata, path, f"{arch}.embedding_length", int)
     heads = _number(metadata, path, f"{arch}.attention.head_count", int)
     if hidden < 1 or heads < 1:
@@ -105,12 +137,17 @@ def _parse_config(path: Path, reader: GGUFFile, metadata: dict[str, Any]) -> Mod
         if original:
             scaling["original_max_position_embeddings"] = int(original)
     names = {t.name for t in reader.tensors}
+    layers = _number(metadata, path, f"{arch}.block_count", int)
+    gemma = _gemma3_fields(metadata, path, layers, hidden, heads, head_dim) if arch == "gemma3" else {}
+    fields: dict[str, Any] = dict(
+        architecture="llama", hidden_act="silu", tie_word_embeddings="output.weight" not in names,
+        hf_architecture="LlamaForCausalLM",
+    ) | gemma
     return ModelConfig(
-        architecture="llama",
         vocab_size=_number(metadata, path, f"{arch}.vocab_size", int, len(tokens) or None),
         hidden_size=hidden,
         intermediate_size=_number(metadata, path, f"{arch}.feed_forward_length", int),
-        num_layers=_number(metadata, path, f"{arch}.block_count", int),
+        num_layers=layers,
         num_heads=heads,
         num_kv_heads=_number(metadata, path, f"{arch}.attention.head_count_kv", int, heads),
         head_dim=head_dim,
@@ -118,7 +155,6 @@ def _parse_config(path: Path, reader: GGUFFile, metadata: dict[str, Any]) -> Mod
         norm_eps=_number(metadata, path, f"{arch}.attention.layer_norm_rms_epsilon", float),
         rope_theta=_number(metadata, path, f"{arch}.rope.freq_base", float, 10000.0),
         rope_scaling=scaling,
-        tie_word_embeddings="output.weight" not in names,
         sliding_window=metadata.get(f"{arch}.attention.sliding_window") or None,
         attention_bias="blk.0.attn_q.bias" in names,
         bos_token_id=metadata.get("tokenizer.ggml.bos_token_id"),
@@ -126,7 +162,60 @@ def _parse_config(path: Path, reader: GGUFFile, metadata: dict[str, Any]) -> Mod
         pad_token_id=metadata.get("tokenizer.ggml.padding_token_id"),
         stored_dtype=stored_dtype(reader),
         hf_model_type=arch,
-        hf_architecture="LlamaForCausalLM",
+        **fields,
+    )
+
+
+def _nomic_config(path: Path, reader: GGUFFile, metadata: dict[str, Any]) -> ModelConfig:
+    """A nomic-bert file: a bidirectional encoder, mean-pooled (pooling_type 1) or first-token (2)."""
+    a = "nomic-bert"
+    hidden, heads = _number(metadata, path, f"{a}.embedding_length", int), _number(metadata, path, f"{a}.attention.head_count", int)
+    if hidden < 1 or heads < 1 or hidden % heads:
+        raise WeightsError(f"{path}: GGUF metadata gives embedding_length {hidden} and head_count {heads}; expected "
+                           "positive sizes, the width a whole number of heads")
+    pooling = metadata.get(f"{a}.pooling_type", 1)
+    if pooling not in (1, 2):
+        raise UnsupportedModelError(f"{path}: GGUF metadata '{a}.pooling_type' is {pooling!r}; lmkernel pools by mean (1) "
+                                    "or by the first token (2)")
+    types = next((t for t in reader.tensors if t.name == "token_types.weight"), None)
+    tokens = metadata.get("tokenizer.ggml.tokens") or []
+    return ModelConfig(
+        architecture="nomic_bert", vocab_size=len(tokens) if isinstance(tokens, list) and tokens else 0,
+        hidden_size=hidden, intermediate_size=_number(metadata, path, f"{a}.feed_forward_length", int),
+        num_layers=_number(metadata, path, f"{a}.block_count", int), num_heads=heads, num_kv_heads=heads,
+        head_dim=hidden // heads, max_position_embeddings=_number(metadata, path, f"{a}.context_length", int),
+        norm_eps=_number(metadata, path, f"{a}.attention.layer_norm_epsilon", float),
+        rope_theta=_number(metadata, path, f"{a}.rope.freq_base", float, 10000.0), hidden_act="silu",
+        type_vocab_size=int(types.shape[0]) if types is not None and len(types.shape) == 2 else 0,
+        pooling="mean" if pooling == 1 else "cls", normalize_embeddings=True, prompts=dict(NOMIC_PROMPTS),
+        matryoshka="v1.5" in str(metadata.get("general.name", "")),  # v1.5 is trained for 768 down to 64
+        bos_token_id=metadata.get("tokenizer.ggml.bos_token_id"), eos_token_id=metadata.get("tokenizer.ggml.eos_token_id"),
+        pad_token_id=metadata.get("tokenizer.ggml.padding_token_id"), stored_dtype=stored_dtype(reader),
+        hf_model_type=a, hf_architecture="NomicBertModel",
+    )
+
+
+def _gemma3_fields(metadata: dict[str, Any], path: Path, layers: int, hidden: int, heads: int,
+                   head_dim: int) -> dict[str, Any]:
+    """What a Gemma 3 file adds to a config: which layers are local, their rotary base, the score scale,
+    the activation and the architecture names."""
+    window = metadata.get("gemma3.attention.sliding_window")
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        raise WeightsError(f"{path}: GGUF metadata 'gemma3.attention.sliding_window' is {window!r}; expected a "
+                           "positive integer (Gemma 3's local layers attend to that many tokens)")
+    pattern = metadata.get("gemma3.attention.sliding_window_pattern")
+    if isinstance(pattern, list) and len(pattern) == layers:  # newer files: one flag per layer, true = local
+        local = [bool(p) for p in pattern]
+    else:
+        local = [(i + 1) % _GEMMA3_PATTERN != 0 for i in range(layers)]
+    return dict(
+        layer_types=tuple("sliding_attention" if s else "full_attention" for s in local),
+        rope_local_theta=_number(metadata, path, "gemma3.rope.freq_base_swa", float, _GEMMA3_LOCAL_BASE),
+        query_pre_attn_scalar=float(hidden // heads if layers == _GEMMA3_27B_LAYERS else head_dim),
+        architecture="gemma3",
+        hidden_act="gelu_pytorch_tanh",
+        hf_architecture="Gemma3ForCausalLM",
+        tie_word_embeddings=True,
     )
 
 
@@ -155,6 +244,8 @@ def check_config(path: Path, c: ModelConfig, metadata: dict[str, Any]) -> None:
 
 def _expected_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Each tensor the model reads, by GGUF name, with its shape (rows first)."""
+    if c.architecture == "nomic_bert":
+        return _nomic_shapes(c)
     q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
     shapes: dict[str, tuple[int, ...]] = {"token_embd.weight": (c.vocab_size, c.hidden_size),
                                           "output_norm.weight": (c.hidden_size,)}
@@ -170,6 +261,21 @@ def _expected_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
                    b + "ffn_down.weight": (c.hidden_size, c.intermediate_size)}
         if c.attention_bias:
             shapes |= {b + "attn_q.bias": (q,), b + "attn_k.bias": (kv,), b + "attn_v.bias": (kv,)}
+        if c.architecture == "gemma3":
+            shapes |= {b + "attn_q_norm.weight": (c.head_dim,), b + "attn_k_norm.weight": (c.head_dim,),
+                       b + "post_attention_norm.weight": (c.hidden_size,), b + "post_ffw_norm.weight": (c.hidden_size,)}
+    return shapes
+
+
+def _nomic_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
+    d, f = c.hidden_size, c.intermediate_size
+    shapes: dict[str, tuple[int, ...]] = {"token_embd.weight": (c.vocab_size, d), "token_types.weight": (c.type_vocab_size, d),
+                                          "token_embd_norm.weight": (d,), "token_embd_norm.bias": (d,)}
+    for i in range(c.num_layers):
+        b = f"blk.{i}."
+        shapes |= {b + "attn_qkv.weight": (3 * d, d), b + "attn_output.weight": (d, d), b + "ffn_up.weight": (f, d),
+                   b + "ffn_gate.weight": (f, d), b + "ffn_down.weight": (d, f)}
+        shapes |= {b + f"{n}.{p}": (d,) for n in ("attn_output_norm", "layer_output_norm") for p in ("weight", "bias")}
     return shapes
 
 
@@ -184,7 +290,7 @@ def check_tensor_shapes(path: Path, reader: GGUFFile, c: ModelConfig) -> None:
         if tuple(t.shape) != shape:
             raise WeightsError(f"{path}: tensor '{name}' has shape {list(t.shape)}; the metadata implies {list(shape)}")
     for name in found:
-        index = name.split(".")[1] if hf_name(name) is not None and name.startswith("blk.") else "0"
+        index = name.split(".")[1] if hf_name(name, c.hf_model_type) is not None and name.startswith("blk.") else "0"
         if not index.isdigit() or int(index) >= c.num_layers:
             raise WeightsError(f"{path}: tensor '{name}' names no layer of the metadata's {c.num_layers}")
 
@@ -214,13 +320,15 @@ def stored_dtype(reader: GGUFFile) -> str:
     return ", ".join(f"{name} ({n})" for name, n in sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
-def hf_name(gguf_name: str) -> str | None:
-    """The Hugging Face parameter name for a GGUF tensor name, or None for tensors we do not use."""
-    if gguf_name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[gguf_name]
+def hf_name(gguf_name: str, arch: str = "llama") -> str | None:
+    """The Hugging Face parameter name for a GGUF tensor name of architecture `arch`, or None for tensors
+    we do not use."""
+    global_names, names, layers = _NAMES_BY_ARCH.get(arch, (_GLOBAL_NAMES, _LAYER_NAMES, "model.layers"))
+    if gguf_name in global_names:
+        return global_names[gguf_name]
     parts = gguf_name.split(".")
-    if len(parts) == 4 and parts[0] == "blk" and parts[2] in _LAYER_NAMES:
-        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{parts[3]}"
+    if len(parts) == 4 and parts[0] == "blk" and parts[2] in names:
+        return f"{layers}.{parts[1]}.{names[parts[2]]}.{parts[3]}"
     return None
 
 
@@ -274,8 +382,9 @@ def load_tensors(
     """
     out = GGUFTensors()
     permute = config.hf_model_type in _PERMUTED_QK
+    offset_norms = config.hf_model_type in _NORM_OFFSET_ARCHS
     for t in reader.tensors:
-        name = hf_name(t.name)
+        name = hf_name(t.name, config.hf_model_type)
         if name is None:
             continue
         if t.tensor_type not in SUPPORTED_TENSOR_TYPES:
@@ -293,6 +402,8 @@ def load_tensors(
             out.kept[module] = int(t.tensor_type)
             continue
         w = _dequantize(path, t, dequantize)
+        if offset_norms and name.endswith("norm.weight"):
+            w = w - 1.0
         out.tensors[name] = (_unpermute(w, heads) if heads else w).to(device=device, dtype=dtype)
     return out
 

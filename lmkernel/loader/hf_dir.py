@@ -16,7 +16,8 @@ from lmkernel.config import ModelConfig
 from lmkernel.errors import LmkError, UnsupportedModelError, WeightsError
 
 LLAMA_TYPES = ("llama", "mistral", "qwen2", "smollm", "smollm3")
-SUPPORTED_TYPES = (*LLAMA_TYPES, "gpt2", "bert")
+SUPPORTED_TYPES = (*LLAMA_TYPES, "gemma3_text", "gpt2", "bert", "mpnet")
+_DENSE_ACTIVATIONS = {"torch.nn.modules.linear.Identity": "identity", "torch.nn.modules.activation.Tanh": "tanh"}
 _SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
@@ -49,21 +50,64 @@ def _require(raw: dict[str, Any], path: Path, *keys: str) -> Any:
 
 
 def _sentence_transformers(directory: Path) -> dict[str, Any]:
-    """Pooling, normalisation and truncation from a sentence-transformers layout, if present."""
+    """Pooling, Dense layers, normalisation, truncation and prompts from a sentence-transformers layout, if present."""
     out: dict[str, Any] = {}
     modules_file = directory / "modules.json"
     if not modules_file.is_file():
         return out
     modules = json.loads(modules_file.read_text())
-    types = [m.get("type", "") for m in modules]
+    if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
+        raise WeightsError(f"{modules_file}: expected a list of modules, each an object with 'type' and 'path'")
+    types = [str(m.get("type", "")) for m in modules]
     out["normalize_embeddings"] = any(t.endswith("Normalize") for t in types)
-    for m in modules:
-        if m.get("type", "").endswith("Pooling"):
-            pooling = read_json(directory / m["path"] / "config.json")
+    dense = []
+    for m, kind in zip(modules, types):
+        if kind.endswith("Pooling"):
+            pooling = read_json(directory / str(m.get("path", "")) / "config.json")
             out["pooling"] = "cls" if pooling.get("pooling_mode_cls_token") else "mean"
+        elif kind.endswith("models.Dense"):
+            dense.append(_dense_module(directory / str(m.get("path", ""))))
+    out["sentence_dense"] = tuple(dense)
     st_config = directory / "sentence_bert_config.json"
     if st_config.is_file():
         out["max_seq_length"] = read_json(st_config).get("max_seq_length")
+    prompts_file = directory / "config_sentence_transformers.json"
+    if prompts_file.is_file():
+        prompts = read_json(prompts_file).get("prompts") or {}
+        if not isinstance(prompts, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in prompts.items()):
+            raise WeightsError(f"{prompts_file}: 'prompts' must map names to prefix strings")
+        out["prompts"] = dict(prompts)
+    return out
+
+
+def _dense_module(folder: Path) -> tuple[int, int, bool, str]:
+    """A sentence-transformers Dense module's (in, out, bias, activation), checked against its weights."""
+    config = read_json(folder / "config.json")
+    activation = _DENSE_ACTIVATIONS.get(str(config.get("activation_function")))
+    sizes = (config.get("in_features"), config.get("out_features"))
+    if activation is None or not all(isinstance(n, int) and 1 <= n <= MAX_SIZE for n in sizes):
+        raise UnsupportedModelError(f"{folder / 'config.json'}: a Dense module needs in_features and out_features and "
+                                    f"an activation among {sorted(_DENSE_ACTIVATIONS)}; got {config}")
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        raise WeightsError(f"{folder}: a Dense module without model.safetensors")
+    header = check_safetensors(weights)
+    if header.get("linear.weight", {}).get("shape") != [sizes[1], sizes[0]]:
+        raise WeightsError(f"{weights}: expected 'linear.weight' of shape {[sizes[1], sizes[0]]}")
+    return sizes[0], sizes[1], bool(config.get("bias", True)), activation
+
+
+def load_sentence_dense(directory: Path, dtype: torch.dtype, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The sentence-transformers Dense modules' weights, named `sentence_dense.{i}.weight` / `.bias` in order."""
+    modules_file = directory / "modules.json"
+    if not modules_file.is_file():
+        return {}
+    folders = [directory / str(m.get("path", "")) for m in json.loads(modules_file.read_text())
+               if str(m.get("type", "")).endswith("models.Dense")]
+    out = {}
+    for i, folder in enumerate(folders):
+        for name, t in load_tensors_of(folder / "model.safetensors", dtype, device).items():
+            out[f"sentence_dense.{i}.{name.removeprefix('linear.')}"] = t
     return out
 
 
@@ -187,6 +231,27 @@ def _parse_config(directory: Path) -> ModelConfig:
             **_sentence_transformers(directory),
             **common,
         )
+    if model_type == "mpnet":
+        padding = int(raw.get("pad_token_id", 1))
+        return ModelConfig(
+            architecture="mpnet",
+            hidden_size=hidden,
+            intermediate_size=int(_require(raw, path, "intermediate_size")),
+            num_layers=int(_require(raw, path, "num_hidden_layers")),
+            num_heads=heads,
+            num_kv_heads=heads,
+            head_dim=hidden // heads,
+            # Positions count from the padding id + 1: the table's first rows are never a token's.
+            max_position_embeddings=int(_require(raw, path, "max_position_embeddings")) - padding - 1,
+            norm_eps=float(raw.get("layer_norm_eps", 1e-5)),
+            hidden_act=raw.get("hidden_act", "gelu"),
+            hidden_dropout=float(raw.get("hidden_dropout_prob", 0.1)),
+            attention_dropout=float(raw.get("attention_probs_dropout_prob", 0.1)),
+            **_sentence_transformers(directory),
+            **common,
+        )
+    if model_type == "gemma3_text":
+        return _gemma3_config(directory, raw, hidden, heads, common)
     theta, scaling = _rope(raw)
     window = raw.get("sliding_window") if raw.get("use_sliding_window", model_type == "mistral") else None
     return ModelConfig(
@@ -206,6 +271,52 @@ def _parse_config(directory: Path) -> ModelConfig:
         attention_bias=bool(raw.get("attention_bias", model_type == "qwen2")),
         sliding_window=window,
         attention_dropout=float(raw.get("attention_dropout", 0.0)),
+        **common,
+    )
+
+
+def _gemma3_config(directory: Path, raw: dict[str, Any], hidden: int, heads: int, common: dict[str, Any]) -> ModelConfig:
+    """Gemma 3 text (Gemma3ForCausalLM, or EmbeddingGemma's bidirectional Gemma3TextModel)."""
+    path = directory / "config.json"
+    layers = int(_require(raw, path, "num_hidden_layers"))
+    pattern = int(raw.get("sliding_window_pattern", raw.get("_sliding_window_pattern", 6)))
+    types = raw.get("layer_types") or ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)]
+    if len(types) != layers or not set(types) <= {"sliding_attention", "full_attention"}:
+        raise WeightsError(f"{path}: 'layer_types' must name sliding_attention or full_attention for each of {layers} layers")
+    params = raw.get("rope_parameters") or {}
+    full, local = params.get("full_attention") or {}, params.get("sliding_attention") or {}
+    theta = float(full.get("rope_theta", raw.get("rope_theta", 1_000_000.0)))
+    local_theta = float(local.get("rope_theta", raw.get("rope_local_base_freq", 10_000.0)))
+    scaling = raw.get("rope_scaling") or {k: v for k, v in full.items() if k != "rope_theta"}
+    if scaling and scaling.get("rope_type", scaling.get("type", "default")) == "default":
+        scaling = None
+    bidirectional = bool(raw.get("use_bidirectional_attention", False))
+    window = raw.get("sliding_window")
+    if bidirectional and isinstance(window, int):
+        window = window // 2 + 1  # as transformers reads it: keys less than half the window away on either side
+    return ModelConfig(
+        architecture="gemma3",
+        hidden_size=hidden,
+        intermediate_size=int(_require(raw, path, "intermediate_size")),
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=int(raw.get("num_key_value_heads") or heads),
+        head_dim=int(raw.get("head_dim") or hidden // heads),
+        max_position_embeddings=int(raw.get("max_position_embeddings", 32_768)),
+        norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+        hidden_act=raw.get("hidden_activation", raw.get("hidden_act", "gelu_pytorch_tanh")),
+        rope_theta=theta,
+        rope_scaling=scaling or None,
+        rope_local_theta=local_theta,
+        tie_word_embeddings=True,
+        attention_bias=bool(raw.get("attention_bias", False)),
+        sliding_window=window,
+        layer_types=tuple(types),
+        query_pre_attn_scalar=float(raw.get("query_pre_attn_scalar") or raw.get("head_dim") or hidden // heads),
+        bidirectional=bidirectional,
+        attention_dropout=float(raw.get("attention_dropout", 0.0)),
+        matryoshka=bidirectional,  # EmbeddingGemma is trained for 768, 512, 256 and 128 dimensions
+        **(_sentence_transformers(directory) if bidirectional else {}),
         **common,
     )
 
@@ -295,17 +406,25 @@ def stored_dtype(directory: Path) -> str:
 
 
 def load_tensors(directory: Path, dtype: torch.dtype, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Every tensor of the directory's safetensors files; floating ones cast to `dtype`."""
+    """Every tensor of the directory's safetensors files (and of its sentence-transformers Dense modules);
+    floating ones cast to `dtype`."""
     tensors: dict[str, torch.Tensor] = {}
     for path in weight_files(directory):
-        check_safetensors(path)
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                for name in f.keys():
-                    t = f.get_tensor(name)
-                    tensors[name] = (t.to(dtype) if t.is_floating_point() else t).to(device)
-        except SafetensorError as exc:
-            raise WeightsError(f"{path}: cannot read safetensors file ({exc})") from None
+        tensors |= load_tensors_of(path, dtype, device)
+    return tensors | load_sentence_dense(directory, dtype, device)
+
+
+def load_tensors_of(path: Path, dtype: torch.dtype, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The tensors of one safetensors file, its header checked first; floating ones cast to `dtype`."""
+    check_safetensors(path)
+    tensors: dict[str, torch.Tensor] = {}
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for name in f.keys():
+                t = f.get_tensor(name)
+                tensors[name] = (t.to(dtype) if t.is_floating_point() else t).to(device)
+    except SafetensorError as exc:
+        raise WeightsError(f"{path}: cannot read safetensors file ({exc})") from None
     return tensors
 
 

@@ -47,8 +47,11 @@ _NAMED = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_
 # transformers builds GGUF vocabularies through GPT2Tokenizer / LlamaTokenizer, whose default specials
 # it adds (appending them when the vocabulary lacks them) before reading the file's own.
 _BUILDER_DEFAULTS = {"gpt2": ("<|endoftext|>",), "llama": ("<s>", "</s>", "<unk>"), "bert": ()}
-# SentencePiece files of these architectures need builders transformers special-cases.
-_SPM_SPECIAL_ARCHS = ("gemma", "gemma2", "gemma3", "phi3")
+# Gemma's SentencePiece files: no space prefix, merges in the order the tokens are listed (GemmaTokenizer).
+_GEMMA_ARCHS = ("gemma", "gemma2", "gemma3")
+_GEMMA_DEFAULTS = ("<pad>", "<eos>", "<bos>", "<unk>", "<mask>")
+# SentencePiece files of these architectures need a builder transformers special-cases that we do not have.
+_SPM_SPECIAL_ARCHS = ("phi3",)
 _GGUF_SPECIALS = {"bos_token": "bos", "eos_token": "eos", "unk_token": "unknown", "pad_token": "padding",  # nosec B105  # a token or tensor name, not a password
                   "cls_token": "cls", "sep_token": "seperator", "mask_token": "mask"}  # nosec B105  # token names ("seperator": GGUF's spelling), not passwords
 _CLEANUPS = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
@@ -163,8 +166,9 @@ class Tokenizer:
         types = list(metadata.get("tokenizer.ggml.token_type") or [])
         if kind == "bert":
             return _wordpiece(tokens, types, metadata, source)
-        backend = _byte_level(tokens, metadata) if kind == "gpt2" else _sentencepiece(tokens, metadata, source)
-        backend.add_tokens([AddedToken(t, special=True) for t in _BUILDER_DEFAULTS[kind]])
+        gemma = kind == "llama" and arch in _GEMMA_ARCHS
+        backend = _byte_level(tokens, metadata) if kind == "gpt2" else _sentencepiece(tokens, metadata, source, gemma)
+        backend.add_tokens([AddedToken(t, special=True) for t in (_GEMMA_DEFAULTS if gemma else _BUILDER_DEFAULTS[kind])])
         spelled = set(_byte_alphabet().values()) if kind == "gpt2" else None
         control = [t for t, k in zip(tokens, types) if k == _CONTROL and (spelled is None or set(t) <= spelled)]
         backend.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in control])
@@ -268,20 +272,28 @@ def _byte_level(tokens: list[str], metadata: Mapping[str, Any]) -> Backend:
     return backend
 
 
-def _sentencepiece(tokens: list[str], metadata: Mapping[str, Any], source: str) -> Backend:
-    """SentencePiece-style BPE with byte fallback (Llama 1/2, Mistral, TinyLlama); merges recovered from
+def _sentencepiece(tokens: list[str], metadata: Mapping[str, Any], source: str, gemma: bool = False) -> Backend:
+    """SentencePiece-style BPE with byte fallback (Llama 1/2, Mistral, TinyLlama, Gemma); merges recovered from
     scores if absent. As llama.cpp and transformers do it: every space becomes "▁" and the text gets one
     more in front (`tokenizer.ggml.add_space_prefix`, on unless the file says otherwise), so " Hello"
-    is "▁" + "▁Hello" and a lone space is "▁▁"; nothing splits the text before the merges."""
+    is "▁" + "▁Hello" and a lone space is "▁▁"; nothing splits the text before the merges.
+
+    Gemma's files differ (as transformers' GemmaTokenizer reads them): no space in front, runs of spaces
+    stored as spaces (spelled "▁" here), and merges ranked by the order the tokens are listed, not by score."""
+    if gemma:
+        tokens = ["▁" * len(t) if " " in t and not t.strip() else t for t in tokens]
     vocab = {t: i for i, t in enumerate(tokens)}
     if "tokenizer.ggml.merges" in metadata:
         merges = [tuple(m.split(" ")) for m in metadata["tokenizer.ggml.merges"]]
+    elif gemma:
+        merges = _merges_from_scores(vocab, {t: -i for i, t in enumerate(tokens)})
     elif "tokenizer.ggml.scores" in metadata:
         merges = _merges_from_scores(vocab, dict(zip(tokens, metadata["tokenizer.ggml.scores"])))
     else:
         raise ModelSourceError(f"{source}: GGUF SentencePiece vocabulary has neither 'tokenizer.ggml.merges' nor scores")
-    backend = Backend(models.BPE(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True))
-    prefix = bool(metadata.get("tokenizer.ggml.add_space_prefix", True))
+    unknown = {"unk_token": "<unk>"} if gemma else {}  # nosec B105  # a token name, not a password
+    backend = Backend(models.BPE(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True, **unknown))
+    prefix = not gemma and bool(metadata.get("tokenizer.ggml.add_space_prefix", True))
     backend.normalizer = normalizers.Sequence(
         [*([normalizers.Prepend("▁")] if prefix else []), normalizers.Replace(" ", "▁")])
     backend.pre_tokenizer = None
@@ -316,7 +328,8 @@ def _wordpiece(tokens: list[str], types: list[int], metadata: Mapping[str, Any],
     backend.decoder = decoders.WordPiece(prefix="##")
     control = [t for t, k in zip(tokens, types) if k == _CONTROL]
     backend.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in control])
-    cls, sep = specials["cls_token"], specials["sep_token"]
+    # Files that name no [CLS] / [SEP] (nomic-bert's) mark them as BOS and EOS, as llama.cpp reads them.
+    cls, sep = specials["cls_token"] or specials["bos_token"], specials["sep_token"] or specials["eos_token"]
     if cls is not None and sep is not None:
         backend.post_processor = processors.TemplateProcessing(
             single=f"{cls}:0 $A:0 {sep}:0", pair=f"{cls}:0 $A:0 {sep}:0 $B:1 {sep}:1",

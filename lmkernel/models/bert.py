@@ -27,6 +27,7 @@ from lmkernel.layers.attention import AttentionMetadata, attend
 from lmkernel.layers.checkpoint import run_layer
 from lmkernel.layers.linear import dense
 from lmkernel.layers.norm import layer_norm
+from lmkernel.models.pooling import first_token, mean_pool
 from lmkernel.models.weights import embedding, load_with_tied_head
 
 MLM_ARCHITECTURE = "BertForMaskedLM"
@@ -181,14 +182,7 @@ class BertModel(nn.Module):
 
     def pool(self, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """One vector per sequence [B, hidden]: mean of its tokens or its first token, then L2-normalised if configured."""
-        starts = torch.tensor(meta.cu_seqlens[:-1], device=hidden.device)
-        if self.config.pooling == "cls":
-            pooled = hidden[starts]
-        else:
-            lengths = torch.tensor(meta.cu_seqlens, device=hidden.device).diff()
-            owner = torch.repeat_interleave(torch.arange(meta.num_sequences, device=hidden.device), lengths)
-            sums = torch.zeros(meta.num_sequences, hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
-            pooled = sums.index_add_(0, owner, hidden) / lengths[:, None].to(hidden.dtype)
+        pooled = first_token(hidden, meta) if self.config.pooling == "cls" else mean_pool(hidden, meta)
         return F.normalize(pooled, p=2, dim=-1) if self.config.normalize_embeddings else pooled
 
     def mlm_logits(self, hidden: torch.Tensor) -> torch.Tensor:

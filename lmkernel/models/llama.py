@@ -7,7 +7,8 @@
     classes = score(rms(h_L) of each sequence's last token)          sequence classifiers only
 
 Grouped-query attention: num_kv_heads key/value heads, each serving num_heads / num_kv_heads
-query heads. Qwen2 adds a bias to the Q, K and V projections. Parameter names follow Hugging Face.
+query heads. Qwen2 adds a bias to the Q, K and V projections; Mistral v0.1 attends to a sliding window of
+the last `sliding_window` tokens. Parameter names follow Hugging Face.
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ from lmkernel.models.weights import embedding, load_with_tied_head
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, c: ModelConfig) -> None:
+    def __init__(self, c: ModelConfig, window: int | None = None) -> None:
         super().__init__()
+        self.window = window
         self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
         self.q_proj = dense(c.hidden_size, c.num_heads * c.head_dim, c.attention_bias)
         self.k_proj = dense(c.hidden_size, c.num_kv_heads * c.head_dim, c.attention_bias)
@@ -46,7 +48,7 @@ class LlamaAttention(nn.Module):
         q = apply_rotary(project(self.q_proj, x, lora).view(n, self.num_heads, self.head_dim), cos, sin)
         k = apply_rotary(project(self.k_proj, x, lora).view(n, self.num_kv_heads, self.head_dim), cos, sin)
         v = project(self.v_proj, x, lora).view(n, self.num_kv_heads, self.head_dim)
-        o = attend(q, k, v, meta, kv_cache=cache, dropout_p=self.dropout_p if self.training else 0.0)
+        o = attend(q, k, v, meta, kv_cache=cache, dropout_p=self.dropout_p if self.training else 0.0, window=self.window)
         return project(self.o_proj, o.reshape(n, -1), lora)
 
 
@@ -66,10 +68,10 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, c: ModelConfig) -> None:
+    def __init__(self, c: ModelConfig, index: int = 0) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(c.hidden_size, c.norm_eps)
-        self.self_attn = LlamaAttention(c)
+        self.self_attn = LlamaAttention(c, c.window(index))
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.norm_eps)
         self.mlp = LlamaMLP(c)
 
@@ -84,7 +86,7 @@ class LlamaModel(nn.Module):
     def __init__(self, c: ModelConfig) -> None:
         super().__init__()
         self.embed_tokens = embedding(c.vocab_size, c.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(c) for _ in range(c.num_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(c, i) for i in range(c.num_layers))
         self.norm = RMSNorm(c.hidden_size, c.norm_eps)
 
 
@@ -146,7 +148,7 @@ class LlamaForCausalLM(nn.Module):
             norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
             if any(p is None for p in parts.values()) or any(n.device.type != "cpu" or n.dtype != torch.float32 for n in norms):
                 return None
-            layers.append(cpu_kernels.decoder_layer(*(n.detach().contiguous() for n in norms), **parts))
+            layers.append(cpu_kernels.decoder_layer(*(n.detach().contiguous() for n in norms), attn.window, **parts))
             blocks = blocks and all(type(m) is GGUFLinear for m in linears.values())
         decoder = cpu_kernels.llama_decoder(layers, c.num_heads, c.num_kv_heads, c.head_dim, c.norm_eps)
         # GGUF blocks read each weight once for a step of many sequences (AMX tiles or the prefill kernel);

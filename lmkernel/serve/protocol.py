@@ -204,6 +204,7 @@ class EmbeddingRequest(BaseModel):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1)
     user: str | None = None
+    prompt_name: str | None = None  # one of the model's named prefixes ("query", "document"), as TEI names it
 
 
 class TokenizeRequest(BaseModel):

@@ -151,18 +151,42 @@ def test_keep_is_refused_where_it_cannot_be_honoured(tmp_path, tiny_llama):
         _keep_gguf("keep", source, cuda, None)
 
 
-def test_contexts_past_a_sliding_window_are_refused(tmp_path, tiny_llama):
-    """Mistral v0.1's sliding window: lmkernel attends to whole contexts, so it refuses longer ones,
-    naming the window, instead of attending differently from the model."""
+def test_contexts_past_a_sliding_window_attend_within_it(tmp_path, tiny_llama):
+    """Mistral v0.1's sliding window of 16 tokens on a context of 3x that and more: the reference forward,
+    the engine's chunked prefill (16 tokens a step, chunks reading earlier ones from the cache) and its decode
+    steps (the fused decoder and the paged kernel) give the log-probs of transformers' Mistral with the window,
+    and differ from attending to the whole context."""
+    from transformers import MistralConfig, MistralForCausalLM
+
     from lmkernel import LLM, SamplingParams
-    from lmkernel.errors import LmkError
 
     model = load_model(write_llama_gguf(tmp_path / "window.gguf", tiny_llama, sliding_window=16))
-    assert model.config.sliding_window == 16 and model.config.max_context == 16
-    assert model.logits(IDS).shape == (len(IDS), model.config.vocab_size)  # 12 tokens: within the window
-    with pytest.raises(LmkError, match="sliding window of 16 tokens"):
-        model.logits(IDS * 2)
-    llm = LLM(model, kv_cache_memory=1 << 20, verbose=False)
-    with pytest.raises(LmkError, match="sliding window of 16 tokens"):
-        llm.generate([IDS], SamplingParams(max_tokens=8))
-    assert len(llm.generate([IDS], SamplingParams(max_tokens=4, ignore_eos=True))[0].outputs[0].token_ids) == 4
+    assert model.config.sliding_window == 16 and model.config.max_context == 128
+    assert [model.config.window(i) for i in range(2)] == [16, 16]
+    c = tiny_llama.config
+    mistral = MistralForCausalLM(MistralConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads, max_position_embeddings=c.max_position_embeddings,
+        rms_norm_eps=c.rms_norm_eps, tie_word_embeddings=True, sliding_window=16, attn_implementation="eager",
+    )).eval()
+    mistral.load_state_dict(tiny_llama.state_dict())
+    ids = (IDS * 6)[:60]
+    with torch.inference_mode():
+        expected = torch.log_softmax(mistral(torch.tensor([ids])).logits[0], -1)
+        whole = torch.log_softmax(tiny_llama(torch.tensor([ids])).logits[0], -1)
+    got = torch.log_softmax(model.logits(ids), -1)
+    assert (got - expected).abs().max().item() <= 1e-4
+    assert (whole - expected).abs().max().item() > 1e-2  # the window matters here
+
+    llm = LLM(model, kv_cache_memory=1 << 20, max_num_batched_tokens=16, max_num_seqs=4, verbose=False)
+    out = llm.generate([ids], SamplingParams(temperature=0, max_tokens=12, prompt_logprobs=1, ignore_eos=True))[0]
+    scored = torch.tensor([out.prompt_logprobs[i][ids[i]].logprob for i in range(1, len(ids))])
+    assert (scored - expected[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0]).abs().max().item() <= 1e-4
+    continued = list(ids)
+    with torch.inference_mode():
+        for _ in range(12):
+            continued.append(int(mistral(torch.tensor([continued])).logits[0, -1].argmax()))
+    assert list(out.outputs[0].token_ids) == continued[len(ids):]
+
+

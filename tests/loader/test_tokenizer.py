@@ -297,7 +297,7 @@ def test_bad_messages_name_the_field(smol_tok, messages, pattern):
     ("metadata", "pattern"),
     [
         ({"tokenizer.ggml.model": "rwkv", "tokenizer.ggml.tokens": ["a"]}, r"x\.gguf.*'rwkv'"),
-        ({"tokenizer.ggml.model": "llama", "general.architecture": "gemma2"}, r"x\.gguf.*'llama'.*'gemma2'"),
+        ({"tokenizer.ggml.model": "llama", "general.architecture": "phi3"}, r"x\.gguf.*'llama'.*'phi3'"),
     ],
 )
 def test_unsupported_gguf_tokenizer_model(metadata, pattern):

@@ -60,5 +60,5 @@ def test_bare_gpt2model_checkpoint_loads(tiny_gpt2, tmp_path):
 def test_unknown_architecture_names_the_supported_ones(tiny_gpt2):
     _, directory, _ = tiny_gpt2
     config = replace(parse_config(directory), architecture="mamba")
-    with pytest.raises(UnsupportedModelError, match=r"'mamba'.*\['bert', 'gpt2', 'llama'\]"):
+    with pytest.raises(UnsupportedModelError, match=r"'mamba'.*\['bert', 'gemma3', 'gemma3_encoder', 'gpt2', 'llama', 'mpnet', 'nomic_bert'\]"):
         model_class(config)

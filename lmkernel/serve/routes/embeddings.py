@@ -29,10 +29,22 @@ async def embeddings(request: Request) -> Response:
     embedder = svc.embedder
     if embedder is None:  # check_model answers 404 first when no embedding model is served
         raise APIError(404, "this server has no embedding model", "model", code="model_not_found")
-    if body.dimensions is not None:
-        raise APIError(400, f"model '{body.model}' cannot truncate its {embedder.dimensions}-dimensional "
-                       "embeddings; leave 'dimensions' out", "dimensions")
-    ids = [embedder.tokenizer.encode(x) if isinstance(x, str) else x for x in inputs(body.input, "input")]
+    if body.dimensions is not None and not embedder.matryoshka:
+        raise APIError(400, f"model '{body.model}' is not trained to cut its {embedder.dimensions}-dimensional "
+                       "embeddings short (not a Matryoshka model); leave 'dimensions' out", "dimensions")
+    if body.dimensions is not None and body.dimensions > embedder.dimensions:
+        raise APIError(400, f"'dimensions' is {body.dimensions}; model '{body.model}' gives {embedder.dimensions}",
+                       "dimensions")
+    given = inputs(body.input, "input")
+    prefix = ""
+    if body.prompt_name is not None:
+        if body.prompt_name not in embedder.prompts:
+            raise APIError(400, f"'prompt_name' {body.prompt_name!r} is not one of model '{body.model}''s prompts "
+                           f"({', '.join(sorted(embedder.prompts)) or 'it has none'})", "prompt_name")
+        if not all(isinstance(x, str) for x in given):
+            raise APIError(400, "'prompt_name' applies to text inputs; token ids already hold their prompt", "prompt_name")
+        prefix = embedder.prompts[body.prompt_name]
+    ids = [embedder.tokenizer.encode(prefix + x) if isinstance(x, str) else x for x in given]
     try:
         embedder.check_inputs(ids)
     except (LmkError, ValueError) as exc:
@@ -41,7 +53,7 @@ async def embeddings(request: Request) -> Response:
     svc.gate.charge(key, tokens)
     start = time.monotonic()
     try:
-        vectors = await embedder.embed(ids)
+        vectors = await embedder.embed(ids, body.dimensions)
     except (LmkError, ValueError) as exc:
         raise engine_error(exc, "input") from None
     data = []

@@ -1,0 +1,92 @@
+"""The embedding models users pick for retrieval, as pulled from PyPI, against their references on 64 Financial
+PhraseBank sentences no test chose: EmbeddingGemma-300M and all-mpnet-base-v2 against sentence-transformers over
+the same folders, nomic-embed-text-v1.5 (its F16 GGUF) against llama.cpp's embeddings of the same file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmkernel import load_model
+from lmkernel.errors import LmkError
+from lmkernel.registry import ALIASES, alias_location
+
+pytestmark = pytest.mark.slow  # three real models and their references: `make test` runs it, `make test-fast` does not
+
+SENTENCES = slice(2000, 2064)
+
+
+def _pulled(alias: str) -> Path:
+    found = alias_location(ALIASES[alias])
+    assert found is not None, f"{alias} is not pulled; `make test` runs `lmk pull {alias}`"
+    return found
+
+
+@pytest.fixture(scope="module")
+def sentences(phrasebank_sentences) -> list[str]:
+    return phrasebank_sentences[SENTENCES]
+
+
+def _worst_cosine(ours: torch.Tensor, theirs: torch.Tensor) -> float:
+    return F.cosine_similarity(ours.double(), theirs.double(), dim=-1).min().item()
+
+
+@pytest.mark.parametrize("alias", ["embeddinggemma-300m", "all-mpnet-base-v2"])
+def test_embeddings_match_sentence_transformers(alias, sentences):
+    from sentence_transformers import SentenceTransformer
+
+    folder = _pulled(alias)
+    ours = load_model(folder)
+    reference = SentenceTransformer(str(folder), device="cpu")
+    expected = reference.encode(sentences, convert_to_tensor=True, batch_size=16)
+    got = ours.embed(sentences)
+    assert got.shape == expected.shape
+    assert _worst_cosine(got, expected) >= 0.9999
+    if ours.config.prompts:  # EmbeddingGemma: "query" / "document" prefixes
+        for name in ("query", "document"):
+            expected = reference.encode(sentences[:16], prompt_name=name, convert_to_tensor=True)
+            assert _worst_cosine(ours.embed(sentences[:16], prompt_name=name), expected) >= 0.9999
+        with pytest.raises(LmkError, match="prompt_name 'nope' is not one of this model's prompts"):
+            ours.embed(sentences[:1], prompt_name="nope")
+
+
+def test_embeddinggemma_attends_within_its_window_on_long_inputs(wikitext_lines):
+    """A text of 700 tokens: EmbeddingGemma's local layers see 256 tokens on either side (transformers'
+    reading of its 512 window), global layers all; the reference runs the same text."""
+    from sentence_transformers import SentenceTransformer
+
+    folder = _pulled("embeddinggemma-300m")
+    ours = load_model(folder)
+    text = " ".join(wikitext_lines[1500:1560])
+    ids = ours.tokenizer.encode(text)[:700]
+    text = ours.tokenizer.decode(ids, skip_special_tokens=True)
+    assert len(ours.tokenizer.encode(text)) > 600
+    expected = SentenceTransformer(str(folder), device="cpu").encode([text], convert_to_tensor=True)
+    assert _worst_cosine(ours.embed([text]), expected) >= 0.9999
+
+
+def test_nomic_gguf_matches_llama_cpp(sentences):
+    from llama_cpp import Llama
+
+    path = _pulled("nomic-embed-text-v1.5")
+    ours = load_model(path)
+    assert ours.config.architecture == "nomic_bert" and ours.config.matryoshka
+    texts = ["search_document: " + s for s in sentences]
+    peer = Llama(model_path=str(path), embedding=True, n_ctx=2048, n_batch=2048, n_ubatch=2048, verbose=False,
+                 pooling_type=1)  # mean, as the file says
+    expected = F.normalize(torch.tensor(peer.embed(texts, normalize=False)), dim=-1)
+    assert _worst_cosine(ours.embed(sentences, prompt_name="document"), expected) >= 0.9999
+
+
+def test_dimensions_cut_and_normalise_again(sentences):
+    ours = load_model(_pulled("nomic-embed-text-v1.5"))
+    full = ours.embed(sentences[:8])
+    cut = ours.embed(sentences[:8], dimensions=256)
+    assert cut.shape == (8, 256)
+    torch.testing.assert_close(cut.norm(dim=-1), torch.ones(8))
+    torch.testing.assert_close(cut, F.normalize(full[:, :256], dim=-1))
+    with pytest.raises(LmkError, match="dimensions must be an integer from 1 to the model's 768"):
+        ours.embed(sentences[:1], dimensions=769)
