@@ -26,11 +26,11 @@ def test_paragraphs_are_cut_after_their_first_sentence():
 
 
 def test_an_encoder_finds_continuations_far_above_chance(minilm, wikitext_lines):
-    task = continuation_task("\n".join(wikitext_lines[:1500]), limit=120)
+    task = continuation_task("\n".join(wikitext_lines[:1500]), limit=60, min_words=40)
     result = evaluate_retrieval(minilm, task)
-    assert result.queries == 120 and result.recall_at_10 >= 0.6 and result.recall_at_1 >= 0.3
+    assert result.queries == 60 and result.recall_at_10 >= 0.6 and result.recall_at_1 >= 0.3
     assert result.recall_at_1 <= result.recall_at_10 and result.recall_at_1 <= result.mrr_at_10 <= result.recall_at_10
     shuffled = list(task.documents)
     random.Random(0).shuffle(shuffled)
     control = evaluate_retrieval(minilm, RetrievalTask(task.queries, shuffled))
-    assert control.recall_at_10 <= 0.25  # chance is 10 / 120
+    assert control.recall_at_10 <= 0.4  # chance is 10 / 60

@@ -90,3 +90,27 @@ def test_dimensions_cut_and_normalise_again(sentences):
     torch.testing.assert_close(cut, F.normalize(full[:, :256], dim=-1))
     with pytest.raises(LmkError, match="dimensions must be an integer from 1 to the model's 768"):
         ours.embed(sentences[:1], dimensions=769)
+
+
+def test_v1_embeddings_takes_a_prompt_name_and_dimensions(sentences):
+    """`/v1/embeddings` with nomic: `prompt_name` puts the model's prefix before each text and `dimensions` cuts
+    and normalises, both as `LLM.embed` does; a prompt the model lacks and a size past its width are 400s."""
+    from fastapi.testclient import TestClient
+
+    from lmkernel.engine.async_embedder import AsyncEmbedder
+    from lmkernel.serve.app import ServerConfig, build_app
+
+    ours = load_model(_pulled("nomic-embed-text-v1.5"))
+    app = build_app(ServerConfig(model_name=None, embedding_model_name="nomic"), None, AsyncEmbedder(ours))
+    texts = sentences[:4]
+    with TestClient(app) as client:
+        r = client.post("/v1/embeddings", json={"model": "nomic", "input": texts, "prompt_name": "query", "dimensions": 128})
+        bad_prompt = client.post("/v1/embeddings", json={"model": "nomic", "input": texts, "prompt_name": "poem"})
+        too_wide = client.post("/v1/embeddings", json={"model": "nomic", "input": texts, "dimensions": 1024})
+    assert r.status_code == 200, r.text
+    got = torch.tensor([d["embedding"] for d in r.json()["data"]])
+    torch.testing.assert_close(got, ours.embed(texts, prompt_name="query", dimensions=128), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, ours.embed(texts, dimensions=128), atol=1e-3)  # the prefix changed them
+    assert bad_prompt.status_code == 400 and bad_prompt.json()["error"]["param"] == "prompt_name"
+    assert "query" in bad_prompt.json()["error"]["message"]
+    assert too_wide.status_code == 400 and too_wide.json()["error"]["param"] == "dimensions"

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from lmkernel import LLM, SamplingParams, load_model
+from lmkernel.layers.attention import AttentionMetadata
 from lmkernel.registry import ALIASES, alias_location
 
 pytestmark = pytest.mark.slow  # the real model and a transformers reference: `make test` runs it, `make test-fast` does not
@@ -92,8 +93,10 @@ def test_the_engine_scores_a_long_context_as_the_reference_forward(dequantized, 
     assert (scored - ref[:-1].gather(1, torch.tensor(long_ids[1:])[:, None])[:, 0]).abs().max().item() <= 1e-3
     continued = list(long_ids)
     with torch.inference_mode():
-        for _ in range(4):
-            continued.append(int(dequantized.logits(continued)[-1].argmax()))
+        for _ in range(4):  # the reference forward over the whole context, scored at its last position
+            meta = AttentionMetadata.for_lengths([len(continued)], causal=True)
+            hidden = dequantized.model(torch.tensor(continued), torch.arange(len(continued)), meta)
+            continued.append(int(dequantized.model.compute_logits(hidden[-1:])[0].argmax()))
     assert list(out.outputs[0].token_ids) == continued[len(long_ids):]
 
 
