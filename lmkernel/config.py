@@ -74,6 +74,14 @@ class ModelConfig:
         """Whether the model ends in a sequence-classification head (an encoder's, or a decoder's on its last token)."""
         return self.hf_architecture.endswith("ForSequenceClassification")
 
+    @property
+    def window_is_valid(self) -> bool:
+        """Whether the sliding window and the local rotary base, if set, are usable (positive integers / numbers)."""
+        window_ok = self.sliding_window is None or (
+            isinstance(self.sliding_window, int) and not isinstance(self.sliding_window, bool) and self.sliding_window >= 1)
+        return window_ok and (self.rope_local_theta is None or self.rope_local_theta > 0) and \
+            (not self.layer_types or len(self.layer_types) == self.num_layers)
+
     def window(self, layer: int) -> int | None:
         """The sliding window of layer `layer` (keys less than this many positions back), or None for all."""
         if self.sliding_window is None or (self.layer_types and self.layer_types[layer] != "sliding_attention"):

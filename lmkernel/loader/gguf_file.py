@@ -227,6 +227,7 @@ def check_config(path: Path, c: ModelConfig, metadata: dict[str, Any]) -> None:
         ("head_count_kv", 1 <= c.num_kv_heads <= c.num_heads and c.num_heads % c.num_kv_heads == 0),
         ("key_length", c.head_dim >= 2 and c.head_dim % 2 == 0),
         ("layer_norm_rms_epsilon", 0 < c.norm_eps < 1), ("rope.freq_base", c.rope_theta > 0),
+        ("attention.sliding_window", c.window_is_valid),
     ]
     for key, ok in rules:
         if not ok:

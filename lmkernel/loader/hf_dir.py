@@ -153,7 +153,8 @@ def check_config(directory: Path, c: ModelConfig) -> None:
              ("num_key_value_heads", 1 <= c.num_kv_heads <= c.num_heads and c.num_heads % c.num_kv_heads == 0),
              ("max_position_embeddings", 1 <= c.max_position_embeddings <= MAX_POSITIONS),
              ("norm eps", 0 < c.norm_eps < 1), ("rope_theta", c.rope_theta > 0),
-             ("hidden_act", isinstance(c.hidden_act, str)), ("architectures", isinstance(c.hf_architecture, str))]
+             ("hidden_act", isinstance(c.hidden_act, str)), ("architectures", isinstance(c.hf_architecture, str)),
+             ("sliding_window", c.window_is_valid)]
     for key, ok in rules:
         if not ok:
             raise WeightsError(f"{path}: '{key}' does not describe a model (vocab {c.vocab_size}, hidden {c.hidden_size}, "
@@ -211,42 +212,26 @@ def _parse_config(directory: Path) -> ModelConfig:
         )
     hidden = int(_require(raw, path, "hidden_size"))
     heads = int(_require(raw, path, "num_attention_heads"))
-    if model_type == "bert":
+    if model_type in ("bert", "mpnet"):
+        # MPNet's positions count from the padding id + 1: the table's first rows are never a token's.
+        offset = int(raw.get("pad_token_id", 1)) + 1 if model_type == "mpnet" else 0
+        bert = model_type == "bert"
         return ModelConfig(
-            architecture="bert",
+            architecture=model_type,
             hidden_size=hidden,
             intermediate_size=int(_require(raw, path, "intermediate_size")),
             num_layers=int(_require(raw, path, "num_hidden_layers")),
             num_heads=heads,
             num_kv_heads=heads,
             head_dim=hidden // heads,
-            max_position_embeddings=int(_require(raw, path, "max_position_embeddings")),
-            norm_eps=float(raw.get("layer_norm_eps", 1e-12)),
+            max_position_embeddings=int(_require(raw, path, "max_position_embeddings")) - offset,
+            norm_eps=float(raw.get("layer_norm_eps", 1e-12 if bert else 1e-5)),
             hidden_act=raw.get("hidden_act", "gelu"),
-            type_vocab_size=int(raw.get("type_vocab_size", 2)),
+            type_vocab_size=int(raw.get("type_vocab_size", 2)) if bert else 0,
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", True)),
             hidden_dropout=float(raw.get("hidden_dropout_prob", 0.1)),
             attention_dropout=float(raw.get("attention_probs_dropout_prob", 0.1)),
             classifier_dropout=raw.get("classifier_dropout"),
-            **_sentence_transformers(directory),
-            **common,
-        )
-    if model_type == "mpnet":
-        padding = int(raw.get("pad_token_id", 1))
-        return ModelConfig(
-            architecture="mpnet",
-            hidden_size=hidden,
-            intermediate_size=int(_require(raw, path, "intermediate_size")),
-            num_layers=int(_require(raw, path, "num_hidden_layers")),
-            num_heads=heads,
-            num_kv_heads=heads,
-            head_dim=hidden // heads,
-            # Positions count from the padding id + 1: the table's first rows are never a token's.
-            max_position_embeddings=int(_require(raw, path, "max_position_embeddings")) - padding - 1,
-            norm_eps=float(raw.get("layer_norm_eps", 1e-5)),
-            hidden_act=raw.get("hidden_act", "gelu"),
-            hidden_dropout=float(raw.get("hidden_dropout_prob", 0.1)),
-            attention_dropout=float(raw.get("attention_probs_dropout_prob", 0.1)),
             **_sentence_transformers(directory),
             **common,
         )

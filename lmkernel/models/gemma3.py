@@ -23,13 +23,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmkernel.config import ModelConfig
-from lmkernel.layers.activation import get_activation
 from lmkernel.layers.attention import AttentionMetadata, KVLayer, attend
 from lmkernel.layers.checkpoint import run_layer
 from lmkernel.layers.linear import dense
 from lmkernel.layers.lora import LoraRouting, project
 from lmkernel.layers.norm import OffsetRMSNorm
 from lmkernel.layers.rotary import RotaryEmbedding, apply_rotary
+from lmkernel.models.llama import LlamaMLP
 from lmkernel.models.pooling import SentenceHead, mean_pool
 from lmkernel.models.weights import embedding, load_named_tensors, load_with_tied_head
 
@@ -60,18 +60,6 @@ class Gemma3Attention(nn.Module):
         return project(self.o_proj, o.reshape(n, -1), lora)
 
 
-class Gemma3MLP(nn.Module):
-    def __init__(self, c: ModelConfig) -> None:
-        super().__init__()
-        self.gate_proj = dense(c.hidden_size, c.intermediate_size, False)
-        self.up_proj = dense(c.hidden_size, c.intermediate_size, False)
-        self.down_proj = dense(c.intermediate_size, c.hidden_size, False)
-        self.act = get_activation(c.hidden_act)
-
-    def forward(self, x: torch.Tensor, lora: LoraRouting | None = None) -> torch.Tensor:
-        return project(self.down_proj, self.act(project(self.gate_proj, x, lora)) * project(self.up_proj, x, lora), lora)
-
-
 class Gemma3DecoderLayer(nn.Module):
     def __init__(self, c: ModelConfig, index: int) -> None:
         super().__init__()
@@ -80,7 +68,7 @@ class Gemma3DecoderLayer(nn.Module):
         self.self_attn = Gemma3Attention(c, c.window(index))
         self.post_attention_layernorm = OffsetRMSNorm(c.hidden_size, c.norm_eps)
         self.pre_feedforward_layernorm = OffsetRMSNorm(c.hidden_size, c.norm_eps)
-        self.mlp = Gemma3MLP(c)
+        self.mlp = LlamaMLP(c)  # gate, up and down as Llama's, with GELU-tanh
         self.post_feedforward_layernorm = OffsetRMSNorm(c.hidden_size, c.norm_eps)
 
     def forward(
@@ -117,15 +105,13 @@ class Gemma3Model(nn.Module):
         return self.norm(h)
 
 
-class Gemma3ForCausalLM(nn.Module):
-    """Gemma 3 with its language-model head (the embedding matrix); `forward` gives hidden states,
-    `compute_logits` the scores."""
+class _Gemma3Stack(nn.Module):
+    """The layer stack under `model`, with the trainer's activation-checkpointing switch passed down to it."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
         self.model = Gemma3Model(config)
-        self.lm_head = dense(config.hidden_size, config.vocab_size, False)
 
     @property
     def checkpoint_layers(self) -> bool:
@@ -134,6 +120,15 @@ class Gemma3ForCausalLM(nn.Module):
     @checkpoint_layers.setter
     def checkpoint_layers(self, on: bool) -> None:
         self.model.checkpoint_layers = on
+
+
+class Gemma3ForCausalLM(_Gemma3Stack):
+    """Gemma 3 with its language-model head (the embedding matrix); `forward` gives hidden states,
+    `compute_logits` the scores."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        self.lm_head = dense(config.hidden_size, config.vocab_size, False)
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
@@ -154,23 +149,13 @@ class Gemma3ForCausalLM(nn.Module):
         load_with_tied_head(self, tensors, source, "lm_head", "model.embed_tokens", True)
 
 
-class Gemma3Encoder(nn.Module):
+class Gemma3Encoder(_Gemma3Stack):
     """EmbeddingGemma: the Gemma 3 stack with no causal mask (local layers see keys less than `sliding_window`
     positions away on either side), mean-pooled, through its Dense layers, L2-normalised."""
 
     def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        self.config = config
-        self.model = Gemma3Model(config)
+        super().__init__(config)
         self.head = SentenceHead(config.sentence_dense)
-
-    @property
-    def checkpoint_layers(self) -> bool:
-        return self.model.checkpoint_layers
-
-    @checkpoint_layers.setter
-    def checkpoint_layers(self, on: bool) -> None:
-        self.model.checkpoint_layers = on
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,

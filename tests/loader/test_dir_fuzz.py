@@ -82,3 +82,16 @@ def test_crafted_config_values_are_refused_before_a_model_is_built(hf_model: Pat
     (target / "config.json").write_text(json.dumps(config))
     with pytest.raises(LmkError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
         load_model(target)
+
+
+@pytest.mark.parametrize("window", [-5, 0, "wide", 2.5])
+def test_a_crafted_sliding_window_is_refused_before_a_model_is_built(hf_model: Path, tmp_path: Path, window) -> None:
+    import json
+
+    target = tmp_path / "window"
+    shutil.copytree(hf_model, target)
+    config = json.loads((target / "config.json").read_text())
+    config |= {"sliding_window": window, "use_sliding_window": True}
+    (target / "config.json").write_text(json.dumps(config))
+    with pytest.raises(LmkError, match="'sliding_window' does not describe a model|a value does not describe a model"):
+        load_model(target)
