@@ -56,6 +56,7 @@ class ModelConfig:
     sentence_dense: tuple[tuple[int, int, bool, str], ...] = ()
     prompts: dict[str, str] = field(default_factory=dict)  # named prefixes for embeddings ("query", "document", ...)
     matryoshka: bool = False  # embeddings trained to be cut short (`dimensions`): EmbeddingGemma, nomic-embed v1.5
+    matryoshka_layer_norm: bool = False  # layer-norm the pooled vector before cutting it (nomic-embed v1.5's recipe)
     id2label: dict[int, str] = field(default_factory=dict)
     # Dropout probabilities, active only in training mode.
     hidden_dropout: float = 0.0  # after embeddings and on each residual branch

@@ -138,7 +138,8 @@ class LoadedModel:
             if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
                 raise LmkError("expected a list of strings")
             texts = [self.config.prompts[prompt_name] + t for t in texts]
-        return truncate_embeddings(self._embed(self.length_batches(texts, max_batch_tokens), len(texts)), dimensions)
+        vectors = self._embed(self.length_batches(texts, max_batch_tokens), len(texts))
+        return truncate_embeddings(vectors, dimensions, self.config.matryoshka_layer_norm)
 
     def embed_token_ids(self, inputs: Sequence[Sequence[int]], max_batch_tokens: int = 8192) -> torch.Tensor:
         """Embeddings of inputs already tokenized; each must fit the model (see `max_input_tokens`)."""
@@ -175,12 +176,15 @@ class LoadedModel:
         return ids
 
 
-def truncate_embeddings(embeddings: torch.Tensor, dimensions: int | None) -> torch.Tensor:
-    """The first `dimensions` values of each row, L2-normalised again (OpenAI's `dimensions`); all of them for None."""
+def truncate_embeddings(embeddings: torch.Tensor, dimensions: int | None, layer_norm: bool = False) -> torch.Tensor:
+    """The first `dimensions` values of each row, L2-normalised again (OpenAI's `dimensions`); all of them for None.
+    `layer_norm` standardises each row first, as nomic-embed v1.5 was trained to be cut."""
     if dimensions is None:
         return embeddings
     if isinstance(dimensions, bool) or not isinstance(dimensions, int) or not 1 <= dimensions <= embeddings.shape[1]:
         raise LmkError(f"dimensions must be an integer from 1 to the model's {embeddings.shape[1]}; got {dimensions!r}")
+    if layer_norm:
+        embeddings = torch.nn.functional.layer_norm(embeddings, embeddings.shape[1:])
     return torch.nn.functional.normalize(embeddings[:, :dimensions], p=2, dim=-1)
 
 

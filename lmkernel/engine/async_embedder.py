@@ -63,4 +63,4 @@ class AsyncEmbedder:
         `dimensions` and normalised again where given."""
         self.check_inputs(inputs)
         vectors = await asyncio.to_thread(self.loaded.embed_token_ids, inputs)
-        return truncate_embeddings(vectors, dimensions)
+        return truncate_embeddings(vectors, dimensions, self.loaded.config.matryoshka_layer_norm)

@@ -179,6 +179,7 @@ def _nomic_config(path: Path, reader: GGUFFile, metadata: dict[str, Any]) -> Mod
                                     "or by the first token (2)")
     types = next((t for t in reader.tensors if t.name == "token_types.weight"), None)
     tokens = metadata.get("tokenizer.ggml.tokens") or []
+    v15 = "v1.5" in str(metadata.get("general.name", ""))  # v1.5 is trained for 768 down to 64 dimensions
     return ModelConfig(
         architecture="nomic_bert", vocab_size=len(tokens) if isinstance(tokens, list) and tokens else 0,
         hidden_size=hidden, intermediate_size=_number(metadata, path, f"{a}.feed_forward_length", int),
@@ -188,7 +189,7 @@ def _nomic_config(path: Path, reader: GGUFFile, metadata: dict[str, Any]) -> Mod
         rope_theta=_number(metadata, path, f"{a}.rope.freq_base", float, 10000.0), hidden_act="silu",
         type_vocab_size=int(types.shape[0]) if types is not None and len(types.shape) == 2 else 0,
         pooling="mean" if pooling == 1 else "cls", normalize_embeddings=True, prompts=dict(NOMIC_PROMPTS),
-        matryoshka="v1.5" in str(metadata.get("general.name", "")),  # v1.5 is trained for 768 down to 64
+        matryoshka=v15, matryoshka_layer_norm=v15,
         bos_token_id=metadata.get("tokenizer.ggml.bos_token_id"), eos_token_id=metadata.get("tokenizer.ggml.eos_token_id"),
         pad_token_id=metadata.get("tokenizer.ggml.padding_token_id"), stored_dtype=stored_dtype(reader),
         hf_model_type=a, hf_architecture="NomicBertModel",

@@ -1,6 +1,6 @@
 """The embedding models users pick for retrieval, as pulled from PyPI, against their references on 64 Financial
 PhraseBank sentences no test chose: EmbeddingGemma-300M and all-mpnet-base-v2 against sentence-transformers over
-the same folders, nomic-embed-text-v1.5 (its F16 GGUF) against llama.cpp's embeddings of the same file."""
+the same folders, nomic-embed-text-v1.5 (its F16 GGUF) against llama.cpp's embeddings of the same file (gpt4all's build)."""
 
 from __future__ import annotations
 
@@ -68,31 +68,55 @@ def test_embeddinggemma_attends_within_its_window_on_long_inputs(wikitext_lines)
     assert _worst_cosine(ours.embed([text]), expected) >= 0.9999
 
 
-def test_nomic_gguf_matches_llama_cpp(sentences):
-    from llama_cpp import Llama
+@pytest.fixture(scope="module")
+def nomic():
+    return load_model(_pulled("nomic-embed-text-v1.5"))
+
+
+@pytest.fixture(scope="module")
+def gpt4all_nomic():
+    """llama.cpp as the gpt4all wheel bundles it (pip installs it in seconds; llama-cpp-python builds for minutes)."""
+    from gpt4all import Embed4All
 
     path = _pulled("nomic-embed-text-v1.5")
-    ours = load_model(path)
-    assert ours.config.architecture == "nomic_bert" and ours.config.matryoshka
-    texts = ["search_document: " + s for s in sentences]
-    peer = Llama(model_path=str(path), embedding=True, n_ctx=2048, n_batch=2048, n_ubatch=2048, verbose=False,
-                 pooling_type=1)  # mean, as the file says
-    expected = F.normalize(torch.tensor(peer.embed(texts, normalize=False)), dim=-1)
-    assert _worst_cosine(ours.embed(sentences, prompt_name="document"), expected) >= 0.9999
+    return Embed4All(path.name, model_path=str(path.parent), allow_download=False, device="cpu", n_threads=2)
 
 
-def test_dimensions_cut_and_normalise_again(sentences):
-    ours = load_model(_pulled("nomic-embed-text-v1.5"))
-    full = ours.embed(sentences[:8])
-    cut = ours.embed(sentences[:8], dimensions=256)
+@pytest.mark.parametrize("dimensions", [768, 256, 64])
+def test_nomic_gguf_matches_llama_cpp(nomic, gpt4all_nomic, sentences, dimensions):
+    """gpt4all cuts nomic-embed v1.5 as nomic does (layer norm, cut, L2), at every size it was trained for."""
+    assert nomic.config.architecture == "nomic_bert" and nomic.config.matryoshka
+    expected = torch.tensor(gpt4all_nomic.embed(sentences, prefix="search_query", dimensionality=dimensions))
+    ours = nomic.embed(sentences, prompt_name="query", dimensions=dimensions)
+    assert ours.shape == (len(sentences), dimensions)
+    assert _worst_cosine(ours, expected) >= 0.9999
+
+
+def test_nomic_without_dimensions_is_the_plain_mean_and_cuts_with_a_layer_norm(nomic, sentences):
+    """No `dimensions`: the L2-normalised mean, as sentence-transformers and llama.cpp give it; with `dimensions`,
+    nomic's recipe, which differs from a plain cut."""
+    full = nomic.embed(sentences[:8], prompt_name="document")
+    torch.testing.assert_close(full.norm(dim=-1), torch.ones(8))
+    cut = nomic.embed(sentences[:8], prompt_name="document", dimensions=256)
     assert cut.shape == (8, 256)
     torch.testing.assert_close(cut.norm(dim=-1), torch.ones(8))
-    torch.testing.assert_close(cut, F.normalize(full[:, :256], dim=-1))
+    torch.testing.assert_close(cut, F.normalize(F.layer_norm(full, (768,))[:, :256], dim=-1), atol=1e-5, rtol=0)
+    assert (cut - F.normalize(full[:, :256], dim=-1)).abs().max() > 1e-4  # the mean it takes away is small
     with pytest.raises(LmkError, match="dimensions must be an integer from 1 to the model's 768"):
-        ours.embed(sentences[:1], dimensions=769)
+        nomic.embed(sentences[:1], dimensions=769)
 
 
-def test_v1_embeddings_takes_a_prompt_name_and_dimensions(sentences):
+def test_embeddinggemma_cuts_without_a_layer_norm(sentences):
+    """EmbeddingGemma is cut as sentence-transformers' `truncate_dim` does: the first values, L2 again."""
+    from sentence_transformers import SentenceTransformer
+
+    folder = _pulled("embeddinggemma-300m")
+    ours = load_model(folder).embed(sentences[:8], dimensions=128)
+    expected = SentenceTransformer(str(folder), device="cpu", truncate_dim=128).encode(sentences[:8], convert_to_tensor=True)
+    assert _worst_cosine(ours, F.normalize(expected, dim=-1)) >= 0.9999
+
+
+def test_v1_embeddings_takes_a_prompt_name_and_dimensions(nomic, sentences):
     """`/v1/embeddings` with nomic: `prompt_name` puts the model's prefix before each text and `dimensions` cuts
     and normalises, both as `LLM.embed` does; a prompt the model lacks and a size past its width are 400s."""
     from fastapi.testclient import TestClient
@@ -100,7 +124,7 @@ def test_v1_embeddings_takes_a_prompt_name_and_dimensions(sentences):
     from lmkernel.engine.async_embedder import AsyncEmbedder
     from lmkernel.serve.app import ServerConfig, build_app
 
-    ours = load_model(_pulled("nomic-embed-text-v1.5"))
+    ours = nomic
     app = build_app(ServerConfig(model_name=None, embedding_model_name="nomic"), None, AsyncEmbedder(ours))
     texts = sentences[:4]
     with TestClient(app) as client:
