@@ -13,6 +13,7 @@ import statistics
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +43,17 @@ class Sample:
     cpu_s: float = 0.0  # the server's user + system CPU seconds so far
     tokens: float = 0.0  # tokens it has generated so far (its lmkernel_generation_tokens counter)
     steal_s: float = 0.0  # CPU seconds the host's hypervisor has taken from this machine so far (/proc/stat)
+    probe_gflops: float = 0.0  # a fixed one-thread matrix product timed now: what the host gives a core under this load
+
+
+@dataclass(frozen=True)
+class ThirdWork:
+    """What the server and the host did in one third of the run."""
+
+    tokens_per_s: float  # tokens generated a second
+    cpu_ms_per_token: float  # server CPU milliseconds a generated token
+    steal: float  # share of the machine's CPU time the hypervisor took
+    probe_gflops: float  # median speed of the probe: the machine's speed for the same work
 
 
 @dataclass
@@ -71,21 +83,32 @@ class SoakReport:
         """Resident memory at the end against just after warm-up (a fraction: 0.05 = 5% more)."""
         return self.samples[-1].rss_mib / self.warm(warmup).rss_mib - 1
 
-    def work_by_third(self) -> list[tuple[float, float, float]]:
-        """For each third of the run: tokens generated a second, server CPU milliseconds a generated token, and
-        the share of the machine's CPU time the hypervisor stole. Rising latency with a steady CPU cost a token
-        is the host giving the server less; a rising cost is the server doing more for the same work."""
+    def work_by_third(self) -> list[ThirdWork]:
+        """Each third's work and the machine's speed. Rising latency with a steady CPU cost a token is the host
+        giving the server less time; a rising cost with a steady probe is the server doing more for the same work;
+        a rising cost with a slower probe is the host's cores running slower (neighbours, memory bandwidth)."""
         out = []
         for third in range(3):
             inside = [s for s in self.samples if third * self.seconds / 3 <= s.at <= (third + 1) * self.seconds / 3]
             if len(inside) < 2:
-                out.append((0.0, 0.0, 0.0))
+                out.append(ThirdWork(0.0, 0.0, 0.0, 0.0))
                 continue
             a, b = inside[0], inside[-1]
             tokens, elapsed = b.tokens - a.tokens, b.at - a.at
-            out.append((tokens / elapsed, 1000 * (b.cpu_s - a.cpu_s) / max(tokens, 1.0),
-                        (b.steal_s - a.steal_s) / (elapsed * (os.cpu_count() or 1))))
+            out.append(ThirdWork(tokens / elapsed, 1000 * (b.cpu_s - a.cpu_s) / max(tokens, 1.0),
+                                 (b.steal_s - a.steal_s) / (elapsed * (os.cpu_count() or 1)),
+                                 statistics.median(s.probe_gflops for s in inside)))
         return out
+
+    def latency_drift(self, kind: str) -> tuple[float, float] | None:
+        """A kind's p50 latency in the last third over the first: as measured, and at the first third's machine
+        speed (scaled by the probe), which is the server's own drift."""
+        first, last = self.percentiles(kind, 0), self.percentiles(kind, 2)
+        work = self.work_by_third()
+        if first is None or last is None or not work[0].probe_gflops or not work[2].probe_gflops:
+            return None
+        raw = last[0] / first[0]
+        return raw, raw * work[2].probe_gflops / work[0].probe_gflops
 
     def percentiles(self, kind: str, third: int) -> tuple[float, float] | None:
         """p50 and p99 latency (s) of a kind's requests that started in one third of the run."""
@@ -112,6 +135,22 @@ def _steal_seconds() -> float:
     return int(fields[8]) / os.sysconf("SC_CLK_TCK") if len(fields) > 8 else 0.0
 
 
+def _probe_gflops(size: int = 384, rounds: int = 3) -> float:
+    """GFLOP/s of one thread multiplying two fixed float32 matrices, the best of a few rounds (a few ms)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        a = torch.ones(size, size)
+        best = float("inf")
+        for _ in range(rounds):
+            began = time.perf_counter()
+            a @ a
+            best = min(best, time.perf_counter() - began)
+    finally:
+        torch.set_num_threads(threads)
+    return 2 * size**3 / best / 1e9
+
+
 def write_random_adapter(directory: Path, model: str, seed: int) -> Path:
     """A small LoRA (rank 4 on q_proj and v_proj) of random weights for `model`, in the PEFT format."""
     from lmkernel.layers.lora import init_lora_a
@@ -130,12 +169,22 @@ def write_random_adapter(directory: Path, model: str, seed: int) -> Path:
     return write_adapter(directory, LoraAdapter(config, lora, {}, "LlamaForCausalLM"))
 
 
+def kind_deck(rng: random.Random) -> Iterator[str]:
+    """Kinds from shuffled decks of the whole mix, one deck after another: every stretch of the run sends the same
+    mix, so the thirds whose latencies are compared did the same work."""
+    while True:
+        deck = [k for k, (w, _) in KINDS.items() for _ in range(w)]
+        rng.shuffle(deck)
+        yield from deck
+
+
 class _Client:
     def __init__(self, server: ServerProcess, model: str, embed: str, context: int, report: SoakReport, start: float,
                  lock: threading.Lock, seed: int) -> None:
         self.server, self.model, self.embed, self.context = server, model, embed, context
         self.report, self.start, self.lock = report, start, lock
         self.rng = random.Random(seed)  # nosec B311  # a seeded traffic mix, not a secret
+        self.kinds = kind_deck(self.rng)
         self.http = httpx.Client(base_url=server.base_url, timeout=600, headers={"Authorization": f"Bearer {KEY}"})
 
     def record(self, kind: str, status: int, began: float, note: str = "") -> None:
@@ -218,7 +267,6 @@ def soak(model: str, embed: str, seconds: float, clients: int, log_dir: Path, kv
         context = int(info.json()["model_max_length"])
         start = time.monotonic()
         stop_at = start + seconds
-        kinds = [k for k, (w, _) in KINDS.items() for _ in range(w)]
 
         def work(i: int) -> None:
             client = _Client(server, model, embed, context, report, start, lock, seed * 1000 + i)
@@ -229,7 +277,7 @@ def soak(model: str, embed: str, seconds: float, clients: int, log_dir: Path, kv
                         client.adapter_round(adapter, n)
                         time.sleep(2)
                     else:
-                        client.one(client.rng.choice(kinds))
+                        client.one(next(client.kinds))
                 except Exception as exc:  # noqa: BLE001 - a failed request is what the report counts
                     with lock:
                         report.errors.append(f"client {i}: {type(exc).__name__}: {exc}")
@@ -244,7 +292,8 @@ def soak(model: str, embed: str, seconds: float, clients: int, log_dir: Path, kv
                 tokens = server.metric("lmkernel_generation_tokens_total")
             except (httpx.HTTPError, KeyError):  # a slow answer under load: keep the last count
                 tokens = report.samples[-1].tokens if report.samples else 0.0
-            report.samples.append(Sample(time.monotonic() - start, rss, fds, nthreads, cpu, tokens, _steal_seconds()))
+            report.samples.append(Sample(time.monotonic() - start, rss, fds, nthreads, cpu, tokens, _steal_seconds(),
+                                         _probe_gflops()))
             time.sleep(min(5.0, max(0.5, seconds / 60)))
         time.sleep(1.0)  # the last aborted streams reach the engine's next step
         report.kv_free = server.metric("lmkernel_kv_cache_free_blocks")

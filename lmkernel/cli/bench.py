@@ -378,13 +378,15 @@ def bench_soak(
     except (LmkError, ValueError) as exc:
         raise fail(exc) from None
     table = Table("kind", "requests", "statuses", "p50 / p99 s, first third", "second third", "last third",
+                  "p50 last / first", "at equal machine speed",
                   title=f"{model} + {embedding_model}, {clients} clients, {minutes:g} min")
     for kind in KINDS:
         if kind not in r.counts:
             continue
         cells = [f"{p[0]:.2f} / {p[1]:.2f}" if (p := r.percentiles(kind, t)) else "" for t in range(3)]
+        drift = r.latency_drift(kind)
         table.add_row(kind, str(sum(r.counts[kind].values())), ", ".join(f"{s}: {n}" for s, n in sorted(r.counts[kind].items())),
-                      *cells)
+                      *cells, *([f"{drift[0]:.2f}", f"{drift[1]:.2f}"] if drift else ["", ""]))
     console.print(table)
     first, warm, mid, last = r.samples[0], r.warm(), r.samples[len(r.samples) // 2], r.samples[-1]
     console.print(f"resident memory {first.rss_mib:.0f} / {warm.rss_mib:.0f} / {mid.rss_mib:.0f} / {last.rss_mib:.0f} MiB "
@@ -394,9 +396,10 @@ def bench_soak(
                   f"{r.kv_total:.0f}; 5xx {r.server_errors}; unexpected statuses {r.unexpected() or 'none'}; exit code "
                   f"after SIGTERM {r.exit_code}", highlight=False)
     work = r.work_by_third()
-    console.print("by third: generated tokens/s " + " / ".join(f"{t:.1f}" for t, _, _ in work)
-                  + "; server CPU ms a generated token " + " / ".join(f"{c:.1f}" for _, c, _ in work)
-                  + "; host steal " + " / ".join(f"{st:.1%}" for _, _, st in work), highlight=False)
+    console.print("by third: generated tokens/s " + " / ".join(f"{w.tokens_per_s:.1f}" for w in work)
+                  + "; server CPU ms a generated token " + " / ".join(f"{w.cpu_ms_per_token:.1f}" for w in work)
+                  + "; host steal " + " / ".join(f"{w.steal:.1%}" for w in work)
+                  + "; one-thread probe GFLOP/s " + " / ".join(f"{w.probe_gflops:.1f}" for w in work), highlight=False)
     for e in r.errors[:20]:
         console.print(e, highlight=False)
     if r.server_errors or r.unexpected() or r.errors or r.exit_code != 0 or r.kv_free != r.kv_total:

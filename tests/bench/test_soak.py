@@ -19,4 +19,5 @@ def test_mixed_traffic_gets_no_5xx_only_expected_4xx_and_leaves_the_cache_empty(
     warm, end = r.warm(), r.samples[-1]  # descriptors and threads steady once warm (pools made on first use)
     assert end.fds <= warm.fds + 8 and end.threads <= warm.threads + 4, (warm, end)
     work = r.work_by_third()  # the server generated in every third, and its CPU time was counted
-    assert len(work) == 3 and all(tokens > 0 and cpu_ms > 0 and 0 <= steal < 1 for tokens, cpu_ms, steal in work), work
+    assert len(work) == 3 and all(w.tokens_per_s > 0 and w.cpu_ms_per_token > 0 and 0 <= w.steal < 1 and w.probe_gflops > 0
+                                  for w in work), work
