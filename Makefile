@@ -39,8 +39,8 @@ models: setup
 test: setup tools models
 	$(VENV)/bin/pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests
 
-# The edit-run loop (under 3 minutes): everything but the files marked slow (servers, Ray, torchrun,
-# calibration, the real 0.5B against transformers, long perplexity).
+# The edit-run loop (under 3 minutes): everything but the tests marked slow (servers, Ray, torchrun,
+# calibration, the real models against transformers, long perplexity, fine-tuning the larger encoders).
 test-fast: setup models
 	$(VENV)/bin/pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m "not slow" tests
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
+import pytest
 from typer.testing import CliRunner
 
 from lmkernel.cli import app
@@ -89,6 +90,7 @@ def test_generate_rejects_bad_values_in_one_line():
     assert out.returncode == 1 and "temperature" in out.stderr and "Traceback" not in out.stderr
 
 
+@pytest.mark.slow  # quantizes, evaluates and generates in three processes: make test runs it, make test-fast not
 def test_quantize_then_evaluate_and_generate_from_the_directory(tmp_path, smollm, wikitext_lines):
     out_dir = tmp_path / "smollm-int8"
     out = run("quantize", "smollm2-135m-instruct", "--method", "int8", "-o", str(out_dir))
@@ -113,6 +115,7 @@ def test_quantize_then_evaluate_and_generate_from_the_directory(tmp_path, smollm
     assert out.returncode == 1 and "empty" in out.stderr
 
 
+@pytest.mark.slow  # calibration: make test runs it, make test-fast not
 def test_quantize_int4_refines_on_the_given_calibration_text(tmp_path, wikitext_lines):
     calibration = tmp_path / "calibration.txt"
     calibration.write_text("\n".join(wikitext_lines[:12]))

@@ -3,9 +3,10 @@ land close together. Pairs (an item, one of the next `window` items in the same 
 positives; the other items of the batch are the negatives (a symmetric InfoNCE loss with a temperature), so
 the vectors learn behaviour while the text keeps new, never-seen items in the same space.
 
-Only the top `trainable_layers` layers of the (BERT-family) encoder are trained. The catalogue is a fixed set
-of short texts, so what the frozen layers make of each item is computed once and reused at every step: a step
-costs the top layers' forward and backward passes alone, several times less than the whole encoder's."""
+Only the top `trainable_layers` layers of the encoder (BERT, MPNet, nomic-bert, EmbeddingGemma) are trained.
+The catalogue is a fixed set of short texts, so what the frozen layers make of each item is computed once and
+reused at every step: a step costs the top layers' forward and backward passes alone, several times less than
+the whole encoder's."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from lmkernel.errors import LmkError
 from lmkernel.layers.attention import AttentionMetadata
 from lmkernel.loading import LoadedModel
+from lmkernel.models.encoder_stack import run_stack
 from lmkernel.train.optim import build_optimizer, build_schedule
 
 
@@ -42,6 +44,11 @@ def behaviour_pairs(sequences: Sequence[np.ndarray], window: int) -> np.ndarray:
     return np.concatenate(pairs) if pairs else np.zeros((0, 2), dtype=np.int64)
 
 
+def _layout(lengths: Sequence[int], device: torch.device) -> tuple[torch.Tensor, AttentionMetadata]:
+    positions = torch.tensor([p for n in lengths for p in range(n)], device=device)
+    return positions, AttentionMetadata.for_lengths(list(lengths), causal=False)
+
+
 def _frozen_states(model: torch.nn.Module, tokens: Sequence[Sequence[int]], frozen: int,
                    device: torch.device) -> list[torch.Tensor]:
     """Each item's hidden states after the embeddings and the first `frozen` layers, [len, hidden] apiece."""
@@ -49,22 +56,23 @@ def _frozen_states(model: torch.nn.Module, tokens: Sequence[Sequence[int]], froz
     with torch.inference_mode():
         for start in range(0, len(tokens), 256):
             chunk = tokens[start : start + 256]
-            meta = AttentionMetadata.for_lengths([len(t) for t in chunk], causal=False)
+            positions, meta = _layout([len(t) for t in chunk], device)
             ids = torch.tensor([t for seq in chunk for t in seq], device=device)
-            positions = torch.tensor([p for seq in chunk for p in range(len(seq))], device=device)
-            h = model.bert.embeddings(ids, positions, torch.zeros_like(ids))
-            for layer in model.bert.encoder.layer[:frozen]:
-                h = layer(h, meta)
+            h = run_stack(model, model.embed_tokens(ids, positions), positions, meta, 0, frozen)
             out.extend(x.clone() for x in torch.split(h, [len(t) for t in chunk]))
     return out
 
 
 def _encode_top(model: torch.nn.Module, states: Sequence[torch.Tensor], frozen: int) -> torch.Tensor:
-    meta = AttentionMetadata.for_lengths([len(s) for s in states], causal=False)
-    h = torch.cat(list(states))
-    for layer in model.bert.encoder.layer[frozen:]:
-        h = layer(h, meta)
+    positions, meta = _layout([len(s) for s in states], states[0].device)
+    h = model.finish(run_stack(model, torch.cat(list(states)), positions, meta, frozen))
     return F.normalize(model.pool(h, meta), dim=-1)
+
+
+def item_prompt(loaded: LoadedModel) -> str | None:
+    """The prompt an encoder wants before a document (nomic's `search_document: `), if it has one: items are
+    what the recommender retrieves."""
+    return "document" if "document" in loaded.config.prompts else None
 
 
 def fine_tune(loaded: LoadedModel, texts: Sequence[str], pairs: np.ndarray, cfg: EncoderTraining,
@@ -73,16 +81,20 @@ def fine_tune(loaded: LoadedModel, texts: Sequence[str], pairs: np.ndarray, cfg:
     if len(pairs) == 0 or cfg.steps == 0:
         return []
     model, device = loaded.model, loaded.device
-    if not hasattr(model, "bert"):
-        raise LmkError(f"{loaded.source.path}: the recommender fine-tunes BERT-family encoders (all-minilm-l6-v2)")
-    layers = len(model.bert.encoder.layer)
-    frozen = max(0, layers - cfg.trainable_layers)
+    if not loaded.config.is_encoder or not hasattr(model, "stack"):
+        raise LmkError(f"{loaded.source.path}: the recommender fine-tunes sentence encoders (all-minilm-l6-v2, "
+                       f"all-mpnet-base-v2, nomic-embed-text-v1.5, embeddinggemma-300m); a "
+                       f"{loaded.config.architecture} model is not one")
+    frozen = max(0, len(model.stack) - cfg.trainable_layers)
+    prompt = loaded.config.prompts.get(item_prompt(loaded) or "", "")
     tokens = [ids[: cfg.max_tokens - 1] + ids[-1:] if len(ids) > cfg.max_tokens else ids
-              for ids in loaded.tokenizer.encode_batch(list(texts))]
+              for ids in loaded.tokenizer.encode_batch([prompt + t for t in texts])]
     states = _frozen_states(model, tokens, frozen, device)
-    for name, param in model.named_parameters():
-        param.requires_grad_(any(name.startswith(f"bert.encoder.layer.{i}.") for i in range(frozen, layers)))
-    top = torch.nn.ModuleList(model.bert.encoder.layer[frozen:])
+    top = torch.nn.ModuleList(model.stack[frozen:])
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for param in top.parameters():
+        param.requires_grad_(True)
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)  # nosec B311  # seeded order for data and benchmarks, not a secret
     optimizer = build_optimizer("adamw", top, cfg.lr, 0.01)
@@ -119,5 +131,5 @@ def fine_tune(loaded: LoadedModel, texts: Sequence[str], pairs: np.ndarray, cfg:
 def item_vectors(loaded: LoadedModel, texts: Sequence[str]) -> np.ndarray:
     """Normalised item vectors [N, dim], float32."""
     with torch.inference_mode():
-        vectors = loaded.embed(list(texts))
+        vectors = loaded.embed(list(texts), prompt_name=item_prompt(loaded))
     return F.normalize(vectors, dim=-1).numpy().astype(np.float32)

@@ -49,7 +49,7 @@ def fit(data: Interactions, items: ItemTable, out: Path, config: RecommenderConf
                        "and a test item per user")
     by_user, encoder_rows, ranker_rows = split_rows(data, split, config.ranker_targets)
     start = time.monotonic()
-    loaded = load_model(config.encoder, device=device)
+    loaded = load_model(config.encoder, device=device, quantization=None)  # training updates float weights
     if not loaded.config.is_encoder:
         raise LmkError(f"--encoder {config.encoder}: not a sentence encoder (e.g. all-minilm-l6-v2)")
     texts = items.texts()

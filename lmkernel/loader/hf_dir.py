@@ -14,9 +14,10 @@ from safetensors import SafetensorError, safe_open
 
 from lmkernel.config import ModelConfig
 from lmkernel.errors import LmkError, UnsupportedModelError, WeightsError
+from lmkernel.loader.gguf_file import NOMIC_PROMPTS
 
 LLAMA_TYPES = ("llama", "mistral", "qwen2", "smollm", "smollm3")
-SUPPORTED_TYPES = (*LLAMA_TYPES, "gemma3_text", "gpt2", "bert", "mpnet")
+SUPPORTED_TYPES = (*LLAMA_TYPES, "gemma3_text", "gpt2", "bert", "mpnet", "nomic_bert")
 _DENSE_ACTIVATIONS = {"torch.nn.modules.linear.Identity": "identity", "torch.nn.modules.activation.Tanh": "tanh"}
 _SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
@@ -210,6 +211,8 @@ def _parse_config(directory: Path) -> ModelConfig:
             attention_dropout=float(raw.get("attn_pdrop", 0.1)),
             **common,
         )
+    if model_type == "nomic_bert":
+        return _nomic_config(directory, raw, common)
     hidden = int(_require(raw, path, "hidden_size"))
     heads = int(_require(raw, path, "num_attention_heads"))
     if model_type in ("bert", "mpnet"):
@@ -257,6 +260,33 @@ def _parse_config(directory: Path) -> ModelConfig:
         sliding_window=window,
         attention_dropout=float(raw.get("attention_dropout", 0.0)),
         **common,
+    )
+
+
+def _nomic_config(directory: Path, raw: dict[str, Any], common: dict[str, Any]) -> ModelConfig:
+    """nomic-bert in transformers' NomicBertConfig keys, or in nomic's own (GPT-2-style: n_embd, n_layer, ...)."""
+    path = directory / "config.json"
+    hidden, heads = int(_require(raw, path, "hidden_size", "n_embd")), int(_require(raw, path, "num_attention_heads", "n_head"))
+    if raw.get("activation_function", "swiglu") != "swiglu" or raw.get("hidden_act", "silu") != "silu" \
+            or raw.get("prenorm") or raw.get("causal") or raw.get("qkv_proj_bias") or raw.get("mlp_fc1_bias") \
+            or raw.get("mlp_fc2_bias") or float(raw.get("rotary_emb_fraction", 1.0)) != 1.0:
+        raise UnsupportedModelError(f"{path}: lmkernel runs nomic-bert as nomic-embed-text has it (SwiGLU, post-norm, "
+                                    "bidirectional, no projection biases, rotary on the whole head)")
+    rope = raw.get("rope_parameters") or {}
+    theta = float(rope.get("rope_theta", raw.get("rotary_emb_base", 1000.0)))
+    st = _sentence_transformers(directory)
+    v15 = bool(raw.get("matryoshka_layer_norm", False))  # lmkernel's key: the cut that nomic-embed v1.5 takes
+    return ModelConfig(
+        architecture="nomic_bert", hidden_size=hidden,
+        intermediate_size=int(_require(raw, path, "intermediate_size", "n_inner")),
+        num_layers=int(_require(raw, path, "num_hidden_layers", "n_layer")), num_heads=heads, num_kv_heads=heads,
+        head_dim=hidden // heads if heads > 0 else 0,
+        max_position_embeddings=int(_require(raw, path, "max_position_embeddings", "n_positions")),
+        norm_eps=float(raw.get("layer_norm_eps", raw.get("layer_norm_epsilon", 1e-12))), rope_theta=theta,
+        hidden_act="silu", type_vocab_size=int(raw.get("type_vocab_size", 2)),
+        classifier_dropout=raw.get("classifier_dropout"),
+        **{"pooling": "mean", "normalize_embeddings": True, **st, "prompts": st.get("prompts") or dict(NOMIC_PROMPTS)},
+        matryoshka=v15 or bool(raw.get("matryoshka", False)), matryoshka_layer_norm=v15, **common,
     )
 
 

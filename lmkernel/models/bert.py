@@ -16,6 +16,7 @@ it with `bert.`. Parameters here always carry the prefix, and loading adds it wh
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -24,9 +25,9 @@ from torch import nn
 from lmkernel.config import ModelConfig
 from lmkernel.layers.activation import get_activation
 from lmkernel.layers.attention import AttentionMetadata, attend
-from lmkernel.layers.checkpoint import run_layer
 from lmkernel.layers.linear import dense
 from lmkernel.layers.norm import layer_norm
+from lmkernel.models.encoder_stack import encode
 from lmkernel.models.pooling import first_token, mean_pool
 from lmkernel.models.weights import embedding, load_with_tied_head
 
@@ -173,12 +174,22 @@ class BertModel(nn.Module):
         token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final hidden states [N, hidden] for the flattened tokens of every sequence in the batch."""
-        if token_type_ids is None:
-            token_type_ids = torch.zeros_like(input_ids)
-        h = self.bert.embeddings(input_ids, positions, token_type_ids)
-        for layer in self.bert.encoder.layer:
-            h = run_layer(layer, self.checkpoint_layers, h, meta)
-        return h
+        return encode(self, input_ids, positions, meta, token_type_ids)
+
+    @property
+    def stack(self) -> nn.ModuleList:
+        return self.bert.encoder.layer
+
+    def embed_tokens(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                     token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        types = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
+        return self.bert.embeddings(input_ids, positions, types)
+
+    def layer_args(self, positions: torch.Tensor, meta: AttentionMetadata, dtype: torch.dtype) -> tuple[Any, ...]:
+        return (meta,)
+
+    def finish(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden
 
     def pool(self, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """One vector per sequence [B, hidden]: mean of its tokens or its first token, then L2-normalised if configured."""

@@ -17,6 +17,7 @@ Hugging Face's Gemma3ForCausalLM; EmbeddingGemma's Gemma3TextModel drops the lea
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,7 @@ from lmkernel.layers.linear import dense
 from lmkernel.layers.lora import LoraRouting, project
 from lmkernel.layers.norm import OffsetRMSNorm
 from lmkernel.layers.rotary import RotaryEmbedding, apply_rotary
+from lmkernel.models.encoder_stack import encode
 from lmkernel.models.llama import LlamaMLP
 from lmkernel.models.pooling import SentenceHead, mean_pool
 from lmkernel.models.weights import embedding, load_named_tensors, load_with_tied_head
@@ -96,13 +98,21 @@ class Gemma3Model(nn.Module):
         kv_caches: Sequence[KVLayer] | None = None,
     ) -> torch.Tensor:
         """Final hidden states [N, hidden] for the flattened tokens of every sequence in the batch."""
-        h = self.embed_tokens(input_ids)
-        h = h * torch.tensor(self.embed_scale, dtype=h.dtype)
-        rotations = (self.rotary_global.cos_sin(positions, h.dtype, meta.cu_seqlens),
-                     self.rotary_local.cos_sin(positions, h.dtype, meta.cu_seqlens))
+        h = self.embed(input_ids)
+        rotations = self.rotations(positions, meta, h.dtype)
         for i, layer in enumerate(self.layers):
             h = run_layer(layer, self.checkpoint_layers, h, rotations, meta, kv_caches[i] if kv_caches is not None else None)
         return self.norm(h)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings scaled by sqrt(hidden) (in the embeddings' dtype, as Gemma rounds it)."""
+        h = self.embed_tokens(input_ids)
+        return h * torch.tensor(self.embed_scale, dtype=h.dtype)
+
+    def rotations(self, positions: torch.Tensor, meta: AttentionMetadata, dtype: torch.dtype) -> tuple[Any, Any]:
+        """(cos, sin) of each position for the global layers' rotary base, then for the local layers'."""
+        return (self.rotary_global.cos_sin(positions, dtype, meta.cu_seqlens),
+                self.rotary_local.cos_sin(positions, dtype, meta.cu_seqlens))
 
 
 class _Gemma3Stack(nn.Module):
@@ -156,12 +166,28 @@ class Gemma3Encoder(_Gemma3Stack):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
         self.head = SentenceHead(config.sentence_dense)
+        # Gemma3TextForSequenceClassification's head: labels from the last token's final state
+        self.score = dense(config.hidden_size, len(config.id2label) or 2, False) if config.is_classifier else None
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
         token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self.model(input_ids, positions, meta)
+        return encode(self, input_ids, positions, meta, token_type_ids)
+
+    @property
+    def stack(self) -> nn.ModuleList:
+        return self.model.layers
+
+    def embed_tokens(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                     token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model.embed(input_ids)
+
+    def layer_args(self, positions: torch.Tensor, meta: AttentionMetadata, dtype: torch.dtype) -> tuple[Any, ...]:
+        return self.model.rotations(positions, meta, dtype), meta, None
+
+    def finish(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.norm(hidden)
 
     def pool(self, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """One embedding per sequence: the mean of its tokens, then the Dense layers, then (if configured) L2."""
@@ -169,10 +195,20 @@ class Gemma3Encoder(_Gemma3Stack):
         return F.normalize(pooled, p=2, dim=-1) if self.config.normalize_embeddings else pooled
 
     def classify(self, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        raise ValueError("EmbeddingGemma has no classification head")
+        """Class logits [B, labels] from each sequence's last token."""
+        if self.score is None:
+            raise ValueError(f"this model has no classification head (architecture {self.config.hf_architecture!r})")
+        return self.score(hidden[torch.tensor(meta.cu_seqlens[1:], device=hidden.device) - 1])
 
     def load_weights(self, tensors: Mapping[str, torch.Tensor], source: str) -> None:
-        """Load a Gemma3TextModel checkpoint (names without the `model.` prefix) and its Dense modules."""
-        named = {(k if k.startswith(("model.", "head.")) else f"head.{k}" if k.startswith("sentence_dense.")
+        """Load a Gemma3TextModel checkpoint (names without the `model.` prefix, or under it beside a `score`
+        head) and its Dense modules."""
+        named = {(k if k.startswith(("model.", "head.", "score.")) else f"head.{k}" if k.startswith("sentence_dense.")
                   else f"model.{k}"): v for k, v in tensors.items()}
         load_named_tensors(self, named, source)
+
+    def hf_tensors(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The names transformers gives (under `model.` beside a `score` head, bare otherwise), without the
+        Dense modules: sentence-transformers keeps those in folders of their own."""
+        keep = {k: v for k, v in tensors.items() if not k.startswith("head.")}
+        return keep if self.score is not None else {k.removeprefix("model."): v for k, v in keep.items()}

@@ -5,6 +5,7 @@
     a_l    = LayerNorm(h_l + o(softmax(q k^T / sqrt(d) + bias) v))       bidirectional
     h_l+1  = LayerNorm(a_l + output.dense(gelu(intermediate.dense(a_l))))
     sentence = normalise(mean over the tokens of each sequence of h_L)
+    labels   = out_proj(tanh(dense(h_L[first token])))                    MPNetForSequenceClassification
 
 Distances fall into 32 buckets, 16 a direction: exact below 8, then logarithmic up to 128 (T5's scheme).
 Parameter names follow Hugging Face's MPNetModel.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -22,9 +24,9 @@ from torch import nn
 from lmkernel.config import ModelConfig
 from lmkernel.layers.activation import get_activation
 from lmkernel.layers.attention import AttentionMetadata, attend
-from lmkernel.layers.checkpoint import run_layer
 from lmkernel.layers.linear import dense
 from lmkernel.layers.norm import layer_norm
+from lmkernel.models.encoder_stack import encode
 from lmkernel.models.pooling import first_token, mean_pool
 from lmkernel.models.weights import embedding, load_named_tensors
 
@@ -120,8 +122,20 @@ class MPNetEncoder(nn.Module):
         self.relative_attention_bias = embedding(NUM_BUCKETS, c.num_heads)
 
 
+class MPNetClassificationHead(nn.Module):
+    def __init__(self, c: ModelConfig) -> None:
+        super().__init__()
+        self.dense = dense(c.hidden_size, c.hidden_size, True)
+        self.dropout = nn.Dropout(c.hidden_dropout if c.classifier_dropout is None else c.classifier_dropout)
+        self.out_proj = dense(c.hidden_size, len(c.id2label) or 2, True)
+
+    def forward(self, first: torch.Tensor) -> torch.Tensor:
+        return self.out_proj(self.dropout(torch.tanh(self.dense(self.dropout(first)))))
+
+
 class MPNetModel(nn.Module):
-    """MPNet sentence encoder: hidden states, and pooled (normalised, if configured) sentence embeddings."""
+    """MPNet sentence encoder: hidden states, and pooled (normalised, if configured) sentence embeddings; with
+    MPNetForSequenceClassification's head, labels."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -129,18 +143,31 @@ class MPNetModel(nn.Module):
         self.checkpoint_layers = False
         self.embeddings = MPNetEmbeddings(config)
         self.encoder = MPNetEncoder(config)
+        self.classifier = MPNetClassificationHead(config) if config.is_classifier else None
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
         token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final hidden states [N, hidden] for the flattened tokens of every sequence in the batch."""
-        h = self.embeddings(input_ids, positions)
+        return encode(self, input_ids, positions, meta, token_type_ids)
+
+    @property
+    def stack(self) -> nn.ModuleList:
+        return self.encoder.layer
+
+    def embed_tokens(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                     token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return self.embeddings(input_ids, positions)
+
+    def layer_args(self, positions: torch.Tensor, meta: AttentionMetadata, dtype: torch.dtype) -> tuple[Any, ...]:
+        """The metadata and the relative-position bias [heads, L, L] of the batch's longest sequence."""
         longest = max(b - a for a, b in zip(meta.cu_seqlens, meta.cu_seqlens[1:]))
-        bias = self.encoder.relative_attention_bias(relative_buckets(longest, h.device)).permute(2, 0, 1).to(h.dtype)
-        for layer in self.encoder.layer:
-            h = run_layer(layer, self.checkpoint_layers, h, meta, bias)
-        return h
+        buckets = relative_buckets(longest, positions.device)
+        return meta, self.encoder.relative_attention_bias(buckets).permute(2, 0, 1).to(dtype)
+
+    def finish(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden
 
     def pool(self, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """One vector per sequence [B, hidden]: mean of its tokens or its first, L2-normalised if configured."""
@@ -148,9 +175,18 @@ class MPNetModel(nn.Module):
         return F.normalize(pooled, p=2, dim=-1) if self.config.normalize_embeddings else pooled
 
     def classify(self, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        raise ValueError("this MPNet checkpoint has no classification head")
+        """Class logits [B, labels] from each sequence's first token (<s>)."""
+        if self.classifier is None:
+            raise ValueError(f"this model has no classification head (architecture {self.config.hf_architecture!r})")
+        return self.classifier(first_token(hidden, meta))
 
     def load_weights(self, tensors: Mapping[str, torch.Tensor], source: str) -> None:
         """Load Hugging Face-named tensors (a bare MPNetModel or one under `mpnet.`); the pooler is not used."""
         named = {k.removeprefix("mpnet."): v for k, v in tensors.items()}
         load_named_tensors(self, named, source)
+
+    def hf_tensors(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The names transformers gives: under `mpnet.` beside a classification head, bare otherwise."""
+        if self.classifier is None:
+            return dict(tensors)
+        return {(k if k.startswith("classifier.") else f"mpnet.{k}"): v for k, v in tensors.items()}

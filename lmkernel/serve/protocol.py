@@ -334,6 +334,10 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str
     parent: str | None = None  # the base model of a LoRA adapter
+    # An embedding model's: its prompt names (`prompt_name`), its width, and whether `dimensions` may cut it
+    prompts: list[str] | None = None
+    dimensions: int | None = None
+    matryoshka: bool | None = None
 
 
 class ModelList(BaseModel):

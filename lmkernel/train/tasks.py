@@ -278,8 +278,10 @@ class Classification(Task):
 
     def __init__(self, tokenizer: Tokenizer, config: ModelConfig, max_length: int | None, seed: int,
                  augment_copies: int = 0) -> None:
-        if config.architecture not in ("bert", "llama"):
-            raise DataError(f"--task classify needs a BERT encoder or a Llama-family decoder; this is {config.architecture}")
+        if config.architecture not in ("bert", "mpnet", "nomic_bert", "llama") and not (
+                config.architecture == "gemma3" and config.is_encoder):
+            raise DataError(f"--task classify needs an encoder (BERT, MPNet, nomic-bert, EmbeddingGemma) or a "
+                            f"Llama-family decoder; this is {config.architecture}")
         super().__init__(tokenizer, config, max_length, seed)
         self.labels: list[str] = [config.id2label[i] for i in sorted(config.id2label)] if config.is_classifier else []
         self.causal = not config.is_encoder  # a decoder reads each sentence left to right and is scored on its last token
@@ -356,6 +358,8 @@ class Classification(Task):
             return model, config
         if not config.is_encoder:
             return self._decoder_head(model, config, id2label)
+        if config.architecture != "bert":
+            return self._encoder_head(model, config, id2label)
         self.created = ["classifier"]
         config = replace(config, hf_architecture=CLASSIFIER_ARCHITECTURE, id2label=id2label)
         new = build_on_meta(model_class(config), config)
@@ -370,6 +374,28 @@ class Classification(Task):
                 self.created.append("bert.pooler")
             tensors.update(pooler)
         new.load_weights(tensors, f"{config.hf_architecture} head")
+        return new, config
+
+    def _encoder_head(self, model: nn.Module, config: ModelConfig, id2label: dict[int, str]) -> tuple[nn.Module, ModelConfig]:
+        """transformers' head for the architecture, initialised as it does (normal, std 0.02; biases zero):
+        MPNet's and nomic-bert's on the first token, Gemma3TextForSequenceClassification's `score` on the last."""
+        classes = {"mpnet": "MPNetForSequenceClassification", "nomic_bert": "NomicBertForSequenceClassification",
+                   "gemma3": "Gemma3TextForSequenceClassification"}
+        config = replace(config, id2label=id2label, hf_architecture=classes[config.architecture])
+        new = build_on_meta(model_class(config), config)
+        g = torch.Generator().manual_seed(self.seed)
+        keep = {k: v for k, v in model.state_dict().items() if not k.startswith(("classifier.", "score.", "pooler."))}
+        if config.architecture == "mpnet":
+            self.created = ["classifier"]
+            head = {f"classifier.{part}.{k}": v for part in ("dense", "out_proj")
+                    for k, v in _init_linear(getattr(new.classifier, part), g).items()}
+        elif config.architecture == "nomic_bert":  # a GGUF holds no pooler: it starts new, as the classifier does
+            self.created = ["pooler", "classifier"]
+            head = {f"{part}.{k}": v for part in ("pooler", "classifier") for k, v in _init_linear(getattr(new, part), g).items()}
+        else:
+            self.created = ["score"]
+            head = {"score.weight": torch.randn(len(id2label), config.hidden_size, generator=g) * INIT_STD}
+        new.load_weights({**keep, **head}, f"{config.hf_architecture} head")
         return new, config
 
     def _decoder_head(self, model: nn.Module, config: ModelConfig, id2label: dict[int, str]) -> tuple[nn.Module, ModelConfig]:

@@ -24,7 +24,7 @@ from torch import nn
 
 from lmkernel.errors import LmkError
 from lmkernel.loader import hf_dir
-from lmkernel.loader.hf_export import prepare_output, save_model_dir
+from lmkernel.loader.hf_export import hf_config, prepare_output, save_model_dir
 from lmkernel.loading import LoadedModel, load_model, resolve_device
 from lmkernel.registry import RUN_FILE
 from lmkernel.train import distributed
@@ -179,6 +179,8 @@ def train(args: TrainArgs, resume: bool = False, overwrite: bool = False, consol
                            "(--task classify or clm), not mlm")
         peft = peft_lib.start(model, settings, new_head, args.seed, _planned_steps(args, len(items), group.world))
         model = peft.model
+    if method is None and args.task != "multi":
+        hf_config(config, torch.float32)  # a model lmkernel cannot save is refused now, not after training
     model.checkpoint_layers = args.checkpointing
     model.to(device).train()
     attack = None

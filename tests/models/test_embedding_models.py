@@ -92,6 +92,27 @@ def test_nomic_gguf_matches_llama_cpp(nomic, gpt4all_nomic, sentences, dimension
     assert _worst_cosine(ours, expected) >= 0.9999
 
 
+def test_nomic_gguf_written_as_a_directory_embeds_as_transformers_reads_it(nomic, sentences, tmp_path):
+    """The GGUF's model written in transformers' NomicBertModel names; transformers' own implementation, mean
+    pooled, gives our embeddings, and lmkernel reads the directory back to the same."""
+    from transformers import NomicBertModel
+
+    from lmkernel.loader.hf_export import save_model_dir
+
+    dense = load_model(_pulled("nomic-embed-text-v1.5"), quantization=None)  # a directory holds float weights
+    out = save_model_dir(dense.model, dense.config, dense.tokenizer, torch.float32, tmp_path / "nomic")
+    theirs = NomicBertModel.from_pretrained(out).eval()
+    texts = sentences[:8]
+    with torch.inference_mode():
+        expected = torch.cat([theirs(torch.tensor([ids])).last_hidden_state.mean(1)
+                              for ids in nomic.tokenizer.encode_batch(["search_query: " + t for t in texts])])
+    assert _worst_cosine(nomic.embed(texts, prompt_name="query"), expected) >= 0.9999
+    again = load_model(out)
+    assert again.config.prompts == nomic.config.prompts and again.config.matryoshka_layer_norm
+    torch.testing.assert_close(again.embed(texts, prompt_name="query", dimensions=64),
+                               nomic.embed(texts, prompt_name="query", dimensions=64), atol=1e-5, rtol=0)
+
+
 def test_nomic_without_dimensions_is_the_plain_mean_and_cuts_with_a_layer_norm(nomic, sentences):
     """No `dimensions`: the L2-normalised mean, as sentence-transformers and llama.cpp give it; with `dimensions`,
     nomic's recipe, which differs from a plain cut."""

@@ -4,12 +4,14 @@ interface every engine and trainer relies on."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from lmkernel.models.interface import CausalLM, Encoder
 from lmkernel.models.llama import LlamaForCausalLM
 
 
+@pytest.mark.slow  # transformers' model loaded and run on 20 lines: make test runs it, make test-fast not
 def test_smollm_logprobs_match_transformers_on_wikitext(smollm, hf_smollm_model, hf_smollm_tokenizer, wikitext_lines):
     """Next-token log-probabilities over the whole vocabulary, 20 WikiText-2 lines, float32."""
     worst = 0.0

@@ -71,7 +71,10 @@ def assert_error(r: httpx.Response, status: int, param: str | None = None) -> di
 
 
 def test_models_health_ready(server: Server, client: openai.OpenAI) -> None:
-    assert sorted(m.id for m in client.models.list()) == sorted([MODEL, f"{MODEL}:tuned", EMBED])
+    cards = {m.id: m for m in client.models.list()}
+    assert sorted(cards) == sorted([MODEL, f"{MODEL}:tuned", EMBED])
+    assert cards[f"{MODEL}:tuned"].model_extra["parent"] == MODEL
+    assert cards[EMBED].model_extra == {"prompts": [], "dimensions": 384, "matryoshka": False}  # MiniLM's card
     assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
     assert httpx.get(f"{server.url}/ready").status_code == 200
 

@@ -36,7 +36,10 @@ async def prometheus(request: Request) -> Response:
 async def models(request: Request) -> dict[str, Any]:
     svc = service(request)
     svc.authenticate(request)
-    adapters = svc.adapters()
+    adapters, embedder = svc.adapters(), svc.embedder
+    extra: dict[str, dict[str, Any]] = {n: {"parent": svc.config.model_name} for n in adapters}
+    if embedder is not None and svc.config.embedding_model_name:
+        extra[svc.config.embedding_model_name] = {"prompts": sorted(embedder.prompts), "dimensions": embedder.dimensions,
+                                                  "matryoshka": embedder.matryoshka}
     return {"object": "list", "data": [{"id": n, "object": "model", "created": svc.created, "owned_by": "lmkernel",
-                                        **({"parent": svc.config.model_name} if n in adapters else {})}
-                                       for n in svc.served()]}
+                                        **extra.get(n, {})} for n in svc.served()]}
