@@ -30,6 +30,7 @@ SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 SLOWEST_FIRST = ("layers/test_cpu_paths.py", "compress/test_quantize.py", "models/test_gemma3.py", "bench/test_crash.py",
                  "train/test_trainer.py", "engine/test_llm_engine.py", "cluster/test_ray_serve.py",
                  "models/test_embedding_models.py", "train/test_classify_encoders.py", "bench/test_soak.py",
+                 "apps/test_item_encoder.py", "examples/test_support_desk_retrieval.py",
                  "serve/test_clients.py", "cluster/test_batch.py", "apps/test_recommender.py",
                  "compress/test_prune.py", "test_cli.py", "compress/test_refine.py", "engine/test_llm.py", "models/test_llama.py", "train/test_lora_train.py",
                  "eval/test_perplexity.py", "apps/test_monitor_cli.py", "serve/test_server.py", "serve/test_app.py")

@@ -116,6 +116,39 @@ def test_an_embeddinggemma_folder_keeps_its_dense_modules_and_prompts(tmp_path, 
         torch.testing.assert_close(again.pool(again(ids, positions, meta), meta), ours.pool(ours(ids, positions, meta), meta))
 
 
+def test_a_tiny_embeddinggemma_trains_to_a_classifier_transformers_reads(tmp_path, minilm_dir) -> None:
+    """`lmk train --task classify` on a bidirectional Gemma 3 encoder (MiniLM's tokenizer beside it): two steps,
+    then transformers' Gemma3TextForSequenceClassification gives lmkernel's logits."""
+    import shutil
+
+    from transformers import AutoModelForSequenceClassification, Gemma3TextConfig, Gemma3TextModel
+
+    from lmkernel.loading import load_model
+    from lmkernel.train.args import TrainArgs
+    from lmkernel.train.checkpoint import model_dir
+    from lmkernel.train.trainer import train
+    from conftest import SHARED_DATA
+
+    torch.manual_seed(3)
+    config = Gemma3TextConfig(
+        vocab_size=30522, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=128, sliding_window=8, query_pre_attn_scalar=16,
+        layer_types=["sliding_attention", "full_attention"], use_bidirectional_attention=True, pad_token_id=0)
+    Gemma3TextModel(config).save_pretrained(tmp_path / "tiny", safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        shutil.copy(minilm_dir / name, tmp_path / "tiny" / name)
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join((SHARED_DATA / "financial-phrasebank" / "train.jsonl").read_text().splitlines(True)[:24]))
+    args = TrainArgs(task="classify", model=str(tmp_path / "tiny"), data=str(data), eval_data=str(data),
+                     output=str(tmp_path / "run"), max_steps=2, batch_size=8, lr=1e-3, warmup=0, checkpointing=False)
+    assert train(args).steps == 2
+    saved = model_dir(tmp_path / "run")
+    ours = load_model(saved)
+    assert ours.config.hf_architecture == "Gemma3TextForSequenceClassification" and ours.config.is_encoder
+    theirs = AutoModelForSequenceClassification.from_pretrained(saved).eval()
+    torch.testing.assert_close(_ours(ours.model, SEQS), _theirs(theirs, SEQS), atol=1e-5, rtol=1e-4)
+
+
 def test_a_model_lmkernel_cannot_write_is_named() -> None:
     from lmkernel.config import ModelConfig
 
