@@ -119,6 +119,7 @@ class CacheConfig:
     memory_bytes: int | None = None
     memory_fraction: float = 0.2
     enable_prefix_caching: bool = True
+    hybrid: bool = True  # sliding-window layers give back the blocks that left their window (kv_cache.py)
 
 
 @dataclass(frozen=True)
@@ -244,6 +245,9 @@ class EngineConfig:
     kv_cache_fraction: float = 0.2  # of the memory available, when kv_cache_memory is None
     block_size: int = 16  # tokens per KV-cache block
     enable_prefix_caching: bool = True
+    # Sliding-window layers (Gemma 3's local ones, Mistral's) give back the KV blocks that left their window
+    # (memory/kv_cache.py); False: every layer keeps every block of its sequence.
+    hybrid_kv_cache: bool = True
     max_num_seqs: int = 64  # sequences in one step
     max_num_batched_tokens: int = 2048  # tokens computed in one step
     # Prompt tokens a step may carry while other sequences decode: it bounds their inter-token latency when
@@ -301,6 +305,7 @@ class EngineConfig:
              "a power of two (1, 2, 4, ... 16)"),
             ("enable_prefix_caching", isinstance(self.enable_prefix_caching, bool), "true or false"),
             ("deterministic", isinstance(self.deterministic, bool), "true or false"),
+            ("hybrid_kv_cache", isinstance(self.hybrid_kv_cache, bool), "true or false"),
             ("max_num_seqs", whole(self.max_num_seqs, 1), "an integer >= 1"),
             ("max_num_batched_tokens", whole(self.max_num_batched_tokens, 1), "an integer >= 1"),
             ("prefill_tokens_with_decodes", self.prefill_tokens_with_decodes is None
@@ -334,7 +339,8 @@ class EngineConfig:
 
     @property
     def cache(self) -> CacheConfig:
-        return CacheConfig(self.block_size, self.kv_cache_memory, self.kv_cache_fraction, self.enable_prefix_caching)
+        return CacheConfig(self.block_size, self.kv_cache_memory, self.kv_cache_fraction, self.enable_prefix_caching,
+                           self.hybrid_kv_cache)
 
     def scheduler(self, model: ModelConfig) -> SchedulerConfig:
         """The scheduler's limits for `model` (a request never reaches past the model's context)."""

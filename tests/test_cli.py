@@ -61,6 +61,7 @@ def test_generate_streams_the_greedy_completion():
     assert out.stdout.rstrip("\n") == expected
 
 
+@pytest.mark.slow  # a real model end to end: `make test` runs it, `make test-fast` does not
 def test_generate_with_speculative_decoding_streams_the_same_completion():
     from lmkernel import LLM, SamplingParams
 
@@ -76,6 +77,7 @@ def test_generate_with_speculative_decoding_streams_the_same_completion():
     assert bad.returncode == 1 and "--num-speculative-tokens" in bad.stderr and "Traceback" not in bad.stderr
 
 
+@pytest.mark.slow  # a real model end to end: `make test` runs it, `make test-fast` does not
 def test_chat_keeps_history_and_quits():
     out = subprocess.run(
         [*LMK, "chat", "--max-tokens", "12", "--temperature", "0", "--device", "cpu"],

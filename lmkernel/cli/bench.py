@@ -439,6 +439,47 @@ def bench_decode_steps(
     console.print(table)
 
 
+@bench_app.command("kv-memory")
+def bench_kv_memory(
+    model: Annotated[str, typer.Option()] = "gemma-3-270m",
+    context: Annotated[list[int] | None, typer.Option(help="prompt lengths in tokens (default 1024, 4096, 8192)")] = None,
+    new_tokens: Annotated[int, typer.Option()] = 16,
+    max_num_batched_tokens: Annotated[int, typer.Option(help="prompt tokens a step (the chunk a prompt is cut in)")] = 2048,
+    kv_cache_memory: KVMemory = "2GiB",
+    text: Annotated[Path | None, typer.Option(help="text the prompts are cut from (default: WikiText-2 valid)")] = None,
+) -> None:
+    """KV memory one long sequence holds with the hybrid cache (sliding-window layers give back blocks that left
+    their window) against every layer keeping every block, on the same model in one run."""
+    from lmkernel.bench.kv_memory import measure
+    from lmkernel.bench.workload import shared_file, text_workload
+    from lmkernel.loading import load_model
+
+    lengths = context or [1024, 4096, 8192]
+    try:
+        loaded = load_model(model)
+        wikitext = shared_file("wikitext-2/valid.txt", "--text", text)
+        prompts = [text_workload(loaded.tokenizer, 1, (n, n), (1, 1), text_file=wikitext).prompts[0] for n in lengths]
+        rows = measure(loaded, prompts, new_tokens, kv_cache_memory, max_num_batched_tokens)
+    except (LmkError, ValueError) as exc:
+        raise fail(exc) from None
+    c = loaded.config
+    windows = sorted({w for w in map(c.window, range(c.num_layers)) if w is not None})
+    table = Table("context", "hybrid: decoding", "full: decoding", "full / hybrid", "hybrid: peak", "full: peak",
+                  "full from shape", "same tokens", "hybrid s", "full s")
+    mib = 1 << 20
+    for r in rows:
+        table.add_row(str(r.context), f"{r.hybrid.decode_bytes / mib:.1f} MiB", f"{r.full.decode_bytes / mib:.1f} MiB",
+                      f"{r.ratio:.2f}x", f"{r.hybrid.peak_bytes / mib:.1f} MiB", f"{r.full.peak_bytes / mib:.1f} MiB",
+                      f"{r.full_from_shape / mib:.1f} MiB",
+                      "yes" if r.hybrid.token_ids == r.full.token_ids else "NO",
+                      f"{r.hybrid.seconds:.1f}", f"{r.full.seconds:.1f}")
+    sliding = sum(c.window(i) is not None for i in range(c.num_layers))
+    console.print(f"{model}: {c.num_layers} layers, {sliding} with a sliding window of {windows or 'none'}; KV bytes one "
+                  f"sequence holds while it decodes {new_tokens} greedy tokens after its prompt, and at its peak (inside a "
+                  f"prompt step of up to {max_num_batched_tokens} tokens, before blocks past the window go back)")
+    console.print(table)
+
+
 @bench_app.command("structured")
 def bench_structured(
     model: Annotated[str, typer.Option()] = "qwen2.5-coder-0.5b-instruct",

@@ -29,6 +29,8 @@ def serve(
     kv_cache_fraction: Annotated[float, typer.Option(help="of the free memory, without --kv-cache-memory")] = 0.2,
     block_size: Annotated[int, typer.Option(help="tokens per KV-cache block (a power of two)")] = 16,
     enable_prefix_caching: Annotated[bool, typer.Option(help="reuse the KV blocks of prompts' shared prefixes")] = True,
+    hybrid_kv_cache: Annotated[bool, typer.Option(help="sliding-window layers (Gemma 3's local ones, Mistral's) give back "
+                                                       "the KV blocks that left their window")] = True,
     max_num_seqs: Annotated[int, typer.Option(help="sequences in one engine step")] = 64,
     max_num_batched_tokens: Annotated[int, typer.Option(help="tokens computed in one engine step")] = 2048,
     prefill_tokens_with_decodes: Annotated[int, typer.Option(help="prompt tokens a step carries while other sequences "
@@ -102,7 +104,7 @@ def serve(
         engine = EngineConfig(
             dtype=dtype, device=device, quantization=quantization, kv_cache_memory=kv_cache_memory,
             kv_cache_fraction=kv_cache_fraction, block_size=block_size, enable_prefix_caching=enable_prefix_caching,
-            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
+            hybrid_kv_cache=hybrid_kv_cache, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
             prefill_tokens_with_decodes=prefill_tokens_with_decodes or None, threads=threads, seed=seed,
             max_loras=slots, decode_backend=decode_backend, cpu_path=cpu_path, packed_cache=packed_cache,
             speculative=speculative(speculative_model, num_speculative_tokens), deterministic=deterministic,

@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from lmkernel.errors import LmkError
-from lmkernel.layers.attention import AttentionMetadata, DecodeGroup, PagedLayout
+from lmkernel.layers.attention import AttentionMetadata, DecodeGroup, KVLayer, PagedLayout
 from lmkernel.loading import LoadedModel
 
 
@@ -68,7 +68,7 @@ def generated_sequences(lm: LoadedModel, count: int = 128, length: int = 128, se
     tokens[:, 0] = first
     device = lm.device
     shape = (count * length, config.num_kv_heads, config.head_dim)
-    caches = [(torch.zeros(shape, dtype=lm.dtype, device=device), torch.zeros(shape, dtype=lm.dtype, device=device))
+    caches = [KVLayer(torch.zeros(shape, dtype=lm.dtype, device=device), torch.zeros(shape, dtype=lm.dtype, device=device))
               for _ in range(config.num_layers)]
     starts = torch.arange(count, device=device) * length
     rows = torch.arange(count, device=device)

@@ -63,7 +63,7 @@ class AsyncEngine:
 
     @property
     def kv_cache_tokens(self) -> int:
-        return self.engine.pool.num_blocks * self.engine.pool.block_size
+        return self.engine.pool.capacity_tokens
 
     @property
     def lora_names(self) -> list[str]:

@@ -24,8 +24,8 @@ from lmkernel.errors import AdapterError, ContextLengthError, LmkError
 from lmkernel.layers import cpu_kernels
 from lmkernel.loader.tokenizer import IncrementalDetokenizer
 from lmkernel.loading import LoadedModel, load_model
-from lmkernel.memory.block_pool import BlockPool
 from lmkernel.memory.kv_cache import allocate_kv_cache
+from lmkernel.memory.kv_manager import KVCacheManager
 from lmkernel.models.virtual_tokens import VirtualTokens
 
 
@@ -107,7 +107,9 @@ class LLMEngine:
         self.config = config
         self.loaded, self.tokenizer = loaded, loaded.tokenizer
         self.kv_cache = allocate_kv_cache(loaded.config, config.cache, loaded.dtype, loaded.device)
-        self.pool = BlockPool(self.kv_cache.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.pool = KVCacheManager(self.kv_cache.num_blocks, config.block_size, self.kv_cache.groups.windows,
+                                   config.enable_prefix_caching)
+        self.kv_block_bytes = self.kv_cache.block_bytes  # K and V of one block (one KV group's layers)
         self.scheduler = Scheduler(config.scheduler(loaded.config), self.pool)
         self.adapters = adapters
         # Generation ends at any end-of-sequence id the model lists, and at the tokenizer's own.
@@ -116,7 +118,7 @@ class LLMEngine:
         self.runner = ModelRunner(loaded.model, self.kv_cache, self.tokenizer, loaded.device, config, adapters,
                                   self.eos_ids)
         self.speculator = build_speculator(config, loaded.config.vocab_size, self.tokenizer,
-                                           self.pool.num_blocks * self.pool.block_size)
+                                           self.pool.capacity_tokens)
         self.groups: dict[str, _Group] = {}
         self.owner: dict[str, tuple[_Group, _Sample]] = {}
         self.arrivals = 0
@@ -202,7 +204,7 @@ class LLMEngine:
             raise PromptTooLongError(
                 f"prompt of {len(ids)} tokens plus max_tokens {params.max_tokens} is {len(ids) + params.max_tokens} "
                 f"tokens, more than this engine can hold for one request ({limit}: context length "
-                f"{self.max_model_len}, KV cache {self.pool.num_blocks * self.pool.block_size} tokens; the context is "
+                f"{self.max_model_len}, KV cache {self.pool.capacity_tokens} tokens; the context is "
                 f"bounded by {self.loaded.config.context_limit_reason})"
             )
         return params
@@ -415,15 +417,18 @@ class LLMEngine:
             "kv_blocks_total": self.pool.num_blocks,
             "kv_blocks_free": self.pool.num_free_blocks,
             "kv_block_size": self.pool.block_size,
-            "kv_cache_tokens": self.pool.num_blocks * self.pool.block_size,
+            "kv_cache_tokens": self.pool.capacity_tokens,
+            "kv_groups": len(self.pool.windows),
+            "kv_block_bytes": self.kv_block_bytes,
             "prefix_cache_hits": self.pool.stats.hits,
             "prefix_cache_queries": self.pool.stats.queries,
             "prefix_cache_hit_rate": self.pool.stats.hit_rate,
             "preemptions": self.scheduler.num_preemptions,
             "steps": self.steps,
             "kv_tokens_stored": sum(r.num_computed_tokens for r in self.scheduler.running),
-            "kv_slots_allocated": sum(len(self.pool.block_table(r.request_id)) for r in self.scheduler.running)
-            * self.pool.block_size,
+            # Token slots per layer: a block holds one group's layers, so the blocks held count once per group.
+            "kv_slots_allocated": sum(self.pool.blocks_held(r.request_id) for r in self.scheduler.running)
+            * self.pool.block_size // len(self.pool.windows),
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting),
             "speculative": self.speculator.describe() if self.speculator is not None else "off",

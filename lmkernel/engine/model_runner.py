@@ -16,9 +16,10 @@ from lmkernel.engine.sampling import Sampler, top_logprobs
 from lmkernel.engine.scheduler import SchedulerOutput
 from lmkernel.engine.speculative import verify
 from lmkernel.layers import cpu_kernels
-from lmkernel.layers.attention import AttentionMetadata, DecodeBatch, DecodeGroup, PagedLayout
+from lmkernel.layers.attention import AttentionMetadata, DecodeBatch, DecodeGroup, KVLayer, PagedLayout
 from lmkernel.layers.lora import LoraRouting
 from lmkernel.loader.tokenizer import Tokenizer
+from lmkernel.memory.block_pool import NULL_BLOCK
 from lmkernel.memory.kv_cache import KVCache
 from lmkernel.models.interface import CausalLM, FusedDecoder
 
@@ -34,13 +35,18 @@ def choose_decode_backend(model: CausalLM, kv_cache: KVCache, requested: str = "
     """The decode backend for this model and cache (and the fused step, when that is it): `requested`, or
     with "auto" the fastest one that applies; a backend that cannot run here is refused with the reason."""
     kernel = cpu_kernels.paged_decode_available(kv_cache.keys[0])
-    fused = model.fused_decode() if kernel and requested in ("auto", "fused") else None
+    one_group = kv_cache.groups.num_groups == 1  # the fused step follows one block table for every layer
+    fused = model.fused_decode() if kernel and one_group and requested in ("auto", "fused") else None
     if requested == "auto":
         return ("fused", fused) if fused is not None else ("paged-kernel" if kernel else "torch", None)
     if requested in ("fused", "paged-kernel") and not kernel:
         raise EngineConfigError(f"--decode-backend {requested}: the compiled CPU kernels need the model and its KV "
                                 f"cache on CPU in float32 (here {kv_cache.keys[0].device}, "
                                 f"{kv_cache.keys[0].dtype}); use auto or torch")
+    if requested == "fused" and not one_group:
+        raise EngineConfigError("--decode-backend fused: this model's sliding-window and global layers keep separate "
+                                "block tables (the hybrid KV cache), which the fused step does not follow; use auto, "
+                                "paged-kernel or torch, or --no-hybrid-kv-cache")
     if requested == "fused" and fused is None:
         raise EngineConfigError(f"--decode-backend fused: {type(model).__name__} offers no fused decode step for these "
                                 "weights (it needs a Llama-family model in float32 with SiLU and dense, int8, int4 or "
@@ -89,7 +95,8 @@ class ModelRunner:
         self.model, self.kv_cache, self.tokenizer, self.device = model, kv_cache, tokenizer, device
         self.eos_ids = sorted(eos_ids)
         self.adapters = adapters
-        self.kv_layers = [kv_cache.layer(i) for i in range(len(kv_cache.keys))]
+        self.kv_layers = [KVLayer(*kv_cache.layer(i), kv_cache.groups.place(i)[0]) for i in range(kv_cache.num_layers)]
+        self.num_kv_groups = kv_cache.groups.num_groups
         self.sampler = Sampler(config.seed)
         self.generators: dict[str, torch.Generator] = {}
         if device.type == "cpu":
@@ -118,34 +125,41 @@ class ModelRunner:
         wrote in the same layer. With `deterministic`, every chunk does: a prompt token is computed as it
         would be decoded, whatever chunk or batch it came in.
         """
-        bs = self.kv_cache.block_size
         ids: list[int] = []
         positions: list[int] = []
-        slots: list[int] = []
         seq_lens: list[int] = []
         lengths: list[int] = []
-        tables: list[list[int]] = []
-        context_slots: dict[int, torch.Tensor] = {}
+        tables: list[tuple[list[int], ...]] = []  # each sequence's block table in each KV group
+        context: list[int] = []  # sequences that read earlier tokens back from the cache
         decode_seqs: list[int] = []
         for chunk in out.chunks:
-            start, table, tokens = chunk.start, chunk.block_table, chunk.token_ids
+            start, tokens = chunk.start, chunk.token_ids
             end = start + chunk.num_tokens
             pieces = [(p, p + 1) for p in range(start, end)] if chunk.draft or self.deterministic else [(start, end)]
             for s, e in pieces:
                 i = len(lengths)
                 ids.extend(tokens[s - start : e - start])
                 positions.extend(range(s, e))
-                slots.extend(table[p // bs] * bs + p % bs for p in range(s, e))
                 seq_lens.append(e)
                 lengths.append(e - s)
-                tables.append(table)
+                tables.append(chunk.block_tables)
                 if e - s == 1 and (s > 0 or self.deterministic):
                     decode_seqs.append(i)
                 elif s > 0:
-                    context_slots[i] = self._context_slots(table, e)
+                    context.append(i)
         starts = [0]
         for n in lengths[:-1]:
             starts.append(starts[-1] + n)
+        paged = tuple(self._paged_layout([_usable(t[g]) for t in tables], seq_lens, lengths, starts, decode_seqs, context)
+                      for g in range(self.num_kv_groups))
+        meta = AttentionMetadata.for_lengths(lengths, causal=True, paged=paged, lora=lora)
+        return torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device), meta
+
+    def _paged_layout(self, tables: list[list[int]], seq_lens: list[int], lengths: list[int], starts: list[int],
+                      decode_seqs: list[int], context: list[int]) -> PagedLayout:
+        """Where the step's tokens live in one KV group's blocks (`tables`: each sequence's table there)."""
+        bs = self.kv_cache.block_size
+        slots = [table[p // bs] * bs + p % bs for table, e, n in zip(tables, seq_lens, lengths) for p in range(e - n, e)]
         batch, groups = None, ()
         if decode_seqs and self.use_kernel:
             batch = self._decode_batch(decode_seqs, starts, tables, seq_lens)
@@ -154,15 +168,13 @@ class ModelRunner:
                 self._decode_group(g, [starts[i] for i in g], [tables[i] for i in g], [seq_lens[i] for i in g])
                 for g in group_by_length(decode_seqs, seq_lens)
             )
-        paged = PagedLayout(
+        return PagedLayout(
             slot_mapping=torch.tensor(slots, device=self.device),
             seq_lens=tuple(seq_lens),
-            context_slots=context_slots,
+            context_slots={i: self._context_slots(tables[i], seq_lens[i]) for i in context},
             decode_groups=groups,
             decode_batch=batch,
         )
-        meta = AttentionMetadata.for_lengths(lengths, causal=True, paged=paged, lora=lora)
-        return torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device), meta
 
     def _decode_batch(self, seqs: list[int], starts: list[int], tables: list[list[int]], seq_lens: list[int]) -> DecodeBatch:
         width = max(len(tables[i]) for i in seqs)
@@ -338,6 +350,12 @@ def check_deterministic(fused: FusedDecoder | None, adapters: LoraAdapters | Non
     if adapters is not None:
         raise EngineConfigError("--deterministic does not cover LoRA adapters (their tokens run the model's own "
                                 "forward); serve the adapters without it, or merge them: lmk lora merge")
+
+
+def _usable(table: list[int]) -> list[int]:
+    """A block table the kernels may follow: blocks a sliding group gave back read as block 0 (never attended to:
+    they lie before every query's window)."""
+    return [max(b, 0) for b in table] if NULL_BLOCK in table else table
 
 
 def group_by_length(seqs: list[int], lengths: list[int], slack: float = 1.25) -> list[list[int]]:

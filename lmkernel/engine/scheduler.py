@@ -9,7 +9,8 @@ decode may carry speculative proposals (`Request.draft_token_ids`): its chunk th
 `update` keeps the K/V of those the step accepted and gives back the blocks of the rest.
 Running requests are served first, decodes before unfinished prefills, then waiting ones in order
 of (priority, arrival). When blocks run out, the running request with the largest (priority,
-arrival), the youngest, is preempted. No tensors here: memory is reached only through the `BlockPool`.
+arrival), the youngest, is preempted. No tensors here: memory is reached only through the `KVCacheManager`
+(a block table per KV group: sliding-window layers give back blocks that left their window after each step).
 """
 
 from __future__ import annotations
@@ -20,17 +21,18 @@ from dataclasses import dataclass, field
 
 from lmkernel.config import SchedulerConfig
 from lmkernel.engine.request import Request, RequestStatus
-from lmkernel.memory.block_pool import BlockPool
+from lmkernel.memory.kv_manager import CachedPrefix, KVCacheManager
 
 
 @dataclass
 class ScheduledChunk:
-    """One request's share of a step: tokens [start, start + num_tokens) and the blocks that hold them."""
+    """One request's share of a step: tokens [start, start + num_tokens) and the blocks that hold them (a table
+    per KV group)."""
 
     request: Request
     start: int
     num_tokens: int
-    block_table: list[int]
+    block_tables: tuple[list[int], ...]
     samples: bool  # the chunk reaches the last known token, so the step yields the next one
     draft: list[int] = field(default_factory=list)  # proposals after the last known token, checked in this step
 
@@ -59,7 +61,7 @@ class SchedulerOutput:
 class Scheduler:
     """Continuous batching over a `BlockPool`: `schedule()` plans a step, `update()` takes its results."""
 
-    def __init__(self, config: SchedulerConfig, pool: BlockPool) -> None:
+    def __init__(self, config: SchedulerConfig, pool: KVCacheManager) -> None:
         self.config, self.pool = config, pool
         self.waiting: list[Request] = []
         self.running: list[Request] = []
@@ -68,7 +70,7 @@ class Scheduler:
 
     def max_tokens_per_request(self) -> int:
         """Tokens one request may ever hold: the context length, and the whole cache."""
-        return min(self.config.max_model_len, self.pool.num_blocks * self.pool.block_size)
+        return self.pool.max_tokens(self.config.max_model_len, self.config.max_num_batched_tokens)
 
     def add_request(self, request: Request) -> None:
         if request.request_id in self.requests:
@@ -131,10 +133,10 @@ class Scheduler:
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> int:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
-            cached: list[int] = []
+            cached = CachedPrefix()
             if request.num_computed_tokens == 0 and not request.wants_prompt_logprobs:
                 cached = self.pool.find_cached_prefix(request.token_ids, request.cache_salt)
-            computed = len(cached) * self.pool.block_size
+            computed = cached.num_tokens
             num_new = min(request.num_tokens - computed, budget)
             if not self.pool.allocate(request.request_id, request.token_ids, computed + num_new, cached, request.cache_salt):
                 break
@@ -149,9 +151,9 @@ class Scheduler:
         return budget
 
     def _chunk(self, request: Request, start: int, num_tokens: int, draft: list[int] | None = None) -> ScheduledChunk:
-        table = self.pool.block_table(request.request_id)
+        tables = self.pool.block_tables(request.request_id)
         draft = list(draft or [])
-        return ScheduledChunk(request, start, num_tokens, table, start + num_tokens - len(draft) == request.num_tokens,
+        return ScheduledChunk(request, start, num_tokens, tables, start + num_tokens - len(draft) == request.num_tokens,
                               draft)
 
     def update(self, out: SchedulerOutput, sampled: Mapping[str, Sequence[int]]) -> None:
@@ -168,6 +170,7 @@ class Scheduler:
             request.token_ids.extend(tokens)
             if chunk.draft:
                 self.pool.trim(request.request_id, request.num_tokens)
+            self.pool.computed(request.request_id, request.num_computed_tokens)
 
     def _preempt(self, victim: Request, out: SchedulerOutput) -> int:
         """Free the victim's blocks and send it back to wait; returns budget given back by its chunk."""

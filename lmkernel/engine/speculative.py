@@ -174,7 +174,7 @@ class DraftProposer:
                 f"{target_vocab} token ids); this one has {loaded.config.vocab_size} ids or tokenizes differently")
         per_block = bytes_per_block(loaded.config, config.block_size, loaded.dtype)
         blocks = max(1, -(-num_tokens // config.block_size))
-        cache = allocate_kv_cache(loaded.config, CacheConfig(config.block_size, blocks * per_block, 1.0, False),
+        cache = allocate_kv_cache(loaded.config, CacheConfig(config.block_size, blocks * per_block, 1.0, False, hybrid=False),
                                   loaded.dtype, loaded.device)
         draft_config = dataclasses.replace(config, speculative=None)
         runner = ModelRunner(loaded.model, cache, loaded.tokenizer, loaded.device, draft_config)
@@ -194,7 +194,7 @@ class DraftProposer:
                 continue
             view = Request(rid, list(tokens), request.sampling_params, 0)
             live.append((i, view, k))
-            chunks.append(ScheduledChunk(view, have, len(tokens) - have, self.pool.block_table(rid), True))
+            chunks.append(ScheduledChunk(view, have, len(tokens) - have, (self.pool.block_table(rid),), True))
         views = [view for _, view, _ in live]
         while chunks:  # one forward a proposal, every sequence still proposing in it
             tokens = self.runner.last_logits(SchedulerOutput(chunks)).argmax(-1).tolist()
@@ -203,7 +203,7 @@ class DraftProposer:
                 proposals[i].append(token)
                 if len(proposals[i]) < k:
                     view.token_ids.append(token)
-                    chunks.append(ScheduledChunk(view, view.num_tokens - 1, 1, self.pool.block_table(view.request_id), True))
+                    chunks.append(ScheduledChunk(view, view.num_tokens - 1, 1, (self.pool.block_table(view.request_id),), True))
                     still.append((i, view, k))
             live = still
         for view in views:  # its cache now holds the sequence and every proposal but the last

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -89,17 +90,24 @@ class AttentionMetadata:
 
     cu_seqlens: tuple[int, ...]
     causal: bool
-    paged: PagedLayout | None = None
+    paged: PagedLayout | None = None  # the layout of KV group 0 (the only group without sliding-window groups)
     lora: LoraRouting | None = None
+    paged_groups: tuple[PagedLayout, ...] = ()  # with several KV groups, each group's layout (the first is `paged`)
 
     @classmethod
-    def for_lengths(cls, lengths: list[int], causal: bool, paged: PagedLayout | None = None,
+    def for_lengths(cls, lengths: list[int], causal: bool, paged: PagedLayout | tuple[PagedLayout, ...] | None = None,
                     lora: LoraRouting | None = None) -> AttentionMetadata:
-        """Metadata for sequences of the given lengths laid end to end."""
+        """Metadata for sequences of the given lengths laid end to end; `paged`: one layout, or one per KV group."""
         offsets = [0]
         for n in lengths:
             offsets.append(offsets[-1] + int(n))
+        if isinstance(paged, tuple):
+            return cls(tuple(offsets), causal, paged[0], lora, paged if len(paged) > 1 else ())
         return cls(tuple(offsets), causal, paged, lora)
+
+    def paged_for(self, group: int) -> PagedLayout | None:
+        """The paged layout of the layers of KV group `group`."""
+        return self.paged_groups[group] if self.paged_groups else self.paged
 
     @cached_property
     def padding(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,7 +127,12 @@ class AttentionMetadata:
         return self.cu_seqlens[-1]
 
 
-KVLayer = tuple[torch.Tensor, torch.Tensor]
+class KVLayer(NamedTuple):
+    """A layer's K and V cache tensors [slots, Hkv, D], and the KV group whose block tables index them."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    group: int = 0
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, **kw: object) -> torch.Tensor:
@@ -190,13 +203,13 @@ def attend(
     to the scores of query i and key j of every sequence (relative positions; without a cache only).
     """
     bounds = meta.cu_seqlens
-    paged = meta.paged if kv_cache is not None else None
+    paged = meta.paged_for(kv_cache.group) if kv_cache is not None else None
     if bias is not None and paged is not None:
         raise ValueError("an attention bias is for whole sequences without a cache (encoders)")
     if paged is None and (meta.num_sequences > 1 or bias is not None):
         return _padded_sdpa(q, k, v, meta, scale, dropout_p, window, bias)
     if paged is not None:
-        k_cache, v_cache = kv_cache
+        k_cache, v_cache = kv_cache.keys, kv_cache.values
         k_cache.index_copy_(0, paged.slot_mapping, k)
         v_cache.index_copy_(0, paged.slot_mapping, v)
         batch = paged.decode_batch

@@ -5,6 +5,8 @@ names a whole prefix. The chain starts from a request's salt (its LoRA adapter, 
 from the base model's), so only requests with the same salt share blocks. A freed block keeps its
 key and stays findable until it is handed out again; free blocks are reused least recently used
 first, and blocks that hold no cached prefix go first of all.
+A table entry may be `NULL_BLOCK`: a sliding-window layer group gave that block back (`release_leading`),
+and attention never reads it again.
 No torch here: the pool only does bookkeeping, the tensors live in `kv_cache.py`.
 """
 
@@ -14,6 +16,9 @@ import hashlib
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+
+NULL_BLOCK = -1  # a table entry whose block was given back: its tokens left every reader's window
 
 
 @dataclass
@@ -75,24 +80,36 @@ class BlockPool:
         """Blocks already holding this prompt's leading full blocks; at least one token is left to compute."""
         if not self.enable_prefix_caching:
             return []
-        usable = (len(token_ids) - 1) // self.block_size
-        blocks: list[int] = []
+        found = self.cached_blocks(token_ids, salt)
+        blocks = found[: found.index(None)] if None in found else found
+        self.count_lookup(len(token_ids), len(blocks) * self.block_size)
+        return blocks  # type: ignore[return-value]
+
+    def cached_blocks(self, token_ids: Sequence[int], salt: str = "") -> list[int | None]:
+        """For each full block of the prompt but the one holding its last token, the block caching it, or None."""
+        if not self.enable_prefix_caching:
+            return []
+        found: list[int | None] = []
         key = chain_root(salt)
-        for i in range(usable):
+        for i in range((len(token_ids) - 1) // self.block_size):
             key = chain_hash(key, token_ids[i * self.block_size : (i + 1) * self.block_size])
-            block = self.cached.get(key)
-            if block is None:
-                break
-            blocks.append(block)
-        self.stats.queries += len(token_ids)
-        self.stats.hits += len(blocks) * self.block_size
-        return blocks
+            found.append(self.cached.get(key))
+        return found
+
+    def count_lookup(self, queried: int, hit: int) -> None:
+        """Count a prefix-cache lookup of `queried` prompt tokens that found `hit` of them."""
+        self.stats.queries += queried
+        self.stats.hits += hit
+
+    def blocks_needed(self, request_id: str, num_tokens: int, cached_blocks: Sequence[int] = ()) -> int:
+        """Free blocks `request_id` takes to hold `num_tokens` tokens, reusing `cached_blocks` first."""
+        have = len(self.tables.get(request_id, [])) + len(cached_blocks)
+        revived = sum(1 for b in cached_blocks if b != NULL_BLOCK and self.ref_counts[b] == 0)
+        return max(self.blocks_for(num_tokens) - have, 0) + revived
 
     def can_allocate(self, request_id: str, num_tokens: int, cached_blocks: Sequence[int] = ()) -> bool:
         """Whether `request_id` can hold `num_tokens` tokens, reusing `cached_blocks` first."""
-        have = len(self.tables.get(request_id, [])) + len(cached_blocks)
-        revived = sum(1 for b in cached_blocks if self.ref_counts[b] == 0)
-        return self.blocks_for(num_tokens) - have + revived <= self.num_free_blocks
+        return self.blocks_needed(request_id, num_tokens, cached_blocks) <= self.num_free_blocks
 
     def allocate(
         self, request_id: str, token_ids: Sequence[int], num_tokens: int, cached_blocks: Sequence[int] = (),
@@ -106,10 +123,7 @@ class BlockPool:
         """
         if not self.can_allocate(request_id, num_tokens, cached_blocks):
             return False
-        table = self.tables.setdefault(request_id, [])
-        for block in cached_blocks:
-            self._take(block)
-            table.append(block)
+        table = self.adopt(request_id, cached_blocks)
         while len(table) < self.blocks_for(num_tokens):
             block = next(iter(self.free_blocks))
             self._take(block)
@@ -122,6 +136,15 @@ class BlockPool:
         self._register_full_blocks(request_id, token_ids, min(num_tokens, len(token_ids)), salt)
         return True
 
+    def adopt(self, request_id: str, cached_blocks: Sequence[int]) -> list[int]:
+        """Append cached blocks (a prefix-cache hit) to the request's table, taking them off the free list before
+        any block is handed out, so none of them is reused for other tokens first. Returns the table."""
+        table = self.tables.setdefault(request_id, [])
+        for block in cached_blocks:
+            self._take(block)
+            table.append(block)
+        return table
+
     def trim(self, request_id: str, num_tokens: int) -> None:
         """Give back the request's blocks past those `num_tokens` tokens need (the blocks of rejected proposals).
         Such blocks were never registered in the prefix cache, so they go straight back to the free list."""
@@ -130,12 +153,18 @@ class BlockPool:
             return
         keep = max(self.blocks_for(num_tokens), len(self.chains.get(request_id, ())))
         while len(table) > keep:
-            block = table.pop()
-            self.ref_counts[block] -= 1
-            if self.ref_counts[block] == 0:
-                self.free_blocks[block] = None
-                if self.block_keys[block] is None:
-                    self.free_blocks.move_to_end(block, last=False)
+            self._give_back(table.pop())
+
+    def release_leading(self, request_id: str, num_blocks: int) -> None:
+        """Give back the request's first `num_blocks` blocks (their entries become `NULL_BLOCK`): a sliding-window
+        group's blocks that left the window. Cached ones stay findable, as after `free`."""
+        table = self.tables.get(request_id)
+        if table is None:
+            return
+        for i in range(min(num_blocks, len(table))):
+            if table[i] != NULL_BLOCK:
+                self._give_back(table[i])
+                table[i] = NULL_BLOCK
 
     def free(self, request_id: str, computed_tokens: int | None = None) -> None:
         """Return a request's blocks. Cached ones stay findable (tail first out); the rest are reused first.
@@ -147,21 +176,30 @@ class BlockPool:
         self.chains.pop(request_id, None)
         if computed_tokens is not None:
             for block in table[computed_tokens // self.block_size :]:
+                if block == NULL_BLOCK:
+                    continue
                 key = self.block_keys[block]
                 if key is not None and self.cached.get(key) == block:
                     del self.cached[key]
                 self.block_keys[block] = None
         for block in reversed(table):
-            self.ref_counts[block] -= 1
-            if self.ref_counts[block] == 0:
-                self.free_blocks[block] = None
-                if self.block_keys[block] is None:
-                    self.free_blocks.move_to_end(block, last=False)
+            if block != NULL_BLOCK:
+                self._give_back(block)
 
     def reset_stats(self) -> None:
         self.stats = PrefixCacheStats()
 
+    def _give_back(self, block: int) -> None:
+        """Drop one reference; a block no one holds goes on the free list (first out if it caches nothing)."""
+        self.ref_counts[block] -= 1
+        if self.ref_counts[block] == 0:
+            self.free_blocks[block] = None
+            if self.block_keys[block] is None:
+                self.free_blocks.move_to_end(block, last=False)
+
     def _take(self, block: int) -> None:
+        if block == NULL_BLOCK:
+            return
         if self.ref_counts[block] == 0:
             del self.free_blocks[block]
         self.ref_counts[block] += 1
@@ -175,6 +213,6 @@ class BlockPool:
             key = chain_hash(chain[-1] if chain else chain_root(salt), token_ids[i * self.block_size : (i + 1) * self.block_size])
             chain.append(key)
             block = table[i]
-            if key not in self.cached and self.block_keys[block] is None:
+            if block != NULL_BLOCK and key not in self.cached and self.block_keys[block] is None:
                 self.cached[key] = block
                 self.block_keys[block] = key

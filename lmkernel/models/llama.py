@@ -213,10 +213,10 @@ class FusedDecode:
         batch = paged.decode_batch if paged is not None else None
         n = input_ids.shape[0]
         if batch is None or len(batch.seqs) != n or (n > self.max_sequences and not invariant) \
-                or kv_caches[0][0].dtype != torch.float32:
+                or kv_caches[0].keys.dtype != torch.float32:
             return None
         if self._caches is None or self._caches[0] is not kv_caches:
-            self._caches = (kv_caches, [k for k, _ in kv_caches], [v for _, v in kv_caches])
+            self._caches = (kv_caches, [c.keys for c in kv_caches], [c.values for c in kv_caches])
         m = self.model
         h = m.model.embed_tokens(input_ids).float().contiguous()
         cos, sin = m.rotary.cos_sin(positions, h.dtype, meta.cu_seqlens)

@@ -15,6 +15,7 @@ def _all_same(found) -> None:
     assert found.same_logprobs == {c: found.prompts for c in CONDITIONS}, found
 
 
+@pytest.mark.slow  # a real model end to end: `make test` runs it, `make test-fast` does not
 def test_dense_float_model_answers_alone_batched_chunked_and_cached_alike(smollm) -> None:
     _all_same(invariance(smollm, MEASURED_PROMPTS[:4], 12, "64MiB", deterministic=True))
 

@@ -95,7 +95,7 @@ def test_layout_of_a_prefill_then_a_decode_step(llms, backend):
         assert meta.cu_seqlens == (0, 5, 25) and meta.causal and meta.lora is None
         assert ids.tolist() == [5] * 5 + list(range(100, 120))
         assert positions.tolist() == list(range(5)) + list(range(20))
-        tables = [c.block_table for c in plan.chunks]
+        tables = [c.block_tables[0] for c in plan.chunks]
         expected = [tables[0][p // bs] * bs + p % bs for p in range(5)] + [tables[1][p // bs] * bs + p % bs for p in range(20)]
         assert meta.paged.slot_mapping.tolist() == expected
         assert meta.paged.decode_batch is None and meta.paged.decode_groups == ()

@@ -6,7 +6,7 @@ from lmkernel.config import SchedulerConfig
 from lmkernel.engine.request import Request, RequestStatus
 from lmkernel.engine.sampling import SamplingParams
 from lmkernel.engine.scheduler import Scheduler
-from lmkernel.memory.block_pool import BlockPool
+from lmkernel.memory.kv_manager import KVCacheManager
 
 _order = iter(range(10**6))
 
@@ -23,7 +23,7 @@ def run(s: Scheduler, sampled_token: int = 7):
 
 def make(blocks=100, bs=4, budget=32, seqs=8, caching=False, beside_decodes=None) -> Scheduler:
     return Scheduler(SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=seqs, max_model_len=10_000,
-                                     prefill_tokens_with_decodes=beside_decodes), BlockPool(blocks, bs, caching))
+                                     prefill_tokens_with_decodes=beside_decodes), KVCacheManager(blocks, bs, (None,), caching))
 
 
 def test_prompt_tokens_beside_decodes_are_capped_so_decodes_keep_their_pace():

@@ -154,6 +154,7 @@ def _ids(outputs) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in outputs]
 
 
+@pytest.mark.slow  # a real model end to end: `make test` runs it, `make test-fast` does not
 def test_prompt_lookup_gives_plain_decodings_tokens_alone_and_in_a_batch(plain, ngram, prompts) -> None:
     expected = _ids(plain.generate(prompts, GREEDY))
     before = ngram.stats()
@@ -166,6 +167,7 @@ def test_prompt_lookup_gives_plain_decodings_tokens_alone_and_in_a_batch(plain, 
     assert ngram.stats()["kv_blocks_free"] == ngram.stats()["kv_blocks_total"], "rejected proposals' blocks came back"
 
 
+@pytest.mark.slow  # a real model end to end: `make test` runs it, `make test-fast` does not
 def test_a_draft_model_gives_plain_decodings_tokens(smollm, smollm_gguf, plain, prompts) -> None:
     """SmolLM2's kept GGUF drafting for its float self: most proposals pass, and the output is the target's."""
     expected = _ids(plain.generate(prompts, GREEDY))
@@ -184,6 +186,7 @@ def test_a_draft_model_of_another_vocabulary_is_refused(smollm, tiny_llama, tmp_
         _llm(smollm, model=str(other))
 
 
+@pytest.mark.slow  # a real model end to end: `make test` runs it, `make test-fast` does not
 def test_stops_max_tokens_and_logprobs_are_those_of_plain_decoding(plain, ngram, prompts) -> None:
     for params in (SamplingParams(temperature=0, max_tokens=13, ignore_eos=True, logprobs=2),
                    SamplingParams(temperature=0, max_tokens=60, stop=["plum"]),
@@ -198,6 +201,7 @@ def test_stops_max_tokens_and_logprobs_are_those_of_plain_decoding(plain, ngram,
                 assert all(a[t].logprob == b[t].logprob for t in a)  # the same arithmetic, bit for bit
 
 
+@pytest.mark.slow  # a real model end to end: `make test` runs it, `make test-fast` does not
 def test_structured_output_checks_proposals_against_the_grammar(plain, ngram) -> None:
     schema = {"type": "object", "properties": {"fruits": {"type": "array", "items": {"type": "string"}}},
               "required": ["fruits"]}
@@ -209,12 +213,14 @@ def test_structured_output_checks_proposals_against_the_grammar(plain, ngram) ->
         json.loads(got.text)
 
 
+@pytest.mark.slow  # a real model end to end: `make test` runs it, `make test-fast` does not
 def test_sampled_requests_with_speculation_stay_seeded_and_finish(ngram, prompts) -> None:
     params = SamplingParams(temperature=0.8, seed=3, max_tokens=30, ignore_eos=True)
     first, second = _ids(ngram.generate(prompts[:2], params)), _ids(ngram.generate(prompts[:2], params))
     assert first == second and all(len(t) == 30 for t in first)
 
 
+@pytest.mark.slow  # a real model end to end: `make test` runs it, `make test-fast` does not
 def test_preempted_speculating_requests_still_give_plain_tokens(smollm, plain, prompts) -> None:
     """A cache too small for every sequence at once: sequences are preempted and recomputed mid-speculation."""
     expected = _ids(plain.generate(prompts, GREEDY))
@@ -223,6 +229,7 @@ def test_preempted_speculating_requests_still_give_plain_tokens(smollm, plain, p
     assert small.stats()["preemptions"] > 0
 
 
+@pytest.mark.slow  # a real model end to end: `make test` runs it, `make test-fast` does not
 def test_speculation_pauses_when_the_batch_is_full(smollm, plain, prompts) -> None:
     llm = _llm(smollm, model="ngram", disable_by_batch_size=2)
     assert _ids(llm.generate(prompts, GREEDY)) == _ids(plain.generate(prompts, GREEDY))
@@ -252,6 +259,7 @@ def test_k_quant_blocks_check_with_the_arithmetic_of_plain_decoding(tiny_llama, 
     assert spec.stats()["spec_checks"] > 0
 
 
+@pytest.mark.slow  # a real model end to end: `make test` runs it, `make test-fast` does not
 def test_requests_on_a_lora_adapter_check_proposals_through_it(smollm, prompts, tmp_path) -> None:
     from lora_checks import random_llama_adapter
 
@@ -264,6 +272,7 @@ def test_requests_on_a_lora_adapter_check_proposals_through_it(smollm, prompts, 
     assert llm.stats()["spec_checks"] > 0
 
 
+@pytest.mark.slow  # a real model end to end: `make test` runs it, `make test-fast` does not
 def test_with_the_prefix_cache_proposals_never_leave_blocks_others_find(smollm, prompts) -> None:
     """Prefix caching on: blocks holding proposals are never registered, and the blocks a speculating request
     leaves hold what plain decoding would have left, so a later request that shares its text finds the same

@@ -71,6 +71,7 @@ def test_zero_shot_gets_obvious_sentiment_right(smollm) -> None:
     assert result.accuracy >= 5 / 6
 
 
+@pytest.mark.slow  # a real model end to end: `make test` runs it, `make test-fast` does not
 def test_zero_shot_phrasebank_from_the_command_line(phrasebank_valid, tmp_path) -> None:
     data = tmp_path / "valid.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in phrasebank_valid) + "\n")

@@ -13,6 +13,7 @@ from lmkernel.eval.embeddings import embedding_fidelity
 from lmkernel.loading import load_model
 
 
+@pytest.mark.slow  # a real model end to end: `make test` runs it, `make test-fast` does not
 def test_bfloat16_minilm_stays_close(minilm, phrasebank_sentences, tmp_path) -> None:
     sentences = phrasebank_sentences[:64]
     same = embedding_fidelity(minilm, minilm, sentences)

@@ -25,6 +25,7 @@ def test_paragraphs_are_cut_after_their_first_sentence():
         continuation_task(" = x =\n short.\n", min_words=1)
 
 
+@pytest.mark.slow  # a real model end to end: `make test` runs it, `make test-fast` does not
 def test_an_encoder_finds_continuations_far_above_chance(minilm, wikitext_lines):
     task = continuation_task("\n".join(wikitext_lines[:1500]), limit=60, min_words=40)
     result = evaluate_retrieval(minilm, task)

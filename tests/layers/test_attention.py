@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmkernel.layers.attention import AttentionMetadata, attend
+from lmkernel.layers.attention import AttentionMetadata, KVLayer, attend
 
 
 def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, window: int | None = None) -> torch.Tensor:
@@ -112,7 +112,7 @@ def test_paged_attention_with_a_window_equals_the_definition(kernel: bool, windo
     k = torch.cat([kk[b:] for kk, b in zip(keys, before)])
     v = torch.cat([vv[b:] for vv, b in zip(values, before)])
     meta = AttentionMetadata.for_lengths(new, True, paged)
-    out = attend(q, k, v, meta, kv_cache=(k_cache, v_cache), window=window)
+    out = attend(q, k, v, meta, kv_cache=KVLayer(k_cache, v_cache), window=window)
     for i, (s, e) in enumerate(zip(meta.cu_seqlens, meta.cu_seqlens[1:])):
         expected = reference(queries[i], keys[i], values[i], True, window)
         torch.testing.assert_close(out[s:e], expected, atol=1e-5, rtol=1e-4)

@@ -155,7 +155,7 @@ def test_contexts_past_a_sliding_window_attend_within_it(tmp_path, tiny_llama):
     """Mistral v0.1's sliding window of 16 tokens on a context of 3x that and more: the reference forward,
     the engine's chunked prefill (16 tokens a step, chunks reading earlier ones from the cache) and its decode
     steps (the fused decoder and the paged kernel) give the log-probs of transformers' Mistral with the window,
-    and differ from attending to the whole context."""
+    and differ from attending to the whole context; the blocks that left the window go back to the pool."""
     from transformers import MistralConfig, MistralForCausalLM
 
     from lmkernel import LLM, SamplingParams
@@ -188,5 +188,8 @@ def test_contexts_past_a_sliding_window_attend_within_it(tmp_path, tiny_llama):
         for _ in range(12):
             continued.append(int(mistral(torch.tensor([continued])).logits[0, -1].argmax()))
     assert list(out.outputs[0].token_ids) == continued[len(ids):]
+    # Every layer slides, so the one KV group gives back blocks that left the window: the 72 tokens (5 blocks of
+    # 16) never held more than the window and a chunk straddle (3 blocks).
+    assert llm.engine.pool.peak_blocks <= 3 and llm.stats()["decode_backend"] == "fused"
 
 

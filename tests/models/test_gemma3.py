@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from lmkernel import LLM, SamplingParams, load_model
+from lmkernel.bench.kv_memory import measure
 from lmkernel.layers.attention import AttentionMetadata
+from lmkernel.memory.kv_cache import bytes_per_block
 from lmkernel.registry import ALIASES, alias_location
 
 pytestmark = pytest.mark.slow  # the real model and a transformers reference: `make test` runs it, `make test-fast` does not
@@ -18,6 +20,7 @@ ALIAS = "gemma-3-270m"
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "The three primary colours are",
            "Water boils at a temperature of", "Once upon a time, in a small village,"]
 WINDOW_TEXT = slice(1200, 1400)  # WikiText-2 lines that no other test reads
+OTHER_TEXT = slice(1600, 1800)
 
 
 @pytest.fixture(scope="module")
@@ -118,3 +121,32 @@ def test_kept_blocks_continue_as_the_dequantized_model(kept, dequantized):
             logits = dequantized.logits(list(theirs.prompt_token_ids) + list(b[:parted]))[-1]
         assert 0 <= (logits[b[parted]] - logits[a[parted]]).item() < 0.1, f"prompt {n} parted at token {parted}"
     assert identical >= 4
+
+
+def test_the_hybrid_cache_holds_a_window_for_sliding_layers_and_answers_as_full_attention(dequantized, long_ids):
+    """`lmk bench kv-memory`'s measurement: while decoding after 1,100 tokens (1,104 held at the last step), the 3
+    global layers hold every block (69 of 16 tokens) and each of the 5 sliding groups of 3 layers at most the 34 blocks its 512-token window
+    straddles; with the hybrid cache off every layer holds all 69, which the model's shape predicts. Same tokens."""
+    row = measure(dequantized, [long_ids], new_tokens=6, kv_cache_memory="64MiB", max_num_batched_tokens=256)[0]
+    group_block = bytes_per_block(dequantized.config, 16, torch.float32) // 6  # one group's 3 layers of 18
+    assert row.hybrid.token_ids == row.full.token_ids and len(row.full.token_ids) == 6
+    assert row.full.decode_bytes == row.full_from_shape == 69 * 6 * group_block
+    assert 69 + 5 * 32 <= row.hybrid.decode_bytes / group_block <= 69 + 5 * 34
+    assert row.hybrid.peak_bytes < row.full.peak_bytes  # prompt chunks of 256: the window and a chunk at most
+
+
+def test_prefix_hits_and_preemption_on_the_hybrid_cache_keep_the_tokens(dequantized, kept, long_ids, wikitext_lines):
+    """Three long prompts sharing prefixes through a cache too small for two of them at once: prefix-cache hits
+    resume the sliding groups from the window's cached blocks, preempted requests start over, and every
+    request gets the tokens a full-attention engine with room to spare gives it."""
+    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    other = kept.tokenizer.encode(" ".join(wikitext_lines[OTHER_TEXT]))[:1000]
+    prompts = [long_ids, other, long_ids[:1000]]
+    roomy = LLM(dequantized, kv_cache_memory="256MiB", hybrid_kv_cache=False, enable_prefix_caching=False, verbose=False)
+    expected = [o.outputs[0].token_ids for o in roomy.generate(prompts, greedy)]
+    small = LLM(dequantized, kv_cache_memory="32MiB", max_num_batched_tokens=256, verbose=False)
+    got = [o.outputs[0].token_ids for o in small.generate(prompts, greedy)]
+    stats = small.stats()
+    assert got == expected
+    assert stats["prefix_cache_hits"] >= 896 and stats["preemptions"] >= 1, stats
+    assert stats["kv_blocks_free"] == stats["kv_blocks_total"]

@@ -43,6 +43,7 @@ def _hf_from(state: dict[str, torch.Tensor], config):
     return hf_llama(SimpleNamespace(state_dict=lambda: state), config)
 
 
+@pytest.mark.slow  # a real model end to end: `make test` runs it, `make test-fast` does not
 def test_llama_adapter_we_save_gives_peft_s_logits(llama):
     from peft import PeftModel
 
