@@ -84,10 +84,17 @@ def test_chat_applies_the_template(llm, smollm):
     assert out.prompt_token_ids == expected and out.outputs[0].text
 
 
-def test_encoder_api(minilm):
+def test_encoder_api(minilm, st_minilm, phrasebank_sentences):
+    """LLM.embed on an encoder gives sentence-transformers' embeddings of the same files (unit length, as the
+    model's Normalize module makes them), in batches of any size; generate and classify are refused by name."""
     enc = LLM(minilm, verbose=False)
-    vectors = enc.embed(["Profit rose.", "Sales fell sharply in the quarter."])
-    torch.testing.assert_close(vectors, minilm.embed(["Profit rose.", "Sales fell sharply in the quarter."]))
+    texts = phrasebank_sentences[100:110]
+    vectors = enc.embed(texts)
+    expected = torch.from_numpy(st_minilm.encode(texts, convert_to_numpy=True))
+    assert vectors.shape == (10, 384)
+    torch.testing.assert_close(vectors, expected, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(vectors.norm(dim=-1), torch.ones(10))
+    torch.testing.assert_close(enc.embed(texts[3]), vectors[3:4], atol=2e-6, rtol=1e-5)  # alone as in the batch
     with pytest.raises(LmkError, match="decoder"):
         enc.generate(["hi"])
     with pytest.raises(LmkError, match="classification"):

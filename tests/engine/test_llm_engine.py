@@ -96,14 +96,28 @@ def test_check_prompt_fills_max_tokens_and_names_what_is_wrong(engine):
 
 
 def test_request_ids_are_unique_while_running(engine):
-    engine.add_request("same", [1, 2, 3], SamplingParams(max_tokens=2))
+    """An id in use is refused without touching the running request; once it finished, the id names a new
+    request whose output is its own (its prompt, its tokens: those a fresh request of another id gets)."""
+    greedy = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    engine.add_request("same", [1, 2, 3], greedy)
     with pytest.raises(ValueError, match="'same' is already in use"):
-        engine.add_request("same", [4, 5], SamplingParams(max_tokens=2))
+        engine.add_request("same", [4, 5], greedy)
+    first = _run_all(engine)
+    assert [o.prompt_token_ids for o in first] == [[1, 2, 3]] and len(first[0].outputs[0].token_ids) == 3
+    engine.add_request("same", [4, 5, 6, 7], greedy)
+    engine.add_request("other", [4, 5, 6, 7], greedy)
+    again = {o.request_id: o for o in _run_all(engine)}
+    assert again["same"].prompt_token_ids == [4, 5, 6, 7]
+    assert again["same"].outputs[0].token_ids == again["other"].outputs[0].token_ids
+    assert again["same"].outputs[0].token_ids != first[0].outputs[0].token_ids
+
+
+def _run_all(engine) -> list:
+    """Step until nothing is left; the finished outputs, in the order they finished."""
+    done = []
     while engine.has_unfinished_requests():
-        engine.step()
-    engine.add_request("same", [4, 5], SamplingParams(max_tokens=1))  # free again once finished
-    while engine.has_unfinished_requests():
-        engine.step()
+        done.extend(o for o in engine.step() if o.finished)
+    return done
 
 
 def test_each_step_is_schedule_run_update(engine):

@@ -7,8 +7,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmkernel.models.interface import CausalLM, Encoder
-from lmkernel.models.llama import LlamaForCausalLM
 
 
 @pytest.mark.slow  # transformers' model loaded and run on 20 lines: make test runs it, make test-fast not
@@ -36,8 +34,26 @@ def test_smollm_config_and_tokenizer(smollm):
     assert (smollm.tokenizer.bos_token_id, smollm.tokenizer.eos_token_id, smollm.tokenizer.pad_token_id) == (1, 2, 2)
 
 
-def test_models_meet_the_interface(smollm, minilm):
-    assert isinstance(smollm.model, LlamaForCausalLM) and isinstance(smollm.model, CausalLM)
-    assert not isinstance(smollm.model, Encoder)
-    assert isinstance(minilm.model, Encoder) and not isinstance(minilm.model, CausalLM)
-    assert smollm.model.fused_decode() is not None  # float32 on CPU: the fused decode step is on offer
+def test_models_meet_the_interface(smollm, minilm, st_minilm):
+    """The interface's calls do what it says: a decoder's forward over sequences laid end to end gives each the
+    logits it gets alone (no sequence sees another), its fused decode step declines a step it does not cover (a
+    prefill) with None, and an encoder's pooled output is sentence-transformers' embedding."""
+    from lmkernel.layers.attention import AttentionMetadata
+
+    a, b = [1, 400, 2000, 35, 9], [77, 8, 1234]
+    positions = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2])
+    meta = AttentionMetadata.for_lengths([5, 3], causal=True)
+    lm, enc = smollm.model, minilm.model
+    texts = ["Profit rose.", "Sales fell sharply in the quarter."]
+    ids = [minilm.tokenizer.encode(t) for t in texts]
+    with torch.inference_mode():
+        both = lm.compute_logits(lm(torch.tensor(a + b), positions, meta))
+        alone = [lm.compute_logits(lm(torch.tensor(x), torch.arange(len(x)), AttentionMetadata.for_lengths([len(x)], causal=True)))
+                 for x in (a, b)]
+        declined = lm.fused_decode()(torch.tensor(a + b), positions, meta, [])
+        bidirectional = AttentionMetadata.for_lengths([len(x) for x in ids], causal=False)
+        hidden = enc(torch.tensor([t for x in ids for t in x]), torch.cat([torch.arange(len(x)) for x in ids]), bidirectional)
+        pooled = enc.pool(hidden, bidirectional)
+    assert both.shape == (8, smollm.config.vocab_size) and declined is None
+    torch.testing.assert_close(both, torch.cat(alone), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(pooled, torch.from_numpy(st_minilm.encode(texts)), atol=2e-5, rtol=1e-4)

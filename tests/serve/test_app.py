@@ -288,12 +288,14 @@ def test_embedding_dimensions_refused(server: Server) -> None:
     assert_error(post(server, "/embeddings", {"model": EMBED, "input": "x", "dimensions": 16}), 400, "dimensions")
 
 
-def test_bad_input_never_stops_the_engine(server: Server, client: openai.OpenAI) -> None:
-    for body in ({"model": MODEL, "prompt": [49999999]}, {"model": MODEL, "prompt": []}, {"model": MODEL},
-                 {"model": MODEL, "prompt": "x", "n": 0}, {"model": MODEL, "prompt": "x", "stop": [""]}):
-        r = post(server, "/completions", body)
-        assert r.status_code == 400, r.text
-    assert client.completions.create(model=MODEL, prompt="Hi", max_tokens=2).choices[0].text is not None
+def test_bad_input_never_stops_the_engine(server: Server, client: openai.OpenAI, llm: LLM) -> None:
+    for body, param in (({"model": MODEL, "prompt": [49999999]}, "prompt"), ({"model": MODEL, "prompt": []}, "prompt"),
+                        ({"model": MODEL}, "prompt"), ({"model": MODEL, "prompt": "x", "n": 0}, "n"),
+                        ({"model": MODEL, "prompt": "x", "stop": [""]}, "stop")):
+        assert_error(post(server, "/completions", body), 400, param)
+    # The engine answers the next request as an engine that never saw the bad ones does.
+    text = client.completions.create(model=MODEL, prompt="Hi", max_tokens=6, temperature=0).choices[0].text
+    assert text == llm.generate(["Hi"], SamplingParams(temperature=0, max_tokens=6))[0].outputs[0].text and text
 
 
 # -- load and disconnects -------------------------------------------------------------------------
