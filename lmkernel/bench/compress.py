@@ -108,7 +108,7 @@ def time_decoders(variants: list[tuple[str, Path, str | None]], results: list[Va
     from lmkernel.engine.llm import LLM
 
     models = [load_model(path, quantization=quant) for _, path, quant in variants]
-    engines = [LLM(lm, kv_cache_memory="256MiB", verbose=False)._engine() for lm in models]
+    engines = [LLM(lm, kv_cache_memory="256MiB", verbose=False).engine for lm in models]
     ids = models[0].tokenizer.encode(text, add_special_tokens=False)
     one, sixteen = [ids[:32]], [ids[i * 32 : i * 32 + 32] for i in range(16)]
     seconds: list[list[list[float]]] = [[[], [], []] for _ in variants]  # [variant][b1, b16, prefill][sample]

@@ -54,7 +54,7 @@ def run_once(llm: LLM, prompt: list[int], new_tokens: int) -> KVMemoryRun:
     engine = llm.engine
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
     block_bytes = int(engine.stats()["kv_block_bytes"])
-    engine.pool.reset_peak()
+    engine.reset_kv_peak()
     start = time.perf_counter()
     engine.add_request("kv", prompt, params)
     held, tokens = 0, ()
@@ -63,8 +63,8 @@ def run_once(llm: LLM, prompt: list[int], new_tokens: int) -> KVMemoryRun:
             if out.finished:
                 tokens = tuple(out.outputs[0].token_ids)
         if engine.has_unfinished_requests():
-            held = engine.pool.blocks_held("kv") * block_bytes
-    return KVMemoryRun(engine.pool.peak_blocks * block_bytes, held, tokens, time.perf_counter() - start)
+            held = engine.kv_blocks_held("kv") * block_bytes
+    return KVMemoryRun(int(engine.stats()["kv_blocks_peak"]) * block_bytes, held, tokens, time.perf_counter() - start)
 
 
 def measure(loaded: LoadedModel, prompts: list[list[int]], new_tokens: int, kv_cache_memory: str,
@@ -77,5 +77,5 @@ def measure(loaded: LoadedModel, prompts: list[list[int]], new_tokens: int, kv_c
     for prompt in prompts:
         hybrid, full = (run_once(engines[h], prompt, new_tokens) for h in (True, False))
         total = len(prompt) + new_tokens - 2  # computed when the last decode step starts (its input is the one before)
-        rows.append(KVMemoryRow(len(prompt), hybrid, full, full_attention_bytes(loaded, total, engines[True].engine.pool.block_size)))
+        rows.append(KVMemoryRow(len(prompt), hybrid, full, full_attention_bytes(loaded, total, engines[True].config.block_size)))
     return rows

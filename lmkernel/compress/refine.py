@@ -57,7 +57,7 @@ class _TrainableInt4(nn.Module):
         """Store the tuned scales and minimums in the int4 layer (its kernel repacks on next use)."""
         self.layer.scales.copy_(self.scales.to(self.layer.scales.dtype))
         self.layer.mins.copy_(self.mins.to(self.layer.mins.dtype))
-        self.layer._packed = None
+        self.layer.weights_changed()
 
 
 def _batches(sequences: Sequence[list[int]], batch: int, steps: int, seed: int) -> list[list[list[int]]]:

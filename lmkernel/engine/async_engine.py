@@ -18,7 +18,6 @@ from lmkernel.engine.adapters import UnknownAdapterError
 from lmkernel.engine.llm_engine import LLMEngine
 from lmkernel.engine.request import RequestOutput
 from lmkernel.engine.sampling import SamplingParams
-from lmkernel.errors import AdapterError
 from lmkernel.loader.tokenizer import Tokenizer
 from lmkernel.loading import LoadedModel
 
@@ -54,21 +53,21 @@ class AsyncEngine:
 
     @property
     def vocab_size(self) -> int:
-        return self.engine.loaded.config.vocab_size
+        return self.engine.vocab_size
 
     @property
     def max_tokens_per_request(self) -> int:
         """Prompt plus output tokens one request may hold (the context, or the whole KV cache if smaller)."""
-        return self.engine.scheduler.max_tokens_per_request()
+        return self.engine.max_tokens_per_request()
 
     @property
     def kv_cache_tokens(self) -> int:
-        return self.engine.pool.capacity_tokens
+        return self.engine.kv_cache_tokens
 
     @property
     def lora_names(self) -> list[str]:
         """Adapters requests may name now (one being unloaded is not among them)."""
-        return [n for n in self.engine.lora_names if n not in self.engine.unloading]
+        return self.engine.servable_adapters()
 
     def check_prompt(self, ids: Sequence[int], params: SamplingParams) -> SamplingParams:
         """The engine's own check of a prompt (see `LLMEngine.check_prompt`), for refusing a request before
@@ -103,7 +102,7 @@ class AsyncEngine:
         # A grammar compiles on a worker thread (up to its time limit), never on the engine's loop.
         matcher = None
         if params.structured_outputs is not None:
-            matcher = await asyncio.to_thread(self.engine.grammars.matcher, params.structured_outputs)
+            matcher = await asyncio.to_thread(self.engine.compile_grammar, params.structured_outputs)
         queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         accepted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.streams[request_id] = queue
@@ -134,24 +133,20 @@ class AsyncEngine:
     async def load_adapter(self, name: str, path: str) -> str | None:
         """Read and check a LoRA adapter on a worker thread, then install it between steps; the name of an
         adapter dropped to make room (the least recently used one not in use), if any."""
-        adapters = self.engine.adapters
-        if adapters is None:
-            raise AdapterError("this engine serves no LoRA adapters")
-        prepared = await asyncio.to_thread(adapters.prepare, name, path)
+        prepared = await asyncio.to_thread(self.engine.prepare_adapter, name, path)
         return await self.between_steps(lambda: self.engine.load_adapter(prepared))
 
     async def unload_adapter(self, name: str, poll: float = 0.05) -> None:
         """Refuse new requests for the adapter, let the running ones finish, then remove it."""
-        adapters = self.engine.adapters
-        if adapters is None or name not in adapters.names:
+        if not self.engine.has_adapter(name):
             raise UnknownAdapterError(f"LoRA adapter '{name}' is not loaded")
-        self.engine.unloading.add(name)
+        self.engine.refuse_adapter(name)
         try:
             while await self.between_steps(lambda: name in self.engine.adapters_in_use()):
                 await asyncio.sleep(poll)
             await self.between_steps(lambda: self.engine.unload_adapter(name))
         finally:
-            self.engine.unloading.discard(name)
+            self.engine.refuse_adapter(name, refuse=False)
 
     def abort(self, request_id: str) -> None:
         """Abort at the next step boundary (within one engine step)."""
@@ -176,7 +171,7 @@ class AsyncEngine:
         aborts, self.to_abort = self.to_abort, []
         for request_id in aborts:
             self.engine.abort_request(request_id)
-        self.engine.pending = [o for o in self.engine.pending if o.request_id in self.streams]
+        self.engine.keep_pending(self.streams)
         self.snapshot = self.engine.stats()
 
     async def _run(self) -> None:
@@ -192,9 +187,7 @@ class AsyncEngine:
             except Exception as exc:  # a failed step fails every stream rather than hanging them
                 for queue in self.streams.values():
                     queue.put_nowait(exc)
-                for request_id in list(self.engine.groups):
-                    self.engine.abort_request(request_id)
-                self.engine.pending.clear()
+                self.engine.abort_all()
                 self.snapshot = self.engine.stats()
                 continue
             self.snapshot = self.engine.stats()

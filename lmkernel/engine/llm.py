@@ -12,7 +12,8 @@ import torch
 from rich.progress import Progress
 
 from lmkernel.config import EngineConfig
-from lmkernel.engine.llm_engine import LLMEngine, select_cpu_path
+from lmkernel.engine.llm_engine import LLMEngine
+from lmkernel.engine.model_runner import select_cpu_path
 from lmkernel.engine.request import RequestOutput
 from lmkernel.engine.sampling import SamplingParams
 from lmkernel.errors import LmkError
@@ -102,7 +103,7 @@ class LLM:
         except Exception:
             for request_id in ids:
                 engine.abort_request(request_id)
-            engine.pending.clear()
+            engine.keep_pending(())
             raise
         return self._run(ids, use_tqdm and len(ids) >= PROGRESS_THRESHOLD)
 

@@ -1,25 +1,25 @@
-"""The engine's step loop: schedule, run, update; then detokenize, check stops and report outputs."""
+"""The engine core's step loop: schedule, run, update; `output_processor` turns the tokens into text and ends."""
 
 from __future__ import annotations
 
 import dataclasses
 import threading
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lmkernel.config import EngineConfig, EngineConfigError
+from lmkernel.config import EngineConfig
 from lmkernel.engine.adapters import LoraAdapters, PreparedAdapter, UnknownAdapterError, shared_copy
-from lmkernel.engine.model_runner import ModelRunner, ModelRunnerOutput
-from lmkernel.engine.request import CompletionOutput, Request, RequestOutput, RequestStatus
+from lmkernel.engine.model_runner import ModelRunner, ModelRunnerOutput, select_cpu_path
+from lmkernel.engine.output_processor import Group, Sample, advance_grammar, check_stop, group_output
+from lmkernel.engine.request import Request, RequestOutput, RequestStatus
 from lmkernel.engine.sampling import SamplingParams
 from lmkernel.engine.scheduler import Scheduler, SchedulerOutput
 from lmkernel.engine.speculative import build_speculator
-from lmkernel.engine.structured import GrammarCompiler, allowed_tokens
+from lmkernel.engine.structured import GrammarCompiler, StructuredOutputs, allowed_tokens
 from lmkernel.errors import AdapterError, ContextLengthError, LmkError
 from lmkernel.layers import cpu_kernels
 from lmkernel.loader.tokenizer import IncrementalDetokenizer
@@ -33,41 +33,11 @@ class PromptTooLongError(ContextLengthError):
     """A request that could never fit: prompt plus max_tokens past the context or the whole cache."""
 
 
-@dataclass
-class _Sample:
-    """One of a request's n samples: its engine request and the text produced so far."""
-
-    index: int
-    request: Request
-    detokenizer: IncrementalDetokenizer
-    text: str = ""
-    emitted_chars: int = 0
-    emitted_tokens: int = 0
-    finish_reason: str | None = None
-
-
-@dataclass
-class _Group:
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    samples: list[_Sample] = field(default_factory=list)
-
-    @property
-    def finished(self) -> bool:
-        return all(s.finish_reason is not None for s in self.samples)
-
-
-def select_cpu_path(config: EngineConfig) -> str | None:
-    """Make `config.cpu_path` the process's CPU kernels where the engine runs on the CPU (an EngineConfigError
-    if this machine cannot run it); None on CUDA."""
-    if config.device.startswith("cuda") or (config.device == "auto" and torch.cuda.is_available()):
-        return None
-    try:
-        return cpu_kernels.select(config.cpu_path)
-    except (RuntimeError, ValueError) as exc:
-        raise EngineConfigError(f"--cpu-path {config.cpu_path}: {exc}") from None
+def check_decoder(loaded: LoadedModel) -> None:
+    """The one check that a model can generate: an encoder is refused, saying where it is served instead."""
+    if loaded.config.is_encoder:
+        raise LmkError(f"{loaded.source.path}: completions and chat need a decoder; this is an encoder model (serve it "
+                       "with --embedding-model, or use LLM.embed)")
 
 
 class LLMEngine:
@@ -84,8 +54,7 @@ class LLMEngine:
         loaded = model if isinstance(model, LoadedModel) else load_model(
             model, dtype=config.dtype, device=config.device, quantization=config.quantization,
             packed_cache=config.packed_cache)
-        if loaded.config.is_encoder:
-            raise LmkError(f"{loaded.source.path}: the generation engine needs a decoder; this is an encoder model")
+        check_decoder(loaded)  # before adapters wrap its layers
         adapters = None
         if lora or config.max_loras:
             if isinstance(model, LoadedModel) and not owned:
@@ -94,8 +63,7 @@ class LLMEngine:
         return cls(loaded, config, adapters)
 
     def __init__(self, loaded: LoadedModel, config: EngineConfig, adapters: LoraAdapters | None = None) -> None:
-        if loaded.config.is_encoder:
-            raise LmkError(f"{loaded.source.path}: the generation engine needs a decoder; this is an encoder model")
+        check_decoder(loaded)
         if isinstance(loaded.model, VirtualTokens):
             raise LmkError(f"{loaded.source.path}: a {loaded.model.kind}-tuning adapter adds {loaded.model.num_virtual_tokens} virtual "
                            "tokens before every sequence, which the paged engine does not serve and no merge can fold "
@@ -119,13 +87,13 @@ class LLMEngine:
                                   self.eos_ids)
         self.speculator = build_speculator(config, loaded.config.vocab_size, self.tokenizer,
                                            self.pool.capacity_tokens)
-        self.groups: dict[str, _Group] = {}
-        self.owner: dict[str, tuple[_Group, _Sample]] = {}
+        self._groups: dict[str, Group] = {}
+        self.owner: dict[str, tuple[Group, Sample]] = {}
         self.arrivals = 0
         self.steps = 0
-        self.pending: list[RequestOutput] = []  # outputs of aborted requests, reported at the next step
+        self._pending: list[RequestOutput] = []  # outputs of aborted requests, reported at the next step
         self._grammars: GrammarCompiler | None = None
-        self.unloading: set[str] = set()  # adapters refusing new requests until theirs finish
+        self._unloading: set[str] = set()  # adapters refusing new requests until theirs finish
         self._grammars_lock = threading.Lock()
 
     @property
@@ -141,6 +109,66 @@ class LLMEngine:
     def max_model_len(self) -> int:
         return self.scheduler.config.max_model_len
 
+    # What the front (AsyncEngine, LLM) may ask and tell the engine: it reads no field of the engine's own.
+
+    @property
+    def vocab_size(self) -> int:
+        return self.loaded.config.vocab_size
+
+    def max_tokens_per_request(self) -> int:
+        """Prompt plus output tokens one request may hold (the context, or what the whole KV cache can hold)."""
+        return self.scheduler.max_tokens_per_request()
+
+    @property
+    def kv_cache_tokens(self) -> int:
+        return self.pool.capacity_tokens
+
+    def compile_grammar(self, structured: StructuredOutputs) -> Any:
+        """A matcher for a request's structured-output constraint (thread-safe: servers compile off the loop)."""
+        return self.grammars.matcher(structured)
+
+    def servable_adapters(self) -> list[str]:
+        """Adapters new requests may name (one being unloaded is not among them)."""
+        return [n for n in self.lora_names if n not in self._unloading]
+
+    def has_adapter(self, name: str) -> bool:
+        return self.adapters is not None and name in self.adapters.names
+
+    def prepare_adapter(self, name: str, path: str) -> PreparedAdapter:
+        """Read and check an adapter's files (any thread; `load_adapter` installs it between steps)."""
+        if self.adapters is None:
+            raise AdapterError("this engine serves no LoRA adapters")
+        return self.adapters.prepare(name, path)
+
+    def refuse_adapter(self, name: str, refuse: bool = True) -> None:
+        """Refuse (or again accept) new requests for adapter `name`, before it is unloaded."""
+        if refuse:
+            self._unloading.add(name)
+        else:
+            self._unloading.discard(name)
+
+    def abort_all(self) -> None:
+        """Abort every request, and forget the outputs not yet reported (a failed step ends them all)."""
+        for request_id in list(self._groups):
+            self.abort_request(request_id)
+        self._pending.clear()
+
+    def keep_pending(self, request_ids: Collection[str]) -> None:
+        """Forget the aborted requests' outputs still to report, but those of `request_ids` (someone awaits them)."""
+        self._pending = [o for o in self._pending if o.request_id in request_ids]
+
+    def kv_blocks_held(self, request_id: str) -> int:
+        """KV blocks a request holds across its KV groups (each `stats()["kv_block_bytes"]` bytes)."""
+        return self.pool.blocks_held(request_id)
+
+    def reset_kv_peak(self) -> None:
+        """Start `stats()["kv_blocks_peak"]` again from the blocks held now."""
+        self.pool.reset_peak()
+
+    def request_ids(self) -> list[str]:
+        """The ids of the requests queued or running."""
+        return list(self._groups)
+
     @property
     def lora_names(self) -> list[str]:
         """The LoRA adapters requests may name in `SamplingParams.lora`."""
@@ -152,14 +180,14 @@ class LLMEngine:
     ) -> None:
         """Queue a request; refuse at once one that could never fit. `matcher`: its structured-output grammar
         already compiled by `grammars.matcher` (off the engine's thread); else it is compiled here."""
-        if request_id in self.groups:
+        if request_id in self._groups:
             raise ValueError(f"request id '{request_id}' is already in use")
         if params.lora is not None:
             if self.adapters is None:
                 raise UnknownAdapterError(f"SamplingParams.lora is '{params.lora}', but this engine serves no LoRA "
                                           "adapters (start it with LLM(model, lora={name: path}))")
             self.adapters.slot(params.lora)
-            if params.lora in self.unloading:
+            if params.lora in self._unloading:
                 raise UnknownAdapterError(f"LoRA adapter '{params.lora}' is being unloaded")
             self.adapters.touch(params.lora)
         text = prompt if isinstance(prompt, str) else None
@@ -168,7 +196,7 @@ class LLMEngine:
         # A grammar is compiled (and refused when invalid) before anything is queued.
         if params.structured_outputs is not None and matcher is None:
             matcher = self.grammars.matcher(params.structured_outputs)
-        group = _Group(request_id, text, ids, params)
+        group = Group(request_id, text, ids, params)
         for j in range(params.n):
             child_params = params if j == 0 else dataclasses.replace(params, prompt_logprobs=None)
             child_id = request_id if params.n == 1 else f"{request_id}#{j}"
@@ -180,13 +208,13 @@ class LLMEngine:
             if child_params.prompt_logprobs is not None:
                 request.prompt_logprobs = [None]
             self.arrivals += 1
-            sample = _Sample(j, request, IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens))
+            sample = Sample(j, request, IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens))
             group.samples.append(sample)
             self.owner[child_id] = (group, sample)
             if params.seed is not None:
                 self.runner.add_generator(child_id, params.seed + j)
             self.scheduler.add_request(request)
-        self.groups[request_id] = group
+        self._groups[request_id] = group
 
     def check_prompt(self, ids: Sequence[int], params: SamplingParams) -> SamplingParams:
         """The one check of a prompt against this engine: ids in the vocabulary, prompt plus max_tokens within
@@ -223,7 +251,7 @@ class LLMEngine:
             raise AdapterError(f"an adapter named '{adapter.name}' is already loaded")
         dropped = None
         if self.adapters.full:
-            dropped = self.adapters.least_recently_used(exclude=self.adapters_in_use() | self.unloading)
+            dropped = self.adapters.least_recently_used(exclude=self.adapters_in_use() | self._unloading)
             if dropped is None:
                 raise AdapterError(f"all {self.adapters.capacity} adapter slots hold adapters in use; retry when one is free")
             self.adapters.remove(dropped)
@@ -237,26 +265,26 @@ class LLMEngine:
         if name in self.adapters_in_use():
             raise AdapterError(f"LoRA adapter '{name}' is in use")
         self.adapters.remove(name)
-        self.unloading.discard(name)
+        self._unloading.discard(name)
 
     def abort_request(self, request_id: str) -> bool:
         """Stop a request in any state and free its blocks now; False if it is unknown or already done."""
-        group = self.groups.pop(request_id, None)
+        group = self._groups.pop(request_id, None)
         if group is None:
             return False
         for sample in group.samples:
             if sample.finish_reason is None:
                 sample.finish_reason = "abort"
                 self._release(sample.request.request_id, RequestStatus.FINISHED_ABORTED)
-        self.pending.append(self._output(group))
+        self._pending.append(group_output(group))
         return True
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self.pending)
+        return self.scheduler.has_unfinished() or bool(self._pending)
 
     def step(self) -> list[RequestOutput]:
         """One engine iteration: `schedule()`, `run()`, `update()`; returns outputs that changed."""
-        outputs, self.pending = self.pending, []
+        outputs, self._pending = self._pending, []
         times, start = self.runner.times, time.perf_counter()
         if self.speculator is not None:
             self._propose()
@@ -314,7 +342,7 @@ class LLMEngine:
         return allowed
 
     def _process(self, result: ModelRunnerOutput) -> list[RequestOutput]:
-        touched: dict[str, _Group] = {}
+        touched: dict[str, Group] = {}
         for request_id, positions in result.prompt_logprobs.items():
             self.owner[request_id][1].request.prompt_logprobs.extend(positions)
         for request_id, tokens in result.sampled.items():
@@ -326,49 +354,19 @@ class LLMEngine:
                 request.token_ids.append(token)
                 if logprobs is not None:
                     request.logprobs.append(logprobs[j])
-                self._check_stop(sample, token)
+                check_stop(sample, token, self.eos_ids, self.max_model_len)
                 if request.matcher is not None:
-                    self._advance_grammar(sample, token)
+                    advance_grammar(sample, token)
                 if sample.finish_reason is not None:
                     break
             touched[group.request_id] = group
             if sample.finish_reason is not None:
                 self._release(request_id, RequestStatus.FINISHED_STOPPED if sample.finish_reason == "stop" else RequestStatus.FINISHED_LENGTH)
-        outputs = [self._output(g) for g in touched.values()]
+        outputs = [group_output(g) for g in touched.values()]
         for group in touched.values():
             if group.finished:
-                self.groups.pop(group.request_id, None)
+                self._groups.pop(group.request_id, None)
         return outputs
-
-    def _check_stop(self, sample: _Sample, token: int) -> None:
-        request, params = sample.request, sample.request.sampling_params
-        sample.text += sample.detokenizer.add(token)
-        enough = request.num_output_tokens >= params.min_tokens
-        is_eos = token in self.eos_ids
-        if enough and ((is_eos and not params.ignore_eos) or token in params.stop_token_ids):
-            sample.finish_reason, request.stop_reason = "stop", (None if is_eos and not params.ignore_eos else token)
-            sample.text += sample.detokenizer.flush()
-        elif enough and params.stop:
-            window = max(map(len, params.stop)) + 8
-            tail_from = max(0, len(sample.text) - window)
-            hits = [(sample.text.find(s, tail_from), s) for s in params.stop]
-            hits = [(i, s) for i, s in hits if i >= 0]
-            if hits:
-                at, stop = min(hits)
-                sample.text, sample.finish_reason, request.stop_reason = sample.text[:at], "stop", stop
-        if sample.finish_reason is None and (
-            request.num_output_tokens >= params.max_tokens or request.num_tokens >= self.max_model_len
-        ):
-            sample.finish_reason = "length"
-            sample.text += sample.detokenizer.flush()
-
-    def _advance_grammar(self, sample: _Sample, token: int) -> None:
-        """Feed the token to the request's grammar; a complete grammar ends the output (\"stop\")."""
-        matcher = sample.request.matcher
-        accepted = matcher.consume_token(token)
-        if sample.finish_reason is None and (not accepted or matcher.is_stopped()):
-            sample.finish_reason = "stop"
-            sample.text += sample.detokenizer.flush()
 
     def _release(self, request_id: str, status: RequestStatus) -> None:
         self.scheduler.finish(request_id, status)
@@ -376,37 +374,6 @@ class LLMEngine:
         if self.speculator is not None:
             self.speculator.drop(request_id)
         self.owner.pop(request_id, None)
-
-    def _output(self, group: _Group) -> RequestOutput:
-        outputs = []
-        hold = max(map(len, group.params.stop), default=1) - 1  # text that may still turn into a stop string
-        for s in group.samples:
-            r = s.request
-            visible = len(s.text) if s.finish_reason else max(s.emitted_chars, len(s.text) - hold)
-            tokens = r.output_token_ids
-            outputs.append(
-                CompletionOutput(
-                    index=s.index,
-                    text=s.text[:visible],
-                    token_ids=list(tokens),
-                    logprobs=list(r.logprobs) if r.sampling_params.logprobs is not None else None,
-                    finish_reason=s.finish_reason,
-                    stop_reason=r.stop_reason,
-                    delta_text=s.text[s.emitted_chars : visible],
-                    delta_token_ids=list(tokens[s.emitted_tokens :]),
-                )
-            )
-            s.emitted_chars, s.emitted_tokens = visible, len(tokens)
-        first = group.samples[0].request
-        return RequestOutput(
-            request_id=group.request_id,
-            prompt=group.prompt,
-            prompt_token_ids=group.prompt_token_ids,
-            prompt_logprobs=list(first.prompt_logprobs) if first.wants_prompt_logprobs else None,
-            outputs=outputs,
-            finished=group.finished,
-            queue_seconds=None if first.first_scheduled_time is None else first.first_scheduled_time - first.arrival_time,
-        )
 
     def stats(self) -> dict[str, float | int | str]:
         """The decode backend in use, and counters of the cache, the prefix cache and the scheduler."""
@@ -419,6 +386,7 @@ class LLMEngine:
             "kv_block_size": self.pool.block_size,
             "kv_cache_tokens": self.pool.capacity_tokens,
             "kv_groups": len(self.pool.windows),
+            "kv_blocks_peak": self.pool.peak_blocks,
             "kv_block_bytes": self.kv_block_bytes,
             "prefix_cache_hits": self.pool.stats.hits,
             "prefix_cache_queries": self.pool.stats.queries,

@@ -54,6 +54,17 @@ def choose_decode_backend(model: CausalLM, kv_cache: KVCache, requested: str = "
     return requested, fused
 
 
+def select_cpu_path(config: EngineConfig) -> str | None:
+    """Make `config.cpu_path` the process's CPU kernels where the engine runs on the CPU (an EngineConfigError
+    if this machine cannot run it); None on CUDA."""
+    if config.device.startswith("cuda") or (config.device == "auto" and torch.cuda.is_available()):
+        return None
+    try:
+        return cpu_kernels.select(config.cpu_path)
+    except (RuntimeError, ValueError) as exc:
+        raise EngineConfigError(f"--cpu-path {config.cpu_path}: {exc}") from None
+
+
 @dataclass
 class StepTimes:
     """Seconds the engine's steps spent in each phase since it started (read by `stats()` and /metrics, and by

@@ -61,7 +61,8 @@ class SamplingParams:
         self._check(0.0 < self.repetition_penalty <= 10.0, "repetition_penalty", "in (0, 10]")
         self._check(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", "in [-2, 2]")
         self._check(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", "in [-2, 2]")
-        self._check(self.seed is None or isinstance(self.seed, int), "seed", "an integer or None")
+        self._check(self.seed is None or (isinstance(self.seed, int) and -(2**63) <= self.seed < 2**63), "seed",
+                    "an integer in [-2^63, 2^63) or None")
         self._check(all(isinstance(s, str) and s for s in self.stop), "stop", "non-empty strings")
         self._check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids", "token ids >= 0")
         self._check(self.lora is None or (isinstance(self.lora, str) and bool(self.lora)), "lora",

@@ -278,6 +278,10 @@ class Int4Linear(nn.Module):
             self._packed = (packed, scales_zeros)
         return self._packed
 
+    def weights_changed(self) -> None:
+        """Its codes, scales or minimums were written in place: the kernels' repacked copy is rebuilt on next use."""
+        self._packed = None
+
     def cpu_packed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The codes in the CPU kernel's nibble layout, and float32 scales and minimums (built once)."""
         if self._packed is None or self._packed[0].dtype != torch.uint8:

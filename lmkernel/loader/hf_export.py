@@ -129,7 +129,7 @@ def _distinct_tensors(model: torch.nn.Module, store_as: Mapping[str, torch.dtype
 def _tokenizer_files(tokenizer: Tokenizer, directory: Path) -> None:
     tokenizer.backend.save(str(directory / "tokenizer.json"))
     config: dict[str, Any] = dict(tokenizer.special_tokens)
-    config.update(tokenizer_class="PreTrainedTokenizerFast", clean_up_tokenization_spaces=tokenizer._clean_up,
+    config.update(tokenizer_class="PreTrainedTokenizerFast", clean_up_tokenization_spaces=tokenizer.clean_up_spaces,
                   model_max_length=1_000_000)
     if tokenizer.chat_template:
         config["chat_template"] = tokenizer.chat_template

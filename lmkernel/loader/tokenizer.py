@@ -100,7 +100,7 @@ class Tokenizer:
         self.chat_template = chat_template
         self.special_tokens = {k: v for k, v in special_tokens.items() if v is not None}
         # transformers' cleanup of " ." and " 's" on decode; it never applies it to BPE models.
-        self._clean_up = clean_up_spaces and not isinstance(backend.model, models.BPE)
+        self.clean_up_spaces = clean_up_spaces and not isinstance(backend.model, models.BPE)
         self.bos_token_id = self._id_of("bos_token")
         self.eos_token_id = self._id_of("eos_token")
         self.pad_token_id = self._id_of("pad_token")
@@ -207,7 +207,7 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         """Text of `ids`, as transformers' `decode` gives it."""
         text = self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
-        for before, after in _CLEANUPS if self._clean_up else ():
+        for before, after in _CLEANUPS if self.clean_up_spaces else ():
             text = text.replace(before, after)
         return text
 

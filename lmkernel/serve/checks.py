@@ -33,6 +33,7 @@ class ServerConfig:
     api_keys: list[str] = field(default_factory=list)
     max_body_bytes: int = 1 << 20
     max_queued_requests: int = 256
+    max_n: int = 16  # choices one request may ask for (n): each is a sequence in the engine
     requests_per_minute: int | None = None
     tokens_per_minute: int | None = None
     request_timeout: float | None = None
@@ -154,19 +155,22 @@ class Service:
     # -- admission ---------------------------------------------------------------------------------
 
     def admit(self, key: str | None, prompts: list[list[int]], params: SamplingParams, param: str) -> SamplingParams:
-        """Every prompt's ids in the vocabulary and within what one request may hold, a place in the queue,
-        and the key's token budget charged; a 400, 429 naming what is wrong otherwise."""
+        """Every prompt checked by the engine (ids in the vocabulary, within what one request may hold; it fills
+        the default max_tokens), a place in the queue, and the key's token budget charged; a 400 or 429 naming
+        what is wrong otherwise."""
         engine = self.generator()
-        limit = engine.max_tokens_per_request
+        if params.n > self.config.max_n:
+            raise APIError(400, f"n must be at most {self.config.max_n} on this server; got {params.n}", "n")
+        budget = 0
         for ids in prompts:
             try:
-                engine.check_prompt(ids, params)
+                checked = engine.check_prompt(ids, params)
             except (LmkError, ValueError) as exc:
                 raise engine_error(exc, param) from None
+            budget += len(ids) + checked.max_tokens * params.n
         if self.state.generating >= self.config.max_queued_requests:
             raise APIError(429, f"the server is at its limit of {self.config.max_queued_requests} requests; retry later",
                            code="queue_full", headers={"Retry-After": "1"})
-        budget = sum(len(ids) + (params.max_tokens or limit - len(ids)) * params.n for ids in prompts)
         self.gate.charge(key, budget)
         return params
 
@@ -183,10 +187,14 @@ def service(request: Request) -> Service:
     return request.app.state.service
 
 
-def sampling(body: Any, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-    """The body's SamplingParams; a 400 naming the field SamplingParams refuses."""
+def sampling(body: Any, max_tokens: int | None, logprobs: int | None, forced: tuple[str, str] | None = None,
+             names: dict[str, str] | None = None) -> tuple[SamplingParams, str | None]:
+    """The body's SamplingParams and the field that constrains its output; a 400 naming the request field
+    (`names`: where a SamplingParams field is spelled otherwise) that SamplingParams, the one judge of
+    sampling values, refuses."""
     try:
-        return body.sampling_params(max_tokens, logprobs)
-    except ValueError as exc:  # SamplingParams names the field
-        field_name = str(exc).split(" ")[0].removeprefix("SamplingParams.")
-        raise APIError(400, str(exc), field_name) from None
+        return body.sampling_params(max_tokens, logprobs, forced)
+    except ValueError as exc:  # SamplingParams names its field: "SamplingParams.top_p must be ..."
+        field_name = str(exc).removeprefix("SamplingParams.").split(" ")[0]
+        param = (names or {}).get(field_name, field_name)
+        raise APIError(400, f"{param}{str(exc).removeprefix('SamplingParams.')[len(field_name):]}", param) from None

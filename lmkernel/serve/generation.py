@@ -37,11 +37,11 @@ class Generation:
     """One HTTP request's engine requests (one per prompt), their outputs and timings."""
 
     def __init__(self, service: Service, endpoint: str, key: str | None, prompts: list[list[int]],
-                 texts: list[str | None], params: SamplingParams, constraint: tuple[str, dict[str, Any]] | None = None) -> None:
+                 texts: list[str | None], params: SamplingParams, constrained_by: str | None = None) -> None:
         self.service, self.endpoint, self.key = service, endpoint, key
         self.id = uuid.uuid4().hex
         self.prompts, self.texts, self.params = prompts, texts, params
-        self.constraint = constraint  # (request field, fields) of a structured-output request
+        self.constrained_by = constrained_by  # the request field of a structured-output constraint
         self.start = time.monotonic()
         self.first_token: float | None = None
         self.last_token: float | None = None
@@ -82,7 +82,7 @@ class Generation:
                     self.final[i] = out
                 await sink.put((i, out))
         except StructuredOutputError as exc:  # its grammar failed to compile
-            await sink.put(engine_error(exc, self.constraint[0] if self.constraint else None))
+            await sink.put(engine_error(exc, self.constrained_by))
         except (LmkError, ValueError) as exc:
             await sink.put(engine_error(exc, "prompt"))
         except Exception as exc:  # noqa: BLE001 - reported to the caller as a failed request

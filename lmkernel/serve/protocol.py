@@ -71,6 +71,11 @@ _NOT_SERVED = {
 }
 
 
+def _given(value: Any, default: Any) -> Any:
+    """A field's value, or its default when the request leaves it out (a 0 sent is a 0 judged)."""
+    return default if value is None else value
+
+
 class _Sampling(BaseModel):
     """The sampling fields completions and chat share."""
 
@@ -85,20 +90,21 @@ class _Sampling(BaseModel):
                     raise APIError(400, f"{name} is not supported by this server; leave it out", name)
         return data
 
+    # Shapes only: every bound on these is SamplingParams' (the engine's) to decide, in one place.
     model: str
-    n: int = Field(1, ge=1, le=16)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=-1)
-    min_p: float | None = Field(None, ge=0.0, le=1.0)
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
-    seed: int | None = Field(None, ge=-(2**63), lt=2**63)
+    n: int = 1
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
-    min_tokens: int = Field(0, ge=0)
+    min_tokens: int = 0
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -129,36 +135,39 @@ class _Sampling(BaseModel):
             raise APIError(400, f"{' and '.join(n for n, _ in asked)} each constrain the output: send one", asked[1][0])
         return asked[0] if asked else None
 
-    def structured(self) -> StructuredOutputs | None:
-        """The constraint as the engine takes it; a 400 naming the field when it is malformed."""
-        asked = self.constraint()
-        if asked is None:
-            return None
-        name, fields = asked
-        try:
-            return StructuredOutputs.from_dict(fields)
-        except StructuredOutputError as exc:
-            raise APIError(400, str(exc), error_param(name, exc)) from None
-
-
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None,
+                        forced: tuple[str, str] | None = None) -> tuple[SamplingParams, str | None]:
+        """The body's SamplingParams, and the request field whose constraint they carry (None: free text).
+        `forced`: (the tool_choice, its grammar) when a tool call is forced, refused beside another constraint.
+        SamplingParams decides every bound: a value it refuses raises ValueError naming the field."""
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        if any(not s for s in stop):
-            raise APIError(400, "stop strings must not be empty", "stop")
-        return SamplingParams(structured_outputs=self.structured(),
+        asked = self.constraint()
+        if forced is not None:
+            if asked is not None:
+                raise APIError(400, f"tool_choice '{forced[0]}' and {asked[0]} each constrain the output: send one",
+                               asked[0])
+            asked = ("tools", {"grammar": forced[1]})
+        structured = None
+        if asked is not None:
+            try:
+                structured = StructuredOutputs.from_dict(asked[1])
+            except StructuredOutputError as exc:
+                raise APIError(400, str(exc), error_param(asked[0], exc)) from None
+        params = SamplingParams(structured_outputs=structured,
             n=self.n, max_tokens=max_tokens, min_tokens=self.min_tokens,
-            temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0, min_p=self.min_p or 0.0,
-            presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
-            repetition_penalty=self.repetition_penalty or 1.0, seed=self.seed, stop=stop,
+            temperature=_given(self.temperature, 1.0), top_p=_given(self.top_p, 1.0), top_k=_given(self.top_k, 0),
+            min_p=_given(self.min_p, 0.0), presence_penalty=_given(self.presence_penalty, 0.0),
+            frequency_penalty=_given(self.frequency_penalty, 0.0), repetition_penalty=_given(self.repetition_penalty, 1.0),
+            seed=self.seed, stop=stop,
             stop_token_ids=list(self.stop_token_ids or []), ignore_eos=self.ignore_eos, logprobs=logprobs,
         )
+        return params, asked[0] if asked is not None else None
 
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)
-    logprobs: int | None = Field(None, ge=0, le=20)
+    max_tokens: int | None = 16
+    logprobs: int | None = None
     echo: bool = False
 
 
@@ -187,10 +196,10 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage]
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: int | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None  # false: at most one call where a call is forced

@@ -93,16 +93,10 @@ def load_app(launch: LaunchConfig, config: ServerConfig, recommender: Recommends
     c = launch.engine
     if launch.model is not None:
         loaded = load_model(launch.model, dtype=c.dtype, device=c.device, quantization=c.quantization)
-        if loaded.config.is_encoder:
-            raise LmkError(f"{launch.model}: completions and chat need a decoder; this is an encoder (pass it as "
-                           "--embedding-model)")
-        engine = AsyncEngine.build(loaded, c, launch.lora, owned=True)
+        engine = AsyncEngine.build(loaded, c, launch.lora, owned=True)  # refuses an encoder, saying what to do
         print(f"lmkernel: {startup_line(engine.stats())}", flush=True)
     if launch.embedding_model is not None:
-        encoder = load_model(launch.embedding_model, dtype=c.dtype, device=c.device)
-        if not encoder.config.is_encoder:
-            raise LmkError(f"--embedding-model {launch.embedding_model}: embeddings need an encoder model; this is a decoder")
-        embedder = AsyncEmbedder(encoder)
+        embedder = AsyncEmbedder(load_model(launch.embedding_model, dtype=c.dtype, device=c.device))  # refuses a decoder
     return build_app(config, engine, embedder, recommender)
 
 

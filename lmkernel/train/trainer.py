@@ -1,10 +1,11 @@
-"""The training loop: one flat function over `TrainArgs`, in the manner of nanoGPT.
+"""The training loop: `train()` is a short loop over optimizer steps; what a run starts from is in `setup.py`
+(its data, and the model as its fine-tuning method makes it), what happens between steps in `callbacks.py`
+(evaluation, the best model, early stopping; checkpoints).
 
 Each optimizer step takes one global batch (batch size x gradient accumulation x processes),
 cuts it into micro-batches, sums each one's loss divided by the global count of scored targets,
-adds the gradients across processes, clips and steps. Evaluation, early stopping, the best model
-and checkpoints happen between steps; everything random is seeded or restored from a checkpoint,
-so a resumed run continues exactly as the uninterrupted one would have.
+adds the gradients across processes, clips and steps. Everything random is seeded or restored from a
+checkpoint, so a resumed run continues exactly as the uninterrupted one would have.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from rich.console import Console
@@ -23,21 +25,19 @@ from rich.table import Table
 from torch import nn
 
 from lmkernel.errors import LmkError
-from lmkernel.loader import hf_dir
-from lmkernel.loader.hf_export import hf_config, prepare_output, save_model_dir
+from lmkernel.loader.hf_export import prepare_output
 from lmkernel.loading import LoadedModel, load_model, resolve_device
 from lmkernel.registry import RUN_FILE
 from lmkernel.train import distributed
 from lmkernel.train.args import TrainArgs
+from lmkernel.train.callbacks import BestModel, Checkpoints
 from lmkernel.train.checkpoint import (MetricsLog, Position, latest_checkpoint, load_checkpoint, model_dir,
                                        read_settings, save_checkpoint, write_settings)
 from lmkernel.train.data import epoch_batches, split_batch
 from lmkernel.train.distributed import ProcessGroup
 from lmkernel.train.optim import build_optimizer, build_schedule
-from lmkernel.train.tasks import TASKS, Classification, Task
-
-LORA_TASK_TYPES = {"clm": "CAUSAL_LM", "mlm": "FEATURE_EXTRACTION", "classify": "SEQ_CLS"}
-
+from lmkernel.train.setup import Adapted, RunData, adapt, choose_task, read_data
+from lmkernel.train.tasks import Task
 
 class TrainingError(LmkError):
     """The run cannot go on (a NaN loss); the last good checkpoint is kept."""
@@ -60,20 +60,6 @@ class TrainResult:
     trainable_parameters: int = 0
     old_task_before: dict[str, float] = field(default_factory=dict)  # --init-from: the old task, before training
     old_task_after: dict[str, float] = field(default_factory=dict)  # ... and on the saved model after it
-
-
-def _set_dropout(model: nn.Module, p: float) -> None:
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = p
-        if hasattr(module, "dropout_p"):
-            module.dropout_p = p
-
-
-def _base_name(model: str) -> str:
-    """How a LoRA adapter names its base: an alias as is, a path made absolute."""
-    path = Path(model).expanduser()
-    return str(path.resolve()) if path.exists() else model
 
 
 def _check_run_dir(args: TrainArgs, resume: bool, overwrite: bool) -> None:
@@ -101,19 +87,41 @@ def _progress(console: Console | None, total: int) -> Progress:
     )
 
 
-def _task(args: TrainArgs, loaded: LoadedModel) -> Task:
-    if args.task == "multi":
-        from lmkernel.train.multitask import MultiTask
+@dataclass
+class Run:
+    """One run between steps: what it trains, on what, and where it stands (built once by `_start`)."""
 
-        return MultiTask(loaded.tokenizer, loaded.config, args.max_length, args.seed)
-    if args.task == "classify":
-        return Classification(loaded.tokenizer, loaded.config, args.max_length, args.seed, args.augment)
-    return TASKS[args.task](loaded.tokenizer, loaded.config, args.max_length, args.seed)
+    args: TrainArgs
+    group: ProcessGroup
+    run_dir: Path
+    loaded: LoadedModel
+    data: RunData
+    adapted: Adapted
+    penalties: list[Callable[[], torch.Tensor | None]]  # loss terms added once a step (AdaLoRA's, EWC's)
+    attack: Any  # adversarial.EmbeddingAttack, or None
+    trainable: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    position: Position
+    log: MetricsLog | None  # the main process's
+    total: int  # optimizer steps
+    old_before: dict[str, float] = field(default_factory=dict)  # --init-from: the old task, before training
 
+    @property
+    def model(self) -> nn.Module:
+        return self.adapted.model
 
-def _planned_steps(args: TrainArgs, num_items: int, world: int) -> int:
-    """The run's optimizer steps, as the loop below counts them (AdaLoRA's budget schedule needs them up front)."""
-    return args.max_steps or args.num_epochs * math.ceil(num_items / (args.batch_size * world * args.grad_accum))
+    @property
+    def parts(self) -> int:
+        """Micro-batches a global batch is cut into, across the processes."""
+        return self.group.world * self.args.grad_accum
+
+    def evaluate(self, items: list[Any]) -> dict[str, float]:
+        self.model.eval()
+        with torch.inference_mode(), torch.autocast(self.group.device.type, torch.bfloat16, enabled=self.args.bf16):
+            scores = self.data.task.evaluate(self.model, items, self.args.batch_size * 2, self.group.device)
+        self.model.train()
+        return scores
 
 
 def train(args: TrainArgs, resume: bool = False, overwrite: bool = False, console: Console | None = None,
@@ -126,14 +134,59 @@ def train(args: TrainArgs, resume: bool = False, overwrite: bool = False, consol
     once, on that saved model, at the end. `on_eval(step, scores)` sees each evaluation (a search prunes
     trials through it by raising).
     """
+    run = _start(args, resume, overwrite, group)
+    group, position, task = run.group, run.position, run.data.task
+    steps_per_epoch = math.ceil(len(run.data.items) / (args.batch_size * run.parts))
+    eval_every = args.eval_every or steps_per_epoch
+    metric = args.metric or task.metric
+    best = BestModel(lambda: run.evaluate(run.data.eval_items), lambda: run.adapted.save(model_dir(run.run_dir)), metric,
+                     metric in ("accuracy", "macro_f1"), eval_every, args.early_stop, on_eval)
+    checkpoints = Checkpoints(lambda p: save_checkpoint(run.run_dir, run.model, run.optimizer, run.scheduler, p,
+                                                        args.keep_checkpoints), args.save_every or eval_every)
+    lengths = [task.length(item) for item in run.data.items]
+    started, tokens, last_loss, scores, stopped = time.perf_counter(), 0, float("nan"), {}, False
+    progress = _progress(console if group.is_main else None, run.total)
+    bar = progress.add_task("train", total=run.total, completed=position.step, loss=0.0, lr=0.0, tps=0.0)
+    with progress:
+        while position.step < run.total and not stopped:
+            batches = epoch_batches(lengths, args.batch_size * run.parts, args.seed, position.epoch, by_length=True)
+            for global_items in batches[position.batch_in_epoch :]:
+                micro = [task.collate(run.data.items, chunk, position.epoch, group.device)
+                         for chunk in split_batch(global_items, run.parts)[group.rank :: group.world] if chunk]
+                lr = run.optimizer.param_groups[0]["lr"]
+                last_loss = _optimizer_step(run, micro)
+                step_tokens = _global_count(sum(b.num_tokens for b in micro), group)
+                tokens += step_tokens
+                elapsed = time.perf_counter() - started
+                if run.log is not None:
+                    run.log.write({"step": position.step, "epoch": position.epoch + 1, "loss": last_loss, "lr": lr,
+                                   "tokens": step_tokens, "tokens_per_s": tokens / elapsed, "elapsed_s": elapsed}, "train")
+                progress.update(bar, completed=position.step, loss=last_loss, lr=lr, tps=tokens / elapsed)
+                final = position.step >= run.total
+                if run.data.eval_items is not None and best.due(position.step, final):
+                    scores, stop = best(position, run.log) if group.is_main else (scores, False)
+                    stopped = distributed.broadcast_flag(stop, group)
+                if group.is_main:
+                    checkpoints(position, final or stopped)
+                if final or stopped:
+                    break
+            else:
+                position.epoch += 1
+                position.batch_in_epoch = 0
+    test_scores, old_after = _finish(run)
+    seconds = time.perf_counter() - started
+    return TrainResult(run.run_dir, position.step, last_loss, scores, test_scores, position.best, position.best_step,
+                       stopped, seconds, tokens / seconds if seconds else 0.0, sum(p.numel() for p in run.trainable),
+                       run.old_before, old_after)
+
+
+def _start(args: TrainArgs, resume: bool, overwrite: bool, group: ProcessGroup | None) -> Run:
+    """Check, read and build everything before the first step, in the order that keeps a resumed run exact."""
     args.check()
-    if group is None:
-        group = distributed.init(resolve_device(args.device))
-    device = group.device
+    group = group if group is not None else distributed.init(resolve_device(args.device))
     run_dir = Path(args.output)
     _check_run_dir(args, resume, overwrite)
     torch.manual_seed(args.seed)
-
     if args.init_from is not None:
         from lmkernel.train.continual import OldTask
 
@@ -141,214 +194,108 @@ def train(args: TrainArgs, resume: bool = False, overwrite: bool = False, consol
     loaded = load_model(args.model, device="cpu", quantization=None)  # training updates float weights
     if args.task == "classify" and not loaded.config.is_encoder and args.peft is None and args.lora is None:
         args = replace(args, lora="")  # a decoder classifier: LoRA (default settings) unless --peft full or another
-    task = _task(args, loaded)
-    items, eval_items = task.read_split(Path(args.data), "--data", args.holdout)
-    if args.eval_data:
-        eval_items = task.read(Path(args.eval_data), "--eval", training=False)
-    test_items = task.read(Path(args.test_data), "--test", training=False) if args.test_data else None
-    old = None
-    if args.init_from is not None:
-        old = OldTask.read(Path(args.init_from), args.task, task)
-        items = items + old.replay(args.replay, args.seed)
+    data = read_data(args, choose_task(args, loaded))
     if group.is_main and not resume:
         if overwrite and (run_dir / RUN_FILE).is_file():
             shutil.rmtree(run_dir)
         write_settings(run_dir, args.to_dict())
     distributed.barrier(group)
-    def checkpoint_tensors() -> dict[str, torch.Tensor]:
-        source = loaded.source
-        return hf_dir.load_tensors(source.path, torch.float32, torch.device("cpu")) if source.kind == "hf_dir" else {}
-
-    model, config = task.prepare(loaded.model, loaded.config, checkpoint_tensors)
-    if args.dropout is not None:
-        _set_dropout(model, args.dropout)
-        config = replace(config, hidden_dropout=args.dropout, attention_dropout=args.dropout, classifier_dropout=None)
-    lora, peft, new_head = None, None, task.new_modules()
-    method = args.method
-    if method is not None and method[0] == "lora":
-        from lmkernel.train import lora as lora_lib
-
-        lora = lora_lib.LoraSettings.parse(method[1])
-        lora_lib.apply_lora(model, lora, modules_to_save=new_head, seed=args.seed)
-    elif method is not None:
-        from lmkernel.train import peft as peft_lib
-
-        settings = peft_lib.PeftSettings.parse(*method)
-        if settings.kind in ("prompt", "prefix") and args.task == "mlm":
-            raise LmkError(f"--peft {settings.kind}: virtual tokens train classifiers and decoders "
-                           "(--task classify or clm), not mlm")
-        peft = peft_lib.start(model, settings, new_head, args.seed, _planned_steps(args, len(items), group.world))
-        model = peft.model
-    if method is None and args.task != "multi":
-        hf_config(config, torch.float32)  # a model lmkernel cannot save is refused now, not after training
+    adapted = adapt(args, data.task, loaded, len(data.items), group.world)
+    model = adapted.model
     model.checkpoint_layers = args.checkpointing
-    model.to(device).train()
+    model.to(group.device).train()
     attack = None
     if args.adversarial is not None:
         from lmkernel.train.adversarial import EmbeddingAttack
 
-        attack = EmbeddingAttack(model, config.vocab_size, args.adversarial, args.adv_epsilon, args.adv_steps)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    penalties = [peft.extra_loss] if peft is not None else []  # terms added to the loss once per step
-    old_before: dict[str, float] = {}
-    old_after: dict[str, float] = {}
-    if old is not None:
-        if args.ewc > 0:
-            from lmkernel.train.continual import ElasticWeights
+        attack = EmbeddingAttack(model, adapted.config.vocab_size, args.adversarial, args.adv_epsilon, args.adv_steps)
+    penalties = list(adapted.penalties)
+    if data.old is not None and args.ewc > 0:
+        from lmkernel.train.continual import ElasticWeights
 
-            penalties.append(ElasticWeights(model, task, old.train_items, args.ewc, args.seed, device).penalty)
-        if group.is_main and not resume:
-            model.eval()
-            with torch.inference_mode():
-                old_before = task.evaluate(model, old.eval_items, args.batch_size * 2, device)
-            model.train()
-
-    lengths = [task.length(item) for item in items]
-    parts = group.world * args.grad_accum
-    global_batch = args.batch_size * parts
-    steps_per_epoch = math.ceil(len(items) / global_batch)
-    total = args.max_steps or args.num_epochs * steps_per_epoch  # --max-steps overrides --epochs, as in transformers
-    warmup = int(args.warmup) if args.warmup >= 1 else round(args.warmup * total)
+        penalties.append(ElasticWeights(model, data.task, data.old.train_items, args.ewc, args.seed, group.device).penalty)
+    total = args.max_steps or args.num_epochs * math.ceil(len(data.items) / (args.batch_size * group.world * args.grad_accum))
+    warmup = int(args.warmup) if args.warmup >= 1 else round(args.warmup * total)  # --max-steps overrides --epochs
     optimizer = build_optimizer(args.optimizer, model, args.peak_lr, args.weight_decay)
     scheduler = build_schedule(optimizer, args.schedule, warmup, total)
-    eval_every = args.eval_every or steps_per_epoch
-    save_every = args.save_every or eval_every
-    metric = args.metric or task.metric
-    higher = metric in ("accuracy", "macro_f1")
-
-    position = Position()
     checkpoint = latest_checkpoint(run_dir) if resume else None
-    if checkpoint is not None:
-        position = load_checkpoint(checkpoint, model, optimizer, scheduler)
+    position = load_checkpoint(checkpoint, model, optimizer, scheduler) if checkpoint is not None else Position()
     log = MetricsLog(run_dir, position.step if resume else None) if group.is_main else None
+    run = Run(args, group, run_dir, loaded, data, adapted, penalties, attack,
+              [p for p in model.parameters() if p.requires_grad], optimizer, scheduler, position, log, total)
+    if data.old is not None and group.is_main and not resume:
+        run.old_before = run.evaluate(data.old.eval_items)
+    return run
 
-    def save_model() -> None:
-        target = model_dir(run_dir)
-        if lora is not None:
-            from lmkernel.train.lora import save_adapter
 
-            save_adapter(model, lora, target, base_model=_base_name(args.model), task_type=LORA_TASK_TYPES[args.task],
-                         modules_to_save=new_head, hf_architecture=config.hf_architecture, id2label=config.id2label or None,
-                         overwrite=True)
-        elif args.task == "multi":
-            task.save(model, target, loaded.tokenizer)
-        elif peft is not None:
-            peft.save(target, _base_name(args.model), LORA_TASK_TYPES[args.task], new_head, config.hf_architecture,
-                      config.id2label or None)
-        else:
-            save_model_dir(model, config, loaded.tokenizer, torch.float32, target, overwrite=True)
+def _optimizer_step(run: Run, micro: list[Any]) -> float:
+    """One optimizer step over this process's micro-batches: the penalties, the (adversarial) backward passes,
+    gradients summed across processes, clipping; the step's loss (the clean pass's), or a TrainingError."""
+    group, position = run.group, run.position
+    count = _global_count(sum(b.num_targets for b in micro), group)
+    loss_sum = torch.zeros((), device=group.device)
 
-    def evaluate() -> dict[str, float]:
-        model.eval()
-        with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=args.bf16):
-            scores = task.evaluate(model, eval_items, args.batch_size * 2, device)
-        model.train()
-        return scores
+    def backward(scored: bool = False) -> None:
+        nonlocal loss_sum
+        for batch in micro:
+            with torch.autocast(group.device.type, torch.bfloat16, enabled=run.args.bf16):
+                part = run.data.task.loss_sum(run.model, batch)
+            (part / count).backward()
+            if scored:
+                loss_sum += part.detach().float()
 
-    started, tokens, last_loss, scores = time.perf_counter(), 0, float("nan"), {}
-    stopped_early = False
-    progress = _progress(console if group.is_main else None, total)
-    bar = progress.add_task("train", total=total, completed=position.step, loss=0.0, lr=0.0, tps=0.0)
-    with progress:
-        while position.step < total and not stopped_early:
-            batches = epoch_batches(lengths, global_batch, args.seed, position.epoch, by_length=True)
-            for global_items in batches[position.batch_in_epoch :]:
-                micro = [task.collate(items, chunk, position.epoch, device)
-                         for chunk in split_batch(global_items, parts)[group.rank :: group.world] if chunk]
-                count = _global_count(sum(b.num_targets for b in micro), group)
-                loss_sum = torch.zeros((), device=device)
+    for penalty in run.penalties:  # AdaLoRA's orthogonality, EWC: once per step (the processes' sum)
+        if (extra := penalty()) is not None:
+            (extra / group.world).backward()
+    if run.attack is None:
+        backward(scored=True)
+    else:  # the reported loss is the clean pass's
+        calls = iter([True])
+        run.attack.step(lambda: backward(scored=next(calls, False)), run.trainable)
+    loss = float(distributed.all_reduce_gradients(run.model, loss_sum / count, group))
+    if not math.isfinite(loss):
+        if run.log is not None:
+            run.log.close()
+        done = latest_checkpoint(run.run_dir)
+        kept = f"the last good checkpoint is {done}" if done else "no checkpoint had been written yet"
+        raise TrainingError(f"the loss became {loss} at step {position.step + 1} (epoch {position.epoch + 1}); "
+                            f"the run stopped; {kept}. Try a lower --lr or --clip.")
+    if run.args.clip > 0:
+        torch.nn.utils.clip_grad_norm_(run.trainable, run.args.clip)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.adapted.after_step(position.step + 1)
+    run.optimizer.zero_grad(set_to_none=True)
+    position.step += 1
+    position.batch_in_epoch += 1
+    return loss
 
-                def backward(scored: bool = False) -> None:
-                    nonlocal loss_sum
-                    for batch in micro:
-                        with torch.autocast(device.type, torch.bfloat16, enabled=args.bf16):
-                            part = task.loss_sum(model, batch)
-                        (part / count).backward()
-                        if scored:
-                            loss_sum += part.detach().float()
 
-                for penalty in penalties:  # AdaLoRA's orthogonality, EWC: once per step (the processes' sum)
-                    if (extra := penalty()) is not None:
-                        (extra / group.world).backward()
-                if attack is None:
-                    backward(scored=True)
-                else:  # the reported loss is the clean pass's
-                    calls = iter([True])
-                    attack.step(lambda: backward(scored=next(calls, False)), trainable)
-                loss = float(distributed.all_reduce_gradients(model, loss_sum / count, group))
-                if not math.isfinite(loss):
-                    if log is not None:
-                        log.close()
-                    done = latest_checkpoint(run_dir)
-                    kept = f"the last good checkpoint is {done}" if done else "no checkpoint had been written yet"
-                    raise TrainingError(f"the loss became {loss} at step {position.step + 1} (epoch {position.epoch + 1}); "
-                                        f"the run stopped; {kept}. Try a lower --lr or --clip.")
-                if args.clip > 0:
-                    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.clip)
-                lr = optimizer.param_groups[0]["lr"]
-                optimizer.step()
-                scheduler.step()
-                if peft is not None:
-                    peft.after_step(position.step + 1)
-                optimizer.zero_grad(set_to_none=True)
-                position.step += 1
-                position.batch_in_epoch += 1
-                step_tokens = _global_count(sum(b.num_tokens for b in micro), group)
-                tokens += step_tokens
-                elapsed = time.perf_counter() - started
-                tps = tokens / elapsed
-                last_loss = loss
-                if log is not None:
-                    log.write({"step": position.step, "epoch": position.epoch + 1, "loss": loss, "lr": lr,
-                               "tokens": step_tokens, "tokens_per_s": tps, "elapsed_s": elapsed}, "train")
-                progress.update(bar, completed=position.step, loss=loss, lr=lr, tps=tps)
-                final = position.step >= total
-                if eval_items is not None and (position.step % eval_every == 0 or final):
-                    stop = False
-                    if group.is_main:
-                        scores = evaluate()
-                        log.write({"step": position.step, **scores}, "eval")
-                        if on_eval is not None:
-                            on_eval(position.step, scores)
-                        value = scores[metric]
-                        if position.best is None or (value > position.best if higher else value < position.best):
-                            position.best, position.best_step, position.evals_without_gain = value, position.step, 0
-                            save_model()
-                        else:
-                            position.evals_without_gain += 1
-                        stop = args.early_stop is not None and position.evals_without_gain >= args.early_stop
-                    stopped_early = distributed.broadcast_flag(stop, group)
-                if group.is_main and position.step % save_every == 0 and not (final or stopped_early):  # resumable
-                    save_checkpoint(run_dir, model, optimizer, scheduler, position, args.keep_checkpoints)
-                if final or stopped_early:
-                    break
-            else:
-                position.epoch += 1
-                position.batch_in_epoch = 0
-    if attack is not None:
-        attack.close()
+def _finish(run: Run) -> tuple[dict[str, float], dict[str, float]]:
+    """After the last step: the model saved (when no evaluation chose it), --test scored once on it, and the
+    old task (--init-from) scored on it; (test scores, old task's scores after)."""
+    args, task, device = run.args, run.data.task, run.group.device
+    if run.attack is not None:
+        run.attack.close()
     test_scores: dict[str, float] = {}
-    if group.is_main:
-        if eval_items is None:
-            save_model()
-        if test_items is not None:
-            test_scores = _score_saved_model(task, run_dir, test_items, args.batch_size * 2, device)
+    old_after: dict[str, float] = {}
+    if run.group.is_main:
+        if run.data.eval_items is None:
+            run.adapted.save(model_dir(run.run_dir))
+        if run.data.test_items is not None:
+            test_scores = _score_saved_model(task, run.run_dir, run.data.test_items, args.batch_size * 2, device)
         elif args.task == "multi":
-            test_scores = task.score_saved(model_dir(run_dir), args.batch_size * 2, device)
+            test_scores = task.score_saved(model_dir(run.run_dir), args.batch_size * 2, device)
         if test_scores:
-            log.write({"step": position.step, "split": "test", **test_scores}, "test")
-        if old is not None:
-            old_after = _score_saved_model(task, run_dir, old.eval_items, args.batch_size * 2, device)
-            if old_before:
-                log.write({"step": 0, "split": "old", "when": "before", **old_before}, "old")
-            log.write({"step": position.step, "split": "old", "when": "after", **old_after}, "old")
-        log.close()
-    distributed.barrier(group)
-    seconds = time.perf_counter() - started
-    return TrainResult(run_dir, position.step, last_loss, scores, test_scores, position.best, position.best_step,
-                       stopped_early, seconds, tokens / seconds if seconds else 0.0, sum(p.numel() for p in trainable),
-                       old_before, old_after)
-
+            run.log.write({"step": run.position.step, "split": "test", **test_scores}, "test")
+        if run.data.old is not None:
+            old_after = _score_saved_model(task, run.run_dir, run.data.old.eval_items, args.batch_size * 2, device)
+            if run.old_before:
+                run.log.write({"step": 0, "split": "old", "when": "before", **run.old_before}, "old")
+            run.log.write({"step": run.position.step, "split": "old", "when": "after", **old_after}, "old")
+        run.log.close()
+    distributed.barrier(run.group)
+    return test_scores, old_after
 
 def _score_saved_model(task: Task, run_dir: Path, items: list, batch_size: int, device: torch.device) -> dict[str, float]:
     """The task's metrics of the model the run saved (its best evaluation), loaded as a user loads it."""

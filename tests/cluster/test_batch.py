@@ -125,10 +125,10 @@ def test_bad_invocations_are_refused_clearly(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_ray_data_with_two_actors_gives_the_one_process_results(tmp_path: Path) -> None:
-    """60 lines (chat, completions, embeddings) on a local Ray with two actors, against the one-process run (greedy)."""
+    """200 lines (chat, completions, embeddings) on a local Ray with two actors, against the one-process run (greedy)."""
     topics = ["rivers", "planets", "bread", "chess", "rain", "violins", "bridges", "owls", "glass", "tea"]
     lines: list[dict | str] = []
-    for i in range(60):
+    for i in range(200):
         if i % 10 == 9:
             lines.append({"custom_id": f"embed-{i}", "method": "POST", "url": "/v1/embeddings",
                           "body": {"model": ENCODER, "input": f"A short note about {topics[i % 10]}, number {i}."}})

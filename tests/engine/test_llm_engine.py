@@ -76,7 +76,7 @@ def test_prompt_that_can_never_fit_is_refused(engine, wikitext_ids):
         engine.add_request("too-long", too_long, SamplingParams(max_tokens=16))
     assert "1530" in str(err.value) and "1546" in str(err.value) and "1536" in str(err.value)
     assert engine.stats()["kv_blocks_free"] == KV_BLOCKS and not engine.has_unfinished_requests()
-    assert "too-long" not in engine.groups  # refused before anything was queued
+    assert "too-long" not in engine.request_ids()  # refused before anything was queued
 
 
 def test_check_prompt_fills_max_tokens_and_names_what_is_wrong(engine):
@@ -92,7 +92,7 @@ def test_check_prompt_fills_max_tokens_and_names_what_is_wrong(engine):
         engine.check_prompt([1] * 10, SamplingParams(max_tokens=limit))
     with pytest.raises(ValueError, match="prompt is empty"):
         engine.add_request("empty", "", SamplingParams())
-    assert not engine.has_unfinished_requests() and not engine.groups
+    assert not engine.has_unfinished_requests() and not engine.request_ids()
 
 
 def test_request_ids_are_unique_while_running(engine):

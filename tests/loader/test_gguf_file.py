@@ -190,6 +190,6 @@ def test_contexts_past_a_sliding_window_attend_within_it(tmp_path, tiny_llama):
     assert list(out.outputs[0].token_ids) == continued[len(ids):]
     # Every layer slides, so the one KV group gives back blocks that left the window: the 72 tokens (5 blocks of
     # 16) never held more than the window and a chunk straddle (3 blocks).
-    assert llm.engine.pool.peak_blocks <= 3 and llm.stats()["decode_backend"] == "fused"
+    assert llm.stats()["kv_blocks_peak"] <= 3 and llm.stats()["decode_backend"] == "fused"
 
 

@@ -12,7 +12,6 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from lmkernel.engine.request import PositionLogprobs, RequestOutput
-from lmkernel.engine.structured import StructuredOutputs
 from lmkernel.errors import LmkError
 from lmkernel.loader.tokenizer import Tokenizer
 from lmkernel.serve.checks import sampling, service
@@ -77,16 +76,13 @@ async def chat(request: Request) -> Response:
     top_n = body.top_logprobs or 0
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
-    params = sampling(body, body.max_completion_tokens or body.max_tokens, top_n if body.logprobs else None)
-    constraint = body.constraint()
-    if plan is not None and plan.grammar is not None:  # "required" or a named function: a call is forced
-        if constraint is not None:
-            raise APIError(400, f"tool_choice '{plan.choice}' and {constraint[0]} each constrain the output: send one",
-                           constraint[0])
-        params = dataclasses.replace(params, structured_outputs=StructuredOutputs(grammar=plan.grammar))
-        constraint = ("tools", {"grammar": plan.grammar})
+    forced = (plan.choice, plan.grammar) if plan is not None and plan.grammar is not None else None  # a call is forced
+    newer = body.max_completion_tokens is not None  # OpenAI's newer name for max_tokens wins
+    names = {"logprobs": "top_logprobs", "max_tokens": "max_completion_tokens" if newer else "max_tokens"}
+    params, constrained_by = sampling(body, body.max_completion_tokens if newer else body.max_tokens,
+                                      top_n if body.logprobs else None, forced, names)
     params = svc.admit(key, [ids], params if adapter is None else dataclasses.replace(params, lora=adapter), "messages")
-    gen = Generation(svc, "chat", key, [ids], [json.dumps(conversation, ensure_ascii=False)], params, constraint)
+    gen = Generation(svc, "chat", key, [ids], [json.dumps(conversation, ensure_ascii=False)], params, constrained_by)
     parses = plan is not None and plan.parses
     base = {"id": f"chatcmpl-{gen.id}", "object": "chat.completion.chunk", "created": int(time.time()), "model": body.model}
 
