@@ -59,7 +59,7 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    """Continuous batching over a `BlockPool`: `schedule()` plans a step, `update()` takes its results."""
+    """Continuous batching over a `KVCacheManager`: `schedule()` plans a step, `update()` takes its results."""
 
     def __init__(self, config: SchedulerConfig, pool: KVCacheManager) -> None:
         self.config, self.pool = config, pool
