@@ -92,43 +92,56 @@ async def chat(request: Request) -> Response:
                                          "finish_reason": None}]} for j in range(body.n)]
         if parses:
             return gen.stream(_tool_chunks(plan, base, body.n), opening, include, base)
-        sent: dict[int, int] = {}
-
-        def chunks(i: int, out: RequestOutput) -> list[dict[str, Any]]:
-            result = []
-            for j, o in enumerate(out.outputs):
-                start = sent.get(j, 0)
-                if o.delta_text or (o.delta_token_ids and body.logprobs):
-                    lp = None
-                    if body.logprobs:
-                        lp = {"content": [_logprobs(tok, p, t, top_n) for t, p in
-                                          list(zip(o.token_ids, o.logprobs or []))[start:]]}
-                    result.append({**base, "choices": [{"index": j, "delta": {"content": o.delta_text},
-                                                        "logprobs": lp, "finish_reason": None}]})
-                sent[j] = len(o.token_ids)
-                if o.finish_reason:
-                    result.append({**base, "choices": [{"index": j, "delta": {}, "logprobs": None,
-                                                        "finish_reason": o.finish_reason}]})
-            return result
-
-        return gen.stream(chunks, opening, include, base)
+        return gen.stream(_text_chunks(tok, base, top_n if body.logprobs else None), opening, include, base)
 
     await gen.collect(request)
     out = gen.final[0]
     if out is None:  # collect() returns only once every prompt finished
         raise APIError(500, "the request ended without an output")
+    choices = _choices(out, tok, top_n if body.logprobs else None, plan if parses else None)
+    gen.finish(200, "\n".join(o.text for o in out.outputs))
+    return JSONResponse({**base, "object": "chat.completion", "choices": choices, "usage": gen.usage()})
+
+
+def _text_chunks(tok: Tokenizer, base: dict[str, Any], top_n: int | None
+                 ) -> Callable[[int, RequestOutput], list[dict[str, Any]]]:
+    """Chunks of a streamed chat without tool parsing: new text as `delta.content` (with the log-probs of its tokens
+    when `top_n` is set), then the finish reason."""
+    sent: dict[int, int] = {}
+
+    def chunks(i: int, out: RequestOutput) -> list[dict[str, Any]]:
+        result = []
+        for j, o in enumerate(out.outputs):
+            start = sent.get(j, 0)
+            if o.delta_text or (o.delta_token_ids and top_n is not None):
+                lp = None
+                if top_n is not None:
+                    lp = {"content": [_logprobs(tok, p, t, top_n) for t, p in
+                                      list(zip(o.token_ids, o.logprobs or []))[start:]]}
+                result.append({**base, "choices": [{"index": j, "delta": {"content": o.delta_text},
+                                                    "logprobs": lp, "finish_reason": None}]})
+            sent[j] = len(o.token_ids)
+            if o.finish_reason:
+                result.append({**base, "choices": [{"index": j, "delta": {}, "logprobs": None,
+                                                    "finish_reason": o.finish_reason}]})
+        return result
+
+    return chunks
+
+
+def _choices(out: RequestOutput, tok: Tokenizer, top_n: int | None, plan: ToolPlan | None) -> list[dict[str, Any]]:
+    """The choices of a whole chat answer; with a tool `plan` that parses, each text read for tool calls."""
     choices = []
     for j, o in enumerate(out.outputs):
         lp = None
-        if body.logprobs:
+        if top_n is not None:
             lp = {"content": [_logprobs(tok, p, t, top_n) for t, p in zip(o.token_ids, o.logprobs or [])]}
         message: dict[str, Any] = {"role": "assistant", "content": o.text}
         reason = o.finish_reason
-        if parses:  # a parser of its own for each choice: it reads the text by the steps a stream takes
+        if plan is not None:  # a parser of its own for each choice: it reads the text by the steps a stream takes
             content, calls = make_parser(plan.parser, plan.tools).parse(o.text)
             if calls:
                 message = {"role": "assistant", "content": content, "tool_calls": [c.openai() for c in calls]}
                 reason = "tool_calls" if reason == "stop" else reason
         choices.append({"index": j, "message": message, "logprobs": lp, "finish_reason": reason})
-    gen.finish(200, "\n".join(o.text for o in out.outputs))
-    return JSONResponse({**base, "object": "chat.completion", "choices": choices, "usage": gen.usage()})
+    return choices
