@@ -16,7 +16,7 @@ from typing import Any
 from lmkernel.config import EngineConfig
 from lmkernel.engine.adapters import UnknownAdapterError
 from lmkernel.engine.llm_engine import LLMEngine
-from lmkernel.engine.request import RequestOutput
+from lmkernel.engine.request import CheckedPrompt, RequestOutput
 from lmkernel.engine.sampling import SamplingParams
 from lmkernel.loader.tokenizer import Tokenizer
 from lmkernel.loading import LoadedModel
@@ -34,7 +34,8 @@ class AsyncEngine:
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
         self.streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
-        self.to_add: list[tuple[str, str | Sequence[int], SamplingParams, int, Any, asyncio.Future[None]]] = []
+        self.to_add: list[tuple[str, str | Sequence[int] | CheckedPrompt, SamplingParams | None, int, Any,
+                                asyncio.Future[None]]] = []
         self.to_abort: list[str] = []
         self.to_call: list[tuple[Callable[[], Any], asyncio.Future[Any]]] = []
         self.wakeup = asyncio.Event()
@@ -69,10 +70,10 @@ class AsyncEngine:
         """Adapters requests may name now (one being unloaded is not among them)."""
         return self.engine.servable_adapters()
 
-    def check_prompt(self, ids: Sequence[int], params: SamplingParams) -> SamplingParams:
+    def check_prompt(self, prompt: str | Sequence[int], params: SamplingParams) -> CheckedPrompt:
         """The engine's own check of a prompt (see `LLMEngine.check_prompt`), for refusing a request before
-        any of it is queued; constant limits only, so safe while a step runs."""
-        return self.engine.check_prompt(ids, params)
+        any of it is queued; `generate` takes the result as it is. Constant limits only: safe while a step runs."""
+        return self.engine.check_prompt(prompt, params)
 
     def stats(self) -> dict[str, float | int | str]:
         """The engine's counters as of the last step boundary (safe to read while a step runs)."""
@@ -91,9 +92,11 @@ class AsyncEngine:
                 pass
 
     async def generate(
-        self, prompt: str | Sequence[int], params: SamplingParams, request_id: str, priority: int = 0
+        self, prompt: str | Sequence[int] | CheckedPrompt, params: SamplingParams | None, request_id: str,
+        priority: int = 0,
     ) -> AsyncIterator[RequestOutput]:
-        """Yield a `RequestOutput` each time the request advances; `delta_text` holds what is new.
+        """Yield a `RequestOutput` each time the request advances; `delta_text` holds what is new. A
+        `CheckedPrompt` (from `check_prompt`) carries its params: pass None.
 
         Validation errors (a prompt that can never fit, say) raise here before anything is yielded.
         Leaving the loop early, or cancelling the consuming task, aborts the request and frees its blocks.
@@ -101,8 +104,9 @@ class AsyncEngine:
         self.start()
         # A grammar compiles on a worker thread (up to its time limit), never on the engine's loop.
         matcher = None
-        if params.structured_outputs is not None:
-            matcher = await asyncio.to_thread(self.engine.compile_grammar, params.structured_outputs)
+        constraint = (prompt.params if isinstance(prompt, CheckedPrompt) else params or SamplingParams()).structured_outputs
+        if constraint is not None:
+            matcher = await asyncio.to_thread(self.engine.compile_grammar, constraint)
         queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         accepted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.streams[request_id] = queue

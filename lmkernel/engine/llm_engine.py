@@ -15,7 +15,7 @@ from lmkernel.config import EngineConfig
 from lmkernel.engine.adapters import LoraAdapters, PreparedAdapter, UnknownAdapterError, shared_copy
 from lmkernel.engine.model_runner import ModelRunner, ModelRunnerOutput, select_cpu_path
 from lmkernel.engine.output_processor import Group, Sample, advance_grammar, check_stop, group_output
-from lmkernel.engine.request import Request, RequestOutput, RequestStatus
+from lmkernel.engine.request import CheckedPrompt, Request, RequestOutput, RequestStatus
 from lmkernel.engine.sampling import SamplingParams
 from lmkernel.engine.scheduler import Scheduler, SchedulerOutput
 from lmkernel.engine.speculative import build_speculator
@@ -175,13 +175,21 @@ class LLMEngine:
         return list(self.adapters.names) if self.adapters is not None else []
 
     def add_request(
-        self, request_id: str, prompt: str | Sequence[int], params: SamplingParams, priority: int = 0,
-        matcher: Any = None,
+        self, request_id: str, prompt: str | Sequence[int] | CheckedPrompt, params: SamplingParams | None = None,
+        priority: int = 0, matcher: Any = None,
     ) -> None:
-        """Queue a request; refuse at once one that could never fit. `matcher`: its structured-output grammar
-        already compiled by `grammars.matcher` (off the engine's thread); else it is compiled here."""
+        """Queue a request; refuse at once one that could never fit. `prompt`: text, ids, or a `CheckedPrompt`
+        (which carries its params: pass none). `matcher`: its structured-output grammar already compiled by
+        `grammars.matcher` (off the engine's thread); else it is compiled here."""
         if request_id in self._groups:
             raise ValueError(f"request id '{request_id}' is already in use")
+        if isinstance(prompt, CheckedPrompt):
+            if params is not None:
+                raise ValueError("a CheckedPrompt carries its own SamplingParams: pass params=None")
+            checked = prompt
+        else:
+            checked = self.check_prompt(prompt, params if params is not None else SamplingParams())
+        text, ids, params = checked.text, list(checked.ids), checked.params
         if params.lora is not None:
             if self.adapters is None:
                 raise UnknownAdapterError(f"SamplingParams.lora is '{params.lora}', but this engine serves no LoRA "
@@ -190,9 +198,6 @@ class LLMEngine:
             if params.lora in self._unloading:
                 raise UnknownAdapterError(f"LoRA adapter '{params.lora}' is being unloaded")
             self.adapters.touch(params.lora)
-        text = prompt if isinstance(prompt, str) else None
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
-        params = self.check_prompt(ids, params)
         # A grammar is compiled (and refused when invalid) before anything is queued.
         if params.structured_outputs is not None and matcher is None:
             matcher = self.grammars.matcher(params.structured_outputs)
@@ -216,10 +221,12 @@ class LLMEngine:
             self.scheduler.add_request(request)
         self._groups[request_id] = group
 
-    def check_prompt(self, ids: Sequence[int], params: SamplingParams) -> SamplingParams:
+    def check_prompt(self, prompt: str | Sequence[int], params: SamplingParams) -> CheckedPrompt:
         """The one check of a prompt against this engine: ids in the vocabulary, prompt plus max_tokens within
-        what one request may hold. Returns `params` with max_tokens filled in (what is left) when unset;
-        raises ValueError, or PromptTooLongError, naming what is wrong."""
+        what one request may hold. Returns it with max_tokens filled in (what is left) when unset; raises
+        ValueError, or PromptTooLongError, naming what is wrong. Constant limits only: safe while a step runs."""
+        text = prompt if isinstance(prompt, str) else None
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         if not ids:
             raise ValueError("prompt is empty: expected at least one token")
         vocab = self.loaded.config.vocab_size
@@ -235,7 +242,7 @@ class LLMEngine:
                 f"{self.max_model_len}, KV cache {self.pool.capacity_tokens} tokens; the context is "
                 f"bounded by {self.loaded.config.context_limit_reason})"
             )
-        return params
+        return CheckedPrompt(tuple(ids), params, text)
 
     def adapters_in_use(self) -> set[str]:
         """Adapters that unfinished requests use."""

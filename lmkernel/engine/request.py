@@ -35,6 +35,21 @@ class Logprob:
 PositionLogprobs = dict[int, Logprob]
 
 
+@dataclass(frozen=True)
+class CheckedPrompt:
+    """A prompt the engine has judged (`LLMEngine.check_prompt`): its ids and its SamplingParams with max_tokens
+    filled in. `add_request` takes it as it is, so a prompt checked at admission is not checked again."""
+
+    ids: tuple[int, ...]
+    params: SamplingParams
+    text: str | None = None
+
+    @property
+    def most_tokens(self) -> int:
+        """Prompt plus every sample's max_tokens: the most it can cost."""
+        return len(self.ids) + (self.params.max_tokens or 0) * self.params.n
+
+
 @dataclass(eq=False)
 class Request:
     """One sequence being generated: its tokens, how many have K/V computed, and its sampling state.

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ValidationError
 
 from lmkernel.engine.async_embedder import AsyncEmbedder
 from lmkernel.engine.async_engine import AsyncEngine
+from lmkernel.engine.request import CheckedPrompt
 from lmkernel.engine.sampling import SamplingParams
 from lmkernel.engine.structured import StructuredOutputError
 from lmkernel.errors import ContextLengthError, LmkError
@@ -154,25 +155,22 @@ class Service:
 
     # -- admission ---------------------------------------------------------------------------------
 
-    def admit(self, key: str | None, prompts: list[list[int]], params: SamplingParams, param: str) -> SamplingParams:
+    def admit(self, key: str | None, prompts: list[list[int]], params: SamplingParams, param: str) -> list[CheckedPrompt]:
         """Every prompt checked by the engine (ids in the vocabulary, within what one request may hold; it fills
         the default max_tokens), a place in the queue, and the key's token budget charged; a 400 or 429 naming
-        what is wrong otherwise."""
+        what is wrong otherwise. The checked prompts go to the engine as they are."""
         engine = self.generator()
         if params.n > self.config.max_n:
             raise APIError(400, f"n must be at most {self.config.max_n} on this server; got {params.n}", "n")
-        budget = 0
-        for ids in prompts:
-            try:
-                checked = engine.check_prompt(ids, params)
-            except (LmkError, ValueError) as exc:
-                raise engine_error(exc, param) from None
-            budget += len(ids) + checked.max_tokens * params.n
+        try:
+            checked = [engine.check_prompt(ids, params) for ids in prompts]
+        except (LmkError, ValueError) as exc:
+            raise engine_error(exc, param) from None
         if self.state.generating >= self.config.max_queued_requests:
             raise APIError(429, f"the server is at its limit of {self.config.max_queued_requests} requests; retry later",
                            code="queue_full", headers={"Retry-After": "1"})
-        self.gate.charge(key, budget)
-        return params
+        self.gate.charge(key, sum(c.most_tokens for c in checked))
+        return checked
 
 
 def engine_error(exc: Exception, param: str | None) -> APIError:

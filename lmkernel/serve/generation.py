@@ -13,8 +13,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from lmkernel.engine.request import PositionLogprobs, RequestOutput
-from lmkernel.engine.sampling import SamplingParams
+from lmkernel.engine.request import CheckedPrompt, PositionLogprobs, RequestOutput
 from lmkernel.engine.structured import StructuredOutputError
 from lmkernel.errors import LmkError
 from lmkernel.serve.auth import key_hash
@@ -36,11 +35,11 @@ def sse(data: dict[str, Any] | str) -> str:
 class Generation:
     """One HTTP request's engine requests (one per prompt), their outputs and timings."""
 
-    def __init__(self, service: Service, endpoint: str, key: str | None, prompts: list[list[int]],
-                 texts: list[str | None], params: SamplingParams, constrained_by: str | None = None) -> None:
+    def __init__(self, service: Service, endpoint: str, key: str | None, prompts: list[CheckedPrompt],
+                 texts: list[str | None], constrained_by: str | None = None) -> None:
         self.service, self.endpoint, self.key = service, endpoint, key
         self.id = uuid.uuid4().hex
-        self.prompts, self.texts, self.params = prompts, texts, params
+        self.prompts, self.texts = prompts, texts
         self.constrained_by = constrained_by  # the request field of a structured-output constraint
         self.start = time.monotonic()
         self.first_token: float | None = None
@@ -53,7 +52,7 @@ class Generation:
 
     @property
     def prompt_tokens(self) -> int:
-        return sum(map(len, self.prompts))
+        return sum(len(p.ids) for p in self.prompts)
 
     @property
     def completion_tokens(self) -> int:
@@ -66,7 +65,7 @@ class Generation:
     async def _run_one(self, i: int, sink: asyncio.Queue[tuple[int, RequestOutput] | BaseException]) -> None:
         metrics = self.service.metrics
         try:
-            async for out in self.service.generator().generate(self.prompts[i], self.params, self.engine_id(i)):
+            async for out in self.service.generator().generate(self.prompts[i], None, self.engine_id(i)):
                 now = time.monotonic()
                 if any(o.delta_token_ids for o in out.outputs):
                     if self.first_token is None:

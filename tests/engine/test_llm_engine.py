@@ -70,6 +70,24 @@ def test_abort_mid_generation_frees_blocks(engine):
 
 
 
+def test_a_checked_prompt_is_queued_as_it_was_checked(engine):
+    """What `check_prompt` returns (ids, the max_tokens it filled in) is what runs: the same tokens as the raw text."""
+    checked = engine.check_prompt("The capital of France is", SamplingParams(temperature=0, max_tokens=6))
+    assert checked.text == "The capital of France is"
+    assert list(checked.ids) == engine.tokenizer.encode("The capital of France is")
+    assert checked.most_tokens == len(checked.ids) + 6
+    with pytest.raises(ValueError, match="pass params=None"):
+        engine.add_request("checked", checked, SamplingParams())
+    assert "checked" not in engine.request_ids()
+    [from_text] = run(engine, ["The capital of France is"], SamplingParams(temperature=0, max_tokens=6))
+    engine.add_request("checked", checked)
+    done = {}
+    while engine.has_unfinished_requests():
+        done.update((o.request_id, o) for o in engine.step() if o.finished)
+    assert done["checked"].outputs[0].token_ids == from_text.outputs[0].token_ids
+    assert done["checked"].outputs[0].text == from_text.outputs[0].text and len(from_text.outputs[0].token_ids) == 6
+
+
 def test_prompt_that_can_never_fit_is_refused(engine, wikitext_ids):
     too_long = wikitext_ids[:1530]
     with pytest.raises(PromptTooLongError) as err:
@@ -81,8 +99,8 @@ def test_prompt_that_can_never_fit_is_refused(engine, wikitext_ids):
 
 def test_check_prompt_fills_max_tokens_and_names_what_is_wrong(engine):
     limit = engine.scheduler.max_tokens_per_request()
-    assert engine.check_prompt([1, 2, 3], SamplingParams(max_tokens=None)).max_tokens == limit - 3
-    assert engine.check_prompt([1, 2, 3], SamplingParams(max_tokens=5)).max_tokens == 5
+    assert engine.check_prompt([1, 2, 3], SamplingParams(max_tokens=None)).params.max_tokens == limit - 3
+    assert engine.check_prompt([1, 2, 3], SamplingParams(max_tokens=5)).params.max_tokens == 5
     with pytest.raises(ValueError, match="prompt is empty"):
         engine.check_prompt([], SamplingParams())
     vocab = engine.loaded.config.vocab_size

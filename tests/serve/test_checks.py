@@ -81,7 +81,7 @@ def test_admission_charges_the_max_tokens_the_engine_fills_in(smollm):
     """Without max_tokens, a request may take the rest of its context (64 tokens here): the engine fills that in,
     and the key's tokens-per-minute budget is charged for it, so a second such request waits (429)."""
     prompt = smollm.tokenizer.encode("Hello")
-    filled = engine_for(smollm).check_prompt(prompt, SamplingParams(max_tokens=None)).max_tokens
+    filled = engine_for(smollm).check_prompt(prompt, SamplingParams(max_tokens=None)).params.max_tokens
     assert filled == 64 - len(prompt)
     with app_client(smollm, tokens_per_minute=100) as c:
         body = {"model": MODEL, "prompt": "Hello", "max_tokens": None, "temperature": 0}

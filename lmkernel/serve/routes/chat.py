@@ -81,8 +81,8 @@ async def chat(request: Request) -> Response:
     names = {"logprobs": "top_logprobs", "max_tokens": "max_completion_tokens" if newer else "max_tokens"}
     params, constrained_by = sampling(body, body.max_completion_tokens if newer else body.max_tokens,
                                       top_n if body.logprobs else None, forced, names)
-    params = svc.admit(key, [ids], params if adapter is None else dataclasses.replace(params, lora=adapter), "messages")
-    gen = Generation(svc, "chat", key, [ids], [json.dumps(conversation, ensure_ascii=False)], params, constrained_by)
+    checked = svc.admit(key, [ids], dataclasses.replace(params, lora=adapter), "messages")
+    gen = Generation(svc, "chat", key, checked, [json.dumps(conversation, ensure_ascii=False)], constrained_by)
     parses = plan is not None and plan.parses
     base = {"id": f"chatcmpl-{gen.id}", "object": "chat.completion.chunk", "created": int(time.time()), "model": body.model}
 

@@ -54,10 +54,9 @@ async def completions(request: Request) -> Response:
     adapter = svc.check_model(body.model, "generate")
     prompts, texts = _prompts(svc, body)
     params, constrained_by = sampling(body, body.max_tokens, body.logprobs)
-    params = svc.admit(key, prompts, params if adapter is None else dataclasses.replace(params, lora=adapter), "prompt")
-    if body.echo and body.logprobs is not None:
-        params = dataclasses.replace(params, prompt_logprobs=body.logprobs)
-    gen = Generation(svc, "completions", key, prompts, texts, params, constrained_by)
+    echoed = body.logprobs if body.echo and body.logprobs is not None else None
+    params = dataclasses.replace(params, lora=adapter, prompt_logprobs=echoed)
+    gen = Generation(svc, "completions", key, svc.admit(key, prompts, params, "prompt"), texts, constrained_by)
     n = body.n
     base = {"id": f"cmpl-{gen.id}", "object": "text_completion", "created": int(time.time()), "model": body.model}
     prompt_texts = [t if t is not None else svc.tokenizer.decode(p) for t, p in zip(texts, prompts)]
