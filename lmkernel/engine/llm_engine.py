@@ -205,13 +205,12 @@ class LLMEngine:
         for j in range(params.n):
             child_params = params if j == 0 else dataclasses.replace(params, prompt_logprobs=None)
             child_id = request_id if params.n == 1 else f"{request_id}#{j}"
-            request = Request(child_id, ids, child_params, self.arrivals, priority)
-            if params.lora is not None:
-                request.adapter_salt = self.adapters.salt(params.lora)
-            if matcher is not None:
-                request.matcher = matcher if j == 0 else matcher.deep_copy()
-            if child_params.prompt_logprobs is not None:
-                request.prompt_logprobs = [None]
+            request = Request(
+                child_id, ids, child_params, self.arrivals, priority,
+                prompt_logprobs=[None] if child_params.prompt_logprobs is not None else [],
+                matcher=None if matcher is None else matcher if j == 0 else matcher.deep_copy(),
+                adapter_salt=self.adapters.salt(params.lora) if params.lora is not None and self.adapters else "",
+            )
             self.arrivals += 1
             sample = Sample(j, request, IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens))
             group.samples.append(sample)
@@ -293,10 +292,9 @@ class LLMEngine:
         """One engine iteration: `schedule()`, `run()`, `update()`; returns outputs that changed."""
         outputs, self._pending = self._pending, []
         times, start = self.runner.times, time.perf_counter()
-        if self.speculator is not None:
-            self._propose()
+        drafts = self._propose() if self.speculator is not None else {}
         proposing = time.perf_counter() - start
-        plan = self.scheduler.schedule()
+        plan = self.scheduler.schedule(drafts)
         if plan.is_empty:
             return outputs
         allowed = self._allowed(plan)
@@ -306,9 +304,8 @@ class LLMEngine:
         if self.speculator is not None:
             self._learn(plan, result, proposing + time.perf_counter() - start)
         start = time.perf_counter()
-        self.scheduler.update(plan, result.sampled)
         self.steps += 1
-        outputs.extend(self._process(result))
+        outputs.extend(self._process(plan, result))
         times.process += time.perf_counter() - start
         return outputs
 
@@ -322,15 +319,16 @@ class LLMEngine:
             self.speculator.time_step(any(c.draft for c in plan.chunks), seconds,
                                       sum(len(t) for t in result.sampled.values()))
 
-    def _propose(self) -> None:
+    def _propose(self) -> dict[str, list[int]]:
         """Proposals for this step's decodes; a grammar's requests keep only those their grammar allows."""
         running = self.scheduler.running
         decoding = [r for r in running if r.num_tokens - r.num_computed_tokens == 1]
         prompts_pending = bool(self.scheduler.waiting) or len(decoding) < len(running)
-        self.speculator.propose(decoding, len(running), self.max_model_len, prompts_pending)
+        drafts = self.speculator.propose(decoding, len(running), self.max_model_len, prompts_pending)
         for r in decoding:
-            if r.draft_token_ids and r.matcher is not None:
-                del r.draft_token_ids[r.matcher.validate_tokens(r.draft_token_ids):]
+            if r.request_id in drafts and r.matcher is not None:
+                del drafts[r.request_id][r.matcher.validate_tokens(drafts[r.request_id]):]
+        return drafts
 
     def _allowed(self, plan: SchedulerOutput) -> dict[str, torch.Tensor] | None:
         """The next tokens each constrained request of the plan may take, all computed in one parallel call."""
@@ -348,27 +346,29 @@ class LLMEngine:
                                                                                          chunk.draft), vocab)
         return allowed
 
-    def _process(self, result: ModelRunnerOutput) -> list[RequestOutput]:
+    def _process(self, plan: SchedulerOutput, result: ModelRunnerOutput) -> list[RequestOutput]:
+        """Each sample's new tokens up to where it stops (text, stop strings, grammar), handed to the scheduler,
+        which alone changes a request; finished samples end there."""
         touched: dict[str, Group] = {}
-        for request_id, positions in result.prompt_logprobs.items():
-            self.owner[request_id][1].request.prompt_logprobs.extend(positions)
+        kept: dict[str, list[int]] = {}
         for request_id, tokens in result.sampled.items():
             group, sample = self.owner[request_id]
-            request = sample.request
-            logprobs = result.logprobs.get(request_id)
-            del request.token_ids[request.num_tokens - len(tokens):]  # taken back one at a time, up to a stop
-            for j, token in enumerate(tokens):
-                request.token_ids.append(token)
-                if logprobs is not None:
-                    request.logprobs.append(logprobs[j])
-                check_stop(sample, token, self.eos_ids, self.max_model_len)
-                if request.matcher is not None:
+            produced = sample.request.num_output_tokens
+            kept[request_id] = []
+            for token in tokens:  # taken one at a time, up to a stop
+                kept[request_id].append(token)
+                produced += 1
+                check_stop(sample, token, produced, self.eos_ids, self.max_model_len)
+                if sample.request.matcher is not None:
                     advance_grammar(sample, token)
                 if sample.finish_reason is not None:
                     break
             touched[group.request_id] = group
-            if sample.finish_reason is not None:
-                self._release(request_id, RequestStatus.FINISHED_STOPPED if sample.finish_reason == "stop" else RequestStatus.FINISHED_LENGTH)
+        self.scheduler.update(plan, kept, result.logprobs, result.prompt_logprobs)
+        for request_id in kept:
+            reason = self.owner[request_id][1].finish_reason
+            if reason is not None:
+                self._release(request_id, RequestStatus.FINISHED_STOPPED if reason == "stop" else RequestStatus.FINISHED_LENGTH)
         outputs = [group_output(g) for g in touched.values()]
         for group in touched.values():
             if group.finished:

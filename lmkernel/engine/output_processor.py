@@ -2,7 +2,7 @@
 output (end-of-sequence and stop tokens, stop strings, max_tokens, the context, a finished grammar), and the
 `RequestOutput` of each step, whose text holds back what may still turn into a stop string.
 
-The engine core appends tokens; these functions own everything a `Sample` says about its text and end.
+The scheduler appends the tokens these functions keep; they own everything a `Sample` says about its text and end.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ class Sample:
     emitted_chars: int = 0
     emitted_tokens: int = 0
     finish_reason: str | None = None
+    stop_reason: int | str | None = None  # the stop token or string that ended it
 
 
 @dataclass
@@ -43,14 +44,15 @@ class Group:
         return all(s.finish_reason is not None for s in self.samples)
 
 
-def check_stop(sample: Sample, token: int, eos_ids: Collection[int], max_model_len: int) -> None:
-    """Add the token's text, and end the sample where its parameters say (min_tokens first)."""
+def check_stop(sample: Sample, token: int, produced: int, eos_ids: Collection[int], max_model_len: int) -> None:
+    """Add the token's text, and end the sample where its parameters say (min_tokens first). `produced`: its
+    output tokens with this one."""
     request, params = sample.request, sample.request.sampling_params
     sample.text += sample.detokenizer.add(token)
-    enough = request.num_output_tokens >= params.min_tokens
+    enough = produced >= params.min_tokens
     is_eos = token in eos_ids
     if enough and ((is_eos and not params.ignore_eos) or token in params.stop_token_ids):
-        sample.finish_reason, request.stop_reason = "stop", (None if is_eos and not params.ignore_eos else token)
+        sample.finish_reason, sample.stop_reason = "stop", (None if is_eos and not params.ignore_eos else token)
         sample.text += sample.detokenizer.flush()
     elif enough and params.stop:
         window = max(map(len, params.stop)) + 8
@@ -59,9 +61,9 @@ def check_stop(sample: Sample, token: int, eos_ids: Collection[int], max_model_l
         hits = [(i, s) for i, s in hits if i >= 0]
         if hits:
             at, stop = min(hits)
-            sample.text, sample.finish_reason, request.stop_reason = sample.text[:at], "stop", stop
+            sample.text, sample.finish_reason, sample.stop_reason = sample.text[:at], "stop", stop
     if sample.finish_reason is None and (
-        request.num_output_tokens >= params.max_tokens or request.num_tokens >= max_model_len
+        produced >= params.max_tokens or request.num_prompt_tokens + produced >= max_model_len
     ):
         sample.finish_reason = "length"
         sample.text += sample.detokenizer.flush()
@@ -91,7 +93,7 @@ def group_output(group: Group) -> RequestOutput:
                 token_ids=list(tokens),
                 logprobs=list(r.logprobs) if r.sampling_params.logprobs is not None else None,
                 finish_reason=s.finish_reason,
-                stop_reason=r.stop_reason,
+                stop_reason=s.stop_reason,
                 delta_text=s.text[s.emitted_chars : visible],
                 delta_token_ids=list(tokens[s.emitted_tokens :]),
             )

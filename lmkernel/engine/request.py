@@ -52,7 +52,8 @@ class CheckedPrompt:
 
 @dataclass(eq=False)
 class Request:
-    """One sequence being generated: its tokens, how many have K/V computed, and its sampling state.
+    """One sequence being generated: its tokens, how many have K/V computed, and its sampling state. Made by
+    the engine; from then on the scheduler alone changes it (`schedule`, `update`, `finish`).
 
     `token_ids` holds the prompt followed by the generated tokens; `num_computed_tokens` of them have
     K/V in the cache. The scheduler's one rule is to close that gap under the step's budget.
@@ -69,13 +70,10 @@ class Request:
     num_preemptions: int = 0
     logprobs: list[PositionLogprobs] = field(default_factory=list)
     prompt_logprobs: list[PositionLogprobs | None] = field(default_factory=list)
-    stop_reason: int | str | None = None
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None  # when the scheduler first gave it tokens
     matcher: Any = None  # structured output: the llguidance matcher its tokens must pass
-    # Speculative decoding: tokens proposed to follow `token_ids`, checked by the next decode step (set by the
-    # engine before each step; the step's rows for them compute K/V that stay only for those accepted).
-    draft_token_ids: list[int] = field(default_factory=list)
+    adapter_salt: str = ""  # the LoRA adapter it uses, as loaded (name and load)
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -96,8 +94,6 @@ class Request:
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
-
-    adapter_salt: str = ""  # set by the engine: the adapter this request uses, as loaded (name and load)
 
     @property
     def cache_salt(self) -> str:

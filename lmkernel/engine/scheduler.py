@@ -5,7 +5,7 @@ The one rule: every request has `num_tokens` (prompt plus output so far) and `nu
 under a budget of `max_num_batched_tokens` and `max_num_seqs`. A decode is a gap of one token; a
 prefill is a larger gap, cut into chunks when the budget is short; a prefix-cache hit starts
 `num_computed_tokens` above zero; a preempted request drops back to zero and closes the gap again. A
-decode may carry speculative proposals (`Request.draft_token_ids`): its chunk then computes them too, and
+decode may carry speculative proposals (`schedule(drafts)`): its chunk then computes them too, and
 `update` keeps the K/V of those the step accepted and gives back the blocks of the rest.
 Running requests are served first, decodes before unfinished prefills, then waiting ones in order
 of (priority, arrival). When blocks run out, the running request with the largest (priority,
@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from lmkernel.config import SchedulerConfig
-from lmkernel.engine.request import Request, RequestStatus
+from lmkernel.engine.request import PositionLogprobs, Request, RequestStatus
 from lmkernel.memory.kv_manager import CachedPrefix, KVCacheManager
 
 
@@ -94,8 +94,10 @@ class Scheduler:
         request.status = status
         return request
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, drafts: Mapping[str, Sequence[int]] | None = None) -> SchedulerOutput:
+        """The step's plan; `drafts`: speculative proposals to follow a decoding request's last token."""
         out = SchedulerOutput()
+        drafts = drafts or {}
         budget = self.config.max_num_batched_tokens
         decodes = [r for r in self.running if r.num_tokens - r.num_computed_tokens == 1]
         prefills = [r for r in self.running if r.num_tokens - r.num_computed_tokens > 1]
@@ -111,7 +113,7 @@ class Scheduler:
             remaining = request.num_tokens - request.num_computed_tokens
             if remaining > 1 and prefill_budget <= 0:
                 continue
-            draft = request.draft_token_ids[: budget - 1] if remaining == 1 else []
+            draft = list(drafts.get(request.request_id, ()))[: budget - 1] if remaining == 1 else []
             if draft and not self.pool.can_allocate(request.request_id, request.num_tokens + len(draft)):
                 draft = []  # proposals never take blocks another sequence needs
             num_new = min(remaining, budget if remaining == 1 else min(budget, prefill_budget)) + len(draft)
@@ -156,15 +158,19 @@ class Scheduler:
         return ScheduledChunk(request, start, num_tokens, tables, start + num_tokens - len(draft) == request.num_tokens,
                               draft)
 
-    def update(self, out: SchedulerOutput, sampled: Mapping[str, Sequence[int]]) -> None:
+    def update(self, out: SchedulerOutput, sampled: Mapping[str, Sequence[int]],
+               logprobs: Mapping[str, Sequence[PositionLogprobs]] | None = None,
+               prompt_logprobs: Mapping[str, Sequence[PositionLogprobs]] | None = None) -> None:
         """Advance each scheduled request by the tokens computed and append the tokens its step produced: one
         sampled token, after the proposals it accepted when its chunk carried some (whose K/V stay; the blocks
-        of the rejected ones go back to the pool)."""
+        of the rejected ones go back to the pool); and the logprobs the step computed for them."""
         for chunk in out.chunks:
             request = chunk.request
             if request.status is not RequestStatus.RUNNING:
                 continue  # finished (aborted) while the step ran
             tokens = sampled.get(request.request_id, ())
+            request.prompt_logprobs.extend((prompt_logprobs or {}).get(request.request_id, ()))
+            request.logprobs.extend((logprobs or {}).get(request.request_id, ())[: len(tokens)])
             accepted = max(len(tokens) - 1, 0) if chunk.draft else 0
             request.num_computed_tokens = chunk.start + chunk.num_tokens - len(chunk.draft) + accepted
             request.token_ids.extend(tokens)

@@ -284,13 +284,12 @@ class Speculator:
     def _state(self, request_id: str) -> _Backoff:
         return self.backoff.setdefault(request_id, _Backoff(gain=self.spec.num_speculative_tokens + 1.0))
 
-    def propose(self, decoding: Sequence[Request], running: int, max_model_len: int, prompts_pending: bool) -> None:
-        """Set `draft_token_ids` of each decoding request (empty where this step runs it plainly)."""
-        for r in decoding:
-            r.draft_token_ids = []
+    def propose(self, decoding: Sequence[Request], running: int, max_model_len: int,
+                prompts_pending: bool) -> dict[str, list[int]]:
+        """Proposals to follow each decoding request's last token (none where this step runs it plainly)."""
         if running > self.spec.disable_by_batch_size or prompts_pending:
             self.stats.paused += len(decoding)
-            return
+            return {}
         asked, counts = [], []
         spare_rows = (EXACT_ROWS if len(decoding) == 1 else BATCH_CHECK_ROWS) - len(decoding)
         for r in decoding:
@@ -304,8 +303,8 @@ class Speculator:
             asked.append(r)
             counts.append(k)
             spare_rows -= k
-        for r, draft in zip(asked, self.proposer.propose(asked, counts) if asked else []):
-            r.draft_token_ids = list(draft)
+        drafts = self.proposer.propose(asked, counts) if asked else []
+        return {r.request_id: list(draft) for r, draft in zip(asked, drafts) if len(draft)}
 
     def learn(self, request: Request, proposed: int, accepted: int) -> None:
         """Count one check of `proposed` proposals of which `accepted` were kept."""

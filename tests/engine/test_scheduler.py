@@ -141,8 +141,7 @@ def test_a_decode_carries_its_proposals_and_update_keeps_only_the_accepted():
     a = req("a", 6)
     s.add_request(a)
     run(s)  # prefill: 6 computed, one token sampled
-    a.draft_token_ids = [11, 12, 13]
-    out = s.schedule()
+    out = s.schedule({"a": [11, 12, 13]})
     (chunk,) = out.chunks
     assert (chunk.start, chunk.num_tokens, chunk.draft) == (6, 4, [11, 12, 13])
     assert chunk.token_ids == [7, 11, 12, 13]
@@ -150,8 +149,7 @@ def test_a_decode_carries_its_proposals_and_update_keeps_only_the_accepted():
     s.update(out, {"a": [11, 5]})  # the first proposal kept, then the model's own token
     assert a.token_ids[-3:] == [7, 11, 5] and a.num_computed_tokens == 8 and a.num_tokens == 9
     assert len(s.pool.block_table("a")) == 3  # 9 tokens still need 3 blocks
-    a.draft_token_ids = [1, 2, 3]
-    out = s.schedule()
+    out = s.schedule({"a": [1, 2, 3]})
     s.update(out, {"a": [4]})  # nothing kept
     assert a.num_computed_tokens == 9 and a.num_tokens == 10 and len(s.pool.block_table("a")) == 3
 
@@ -161,13 +159,11 @@ def test_proposals_fit_the_budget_and_never_take_blocks_from_others():
     a = req("a", 2)
     s.add_request(a)
     run(s)
-    a.draft_token_ids = [1, 2, 3, 4, 5]
-    (chunk,) = s.schedule().chunks
+    (chunk,) = s.schedule({"a": [1, 2, 3, 4, 5]}).chunks
     assert chunk.draft == [1, 2]  # a budget of 3 tokens: one known, two proposed
     s2 = make(blocks=1, bs=4, budget=32)
     b = req("b", 3)
     s2.add_request(b)
     run(s2)
-    b.draft_token_ids = [1, 2, 3]
-    (chunk,) = s2.schedule().chunks
+    (chunk,) = s2.schedule({"b": [1, 2, 3]}).chunks
     assert chunk.draft == [] and chunk.num_tokens == 1  # the proposals would need a second block: none free
