@@ -12,6 +12,20 @@ from lmkernel.errors import LmkError
 
 ENCODER_ARCHITECTURES = ("bert", "mpnet", "nomic_bert")
 
+_NO_CLI = object()
+
+
+def setting(default: Any, help: str, cli: Any = _NO_CLI, flag: str | None = None) -> Any:
+    """A config field with its one-line help, which the CLI's options are made from (`lmkernel/cli/options.py`);
+    `cli`: the type the command line gives when it is not the field's own (None: no option of its own);
+    `flag`: its option when not --the-field-name."""
+    metadata: dict[str, Any] = {"help": help}
+    if cli is not _NO_CLI:
+        metadata["cli"] = cli
+    if flag is not None:
+        metadata["flag"] = flag
+    return field(default=default, metadata=metadata)
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -238,37 +252,47 @@ class EngineConfig:
     passed down whole.
     """
 
-    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
-    device: str = "auto"  # auto: CUDA when present, else CPU
-    quantization: str | None = "auto"  # GGUF: auto (on CPU) and keep run the shipped blocks; None dequantizes
-    kv_cache_memory: int | None = None  # bytes for K/V of every layer ('2GiB' accepted); None: a fraction of free memory
-    kv_cache_fraction: float = 0.2  # of the memory available, when kv_cache_memory is None
-    block_size: int = 16  # tokens per KV-cache block
-    enable_prefix_caching: bool = True
-    # Sliding-window layers (Gemma 3's local ones, Mistral's) give back the KV blocks that left their window
-    # (memory/kv_cache.py); False: every layer keeps every block of its sequence.
-    hybrid_kv_cache: bool = True
-    max_num_seqs: int = 64  # sequences in one step
-    max_num_batched_tokens: int = 2048  # tokens computed in one step
-    # Prompt tokens a step may carry while other sequences decode: it bounds their inter-token latency when
-    # prompts arrive (a step of 2,048 prompt tokens takes ~10 s for a 1.5B model on two cores). None (offline
-    # generation: throughput first): the whole budget; `lmk serve` sets 512.
-    prefill_tokens_with_decodes: int | None = None
-    max_model_len: int | None = None  # prompt + output of one request; None: the model's context
-    threads: int | None = None  # torch threads (and so the CPU kernels'); None: torch's default
-    seed: int = 0  # the sampler's seed for requests without their own
-    max_loras: int | None = None  # LoRA adapter slots; None: as many as adapters given at start
-    decode_backend: str = "auto"  # auto: the fastest the model offers on this device; see DECODE_BACKENDS
-    cpu_path: str = "auto"  # the CPU kernels' code path: auto (AMX tiles where granted, else the widest vectors); see CPU_PATHS
-    # Where a GGUF's k-quant layers are kept in the decode layout after a first load (later loads map it, not
-    # pack again): "auto" ($LMK_HOME/packed), a directory, or None (pack at every load, keep nothing).
-    packed_cache: str | None = "auto"
-    # Speculative decoding (a SpeculativeConfig, a dict of its fields, or "ngram" / a draft model); None: off.
-    speculative: SpeculativeConfig | None = None
-    # Batch-invariant arithmetic: a request's tokens and log-probs at temperature 0 (or with a seed) do not
-    # depend on the rest of its batch, how its prompt was chunked or whether its prefix came from the cache.
+    dtype: str = setting("auto", "auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16 or float16")
+    device: str = setting("auto", "auto (CUDA when present), cpu, cuda or cuda:N")
+    quantization: str | None = setting(
+        "auto", "GGUF weights: auto (kept in their blocks on CPU, dequantized for CUDA), keep, or dequantize (None "
+        "in Python)", cli=str)
+    kv_cache_memory: int | None = setting(
+        None, "bytes for K/V of every layer, e.g. 512MiB or 2GiB (default: a fraction of the free memory, "
+        "--kv-cache-fraction)", cli=str | None)
+    kv_cache_fraction: float = setting(0.2, "of the free memory, without --kv-cache-memory")
+    block_size: int = setting(16, "tokens per KV-cache block (a power of two)")
+    enable_prefix_caching: bool = setting(True, "reuse the KV blocks of prompts' shared prefixes")
+    hybrid_kv_cache: bool = setting(True, "sliding-window layers (Gemma 3's local ones, Mistral's) give back the KV "
+                                          "blocks that left their window")
+    max_num_seqs: int = setting(64, "sequences in one engine step")
+    max_num_batched_tokens: int = setting(2048, "tokens computed in one engine step")
+    # None (offline generation: throughput first): the whole budget. A step of 2,048 prompt tokens takes ~10 s
+    # for a 1.5B model on two cores, so `lmk serve` sets 512.
+    prefill_tokens_with_decodes: int | None = setting(
+        None, "prompt tokens a step carries while other sequences decode (bounds their inter-token latency); "
+        "unset or 0: no cap beyond --max-num-batched-tokens")
+    max_model_len: int | None = setting(None, "prompt + output tokens of one request (default: the model's context)")
+    threads: int | None = setting(None, "torch threads, and so the CPU kernels' (default: torch's; with --ray: "
+                                             "--replica-cpus)")
+    seed: int = setting(0, "the sampler's seed for requests without their own")
+    max_loras: int | None = setting(None, "LoRA adapter slots (default: as many as adapters given at start; at least 4 "
+                                          "with --allow-runtime-lora); loading past it drops the least recently used one "
+                                          "not in use")
+    decode_backend: str = setting("auto", "auto (the fastest the model offers on this device), fused, paged-kernel "
+                                          "or torch")
+    cpu_path: str = setting("auto", "CPU kernels: auto (AMX tiles where granted, else the widest vectors), amx, "
+                                    "avx512-vnni, avx512 or avx2")
+    packed_cache: str | None = setting(
+        "auto", "where a GGUF's k-quant layers are kept in the decode layout after a first load, so a restart maps "
+        "them: auto ($LMK_HOME/packed), a directory, or off (None in Python)", cli=str)
+    # A SpeculativeConfig, a dict of its fields, or "ngram" / a draft model; the CLI's --speculative-model and
+    # --num-speculative-tokens.
+    speculative: SpeculativeConfig | None = setting(None, "speculative decoding; off when unset", cli=None)
     # Every token runs as a row of the fused CPU decode step with the row kernels (slower prompts: BENCHMARKS.md).
-    deterministic: bool = False
+    deterministic: bool = setting(False, "batch-invariant arithmetic: a request's tokens and log-probs do not depend "
+                                         "on its batch, prompt chunking or the prefix cache (prompts ~4x slower: "
+                                         "BENCHMARKS.md)")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "speculative", speculative_config(self.speculative))
@@ -276,6 +300,8 @@ class EngineConfig:
             object.__setattr__(self, "quantization", None)
         if self.packed_cache == "off":  # the `--packed-cache` spelling of None
             object.__setattr__(self, "packed_cache", None)
+        if self.prefill_tokens_with_decodes == 0:  # the `--prefill-tokens-with-decodes` spelling of None
+            object.__setattr__(self, "prefill_tokens_with_decodes", None)
         if self.kv_cache_memory is not None and not isinstance(self.kv_cache_memory, bool):
             try:
                 object.__setattr__(self, "kv_cache_memory", parse_bytes(self.kv_cache_memory))
@@ -283,10 +309,9 @@ class EngineConfig:
                 raise EngineConfigError(f"--kv-cache-memory: {exc}") from None
         self._check()
 
-    @staticmethod
-    def flag(name: str) -> str:
+    def flag(self, name: str) -> str:
         """The `lmk serve` flag of a setting."""
-        return "--" + name.replace("_", "-")
+        return flag_of(self, name)
 
     def _check(self) -> None:
         def whole(v: object, low: int) -> bool:
@@ -346,3 +371,56 @@ class EngineConfig:
         """The scheduler's limits for `model` (a request never reaches past the model's context)."""
         longest = model.max_context if self.max_model_len is None else min(self.max_model_len, model.max_context)
         return SchedulerConfig(self.max_num_batched_tokens, self.max_num_seqs, longest, self.prefill_tokens_with_decodes)
+
+
+TOOL_CALL_PARSERS = ("hermes", "llama3_json")  # serve/tool_parsers: how tool calls are read from the output
+
+
+class ServerConfigError(LmkError, ValueError):
+    """A server setting out of range; the message names it as the `lmk serve` flag."""
+
+
+@dataclass
+class ServerConfig:
+    """What an OpenAI-compatible server was told (`lmk serve`, `lmk batch`, each Ray replica): its names, keys,
+    limits and logging; checked here, once, when it is made (every bad value named with its flag)."""
+
+    model_name: str | None = setting(None, "the name clients use for the model", cli=None)
+    embedding_model_name: str | None = setting(None, "the name clients use for the embedding model", cli=None)
+    api_keys: list[str] = field(default_factory=list)
+    max_body_bytes: int = setting(1 << 20, "larger request bodies get 413")
+    max_queued_requests: int = setting(256, "completions and chats at once before 429")
+    max_n: int = setting(16, "choices one request may ask for (n): each is a sequence in the engine")
+    requests_per_minute: int | None = setting(None, "requests per minute per key", flag="--rate-limit-rpm")
+    tokens_per_minute: int | None = setting(None, "prompt + max tokens per minute per key", flag="--rate-limit-tpm")
+    request_timeout: float | None = setting(None, "seconds before a request is aborted")
+    log_prompts: bool = setting(False, "log prompts and outputs, with personal data redacted")
+    tool_call_parser: str | None = setting(None, "how tool calls are read from the output: hermes (Qwen2.5) or "
+                                                 "llama3_json; default: chosen from the chat template")
+    allow_runtime_lora: bool = setting(False, "POST /v1/load_lora_adapter and /v1/unload_lora_adapter (needs "
+                                              "--api-key and --lora-modules-dir)")
+    lora_modules_dirs: list[str] = field(default_factory=list)  # the directories runtime loads may read from
+
+    def __post_init__(self) -> None:
+        for name in ("max_body_bytes", "max_queued_requests", "max_n", "requests_per_minute", "tokens_per_minute"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ServerConfigError(f"{flag_of(self, name)} must be at least 1; got {value}")
+        if self.request_timeout is not None and not self.request_timeout > 0:
+            raise ServerConfigError(f"--request-timeout must be positive; got {self.request_timeout}")
+        if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_CALL_PARSERS:
+            raise ServerConfigError(f"--tool-call-parser must be one of {', '.join(TOOL_CALL_PARSERS)}; got '{self.tool_call_parser}'")
+        if self.allow_runtime_lora and not self.api_keys:
+            raise ServerConfigError("--allow-runtime-lora lets clients load adapter files from this machine: it needs --api-key "
+                           "or --api-keys-file")
+        if self.allow_runtime_lora and not self.lora_modules_dirs:
+            raise ServerConfigError("--allow-runtime-lora needs --lora-modules-dir DIR: the directories clients may load "
+                           "adapters from")
+        if self.lora_modules_dirs and not self.allow_runtime_lora:
+            raise ServerConfigError("--lora-modules-dir is for --allow-runtime-lora; add it, or leave the directory out")
+
+
+def flag_of(config: Any, name: str) -> str:
+    """The command-line flag of a config field: its own (`setting(..., flag=)`) or --the-field-name."""
+    meta = next(f.metadata for f in dataclasses.fields(config) if f.name == name)
+    return meta.get("flag", "--" + name.replace("_", "-"))

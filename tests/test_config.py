@@ -17,7 +17,7 @@ from lmkernel.config import EngineConfig, EngineConfigError, ModelConfig
     ("max_model_len", 1, "--max-model-len"), ("threads", 0, "--threads"), ("seed", -1, "--seed"),
     ("max_loras", 0, "--max-loras"), ("decode_backend", "gpu", "--decode-backend"),
     ("enable_prefix_caching", "yes", "--enable-prefix-caching"), ("max_num_seqs", 2.5, "--max-num-seqs"),
-    ("prefill_tokens_with_decodes", 0, "--prefill-tokens-with-decodes"), ("packed_cache", "", "--packed-cache"),
+    ("prefill_tokens_with_decodes", -1, "--prefill-tokens-with-decodes"), ("packed_cache", "", "--packed-cache"),
     ("packed_cache", 3, "--packed-cache"),
 ])
 def test_every_bad_value_is_named_with_its_flag(setting, value, flag):
@@ -37,6 +37,7 @@ def test_sizes_parse_and_limits_agree():
     capped = EngineConfig(prefill_tokens_with_decodes=128)
     assert capped.scheduler(SimpleNamespace(max_context=4096)).prefill_tokens_with_decodes == 128
     assert EngineConfig().scheduler(SimpleNamespace(max_context=4096)).prefill_tokens_with_decodes is None  # offline: the whole budget
+    assert EngineConfig(prefill_tokens_with_decodes=0).prefill_tokens_with_decodes is None  # the CLI spelling of no cap
 
 
 def test_packed_cache_is_auto_a_directory_or_off():

@@ -25,25 +25,16 @@ def fail(exc: Exception) -> typer.Exit:
 
 
 Model = Annotated[str, typer.Argument(help="alias, Hugging Face directory or .gguf file")]
-Dtype = Annotated[str, typer.Option(help="auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16 or float16")]
-Device = Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda")]
-Quantization = Annotated[str, typer.Option(
-    help="GGUF weights: auto (kept in their blocks on CPU, dequantized for CUDA), keep, or dequantize")]
-KVMemory = Annotated[str, typer.Option("--kv-cache-memory", help="KV-cache budget, e.g. 512MiB or 2GiB")]
-SpecModel = Annotated[str | None, typer.Option(help="speculative decoding: 'ngram' (prompt lookup) or a draft model "
-                                                    "sharing the model's vocabulary (alias or path); off when unset")]
-SpecTokens = Annotated[int, typer.Option(help="with --speculative-model: tokens proposed a step (3 suits CPU kernels: "
-                                              "4 rows of a decode step cost ~1.6 rows' time)")]
-
-Deterministic = Annotated[bool, typer.Option("--deterministic", help="batch-invariant arithmetic: a request's tokens and "
-                                             "log-probs do not depend on its batch, prompt chunking or the prefix cache "
-                                             "(prompts ~4x slower: BENCHMARKS.md)")]
-
-
-def speculative(model: str | None, num_tokens: int) -> dict[str, object] | None:
-    """`EngineConfig.speculative` from the two speculative flags."""
-    return None if model is None else {"model": model, "num_speculative_tokens": num_tokens}
 Opt = typer.Option
+
+# The engine settings commands take one at a time, as declared in EngineConfig (lmkernel/cli/options.py).
+from lmkernel.cli.options import option  # noqa: E402
+from lmkernel.config import EngineConfig  # noqa: E402
+
+Dtype = option(EngineConfig, "dtype")
+Device = option(EngineConfig, "device")
+Quantization = option(EngineConfig, "quantization")
+KVMemory = option(EngineConfig, "kv_cache_memory")
 
 
 def quantization_arg(value: str) -> str | None:

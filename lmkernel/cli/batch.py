@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from lmkernel.cli import Deterministic, Device, Dtype, Opt, Quantization, app, err_console, fail
-from lmkernel.config import EngineConfig
+from lmkernel.cli import Opt, app, err_console, fail
+from lmkernel.cli.options import config_options, option
+from lmkernel.config import EngineConfig, ServerConfig
 from lmkernel.errors import LmkError
+
+ToolCallParser = option(ServerConfig, "tool_call_parser")
 
 
 @app.command()
+@config_options(EngineConfig, "engine")
 def batch(
+    engine: EngineConfig,
     input: Annotated[Path, typer.Argument(help="JSON lines in the OpenAI Batch API format (custom_id, method, url, body)")],
     output: Annotated[Path, Opt("--output", "-o", help="result lines in OpenAI's output format; a rerun skips those already there")],
     model: Annotated[str, Opt(help="the model for /v1/chat/completions and /v1/completions")] = "smollm2-135m-instruct",
@@ -22,17 +28,7 @@ def batch(
     served_model_name: Annotated[str | None, Opt(help="the name bodies use for the model (default: MODEL); a body without "
                                                       "\"model\" gets it")] = None,
     concurrency: Annotated[int, Opt(help="requests in flight at once (per replica with --ray); the engine batches them")] = 64,
-    dtype: Dtype = "auto",
-    device: Device = "auto",
-    quantization: Quantization = "auto",
-    kv_cache_memory: Annotated[str | None, Opt("--kv-cache-memory", help="KV-cache budget, e.g. 512MiB (default: a fraction of free memory)")] = None,
-    max_num_seqs: Annotated[int, Opt(help="sequences in one engine step")] = 64,
-    max_num_batched_tokens: Annotated[int, Opt(help="tokens computed in one engine step")] = 2048,
-    max_model_len: Annotated[int | None, Opt(help="prompt + output tokens of one request (default: the model's)")] = None,
-    threads: Annotated[int | None, Opt(help="torch threads (default: torch's; with --ray: --replica-cpus)")] = None,
-    seed: Annotated[int, Opt(help="the sampler's seed for requests without their own")] = 0,
-    deterministic: Deterministic = False,
-    tool_call_parser: Annotated[str | None, Opt(help="how tool calls are read (default: from the chat template)")] = None,
+    tool_call_parser: ToolCallParser = None,
     lora: Annotated[list[str] | None, Opt("--lora", help="NAME=PATH: a PEFT LoRA adapter bodies name as MODEL:NAME")] = None,
     ray: Annotated[bool, Opt("--ray", help="run on Ray Data, one engine per actor")] = False,
     ray_address: Annotated[str | None, Opt(help="with --ray: join this cluster instead of starting a local Ray")] = None,
@@ -44,25 +40,18 @@ def batch(
 
     try:
         from lmkernel.cluster.batch import ResultWriter, default_models, read_requests, run_local, written_ids
-        from lmkernel.serve.checks import ServerConfig
         from lmkernel.serve.server import LaunchConfig, load_app, parse_lora_options
-        from lmkernel.serve.tool_parsers import PARSERS
     except ImportError as exc:
         raise fail(LmkError(f"lmk batch needs the serve extra: pip install -e '.[serve]' ({exc.name} is missing)")) from None
     try:
         if concurrency < 1:
             raise LmkError(f"--concurrency must be at least 1; got {concurrency}")
-        if tool_call_parser is not None and tool_call_parser not in PARSERS:
-            raise LmkError(f"--tool-call-parser must be one of {', '.join(PARSERS)}; got '{tool_call_parser}'")
         if output.resolve() == input.resolve():
             raise LmkError(f"--output {output}: the same file as the input")
         done = written_ids(output)
         requests, bad_lines = read_requests(input, done)
-        engine = EngineConfig(dtype=dtype, device=device, quantization=quantization,
-                              kv_cache_memory=kv_cache_memory, max_num_seqs=max_num_seqs,
-                              max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
-                              threads=threads if threads is not None or not ray else max(1, int(replica_cpus)), seed=seed,
-                              deterministic=deterministic)
+        if ray and engine.threads is None:
+            engine = dataclasses.replace(engine, threads=max(1, int(replica_cpus)))
         wants_embeddings = any(r.url == "/v1/embeddings" for r in requests)
         if wants_embeddings and embedding_model is None:
             raise LmkError(f"{input}: has /v1/embeddings lines; give --embedding-model (an encoder such as all-minilm-l6-v2)")

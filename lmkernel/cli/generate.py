@@ -6,18 +6,17 @@ from typing import Annotated
 
 import typer
 
-from lmkernel.cli import (Deterministic, Device, Dtype, KVMemory, Model, SpecModel, SpecTokens, app, err_console, fail,
-                          speculative)
+from lmkernel.cli import Model, app, err_console, fail
+from lmkernel.cli.options import config_options
+from lmkernel.config import EngineConfig
 from lmkernel.errors import LmkError
 
 
-def _open_llm(model: str, dtype: str, device: str, kv_cache_memory: str, spec: dict[str, object] | None = None,
-              deterministic: bool = False):
+def _open_llm(model: str, engine: EngineConfig):
     from lmkernel.engine.llm import LLM
 
     try:
-        llm = LLM(model, dtype=dtype, device=device, kv_cache_memory=kv_cache_memory, speculative=spec,
-                  deterministic=deterministic, verbose=False)
+        llm = LLM(model, engine, verbose=False)
     except (LmkError, ValueError) as exc:
         raise fail(exc) from None
     if llm.engine is None:
@@ -46,31 +45,25 @@ def _stream(llm, prompt: str | list[int], params) -> str:
 
 
 @app.command()
+@config_options(EngineConfig, "engine", defaults={"kv_cache_memory": "512MiB"})
 def generate(
+    engine: EngineConfig,
     model: Model,
     prompt: Annotated[str, typer.Argument(help="text to continue")],
     max_tokens: Annotated[int, typer.Option(help="tokens to generate at most")] = 128,
     temperature: Annotated[float, typer.Option(help="0 for greedy decoding")] = 0.7,
     top_p: Annotated[float, typer.Option()] = 0.95,
-    seed: Annotated[int | None, typer.Option(help="fix the random stream")] = None,
-    dtype: Dtype = "auto",
-    device: Device = "auto",
-    kv_cache_memory: KVMemory = "512MiB",
-    speculative_model: SpecModel = None,
-    num_speculative_tokens: SpecTokens = 3,
-    deterministic: Deterministic = False,
 ) -> None:
     """Stream a completion of PROMPT to the terminal."""
     from lmkernel.engine.sampling import SamplingParams
 
     try:
-        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p)
     except ValueError as exc:
         raise fail(exc) from None
-    llm = _open_llm(model, dtype, device, kv_cache_memory, speculative(speculative_model, num_speculative_tokens),
-                    deterministic)
+    llm = _open_llm(model, engine)
     _stream(llm, prompt, params)
-    if speculative_model is not None:
+    if engine.speculative is not None:
         s = llm.stats()
         err_console.print(f"speculative decoding: {s['spec_accepted_tokens']} of {s['spec_proposed_tokens']} proposed "
                           f"tokens accepted ({s['spec_acceptance_rate']:.0%}), {s['spec_tokens_per_check']:.2f} tokens "
@@ -78,23 +71,18 @@ def generate(
 
 
 @app.command()
+@config_options(EngineConfig, "engine", defaults={"kv_cache_memory": "512MiB"})
 def chat(
+    engine: EngineConfig,
     model: Model = "smollm2-135m-instruct",
     system: Annotated[str | None, typer.Option(help="system message")] = None,
     max_tokens: Annotated[int, typer.Option()] = 256,
     temperature: Annotated[float, typer.Option()] = 0.7,
-    dtype: Dtype = "auto",
-    device: Device = "auto",
-    kv_cache_memory: KVMemory = "512MiB",
-    speculative_model: SpecModel = None,
-    num_speculative_tokens: SpecTokens = 3,
-    deterministic: Deterministic = False,
 ) -> None:
     """Chat with MODEL in the terminal; the conversation so far is the prompt. Ctrl-D or 'exit' quits."""
     from lmkernel.engine.sampling import SamplingParams
 
-    llm = _open_llm(model, dtype, device, kv_cache_memory, speculative(speculative_model, num_speculative_tokens),
-                    deterministic)
+    llm = _open_llm(model, engine)
     history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature)
     while True:

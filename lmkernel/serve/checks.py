@@ -11,6 +11,7 @@ from typing import Any, Protocol, TypeVar
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
 
+from lmkernel.config import ServerConfig
 from lmkernel.engine.async_embedder import AsyncEmbedder
 from lmkernel.engine.async_engine import AsyncEngine
 from lmkernel.engine.request import CheckedPrompt
@@ -23,25 +24,6 @@ from lmkernel.serve.metrics import Metrics
 from lmkernel.serve.protocol import APIError, error_param
 
 Body = TypeVar("Body", bound=BaseModel)
-
-
-@dataclass
-class ServerConfig:
-    """What `lmk serve` was told; see its --help for each field."""
-
-    model_name: str | None
-    embedding_model_name: str | None = None
-    api_keys: list[str] = field(default_factory=list)
-    max_body_bytes: int = 1 << 20
-    max_queued_requests: int = 256
-    max_n: int = 16  # choices one request may ask for (n): each is a sequence in the engine
-    requests_per_minute: int | None = None
-    tokens_per_minute: int | None = None
-    request_timeout: float | None = None
-    log_prompts: bool = False
-    tool_call_parser: str | None = None  # None: chosen from the model's chat template
-    allow_runtime_lora: bool = False  # /v1/load_lora_adapter and /v1/unload_lora_adapter
-    lora_modules_dirs: list[str] = field(default_factory=list)  # the directories runtime loads may read from
 
 
 @dataclass

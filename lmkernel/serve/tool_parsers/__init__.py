@@ -20,7 +20,9 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-PARSERS = ("hermes", "llama3_json")
+from lmkernel.config import TOOL_CALL_PARSERS
+
+PARSERS = TOOL_CALL_PARSERS
 
 
 @dataclass
