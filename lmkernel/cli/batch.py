@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -13,6 +13,11 @@ from lmkernel.cli import Opt, app, err_console, fail
 from lmkernel.cli.options import config_options, option
 from lmkernel.config import EngineConfig, ServerConfig
 from lmkernel.errors import LmkError
+
+if TYPE_CHECKING:
+    from lmkernel.cluster.batch import BatchRequest
+    from lmkernel.cluster.ray_batch import RayBatchOptions
+    from lmkernel.serve.server import LaunchConfig
 
 ToolCallParser = option(ServerConfig, "tool_call_parser")
 
@@ -36,11 +41,9 @@ def batch(
     replica_cpus: Annotated[float, Opt(help="with --ray: CPUs (and torch threads) per actor")] = 1.0,
 ) -> None:
     """Run a batch file through the engine offline: one result line per request, errors as per-line error objects."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     try:
-        from lmkernel.cluster.batch import ResultWriter, default_models, read_requests, run_local, written_ids
-        from lmkernel.serve.server import LaunchConfig, load_app, parse_lora_options
+        from lmkernel.cluster.batch import read_requests, written_ids
+        from lmkernel.serve.server import LaunchConfig, parse_lora_options
     except ImportError as exc:
         raise fail(LmkError(f"lmk batch needs the serve extra: pip install -e '.[serve]' ({exc.name} is missing)")) from None
     try:
@@ -61,16 +64,30 @@ def batch(
                               max_queued_requests=max(256, concurrency), tool_call_parser=tool_call_parser)
         launch = LaunchConfig(model if wants_generation else None, embedding_model if wants_embeddings else None, engine,
                               lora=parse_lora_options(lora or []))
+        ray_options = None
         if ray:  # the actors load the models; a name that cannot load is said here, not as a remote traceback
+            from lmkernel.cluster.ray_batch import RayBatchOptions
             from lmkernel.registry import resolve
 
             for name_or_path in (launch.model, launch.embedding_model):
                 if name_or_path is not None:
                     resolve(name_or_path)
+            ray_options = RayBatchOptions(replicas, replica_cpus, ray_address)
     except (LmkError, ValueError, OSError) as exc:
         raise fail(exc) from None
+    _run(launch, config, requests, bad_lines, output, len(done), concurrency, ray_options)
+
+
+def _run(launch: LaunchConfig, config: ServerConfig, requests: list[BatchRequest], bad_lines: list[dict], output: Path,
+         already: int, concurrency: int, ray: RayBatchOptions | None) -> None:
+    """Answer every line (in this process, or on Ray Data's actors), with a progress bar and a closing summary."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from lmkernel.cluster.batch import ResultWriter, default_models, run_local
+    from lmkernel.serve.server import load_app
+
     total = len(requests) + len(bad_lines)
-    err_console.print(f"lmk batch: {total} lines to run, {len(done)} already in {output}", highlight=False)
+    err_console.print(f"lmk batch: {total} lines to run, {already} already in {output}", highlight=False)
     if total == 0:
         return
     writer = ResultWriter(output)
@@ -92,12 +109,11 @@ def batch(
             for line in bad_lines:
                 writer.write(line)
                 on_result(line)
-            if ray:
-                from lmkernel.cluster.ray_batch import RayBatchOptions, run_on_ray
+            if ray is not None:
+                from lmkernel.cluster.ray_batch import run_on_ray
 
                 start = time.perf_counter()
-                actors = run_on_ray(launch, config, requests, writer, concurrency,
-                                    RayBatchOptions(replicas, replica_cpus, ray_address), on_result)
+                actors = run_on_ray(launch, config, requests, writer, concurrency, ray, on_result)
                 seconds = time.perf_counter() - start
                 err_console.print(f"lmk batch: answered by {actors} Ray actors", highlight=False)
             else:
