@@ -205,33 +205,39 @@ def paged_decode(
 SMALL_LINEAR_MAX_ROWS = 4
 
 
-def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
-    """x [M, K] @ weight[N, K]^T (+ bias) with the streaming kernel, or None where PyTorch does as well.
+def small_linear_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the streaming kernel runs x [M, K] @ weight[N, K]^T: where it beats PyTorch.
 
     Measured in `lmk bench latency`: float32 weights gain at 1 to 4 rows; bfloat16 weights only from
     2 rows (PyTorch's bfloat16 matrix-vector product is already as fast at one row).
     """
     rows = x.shape[0]
-    if (
-        x.device.type != "cpu"
-        or x.dim() != 2
-        or rows > SMALL_LINEAR_MAX_ROWS
-        or weight.dtype != x.dtype
-        or not (x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and rows >= 2))
-        or not weight.is_contiguous()
-        or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-    ):
-        return None
-    kernel = _kernel()
-    return None if kernel is None else kernel.small_linear(x, weight, bias)
+    return (
+        x.device.type == "cpu"
+        and x.dim() == 2
+        and rows <= SMALL_LINEAR_MAX_ROWS
+        and weight.dtype == x.dtype
+        and (x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and rows >= 2))
+        and weight.is_contiguous()
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        and _kernel() is not None
+    )
 
 
-def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
+def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [M, K] @ weight[N, K]^T (+ bias) with the streaming kernel (where `small_linear_applies`)."""
+    return _kernel().small_linear(x, weight, bias)
+
+
+def int8_linear_applies(x: torch.Tensor) -> bool:
+    """Whether the int8 kernels take x (rows on CPU, four at a time)."""
+    return x.device.type == "cpu" and _kernel() is not None
+
+
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x [M <= 4, K] times an int8 weight [N, K] with per-row scales [N], or per-group scales
-    [N, K/G] -> float32 [M, N]; None without the kernels."""
-    kernel = _kernel() if x.device.type == "cpu" and x.shape[0] <= SMALL_LINEAR_MAX_ROWS else None
-    if kernel is None:
-        return None
+    [N, K/G] -> float32 [M, N] (where `int8_linear_applies`)."""
+    kernel = _kernel()
     return kernel.int8_linear(x, weight, scale) if scale.dim() == 1 else kernel.int8_group_linear(x, weight, scale)
 
 
@@ -258,28 +264,36 @@ def _float_rows(x: torch.Tensor) -> bool:
             and not (torch.is_grad_enabled() and x.requires_grad))
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
-    """RMS norm of the rows of x [N, D] in one call; None where PyTorch's runs."""
-    if x.dim() != 2 or not _float_rows(x) or weight.dtype != torch.float32 or (torch.is_grad_enabled() and weight.requires_grad):
-        return None
-    kernel = _kernel()
-    return None if kernel is None else kernel.rms_norm(x, weight, eps)
+def rms_norm_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the fused kernel takes the RMS norm of the rows of x [N, D]."""
+    return (x.dim() == 2 and _float_rows(x) and weight.dtype == torch.float32
+            and not (torch.is_grad_enabled() and weight.requires_grad) and _kernel() is not None)
 
 
-def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
-    """Rotary embedding of x [N, heads, D] by cos/sin [N, D] in one call; None where PyTorch's ops run."""
-    if x.dim() != 3 or not _float_rows(x) or cos.dtype != torch.float32 or not (cos.is_contiguous() and sin.is_contiguous()):
-        return None
-    kernel = _kernel()
-    return None if kernel is None else kernel.rotary(x, cos, sin)
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMS norm of the rows of x [N, D] in one call (where `rms_norm_applies`)."""
+    return _kernel().rms_norm(x, weight, eps)
 
 
-def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
-    """silu(gate) * up in one pass (SwiGLU); None where PyTorch's operations run."""
-    if not (_float_rows(gate) and _float_rows(up)) or gate.shape != up.shape:
-        return None
-    kernel = _kernel()
-    return None if kernel is None else kernel.silu_mul(gate, up)
+def rotary_applies(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """Whether the fused kernel rotates x [N, heads, D] by cos/sin [N, D]."""
+    return (x.dim() == 3 and _float_rows(x) and cos.dtype == torch.float32 and cos.is_contiguous()
+            and sin.is_contiguous() and _kernel() is not None)
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of x [N, heads, D] by cos/sin [N, D] in one call (where `rotary_applies`)."""
+    return _kernel().rotary(x, cos, sin)
+
+
+def silu_mul_applies(gate: torch.Tensor, up: torch.Tensor) -> bool:
+    """Whether the fused kernel computes silu(gate) * up."""
+    return _float_rows(gate) and _float_rows(up) and gate.shape == up.shape and _kernel() is not None
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up in one pass, SwiGLU (where `silu_mul_applies`)."""
+    return _kernel().silu_mul(gate, up)
 
 
 def llama_decode_available() -> bool:

@@ -20,10 +20,8 @@ class Dense(nn.Linear):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 2 and x.shape[0] <= cpu_kernels.SMALL_LINEAR_MAX_ROWS:
-            y = cpu_kernels.small_linear(x, self.weight, self.bias)
-            if y is not None:
-                return y
+        if cpu_kernels.small_linear_applies(x, self.weight):
+            return cpu_kernels.small_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -57,20 +55,6 @@ def dense(in_features: int, out_features: int, bias: bool) -> nn.Linear:
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 TILE_ROWS = 512
 DECODE_ROWS = 16  # up to this many rows (a decode batch) stream the quantized weight, a few rows a pass
-
-
-def _row_chunks(x: torch.Tensor, kernel: Callable[[torch.Tensor], torch.Tensor | None]) -> torch.Tensor | None:
-    """`kernel` (one to four rows) over a decode batch, four rows at a time; None where it does not run.
-
-    Each pass reads the quantized weight once: at 16 rows, four int8 passes read what one float32
-    pass does, where dequantizing tiles would write and read the float weight again.
-    """
-    if x.shape[0] > DECODE_ROWS:
-        return None
-    if x.shape[0] <= cpu_kernels.SMALL_LINEAR_MAX_ROWS:
-        return kernel(x)
-    parts = [kernel(chunk) for chunk in x.split(cpu_kernels.SMALL_LINEAR_MAX_ROWS)]
-    return None if any(p is None for p in parts) else torch.cat(parts)  # type: ignore[arg-type]
 
 
 def _tiled(x: torch.Tensor, out_features: int, rows: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
@@ -133,8 +117,13 @@ class Int8Linear(nn.Module):
         elif x.device.type == "cuda":
             y = torch._weight_int8pack_mm(flat, self.weight, self.weight_scale.to(x.dtype))
         else:  # PyTorch's CPU int8 kernel has no fast path without AVX-512: 16x slower than float here
-            y = _row_chunks(flat, lambda rows: cpu_kernels.int8_linear(rows, self.weight, self.weight_scale))
-            y = _tiled(flat, self.out_features, self._rows) if y is None else y.to(x.dtype)
+            if flat.shape[0] <= DECODE_ROWS and cpu_kernels.int8_linear_applies(flat):
+                # Each pass reads the quantized weight once: at 16 rows, four int8 passes read what one float32
+                # pass does, where dequantizing tiles would write and read the float weight again.
+                y = torch.cat([cpu_kernels.int8_linear(rows, self.weight, self.weight_scale)
+                               for rows in flat.split(cpu_kernels.SMALL_LINEAR_MAX_ROWS)]).to(x.dtype)
+            else:
+                y = _tiled(flat, self.out_features, self._rows)
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)

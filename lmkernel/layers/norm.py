@@ -19,8 +19,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:  # one fused call, same result; half the time at batch-1 decode
-            y = cpu_kernels.rms_norm(x, self.weight, self.eps)  # a decode step: a tenth of that again
-            return y if y is not None else F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+            if cpu_kernels.rms_norm_applies(x, self.weight):  # a decode step: a tenth of that again
+                return cpu_kernels.rms_norm(x, self.weight, self.eps)
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         dtype = x.dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -44,9 +45,7 @@ class OffsetRMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale = 1.0 + self.weight.float()
         rows = x.reshape(-1, x.shape[-1])
-        if rows.dtype == torch.float32:
-            y = cpu_kernels.rms_norm(rows.contiguous(), scale, self.eps)
-            if y is not None:
-                return y.view(x.shape)
+        if rows.dtype == torch.float32 and cpu_kernels.rms_norm_applies(rows.contiguous(), scale):
+            return cpu_kernels.rms_norm(rows.contiguous(), scale, self.eps).view(x.shape)
         h = rows.float()
         return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps) * scale).to(x.dtype).view(x.shape)

@@ -108,9 +108,8 @@ class RotaryEmbedding:
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x [N, heads, head_dim] by the angles in cos/sin [N, head_dim]."""
-    fused = cpu_kernels.rotary(x, cos, sin)
-    if fused is not None:
-        return fused
+    if cpu_kernels.rotary_applies(x, cos, sin):
+        return cpu_kernels.rotary(x, cos, sin)
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos[:, None, :] + rotated * sin[:, None, :]

@@ -63,8 +63,9 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x: torch.Tensor, lora: LoraRouting | None = None) -> torch.Tensor:
         gate, up = project(self.gate_proj, x, lora), project(self.up_proj, x, lora)
-        fused = cpu_kernels.silu_mul(gate, up) if self.silu else None
-        return project(self.down_proj, fused if fused is not None else self.act(gate) * up, lora)
+        if self.silu and cpu_kernels.silu_mul_applies(gate, up):
+            return project(self.down_proj, cpu_kernels.silu_mul(gate, up), lora)
+        return project(self.down_proj, self.act(gate) * up, lora)
 
 
 class LlamaDecoderLayer(nn.Module):

@@ -25,7 +25,7 @@ def test_small_linear_float32_matches_linear(rows: int, shape: tuple[int, int]) 
     with torch.inference_mode():
         for bias in (None, b):
             got = cpu_kernels.small_linear(x, w, bias)
-            assert got is not None and got.shape == (rows, shape[0]) and got.dtype == torch.float32
+            assert got.shape == (rows, shape[0]) and got.dtype == torch.float32
             torch.testing.assert_close(got, F.linear(x, w, bias), rtol=1e-5, atol=1e-4)
 
 
@@ -35,7 +35,7 @@ def test_small_linear_bfloat16_accumulates_in_float32() -> None:
     x = torch.randn(3, 200, generator=g).bfloat16()
     with torch.inference_mode():
         got = cpu_kernels.small_linear(x, w, None)
-    assert got is not None and got.dtype == torch.bfloat16
+    assert got.dtype == torch.bfloat16
     exact = (x.float() @ w.float().T).bfloat16()
     assert (got.float() - exact.float()).abs().max() <= 0.05 * exact.float().abs().max()
 
@@ -43,9 +43,11 @@ def test_small_linear_bfloat16_accumulates_in_float32() -> None:
 def test_small_linear_declines_what_pytorch_should_do() -> None:
     w = torch.randn(8, 16)
     with torch.inference_mode():
-        assert cpu_kernels.small_linear(torch.randn(5, 16), w, None) is None  # a matrix product, not streaming
-        assert cpu_kernels.small_linear(torch.randn(1, 16).bfloat16(), w.bfloat16(), None) is None
-    assert cpu_kernels.small_linear(torch.randn(1, 16), w.requires_grad_(), None) is None  # needs autograd
+        assert cpu_kernels.small_linear_applies(torch.randn(4, 16), w)
+        assert not cpu_kernels.small_linear_applies(torch.randn(5, 16), w)  # a matrix product, not streaming
+        assert not cpu_kernels.small_linear_applies(torch.randn(1, 16).bfloat16(), w.bfloat16())
+        assert cpu_kernels.small_linear_applies(torch.randn(2, 16).bfloat16(), w.bfloat16())
+    assert not cpu_kernels.small_linear_applies(torch.randn(1, 16), w.requires_grad_())  # needs autograd
 
 
 def test_dense_layer_trains_and_decodes_the_same() -> None:
@@ -74,10 +76,13 @@ def test_rms_norm_rotary_and_silu_mul_match_pytorch(rows: int) -> None:
 
 def test_fused_elementwise_kernels_decline_grad_and_other_dtypes() -> None:
     w = torch.rand(8)
-    assert cpu_kernels.silu_mul(torch.randn(2, 8), torch.randn(2, 7)) is None
-    assert cpu_kernels.rms_norm(torch.randn(2, 8, dtype=torch.bfloat16), w, 1e-5) is None
-    assert cpu_kernels.rms_norm(torch.randn(2, 8, requires_grad=True), w, 1e-5) is None
-    assert cpu_kernels.rotary(torch.randn(2, 3, 8).transpose(0, 1), torch.randn(3, 8), torch.randn(3, 8)) is None
+    assert cpu_kernels.silu_mul_applies(torch.randn(2, 8), torch.randn(2, 8))
+    assert not cpu_kernels.silu_mul_applies(torch.randn(2, 8), torch.randn(2, 7))
+    assert cpu_kernels.rms_norm_applies(torch.randn(2, 8), w)
+    assert not cpu_kernels.rms_norm_applies(torch.randn(2, 8, dtype=torch.bfloat16), w)
+    assert not cpu_kernels.rms_norm_applies(torch.randn(2, 8, requires_grad=True), w)
+    assert cpu_kernels.rotary_applies(torch.randn(3, 2, 8), torch.randn(3, 8), torch.randn(3, 8))
+    assert not cpu_kernels.rotary_applies(torch.randn(2, 3, 8).transpose(0, 1), torch.randn(3, 8), torch.randn(3, 8))
 
 
 @pytest.mark.parametrize("threads", [1, 4])  # 4: batch-1 contexts are cut into spans and merged
