@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from lmkernel.errors import LmkError
-from lmkernel.layers.attention import AttentionMetadata, DecodeGroup, KVLayer, PagedLayout
+from lmkernel.layers.attention import AttentionMetadata, DecodeGroup, GroupedDecode, KVLayer, PagedLayout
 from lmkernel.loading import LoadedModel
 
 
@@ -79,7 +79,7 @@ def generated_sequences(lm: LoadedModel, count: int = 128, length: int = 128, se
         group = DecodeGroup(seqs=tuple(range(count)), rows=rows, slots=slots, mask=None,
                             keys=torch.empty(scratch, dtype=lm.dtype, device=device),
                             values=torch.empty(scratch, dtype=lm.dtype, device=device))
-        paged = PagedLayout(slot_mapping=starts + t, seq_lens=(t + 1,) * count, context_slots={}, decode_groups=(group,))
+        paged = PagedLayout(slot_mapping=starts + t, seq_lens=(t + 1,) * count, context_slots={}, decode=GroupedDecode((group,)))
         meta = AttentionMetadata.for_lengths([1] * count, causal=True, paged=paged)
         hidden = lm.model(tokens[:, t].to(device), torch.full((count,), t, device=device), meta, caches)
         logits = lm.model.compute_logits(hidden).float().cpu()

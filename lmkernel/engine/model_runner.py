@@ -11,48 +11,18 @@ import torch
 
 from lmkernel.config import EngineConfig, EngineConfigError
 from lmkernel.engine.adapters import LoraAdapters
+from lmkernel.engine.attention_backends import AttentionBackend, FusedBackend, choose_backend
 from lmkernel.engine.request import Logprob, PositionLogprobs, Request
 from lmkernel.engine.sampling import Sampler, top_logprobs
 from lmkernel.engine.scheduler import SchedulerOutput
 from lmkernel.engine.speculative import verify
 from lmkernel.layers import cpu_kernels
-from lmkernel.layers.attention import AttentionMetadata, DecodeBatch, DecodeGroup, KVLayer, PagedLayout
+from lmkernel.layers.attention import AttentionMetadata, KVLayer, PagedLayout
 from lmkernel.layers.lora import LoraRouting
 from lmkernel.loader.tokenizer import Tokenizer
 from lmkernel.memory.block_pool import NULL_BLOCK
 from lmkernel.memory.kv_cache import KVCache
-from lmkernel.models.interface import CausalLM, FusedDecoder
-
-# How decode steps run, fastest first; the runner picks one when the engine starts (EngineConfig.decode_backend).
-DECODE_BACKENDS = {
-    "fused": "the whole decoder in one compiled CPU call per step (up to 16 sequences; more run paged-kernel)",
-    "paged-kernel": "the model's forward, attention through the compiled CPU kernel that follows the block tables",
-    "torch": "the model's forward, attention by PyTorch SDPA over contexts gathered in groups of similar length",
-}
-
-
-def choose_decode_backend(model: CausalLM, kv_cache: KVCache, requested: str = "auto") -> tuple[str, FusedDecoder | None]:
-    """The decode backend for this model and cache (and the fused step, when that is it): `requested`, or
-    with "auto" the fastest one that applies; a backend that cannot run here is refused with the reason."""
-    kernel = cpu_kernels.paged_decode_available(kv_cache.keys[0])
-    one_group = kv_cache.groups.num_groups == 1  # the fused step follows one block table for every layer
-    fused = model.fused_decode() if kernel and one_group and requested in ("auto", "fused") else None
-    if requested == "auto":
-        return ("fused", fused) if fused is not None else ("paged-kernel" if kernel else "torch", None)
-    if requested in ("fused", "paged-kernel") and not kernel:
-        raise EngineConfigError(f"--decode-backend {requested}: the compiled CPU kernels need the model and its KV "
-                                f"cache on CPU in float32 (here {kv_cache.keys[0].device}, "
-                                f"{kv_cache.keys[0].dtype}); use auto or torch")
-    if requested == "fused" and not one_group:
-        raise EngineConfigError("--decode-backend fused: this model's sliding-window and global layers keep separate "
-                                "block tables (the hybrid KV cache), which the fused step does not follow; use auto, "
-                                "paged-kernel or torch, or --no-hybrid-kv-cache")
-    if requested == "fused" and fused is None:
-        raise EngineConfigError(f"--decode-backend fused: {type(model).__name__} offers no fused decode step for these "
-                                "weights (it needs a Llama-family model in float32 with SiLU and dense, int8, int4 or "
-                                "GGUF projections); use auto, paged-kernel or torch")
-    return requested, fused
-
+from lmkernel.models.interface import CausalLM
 
 def select_cpu_path(config: EngineConfig) -> str | None:
     """Make `config.cpu_path` the process's CPU kernels where the engine runs on the CPU (an EngineConfigError
@@ -114,11 +84,11 @@ class ModelRunner:
             cpu_kernels.build()
         # Chosen once: the model does not change under the engine. The fused step serves steps in which no
         # token uses an adapter (it runs the base layers); the others run the model's forward.
-        self.decode_backend, self.fused = choose_decode_backend(model, kv_cache, config.decode_backend)
-        self.use_kernel = self.decode_backend != "torch"
+        self.backend = choose_backend(model, kv_cache, device, config.decode_backend, config.deterministic)
+        self.decode_backend = self.backend.name
         self.deterministic = config.deterministic
         if self.deterministic:
-            check_deterministic(self.fused, adapters)
+            check_deterministic(self.backend, adapters)
         self.times = StepTimes()
 
     def add_generator(self, request_id: str, seed: int) -> None:
@@ -171,46 +141,11 @@ class ModelRunner:
         """Where the step's tokens live in one KV group's blocks (`tables`: each sequence's table there)."""
         bs = self.kv_cache.block_size
         slots = [table[p // bs] * bs + p % bs for table, e, n in zip(tables, seq_lens, lengths) for p in range(e - n, e)]
-        batch, groups = None, ()
-        if decode_seqs and self.use_kernel:
-            batch = self._decode_batch(decode_seqs, starts, tables, seq_lens)
-        elif decode_seqs:
-            groups = tuple(
-                self._decode_group(g, [starts[i] for i in g], [tables[i] for i in g], [seq_lens[i] for i in g])
-                for g in group_by_length(decode_seqs, seq_lens)
-            )
         return PagedLayout(
             slot_mapping=torch.tensor(slots, device=self.device),
             seq_lens=tuple(seq_lens),
             context_slots={i: self._context_slots(tables[i], seq_lens[i]) for i in context},
-            decode_groups=groups,
-            decode_batch=batch,
-        )
-
-    def _decode_batch(self, seqs: list[int], starts: list[int], tables: list[list[int]], seq_lens: list[int]) -> DecodeBatch:
-        width = max(len(tables[i]) for i in seqs)
-        return DecodeBatch(
-            tuple(seqs),
-            torch.tensor([starts[i] for i in seqs]),
-            torch.tensor([tables[i] + [0] * (width - len(tables[i])) for i in seqs], dtype=torch.int64),
-            torch.tensor([seq_lens[i] for i in seqs], dtype=torch.int64),
-            self.kv_cache.block_size,
-        )
-
-    def _decode_group(self, seqs: list[int], rows: list[int], tables: list[list[int]], lens: list[int]) -> DecodeGroup:
-        bs = self.kv_cache.block_size
-        width = max(len(t) for t in tables)
-        padded = torch.tensor([t + [0] * (width - len(t)) for t in tables])
-        pos = torch.arange(max(lens))
-        slots = (padded[:, pos // bs] * bs + pos % bs).to(self.device)
-        mask = None
-        if min(lens) != max(lens):
-            mask = (pos[None, :] < torch.tensor(lens)[:, None])[:, None, None, :].to(self.device)
-        like = self.kv_cache.keys[0]
-        scratch = (slots.numel(), *like.shape[1:])
-        return DecodeGroup(
-            tuple(seqs), torch.tensor(rows, device=self.device), slots, mask,
-            torch.empty(scratch, dtype=like.dtype, device=like.device), torch.empty(scratch, dtype=like.dtype, device=like.device),
+            decode=self.backend.decode(decode_seqs, starts, tables, seq_lens) if decode_seqs else None,
         )
 
     def _context_slots(self, table: list[int], length: int) -> torch.Tensor:
@@ -325,11 +260,10 @@ class ModelRunner:
                       lambda i: self._banned(request, i), allowed)
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, adapters: bool) -> torch.Tensor:
-        """Final hidden states of the step: the fused decode call where it covers the step, else the model."""
-        hidden = None
-        if self.fused is not None and not adapters:
-            hidden = self.fused(ids, positions, meta, self.kv_layers, invariant=self.deterministic)
-        return hidden if hidden is not None else self.model(ids, positions, meta, self.kv_layers)
+        """Final hidden states of the step: the backend's own call where it covers the step, else the model's."""
+        if self.backend.covers(int(ids.shape[0]), meta, adapters):
+            return self.backend.forward(ids, positions, meta, self.kv_layers)
+        return self.model(ids, positions, meta, self.kv_layers)
 
     @torch.inference_mode()
     def last_logits(self, out: SchedulerOutput) -> torch.Tensor:
@@ -352,10 +286,10 @@ class ModelRunner:
         }
 
 
-def check_deterministic(fused: FusedDecoder | None, adapters: LoraAdapters | None) -> None:
+def check_deterministic(backend: AttentionBackend, adapters: LoraAdapters | None) -> None:
     """Refuse `EngineConfig.deterministic` where its batch-invariant arithmetic cannot hold: it needs the fused
     CPU decode step (every token runs as one of its rows), which serves steps without adapters."""
-    if fused is None:
+    if not isinstance(backend, FusedBackend):
         raise EngineConfigError("--deterministic needs the fused CPU decode step (a Llama-family model, on CPU, in "
                                 "float32, with --decode-backend auto or fused); this model or device has none")
     if adapters is not None:
@@ -367,15 +301,3 @@ def _usable(table: list[int]) -> list[int]:
     """A block table the kernels may follow: blocks a sliding group gave back read as block 0 (never attended to:
     they lie before every query's window)."""
     return [max(b, 0) for b in table] if NULL_BLOCK in table else table
-
-
-def group_by_length(seqs: list[int], lengths: list[int], slack: float = 1.25) -> list[list[int]]:
-    """Split sequences into groups whose longest context is at most `slack` times the shortest,
-    so that padding to the longest in a group wastes little attention work."""
-    groups: list[list[int]] = []
-    for i in sorted(seqs, key=lambda i: lengths[i]):
-        if groups and lengths[i] <= slack * lengths[groups[-1][0]]:
-            groups[-1].append(i)
-        else:
-            groups.append([i])
-    return groups

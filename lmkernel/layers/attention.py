@@ -4,10 +4,11 @@ Every model passes its projected queries, keys and values as [num_tokens, heads,
 sequences of the batch laid end to end, plus an `AttentionMetadata` saying where each sequence
 starts. No sequence is padded to the longest. Without a cache (the reference path) each sequence
 attends within itself. With one, the new K/V are first written into their slots for every sequence,
-then each sequence reads its whole context back through its slots: prefill chunks one by one,
-single-token decodes all at once through the compiled CPU kernel that follows the block tables, or,
-where it cannot run (CUDA, other dtypes), in groups of similar length, one call per group (keys
-masked past each sequence's length).
+then each sequence reads its whole context back through its slots: prefill chunks one by one, and
+single-token decodes as the engine's attention backend laid them out, chosen once when it started
+(`engine/attention_backends.py`): all at once through the compiled CPU kernel that follows the block
+tables (`DecodeBatch`), or in groups of similar length, one SDPA call per group (`GroupedDecode`, for
+CUDA and other dtypes; keys masked past each sequence's length).
 
 A layer with a sliding `window` lets each query read only keys less than `window` positions before it
 (Mistral, Gemma 3's local layers), or, without the causal mask, less than `window` positions away on
@@ -44,13 +45,49 @@ class DecodeGroup:
     keys: torch.Tensor
     values: torch.Tensor
 
+    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float | None,
+               window: int | None) -> torch.Tensor:
+        """The group's rows of q [N, Hq, D] over their gathered contexts -> [B, Hq, D]."""
+        shape = (*self.slots.shape, *k_cache.shape[1:])
+        flat = self.slots.view(-1)
+        keys = torch.index_select(k_cache, 0, flat, out=self.keys).view(shape).transpose(1, 2)  # [B, Hkv, Lmax, D]
+        values = torch.index_select(v_cache, 0, flat, out=self.values).view(shape).transpose(1, 2)
+        mask = self.mask
+        if window is not None:  # keys within the window of each sequence's last position
+            longest = self.slots.shape[1]
+            lengths = (mask.sum(-1).view(-1, 1) if mask is not None
+                       else torch.full((len(self.seqs), 1), longest, device=q.device))
+            recent = (torch.arange(longest, device=q.device)[None, :] >= lengths - window).view(-1, 1, 1, longest)
+            mask = recent if mask is None else mask & recent
+        o = F.scaled_dot_product_attention(q[self.rows].unsqueeze(2), keys, values, attn_mask=mask, scale=scale,
+                                           enable_gqa=True)
+        return o.squeeze(2)
+
+
+@dataclass(frozen=True)
+class GroupedDecode:
+    """The torch backend's decodes: groups of similar context length, each gathered and read by SDPA (CUDA,
+    other dtypes: wherever the compiled kernel cannot run)."""
+
+    groups: tuple[DecodeGroup, ...]
+
+    @cached_property
+    def seqs(self) -> frozenset[int]:
+        return frozenset(i for g in self.groups for i in g.seqs)
+
+    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float | None,
+               window: int | None, out: torch.Tensor) -> torch.Tensor:
+        """`out` with each decode row written from its query row of q."""
+        for group in self.groups:
+            out[group.rows] = group.attend(q, k_cache, v_cache, scale, window)
+        return out
+
 
 @dataclass(frozen=True)
 class DecodeBatch:
-    """All single-token sequences, for the compiled kernel that reads the cache through block tables.
-
-    rows: their query rows [B]; tables: block tables padded with block 0 [B, max_blocks]; lens:
-    context lengths [B].
+    """The paged-kernel backend's decodes: all single-token sequences, read by the compiled kernel that follows
+    the block tables. rows: their query rows [B]; tables: block tables padded with block 0 [B, max_blocks];
+    lens: context lengths [B].
     """
 
     seqs: tuple[int, ...]
@@ -59,6 +96,17 @@ class DecodeBatch:
     lens: torch.Tensor
     block_size: int
 
+    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float | None,
+               window: int | None, out: torch.Tensor) -> torch.Tensor:
+        """`out` with each decode row written from its query row of q (a step of decodes only: the kernel's
+        output itself, no rows to pick)."""
+        scale_value = scale if scale is not None else q.shape[-1] ** -0.5
+        if len(self.seqs) == q.shape[0]:
+            return paged_decode(q, k_cache, v_cache, self.tables, self.lens, self.block_size, scale_value, window)
+        out[self.rows] = paged_decode(q[self.rows], k_cache, v_cache, self.tables, self.lens, self.block_size,
+                                      scale_value, window)
+        return out
+
 
 @dataclass(frozen=True)
 class PagedLayout:
@@ -66,21 +114,19 @@ class PagedLayout:
 
     slot_mapping: cache row of each new token [N]. seq_lens: context length of each sequence after
     this step. context_slots: for chunks that read earlier tokens back from the cache, the rows of
-    their whole context, in order. Single-token sequences come either as one `decode_batch` for the
-    compiled kernel or, where it cannot run, as `decode_groups` of similar length.
+    their whole context, in order. decode: the single-token sequences, as the engine's attention
+    backend reads them (`DecodeBatch` for the compiled kernel, `GroupedDecode` for SDPA).
     """
 
     slot_mapping: torch.Tensor
     seq_lens: tuple[int, ...]
     context_slots: dict[int, torch.Tensor]
-    decode_groups: tuple[DecodeGroup, ...] = ()
-    decode_batch: DecodeBatch | None = None
+    decode: DecodeBatch | GroupedDecode | None = None
 
-    @cached_property
-    def decode_seqs(self) -> frozenset[int]:
-        """Every single-token sequence (read once per step, asked by every layer)."""
-        seqs = {i for g in self.decode_groups for i in g.seqs}
-        return frozenset(seqs | set(self.decode_batch.seqs) if self.decode_batch is not None else seqs)
+    @property
+    def decode_seqs(self) -> frozenset[int] | tuple[int, ...]:
+        """Every single-token sequence (asked by every layer)."""
+        return self.decode.seqs if self.decode is not None else ()
 
 
 @dataclass(frozen=True)
@@ -202,57 +248,47 @@ def attend(
     sliding window (None: the whole context); `bias` [Hq, L, L] (L at least the longest sequence) is added
     to the scores of query i and key j of every sequence (relative positions; without a cache only).
     """
-    bounds = meta.cu_seqlens
     paged = meta.paged_for(kv_cache.group) if kv_cache is not None else None
     if bias is not None and paged is not None:
         raise ValueError("an attention bias is for whole sequences without a cache (encoders)")
     if paged is None and (meta.num_sequences > 1 or bias is not None):
         return _padded_sdpa(q, k, v, meta, scale, dropout_p, window, bias)
-    if paged is not None:
-        k_cache, v_cache = kv_cache.keys, kv_cache.values
-        k_cache.index_copy_(0, paged.slot_mapping, k)
-        v_cache.index_copy_(0, paged.slot_mapping, v)
-        batch = paged.decode_batch
-        if batch is not None and len(batch.seqs) == q.shape[0]:  # a step of decodes only: no rows to pick
-            scale_value = scale if scale is not None else q.shape[-1] ** -0.5
-            return paged_decode(q, k_cache, v_cache, batch.tables, batch.lens, batch.block_size, scale_value, window)
     out = torch.empty_like(q)
-    decode = paged.decode_seqs if paged is not None else set()
-    for i in range(meta.num_sequences):
+    if paged is None:
+        return _whole_sequences(q, k, v, meta, scale, dropout_p, window, out)
+    kv_cache.keys.index_copy_(0, paged.slot_mapping, k)
+    kv_cache.values.index_copy_(0, paged.slot_mapping, v)
+    decode = paged.decode_seqs
+    for i in range(meta.num_sequences if len(decode) < meta.num_sequences else 0):
         if i in decode:
             continue
-        s, e = bounds[i], bounds[i + 1]
-        slots = paged.context_slots.get(i) if paged is not None else None
-        if slots is None and window is None:  # the whole context is in this step
-            out[s:e] = _sdpa(q[s:e], k[s:e], v[s:e], scale, is_causal=meta.causal, dropout_p=dropout_p)
-            continue
-        if slots is None:
-            allowed = allowed_keys(torch.arange(e - s, device=q.device), e - s, meta.causal, window)
-            out[s:e] = _sdpa(q[s:e], k[s:e], v[s:e], scale, attn_mask=allowed, dropout_p=dropout_p)
+        s, e = meta.cu_seqlens[i], meta.cu_seqlens[i + 1]
+        slots = paged.context_slots.get(i)
+        if slots is None:  # the whole context is in this step
+            out[s:e] = _one_sequence(q[s:e], k[s:e], v[s:e], scale, meta.causal, dropout_p, window)
             continue
         context, new = slots.shape[0], e - s
         first = 0 if window is None else max(0, context - new - window + 1)  # no query of the chunk reads keys before it
         allowed = allowed_keys(torch.arange(context - new, context, device=q.device), context, True, window)[:, first:]
-        out[s:e] = _sdpa(q[s:e], k_cache[slots[first:]], v_cache[slots[first:]], scale, attn_mask=allowed)
-    batch = paged.decode_batch if paged is not None else None
-    if batch is not None:
-        scale_value = scale if scale is not None else q.shape[-1] ** -0.5
-        out[batch.rows] = paged_decode(q[batch.rows], k_cache, v_cache, batch.tables, batch.lens, batch.block_size,
-                                       scale_value, window)
-    for group in paged.decode_groups if paged is not None else ():
-        shape = (*group.slots.shape, *k_cache.shape[1:])
-        flat = group.slots.view(-1)
-        keys = torch.index_select(k_cache, 0, flat, out=group.keys).view(shape).transpose(1, 2)  # [B, Hkv, Lmax, D]
-        values = torch.index_select(v_cache, 0, flat, out=group.values).view(shape).transpose(1, 2)
-        mask = group.mask
-        if window is not None:  # keys within the window of each sequence's last position
-            longest = group.slots.shape[1]
-            lengths = (mask.sum(-1).view(-1, 1) if mask is not None
-                       else torch.full((len(group.seqs), 1), longest, device=q.device))
-            recent = (torch.arange(longest, device=q.device)[None, :] >= lengths - window).view(-1, 1, 1, longest)
-            mask = recent if mask is None else mask & recent
-        o = F.scaled_dot_product_attention(
-            q[group.rows].unsqueeze(2), keys, values, attn_mask=mask, scale=scale, enable_gqa=True
-        )
-        out[group.rows] = o.squeeze(2)
+        out[s:e] = _sdpa(q[s:e], kv_cache.keys[slots[first:]], kv_cache.values[slots[first:]], scale, attn_mask=allowed)
+    if paged.decode is not None:
+        return paged.decode.attend(q, kv_cache.keys, kv_cache.values, scale, window, out)
+    return out
+
+
+def _one_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, causal: bool,
+                  dropout_p: float, window: int | None) -> torch.Tensor:
+    """One sequence whose whole context is q/k/v, causal or not, within its window."""
+    if window is None:
+        return _sdpa(q, k, v, scale, is_causal=causal, dropout_p=dropout_p)
+    allowed = allowed_keys(torch.arange(q.shape[0], device=q.device), q.shape[0], causal, window)
+    return _sdpa(q, k, v, scale, attn_mask=allowed, dropout_p=dropout_p)
+
+
+def _whole_sequences(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata, scale: float | None,
+                     dropout_p: float, window: int | None, out: torch.Tensor) -> torch.Tensor:
+    """Without a cache: each sequence attends within itself."""
+    for i in range(meta.num_sequences):
+        s, e = meta.cu_seqlens[i], meta.cu_seqlens[i + 1]
+        out[s:e] = _one_sequence(q[s:e], k[s:e], v[s:e], scale, meta.causal, dropout_p, window)
     return out

@@ -21,15 +21,16 @@ from lmkernel.layers.lora import LoraRouting
 
 @runtime_checkable
 class FusedDecoder(Protocol):
-    """A compiled whole-model decode step a model may offer: every layer in one call for steps in which
-    each of up to `max_sequences` sequences adds one token. Returns None for a step it does not cover,
-    and the model's own forward runs instead. `invariant`: each row's result does not depend on the others
-    (any number of rows, in pieces)."""
+    """A compiled whole-model decode step a model may offer: every layer in one call for the steps it
+    `covers` (each of up to `max_sequences` sequences adds one token); the model's own forward runs the
+    others. `invariant`: each row's result does not depend on the others (any number of rows, in pieces)."""
 
     max_sequences: int
 
+    def covers(self, num_tokens: int, meta: AttentionMetadata, invariant: bool = False) -> bool: ...
+
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                 kv_caches: Sequence[KVLayer], invariant: bool = False) -> torch.Tensor | None: ...
+                 kv_caches: Sequence[KVLayer], invariant: bool = False) -> torch.Tensor: ...
 
 
 @runtime_checkable

@@ -21,7 +21,7 @@ from torch import nn
 from lmkernel.config import ModelConfig
 from lmkernel.layers import cpu_kernels
 from lmkernel.layers.activation import get_activation
-from lmkernel.layers.attention import AttentionMetadata, KVLayer, attend
+from lmkernel.layers.attention import AttentionMetadata, DecodeBatch, KVLayer, attend
 from lmkernel.layers.checkpoint import run_layer
 from lmkernel.layers.linear import Dense, GGUFLinear, Int4Linear, Int8Linear, dense
 from lmkernel.layers.lora import LoraRouting, MultiLoraLinear, project
@@ -194,8 +194,8 @@ class FusedDecode:
     ~30 framework calls per layer.
 
     Built once by the model runner (an engine's model does not change under it); the kernel holds each
-    layer's weights by name. Calling it on a step it does not cover (a prefill, more sequences) returns
-    None, and the model's own forward runs.
+    layer's weights by name. It runs the steps it `covers`; the model's own forward runs the others (a
+    prefill, more sequences).
     """
 
     def __init__(self, model: LlamaForCausalLM, decoder: object, max_sequences: int) -> None:
@@ -203,19 +203,26 @@ class FusedDecode:
         self.max_sequences = max_sequences
         self._caches: tuple[object, list[torch.Tensor], list[torch.Tensor]] | None = None  # the runner's, split once
 
+    def covers(self, num_tokens: int, meta: AttentionMetadata, invariant: bool = False) -> bool:
+        """Whether it runs this step: every token a decode laid out for the paged kernel, at most `max_sequences`
+        of them unless `invariant` (then any number, in pieces)."""
+        batch = meta.paged.decode if meta.paged is not None else None
+        return (isinstance(batch, DecodeBatch) and len(batch.seqs) == num_tokens
+                and (num_tokens <= self.max_sequences or invariant))
+
     def __call__(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, kv_caches: Sequence[KVLayer],
         invariant: bool = False,
-    ) -> torch.Tensor | None:
-        """Final hidden states, or None for a step it does not cover. `invariant`: each row's result the same
-        bits whatever rows share the step (row kernels only; a step of more than `max_sequences` rows runs in
-        pieces, each reading the K/V the pieces before it wrote)."""
-        paged = meta.paged
-        batch = paged.decode_batch if paged is not None else None
+    ) -> torch.Tensor:
+        """Final hidden states of a step it `covers`. `invariant`: each row's result the same bits whatever rows
+        share the step (row kernels only; a step of more than `max_sequences` rows runs in pieces, each reading
+        the K/V the pieces before it wrote)."""
         n = input_ids.shape[0]
-        if batch is None or len(batch.seqs) != n or (n > self.max_sequences and not invariant) \
-                or kv_caches[0].keys.dtype != torch.float32:
-            return None
+        if not self.covers(n, meta, invariant):
+            raise ValueError(f"the fused decode step covers steps of 1 to {self.max_sequences} decodes through the "
+                             f"paged kernel; this step has {n} tokens")
+        paged = meta.paged
+        batch = paged.decode
         if self._caches is None or self._caches[0] is not kv_caches:
             self._caches = (kv_caches, [c.keys for c in kv_caches], [c.values for c in kv_caches])
         m = self.model

@@ -9,7 +9,8 @@ import torch
 
 from lmkernel import LLM, EngineConfig, SamplingParams
 from lmkernel.config import CacheConfig, EngineConfigError
-from lmkernel.engine.model_runner import DECODE_BACKENDS, choose_decode_backend
+from lmkernel.engine.attention_backends import DECODE_BACKENDS, FusedBackend, choose_backend
+from lmkernel.layers.attention import DecodeBatch, GroupedDecode
 from lmkernel.layers.lora import LoraRouting
 from lmkernel.memory.kv_cache import allocate_kv_cache
 from lmkernel.models.interface import CausalLM
@@ -25,7 +26,7 @@ def llms(smollm) -> dict[str, LLM]:
 def test_the_backend_is_chosen_once_and_reported(smollm, llms, capsys):
     for backend, llm in llms.items():
         assert llm.stats()["decode_backend"] == llm.engine.runner.decode_backend == backend
-        assert (llm.engine.runner.fused is not None) == (backend == "fused")
+        assert isinstance(llm.engine.runner.backend, FusedBackend) == (backend == "fused")
     auto = LLM(smollm, kv_cache_memory="8MiB")
     assert auto.stats()["decode_backend"] == "fused"  # a float32 Llama on CPU: the fastest there is
     assert "decode backend fused" in capsys.readouterr().out  # the startup line says which
@@ -52,14 +53,15 @@ def test_a_backend_that_cannot_run_is_refused_with_the_reason(smollm):
     model = _NoFusedStep(smollm.config)
     assert isinstance(model, CausalLM)
     float_cache = allocate_kv_cache(smollm.config, CacheConfig(memory_bytes=4 << 20), torch.float32, torch.device("cpu"))
-    assert choose_decode_backend(model, float_cache, "auto") == ("paged-kernel", None)
-    assert choose_decode_backend(model, float_cache, "torch") == ("torch", None)
+    cpu = torch.device("cpu")
+    assert choose_backend(model, float_cache, cpu, "auto").name == "paged-kernel"
+    assert choose_backend(model, float_cache, cpu, "torch").name == "torch"
     with pytest.raises(EngineConfigError, match="--decode-backend fused: _NoFusedStep offers no fused decode step"):
-        choose_decode_backend(model, float_cache, "fused")
+        choose_backend(model, float_cache, cpu, "fused")
     half_cache = allocate_kv_cache(smollm.config, CacheConfig(memory_bytes=4 << 20), torch.float16, torch.device("cpu"))
-    assert choose_decode_backend(model, half_cache, "auto") == ("torch", None)
+    assert choose_backend(model, half_cache, cpu, "auto").name == "torch"
     with pytest.raises(EngineConfigError, match="--decode-backend paged-kernel: the compiled CPU kernels need"):
-        choose_decode_backend(model, half_cache, "paged-kernel")
+        choose_backend(model, half_cache, cpu, "paged-kernel")
     with pytest.raises(EngineConfigError, match="--decode-backend"):
         EngineConfig(decode_backend="cuda-graphs")
 
@@ -98,15 +100,15 @@ def test_layout_of_a_prefill_then_a_decode_step(llms, backend):
         tables = [c.block_tables[0] for c in plan.chunks]
         expected = [tables[0][p // bs] * bs + p % bs for p in range(5)] + [tables[1][p // bs] * bs + p % bs for p in range(20)]
         assert meta.paged.slot_mapping.tolist() == expected
-        assert meta.paged.decode_batch is None and meta.paged.decode_groups == ()
+        assert meta.paged.decode is None
         engine.scheduler.update(plan, engine.runner.execute(plan).sampled)
         plan = engine.scheduler.schedule()  # both now add one token each
         _, positions, meta = engine.runner.layout(plan)
         assert positions.tolist() == [5, 20] and meta.paged.seq_lens == (6, 21)
         if backend == "torch":
-            assert meta.paged.decode_batch is None and sorted(s for g in meta.paged.decode_groups for s in g.seqs) == [0, 1]
+            assert isinstance(meta.paged.decode, GroupedDecode) and sorted(meta.paged.decode.seqs) == [0, 1]
         else:
-            assert meta.paged.decode_batch.lens.tolist() == [6, 21] and meta.paged.decode_groups == ()
+            assert isinstance(meta.paged.decode, DecodeBatch) and meta.paged.decode.lens.tolist() == [6, 21]
     finally:
         for i in range(2):
             engine.abort_request(f"r{i}")

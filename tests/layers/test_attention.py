@@ -64,7 +64,7 @@ def test_a_sliding_window_masks_what_lies_outside_it(causal: bool, lengths: list
 def _paged(lengths_before: list[int], new: list[int], block: int, kernel: bool, g: torch.Generator):
     """A paged layout where sequence i has `lengths_before[i]` cached tokens and brings `new[i]` more,
     its blocks scattered over the cache; single-token sequences go to the compiled kernel or to groups."""
-    from lmkernel.layers.attention import DecodeBatch, DecodeGroup, PagedLayout
+    from lmkernel.layers.attention import DecodeBatch, DecodeGroup, GroupedDecode, PagedLayout
 
     total = [a + b for a, b in zip(lengths_before, new)]
     blocks = sum(-(-t // block) for t in total)
@@ -89,7 +89,7 @@ def _paged(lengths_before: list[int], new: list[int], block: int, kernel: bool, 
         slots = torch.stack([torch.cat([slot_of[i], slot_of[i].new_zeros(longest - total[i])]) for i in decodes])
         mask = (torch.arange(longest)[None, :] < torch.tensor([total[i] for i in decodes])[:, None]).view(len(decodes), 1, 1, -1)
         groups = (DecodeGroup(tuple(decodes), rows, slots, mask, torch.empty(0), torch.empty(0)),)
-    return PagedLayout(slot_mapping, tuple(total), context, groups, batch), blocks, slot_of
+    return PagedLayout(slot_mapping, tuple(total), context, batch or (GroupedDecode(groups) if groups else None)), blocks, slot_of
 
 
 @pytest.mark.parametrize("kernel", [True, False])

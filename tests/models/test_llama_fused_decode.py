@@ -10,30 +10,34 @@ import torch
 from model_checks import load_dir, perturb_vectors
 
 from lmkernel import LLM, SamplingParams
+from lmkernel.engine.attention_backends import FusedBackend, PagedKernelBackend
 from lmkernel.layers import cpu_kernels
 from lmkernel.models.llama import FusedDecode
 
 
 def _generate_both_ways(llm: LLM, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> tuple[list, list, int]:
-    """Outputs with the fused decode step, the same without it, and how many steps it ran."""
+    """Outputs with the fused decode step, the same with the paged-kernel backend (the model's forward), and how
+    many steps the fused step ran."""
     runner = llm.engine.runner
-    fused = runner.fused
-    assert isinstance(fused, FusedDecode), "a float32 Llama on CPU should decode through the fused kernel"
+    fused = runner.backend
+    assert isinstance(fused, FusedBackend) and isinstance(fused.fused, FusedDecode), \
+        "a float32 Llama on CPU should decode through the fused kernel"
     calls = 0
+    forward = fused.forward
 
-    def counted(*args: object, **kwargs: object) -> torch.Tensor | None:
+    def counted(*args: object, **kwargs: object) -> torch.Tensor:
         nonlocal calls
-        out = fused(*args, **kwargs)
-        calls += out is not None
-        return out
+        calls += 1
+        return forward(*args, **kwargs)
 
     try:
-        runner.fused = counted
+        fused.forward = counted  # type: ignore[method-assign]
         with_fused = llm.generate(prompts, params)
-        runner.fused = None
+        runner.backend = PagedKernelBackend(runner.kv_cache, runner.device)
         layer_by_layer = llm.generate(prompts, params)
     finally:
-        runner.fused = fused
+        runner.backend = fused
+        del fused.forward
     return with_fused, layer_by_layer, calls
 
 
@@ -118,7 +122,7 @@ def test_fused_decode_of_many_sequences_on_gguf_blocks(smollm_gguf, smollm, wiki
 
     kept = load_model(smollm_gguf)
     llm = LLM(kept, kv_cache_memory="64MiB", enable_prefix_caching=False, verbose=False)
-    assert llm.engine.runner.fused.max_sequences == 64
+    assert llm.engine.runner.backend.fused.max_sequences == 64
     ids = smollm.tokenizer.encode(" ".join(wikitext_lines[:200]))
     prompts = [ids[i * 7 : i * 7 + 5 + 3 * i] for i in range(20)]
     params = [SamplingParams(temperature=0, max_tokens=4 + i % 5, ignore_eos=True, logprobs=1) for i in range(20)]
