@@ -4,9 +4,12 @@ completion runs through one short chain of files, each with one job."""
 from __future__ import annotations
 
 import ast
+import json
 import sys
 import threading
 from pathlib import Path
+
+import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lmkernel"
 
@@ -84,48 +87,89 @@ def test_no_module_reads_another_objects_underscore_fields():
     assert not reaching, reaching
 
 
-# The files a chat completion's request passes through, from the route to the logits and back (14: the KV cache
-# manager keeps a block table per KV group over the block pool's free list, and the output processor turns the
-# engine core's tokens into text and ends, each its own file); and the
-# ones beside that path that each do one job for every request (the ASGI guard, keys, logs, metrics, the
-# JSON schemas, tool-call parsing) or are the model's building blocks.
+# The files a chat completion's request passes through, from the route to the logits and back (15: the KV cache
+# manager keeps a block table per KV group over the block pool's free list, the output processor turns the
+# engine core's tokens into text and ends, and the attention backend lays out how decodes read the cache, each
+# its own file); and the ones beside that path that each do one job for every request (the ASGI guard, keys,
+# logs, metrics, the JSON schemas, tool-call parsing) or are the model's building blocks.
 CHAT_PATH = {
     "serve/routes/chat.py", "serve/checks.py", "serve/generation.py", "engine/async_engine.py",
     "engine/llm_engine.py", "engine/output_processor.py", "engine/request.py", "engine/scheduler.py",
-    "memory/kv_manager.py", "memory/block_pool.py", "engine/model_runner.py", "models/llama.py", "engine/sampling.py",
-    "loader/tokenizer.py",
+    "memory/kv_manager.py", "memory/block_pool.py", "engine/model_runner.py", "engine/attention_backends.py",
+    "models/llama.py", "engine/sampling.py", "loader/tokenizer.py",
 }
 BESIDE = {"serve/app.py", "serve/auth.py", "serve/logs.py", "serve/metrics.py", "serve/protocol.py", "serve/tools.py"}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                          "required": ["city"]}}}]
 
 
-def test_a_chat_completion_runs_through_fourteen_files(smollm):
+@pytest.fixture(scope="module")
+def traced(smollm):
+    """The lmkernel files of the second of two chat completions, and of a streamed chat with a required tool
+    call (the first runs imports and first compiles), and every call between two of them: (caller, callee)."""
     from fastapi.testclient import TestClient
 
     from lmkernel.config import EngineConfig
     from lmkernel.engine.async_engine import AsyncEngine
     from lmkernel.serve.app import ServerConfig, build_app
 
-    app = build_app(ServerConfig(model_name="m"), AsyncEngine.build(smollm, EngineConfig(kv_cache_memory="16MiB")), None)
-    seen: set[str] = set()
-    recording = False
+    app = build_app(ServerConfig(model_name="m", tool_call_parser="llama3_json"),
+                    AsyncEngine.build(smollm, EngineConfig(kv_cache_memory="16MiB")), None)
     root = f"{PACKAGE}/"
+    recording: dict[str, set] = {}
+    current: list[str] = []
 
     def profile(frame, event, _arg):  # noqa: ANN001 - sys.setprofile's signature
-        if recording and event == "call" and frame.f_code.co_filename.startswith(root):
-            seen.add(frame.f_code.co_filename[len(root):])
+        if current and event == "call" and frame.f_code.co_filename.startswith(root):
+            callee = frame.f_code.co_filename[len(root):]
+            recording[current[0]].add(callee)
+            caller = frame.f_back.f_code.co_filename if frame.f_back is not None else ""
+            if caller.startswith(root) and caller[len(root):] != callee:
+                recording["calls"].add((caller[len(root):], callee))
 
-    body = {"model": "m", "messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 4}
+    chat = {"model": "m", "messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 4}
+    tools = {"model": "m", "messages": [{"role": "user", "content": "Weather in Paris?"}], "max_tokens": 32,
+             "tools": TOOLS, "tool_choice": "required", "stream": True}
+    recording.update(chat=set(), tools=set(), calls=set())
     sys.setprofile(profile)
     threading.setprofile(profile)  # the app's and the engine's threads start after this
     try:
         with TestClient(app) as client:
-            assert client.post("/v1/chat/completions", json=body).status_code == 200  # warm: imports, first compile
-            recording = True
-            reply = client.post("/v1/chat/completions", json=body)
-            recording = False
+            for body, name in ((chat, "chat"), (tools, "tools")):
+                assert client.post("/v1/chat/completions", json=body).status_code == 200  # warm
+                current.append(name)
+                reply = client.post("/v1/chat/completions", json=body)
+                current.clear()
+                assert reply.status_code == 200
+                recording[name + " reply"] = reply.text
     finally:
         sys.setprofile(None)
         threading.setprofile(None)
-    assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"]
-    path = {f for f in seen if not f.startswith("layers/")} - BESIDE
-    assert path == CHAT_PATH and len(path) <= 14, sorted(path ^ CHAT_PATH)
+    return recording
+
+
+def test_a_chat_completion_runs_through_fifteen_files(traced):
+    assert json.loads(traced["chat reply"])["choices"][0]["message"]["content"]
+    path = {f for f in traced["chat"] if not f.startswith("layers/")} - BESIDE
+    assert path == CHAT_PATH and len(path) <= 15, sorted(path ^ CHAT_PATH)
+
+
+def test_a_streamed_chat_with_tools_adds_only_the_tool_and_grammar_files(traced):
+    events = [json.loads(line[6:]) for line in traced["tools reply"].splitlines()
+              if line.startswith("data: {")]
+    text = "".join(ch["delta"].get("content") or "" for e in events for ch in e["choices"])
+    assert "".join(text.split()).startswith('{"name":"get_weather"')  # the grammar forces a call (135M params: it
+    # then spins whitespace the JSON grammar allows until max_tokens, so no whole call is parsed)
+    extra = {f for f in traced["tools"] if not f.startswith("layers/")} - BESIDE - CHAT_PATH
+    assert extra <= {"engine/structured.py", "serve/tool_parsers/__init__.py", "serve/tool_parsers/llama3.py"}, extra
+
+
+def test_no_call_in_a_traced_request_goes_to_a_module_above_its_caller(traced):
+    def tier(path: str) -> int:
+        return _tier(path.split("/")[0].removesuffix(".py"))
+
+    assert ("serve/routes/chat.py", "serve/checks.py") in traced["calls"]
+    assert ("engine/model_runner.py", "engine/attention_backends.py") in traced["calls"]
+    upward = sorted(f"{a} -> {b}" for a, b in traced["calls"] if tier(b) > tier(a))
+    assert not upward, upward
