@@ -66,6 +66,43 @@ class ModelRunnerOutput:
     prompt_logprobs: dict[str, list[PositionLogprobs]] = field(default_factory=dict)
 
 
+@dataclass
+class RowPlan:
+    """Which hidden rows of a step need logits, and what each is for: a request's next token (`sample_at`), the
+    check of its proposals (`verify_at`: index in `rows`, the proposals), or its prompt's log-probs (`prompt_at`:
+    index in `rows`, how many, first position). `slots`: each row's adapter slot, with adapters."""
+
+    rows: list[int] = field(default_factory=list)
+    slots: list[int] = field(default_factory=list)
+    sample_at: list[tuple[Request, int]] = field(default_factory=list)
+    verify_at: list[tuple[Request, int, list[int]]] = field(default_factory=list)
+    prompt_at: list[tuple[Request, int, int, int]] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, out: SchedulerOutput, chunk_slots: list[int]) -> RowPlan:
+        plan, first = cls(), 0
+        for i, chunk in enumerate(out.chunks):
+            request = chunk.request
+            if request.wants_prompt_logprobs:
+                # Row for position p scores prompt token p + 1. The list opens with None (token 0 has no
+                # score); positions scored before a preemption are not scored again.
+                lo = max(chunk.start, len(request.prompt_logprobs) - 1)
+                hi = min(chunk.start + chunk.num_tokens, request.num_prompt_tokens - 1)
+                if hi > lo:
+                    plan.prompt_at.append((request, len(plan.rows), hi - lo, lo))
+                    plan.rows.extend(range(first + lo - chunk.start, first + hi - chunk.start))
+            if chunk.draft:
+                plan.verify_at.append((request, len(plan.rows), chunk.draft))
+                plan.rows.extend(range(first, first + chunk.num_tokens))
+            elif chunk.samples:
+                plan.sample_at.append((request, len(plan.rows)))
+                plan.rows.append(first + chunk.num_tokens - 1)
+            if chunk_slots:
+                plan.slots.extend([chunk_slots[i]] * (len(plan.rows) - len(plan.slots)))
+            first += chunk.num_tokens
+        return plan
+
+
 class ModelRunner:
     """Owns the model's forward on the KV cache, and the sampler; with `adapters`, routes each
     request's tokens to its LoRA adapter for the forward and the logits (the step's `LoraRouting`)."""
@@ -162,8 +199,35 @@ class ModelRunner:
             slots = slots if any(s >= 0 for s in slots) else []
         per_token = [s for s, c in zip(slots, out.chunks) for _ in range(c.num_tokens)]
         ids, positions, meta = self.layout(out, LoraRouting.of(per_token, self.device))
+        hidden = self._timed_forward(out, ids, positions, meta, bool(slots))
+        plan = RowPlan.of(out, slots)
+        result = ModelRunnerOutput()
+        if not plan.rows:
+            return result
+        logits = self._logits(hidden, plan)
+        for request, at, count, start in plan.prompt_at:
+            scored = torch.log_softmax(logits[at : at + count], -1)
+            n = request.sampling_params.prompt_logprobs
+            result.prompt_logprobs[request.request_id] = [
+                self._position(scored[j], request.token_ids[start + j + 1], n) for j in range(count)
+            ]
+        start = time.perf_counter()
+        self._sample(logits, plan.sample_at, allowed, result)
+        for request, at, draft in plan.verify_at:
+            result.sampled[request.request_id] = tokens = self._verify(request, logits[at : at + len(draft) + 1], draft,
+                                                                       allowed.get(request.request_id) if allowed else None)
+            n = request.sampling_params.logprobs
+            if n is not None:
+                result.logprobs[request.request_id] = [
+                    self._position(torch.log_softmax(logits[at + j], -1), t, n) for j, t in enumerate(tokens)]
+        self.times.sampling += time.perf_counter() - start
+        return result
+
+    def _timed_forward(self, out: SchedulerOutput, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                       adapters: bool) -> torch.Tensor:
+        """The step's forward, its time counted as prefill (any prompt token) or decode."""
         times, start = self.times, time.perf_counter()
-        hidden = self._forward(ids, positions, meta, bool(slots))
+        hidden = self._forward(ids, positions, meta, adapters)
         prompt = sum(c.num_tokens for c in out.chunks
                      if not c.draft and (c.num_tokens > 1 or c.start < c.request.num_prompt_tokens))
         now = time.perf_counter()
@@ -175,80 +239,46 @@ class ModelRunner:
             times.decode_steps += 1
         times.prompt_tokens += prompt
         times.decode_tokens += int(ids.shape[0]) - prompt
-        result = ModelRunnerOutput()
-        rows: list[int] = []  # hidden rows that need logits
-        row_slots: list[int] = []  # their adapter slots, with adapters
-        sample_at: list[tuple[Request, int]] = []
-        verify_at: list[tuple[Request, int, list[int]]] = []  # (request, index in `rows`, its proposals)
-        prompt_at: list[tuple[Request, int, int, int]] = []  # (request, index in `rows`, count, first position)
-        first = 0
-        for i, chunk in enumerate(out.chunks):
-            request = chunk.request
-            if request.wants_prompt_logprobs:
-                # Row for position p scores prompt token p + 1. The list opens with None (token 0 has no
-                # score); positions scored before a preemption are not scored again.
-                lo = max(chunk.start, len(request.prompt_logprobs) - 1)
-                hi = min(chunk.start + chunk.num_tokens, request.num_prompt_tokens - 1)
-                if hi > lo:
-                    prompt_at.append((request, len(rows), hi - lo, lo))
-                    rows.extend(range(first + lo - chunk.start, first + hi - chunk.start))
-            if chunk.draft:
-                verify_at.append((request, len(rows), chunk.draft))
-                rows.extend(range(first, first + chunk.num_tokens))
-            elif chunk.samples:
-                sample_at.append((request, len(rows)))
-                rows.append(first + chunk.num_tokens - 1)
-            if slots:
-                row_slots.extend([slots[i]] * (len(rows) - len(row_slots)))
-            first += chunk.num_tokens
-        if not rows:
-            return result
-        every_row = rows == list(range(hidden.shape[0]))  # a decode step: no rows to pick
-        picked = hidden if every_row else hidden[torch.tensor(rows, device=self.device)]
+        return hidden
+
+    def _logits(self, hidden: torch.Tensor, plan: RowPlan) -> torch.Tensor:
+        """Scores of the hidden rows the plan needs, each through its adapter."""
+        every_row = plan.rows == list(range(hidden.shape[0]))  # a decode step: no rows to pick
+        picked = hidden if every_row else hidden[torch.tensor(plan.rows, device=self.device)]
         start = time.perf_counter()
-        if (verify_at or self.deterministic) and picked.shape[0] > cpu_kernels.SMALL_LINEAR_MAX_ROWS:
+        if (plan.verify_at or self.deterministic) and picked.shape[0] > cpu_kernels.SMALL_LINEAR_MAX_ROWS:
             # Rows that check proposals (every row, when deterministic) get a lone decode row's output layer: the
             # few-row kernels, a few rows a call.
             step = cpu_kernels.SMALL_LINEAR_MAX_ROWS
             logits = torch.cat([self.model.compute_logits(picked[i : i + step],
-                                                          LoraRouting.of(row_slots[i : i + step], self.device)).float()
+                                                          LoraRouting.of(plan.slots[i : i + step], self.device)).float()
                                 for i in range(0, picked.shape[0], step)])
         else:
-            logits = self.model.compute_logits(picked, LoraRouting.of(row_slots, self.device)).float()
-        times.logits += time.perf_counter() - start
-        for request, at, count, start in prompt_at:
-            scored = torch.log_softmax(logits[at : at + count], -1)
-            n = request.sampling_params.prompt_logprobs
-            result.prompt_logprobs[request.request_id] = [
-                self._position(scored[j], request.token_ids[start + j + 1], n) for j in range(count)
-            ]
-        start = time.perf_counter()
-        if sample_at:
-            at_rows = [at for _, at in sample_at]
-            sample_logits = logits if at_rows == list(range(logits.shape[0])) else logits[torch.tensor(at_rows, device=logits.device)]
-            reqs = [r for r, _ in sample_at]
-            sampled = self.sampler(
-                sample_logits,
-                [r.sampling_params for r in reqs],
-                [r.token_ids for r in reqs],
-                [r.num_prompt_tokens for r in reqs],
-                [self.generators.get(r.request_id) for r in reqs],
-                [self._banned(r) for r in reqs],
-                [allowed.get(r.request_id) for r in reqs] if allowed else None,
-            )
-            for r, token, lp in zip(reqs, sampled.token_ids, sampled.logprobs):
-                result.sampled[r.request_id] = [token]
-                if lp is not None:
-                    result.logprobs[r.request_id] = [self._position(lp, token, r.sampling_params.logprobs)]
-        for request, at, draft in verify_at:
-            result.sampled[request.request_id] = tokens = self._verify(request, logits[at : at + len(draft) + 1], draft,
-                                                                       allowed.get(request.request_id) if allowed else None)
-            n = request.sampling_params.logprobs
-            if n is not None:
-                result.logprobs[request.request_id] = [
-                    self._position(torch.log_softmax(logits[at + j], -1), t, n) for j, t in enumerate(tokens)]
-        times.sampling += time.perf_counter() - start
-        return result
+            logits = self.model.compute_logits(picked, LoraRouting.of(plan.slots, self.device)).float()
+        self.times.logits += time.perf_counter() - start
+        return logits
+
+    def _sample(self, logits: torch.Tensor, sample_at: list[tuple[Request, int]],
+                allowed: Mapping[str, torch.Tensor] | None, result: ModelRunnerOutput) -> None:
+        """The next token (and its log-probs) of each request whose chunk reached its last known token."""
+        if not sample_at:
+            return
+        at_rows = [at for _, at in sample_at]
+        sample_logits = logits if at_rows == list(range(logits.shape[0])) else logits[torch.tensor(at_rows, device=logits.device)]
+        reqs = [r for r, _ in sample_at]
+        sampled = self.sampler(
+            sample_logits,
+            [r.sampling_params for r in reqs],
+            [r.token_ids for r in reqs],
+            [r.num_prompt_tokens for r in reqs],
+            [self.generators.get(r.request_id) for r in reqs],
+            [self._banned(r) for r in reqs],
+            [allowed.get(r.request_id) for r in reqs] if allowed else None,
+        )
+        for r, token, lp in zip(reqs, sampled.token_ids, sampled.logprobs):
+            result.sampled[r.request_id] = [token]
+            if lp is not None:
+                result.logprobs[r.request_id] = [self._position(lp, token, r.sampling_params.logprobs)]
 
     def _verify(self, request: Request, logits: torch.Tensor, draft: list[int], masks: torch.Tensor | None) -> list[int]:
         """The tokens a request keeps from a step that checked its proposals; `masks` [rows, V]: its grammar's
