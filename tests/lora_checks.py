@@ -12,7 +12,8 @@ from torch import nn
 from lmkernel.config import ModelConfig
 from lmkernel.layers.lora import LoraLinear, init_lora_a
 from lmkernel.loader.adapter import AdapterConfig, LoraAdapter, write_adapter
-from lmkernel.loader.hf_dir import load_tensors, parse_config
+from lmkernel.loader.hf_config import parse_config
+from lmkernel.loader.hf_dir import load_tensors
 from lmkernel.models import model_class
 from lmkernel.models.weights import build_on_meta
 

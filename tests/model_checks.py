@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from lmkernel.layers.attention import AttentionMetadata
-from lmkernel.loader.hf_dir import load_tensors, parse_config
+from lmkernel.loader.hf_config import parse_config
+from lmkernel.loader.hf_dir import load_tensors
 from lmkernel.models import model_class
 from lmkernel.models.weights import build_on_meta
 

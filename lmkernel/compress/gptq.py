@@ -155,7 +155,76 @@ def _shared_inputs(layer: nn.Module, names: Sequence[str], args: tuple[object, .
 
 
 class _Stop(Exception):
-    pass
+    """Ends a forward pass once the first transformer layer's inputs are captured."""
+
+
+def _first_layer_inputs(lm: LoadedModel, first: nn.Module,
+                        seqs: Sequence[list[int]]) -> tuple[tuple[object, ...], dict[str, object]]:
+    """What the model hands its first transformer layer (`first`) for these sequences, laid end to end."""
+    captured: list[tuple[tuple[object, ...], dict[str, object]]] = []
+
+    def capture(_: nn.Module, args: tuple[object, ...], kwargs: dict[str, object]) -> None:
+        """Keep the layer's inputs and stop the forward pass there."""
+        captured.append((args, kwargs))
+        raise _Stop
+
+    meta = AttentionMetadata.for_lengths([len(s) for s in seqs], causal=not lm.config.is_encoder)
+    ids = torch.tensor([t for s in seqs for t in s], device=lm.device)
+    positions = torch.tensor([p for s in seqs for p in range(len(s))], device=lm.device)
+    hook = first.register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        lm.model(ids, positions, meta)
+    except _Stop:
+        pass
+    finally:
+        hook.remove()
+    return captured[0]
+
+
+def _quantize_group(layer: nn.Module, members: list[str], x: torch.Tensor, group_size: int,
+                    damp: float) -> list[tuple[str, Int4Linear]]:
+    """The int4 layers of `layer`'s linears `members`, which all read `x`: rounded by GPTQ in one stacked call, each
+    float weight set to its quantized values for the rest of the pass."""
+    x = x.reshape(-1, x.shape[-1]).float()
+    modules = [layer.get_submodule(m) for m in members]
+    weights = torch.cat([_padded_weight(m, group_size) for m in modules])
+    codes, scales, mins = gptq_weight(weights, _padded_gram(second_moment(x) / x.shape[0], group_size), group_size, damp)
+    swaps: list[tuple[str, Int4Linear]] = []
+    row = 0
+    for name, module in zip(members, modules):
+        rows = slice(row, row + module.out_features)
+        row += module.out_features
+        new = _int4_layer(module, codes[rows], scales[rows], mins[rows], group_size)
+        # The rest of this pass reads the float layer holding the quantized values (a dense
+        # product is faster on many rows than int4 tiles); the int4 layer replaces it after.
+        module.weight.copy_(new.dequantized().to(module.weight.dtype))
+        swaps.append((name, new))
+    return swaps
+
+
+def _quantize_layer(layer: nn.Module, prefix: str, inputs: tuple[tuple[object, ...], dict[str, object]],
+                    probe: tuple[tuple[object, ...], dict[str, object]], skip: Sequence[str], group_size: int,
+                    damp: float) -> tuple[object, list[str]]:
+    """Run one transformer layer on `inputs` (args, kwargs), rounding each group of its linears outside `skip` when
+    the pass reaches it, then putting the int4 layers in place; returns its output and the names it quantized."""
+    names = [n for n, m in layer.named_modules() if isinstance(m, nn.Linear) and not skipped(prefix + n, skip)]
+    groups = _shared_inputs(layer, names, *probe)
+    swaps: list[tuple[str, Int4Linear]] = []
+
+    def quantize(_: nn.Module, args: tuple[torch.Tensor, ...], members: list[str]) -> None:
+        """Round the group `members` on the input the pass has just brought them."""
+        swaps.extend(_quantize_group(layer, members, args[0], group_size, damp))
+
+    hooks = [layer.get_submodule(g[0]).register_forward_pre_hook(lambda m, a, g=g: quantize(m, a, g)) for g in groups]
+    try:
+        hidden = layer(*inputs[0], **inputs[1])
+    finally:
+        for h in hooks:
+            h.remove()
+    for name, new in swaps:
+        parent, _, child = name.rpartition(".")
+        setattr(layer.get_submodule(parent) if parent else layer, child, new)
+    return hidden, [prefix + name for name, _ in swaps]
 
 
 @torch.no_grad()
@@ -173,64 +242,14 @@ def gptq_quantize(lm: LoadedModel, sequences: Sequence[list[int]], group_size: i
         raise LmkError("GPTQ needs calibration text; the calibration set is empty")
     round_embeddings(lm.model)
     stack_name, stack = _decoder_layers(lm.model)
-
-    def first_layer_inputs(seqs: Sequence[list[int]]) -> tuple[tuple[object, ...], dict[str, object]]:
-        """What the model hands its first transformer layer for these sequences, laid end to end."""
-        captured: list[tuple[tuple[object, ...], dict[str, object]]] = []
-
-        def capture(_: nn.Module, args: tuple[object, ...], kwargs: dict[str, object]) -> None:
-            captured.append((args, kwargs))
-            raise _Stop
-
-        meta = AttentionMetadata.for_lengths([len(s) for s in seqs], causal=not lm.config.is_encoder)
-        ids = torch.tensor([t for s in seqs for t in s], device=lm.device)
-        positions = torch.tensor([p for s in seqs for p in range(len(s))], device=lm.device)
-        hook = stack[0].register_forward_pre_hook(capture, with_kwargs=True)
-        try:
-            lm.model(ids, positions, meta)
-        except _Stop:
-            pass
-        finally:
-            hook.remove()
-        return captured[0]
-
     # All sequences in one call: a group is rounded only once every calibration input has reached it.
-    (hidden, *rest), kwargs = first_layer_inputs(sequences)
-    probe = first_layer_inputs(sequences[:1])
-
+    (hidden, *rest), kwargs = _first_layer_inputs(lm, stack[0], sequences)
+    probe = _first_layer_inputs(lm, stack[0], sequences[:1])
     done: list[str] = []
     for index, layer in enumerate(stack):
-        prefix = f"{stack_name}.{index}."
-        names = [n for n, m in layer.named_modules() if isinstance(m, nn.Linear) and not skipped(prefix + n, skip)]
-        groups = _shared_inputs(layer, names, *probe)
-        swaps: list[tuple[str, Int4Linear]] = []
-
-        def quantize_group(_: nn.Module, inputs: tuple[torch.Tensor, ...], members: list[str]) -> None:
-            x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
-            modules = [layer.get_submodule(m) for m in members]
-            weights = torch.cat([_padded_weight(m, group_size) for m in modules])
-            codes, scales, mins = gptq_weight(weights, _padded_gram(second_moment(x) / x.shape[0], group_size), group_size, damp)
-            row = 0
-            for name, module in zip(members, modules):
-                rows = slice(row, row + module.out_features)
-                row += module.out_features
-                new = _int4_layer(module, codes[rows], scales[rows], mins[rows], group_size)
-                # The rest of this pass reads the float layer holding the quantized values (a dense
-                # product is faster on many rows than int4 tiles); the int4 layer replaces it after.
-                module.weight.copy_(new.dequantized().to(module.weight.dtype))
-                swaps.append((name, new))
-
-        hooks = [layer.get_submodule(g[0]).register_forward_pre_hook(lambda m, a, g=g: quantize_group(m, a, g))
-                 for g in groups]
-        try:
-            hidden = layer(hidden, *rest, **kwargs)
-        finally:
-            for h in hooks:
-                h.remove()
-        for name, new in swaps:
-            parent, _, child = name.rpartition(".")
-            setattr(layer.get_submodule(parent) if parent else layer, child, new)
-            done.append(prefix + name)
+        hidden, names = _quantize_layer(layer, f"{stack_name}.{index}.", ((hidden, *rest), kwargs), probe, skip,
+                                        group_size, damp)
+        done += names
     if not done:
         raise LmkError("no linear layer left to quantize after the skip list")
     return QuantizationConfig("int4", group_size, tuple(skip), done, rounding="gptq")

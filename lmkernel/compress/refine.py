@@ -73,6 +73,40 @@ def _batches(sequences: Sequence[list[int]], batch: int, steps: int, seed: int) 
     return out[:steps]
 
 
+def _refinable_layers(lm: LoadedModel, sequences: Sequence[list[int]], steps: int, batch: int, lr: float) -> list[str]:
+    """The names of the int4 layers a refinement of `lm` tunes, once the request is checked to make sense."""
+    if steps < 1 or batch < 1 or not lr > 0:
+        raise LmkError(f"refinement needs steps >= 1, batch >= 1 and lr > 0; got steps={steps}, batch={batch}, lr={lr}")
+    if not sequences:
+        raise LmkError("refinement needs calibration text; the calibration set is empty")
+    if lm.config.is_encoder:
+        raise LmkError("refinement matches next-token distributions; it is for causal language models, not encoders")
+    names = [name for name, m in lm.model.named_modules() if isinstance(m, Int4Linear)]
+    if not names:
+        raise LmkError("refinement tunes int4 layers and this model has none; quantize it to int4 first")
+    return names
+
+
+def _distill_step(lm: LoadedModel, teacher: nn.Module, windows: list[list[int]], optimizer: torch.optim.Optimizer,
+                  schedule: torch.optim.lr_scheduler.LambdaLR, step: int) -> float:
+    """One optimizer step on the KL divergence of `lm`'s next-token distribution on `windows` from `teacher`'s;
+    returns the loss (nats/token)."""
+    meta = AttentionMetadata.for_lengths([len(s) for s in windows], causal=True)
+    ids = torch.tensor([t for s in windows for t in s], device=lm.device)
+    positions = torch.tensor([p for s in windows for p in range(len(s))], device=lm.device)
+    with torch.no_grad():
+        target = F.log_softmax(teacher.compute_logits(teacher(ids, positions, meta)).float(), dim=-1)
+    logp = F.log_softmax(lm.model.compute_logits(lm.model(ids, positions, meta)).float(), dim=-1)
+    loss = F.kl_div(logp, target, log_target=True, reduction="batchmean")
+    if not torch.isfinite(loss):
+        raise LmkError(f"refinement diverged at step {step + 1} (KL {float(loss)}); try a lower learning rate")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    schedule.step()
+    return float(loss.detach())
+
+
 def refine_int4(lm: LoadedModel, teacher: nn.Module, sequences: Sequence[list[int]], steps: int | None = None,
                 batch: int = DEFAULT_BATCH, lr: float = DEFAULT_LR, seed: int = 0,
                 log: Callable[[str], None] | None = None) -> RefineResult:
@@ -83,19 +117,12 @@ def refine_int4(lm: LoadedModel, teacher: nn.Module, sequences: Sequence[list[in
     """
     if steps is None:
         steps = max(len(sequences) // batch, 1)
-    if steps < 1 or batch < 1 or not lr > 0:
-        raise LmkError(f"refinement needs steps >= 1, batch >= 1 and lr > 0; got steps={steps}, batch={batch}, lr={lr}")
-    if not sequences:
-        raise LmkError("refinement needs calibration text; the calibration set is empty")
-    if lm.config.is_encoder:
-        raise LmkError("refinement matches next-token distributions; it is for causal language models, not encoders")
-    names = [name for name, m in lm.model.named_modules() if isinstance(m, Int4Linear)]
-    if not names:
-        raise LmkError("refinement tunes int4 layers and this model has none; quantize it to int4 first")
+    names = _refinable_layers(lm, sequences, steps, batch, lr)
     frozen = {p: p.requires_grad for p in lm.model.parameters()}
     trainable = {name: _TrainableInt4(lm.model.get_submodule(name)) for name in names}
 
     def swap(use_trainable: bool) -> None:
+        """Put the trainable layers in the model's int4 layers' places, or the int4 layers back."""
         for name, module in trainable.items():
             parent, _, child = name.rpartition(".")
             setattr(lm.model.get_submodule(parent) if parent else lm.model, child, module if use_trainable else module.layer)
@@ -113,20 +140,7 @@ def refine_int4(lm: LoadedModel, teacher: nn.Module, sequences: Sequence[list[in
         teacher.eval()
         with torch.inference_mode(False), torch.enable_grad():
             for step, windows in enumerate(_batches(sequences, batch, steps, seed)):
-                meta = AttentionMetadata.for_lengths([len(s) for s in windows], causal=True)
-                ids = torch.tensor([t for s in windows for t in s], device=lm.device)
-                positions = torch.tensor([p for s in windows for p in range(len(s))], device=lm.device)
-                with torch.no_grad():
-                    target = F.log_softmax(teacher.compute_logits(teacher(ids, positions, meta)).float(), dim=-1)
-                logp = F.log_softmax(lm.model.compute_logits(lm.model(ids, positions, meta)).float(), dim=-1)
-                loss = F.kl_div(logp, target, log_target=True, reduction="batchmean")
-                if not torch.isfinite(loss):
-                    raise LmkError(f"refinement diverged at step {step + 1} (KL {float(loss)}); try a lower learning rate")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-                losses.append(float(loss.detach()))
+                losses.append(_distill_step(lm, teacher, windows, optimizer, schedule, step))
                 if log is not None and (step + 1) % 8 == 0:
                     log(f"refine step {step + 1}/{steps}: KL {sum(losses[-8:]) / 8:.4f}")
         for module in trainable.values():

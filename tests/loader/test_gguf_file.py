@@ -141,7 +141,7 @@ def test_keep_is_refused_where_it_cannot_be_honoured(tmp_path, tiny_llama):
     path = write_llama_gguf(tmp_path / "tiny.gguf", tiny_llama)
     with pytest.raises(LmkError, match="quantization must be one of"):
         load_model(path, quantization="int3")
-    from lmkernel.loading import _keep_gguf
+    from lmkernel.loading.load import _keep_gguf
     from lmkernel.registry import resolve
 
     source = resolve(path)

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from lmkernel import load_model
 from lmkernel.errors import UnsupportedModelError, WeightsError
-from lmkernel.loader import hf_dir
+from lmkernel.loader import hf_config, hf_dir
 
 
 def _copy_minilm(minilm_dir, dest):
@@ -20,7 +20,7 @@ def _copy_minilm(minilm_dir, dest):
 
 
 def test_minilm_config(minilm_dir):
-    c = hf_dir.parse_config(minilm_dir)
+    c = hf_config.parse_config(minilm_dir)
     assert (c.architecture, c.hidden_size, c.num_layers, c.num_heads, c.vocab_size) == ("bert", 384, 6, 12, 30522)
     assert c.pooling == "mean" and c.normalize_embeddings and c.max_seq_length == 256
     assert c.stored_dtype == "float32"
@@ -96,7 +96,7 @@ def test_rope_settings_in_both_transformers_forms(tmp_path):
     for raw in (old, new):
         (tmp_path / "config.json").write_text(json.dumps(raw))
         save_file({"x": torch.zeros(1)}, str(tmp_path / "model.safetensors"))
-        c = hf_dir.parse_config(tmp_path)
+        c = hf_config.parse_config(tmp_path)
         assert c.rope_theta == 5e5 and c.rope_scaling == {"rope_type": "linear", "factor": 2.0}
 
 
@@ -109,7 +109,7 @@ def test_every_end_of_sequence_id_is_read(tmp_path):
               "max_position_embeddings": 64, "eos_token_id": 7, "sliding_window": 32, "use_sliding_window": False}
     (tmp_path / "config.json").write_text(json.dumps(config))
     save_file({"x": torch.zeros(1)}, tmp_path / "model.safetensors")  # parse_config reads the stored dtype
-    assert hf_dir.parse_config(tmp_path).eos_token_ids == [7]
+    assert hf_config.parse_config(tmp_path).eos_token_ids == [7]
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [9, 7]}))
-    parsed = hf_dir.parse_config(tmp_path)
+    parsed = hf_config.parse_config(tmp_path)
     assert parsed.eos_token_ids == [7, 9] and parsed.sliding_window is None and parsed.max_context == 64

@@ -215,7 +215,7 @@ def test_gguf_split_rules_are_transformers():
     """Every `tokenizer.ggml.pre` split transformers knows, with the same regex (catches drift on upgrades)."""
     from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
 
-    from lmkernel.loader.tokenizer import _PRE_SPLITS
+    from lmkernel.loader.gguf_vocab import _PRE_SPLITS
 
     assert {name: _PRE_SPLITS.get(name) for name in GGUF_PRE_TOKENIZER_SPLITS} == GGUF_PRE_TOKENIZER_SPLITS
 

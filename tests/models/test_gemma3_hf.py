@@ -94,7 +94,7 @@ def test_an_unknown_dense_activation_is_refused_by_name(tmp_path, activation):
     from transformers import Gemma3TextModel
 
     from lmkernel.errors import UnsupportedModelError
-    from lmkernel.loader.hf_dir import parse_config
+    from lmkernel.loader.hf_config import parse_config
 
     _save(Gemma3TextModel(_tiny_config(use_bidirectional_attention=True)), tmp_path)
     (tmp_path / "2_Dense").mkdir()

@@ -9,7 +9,7 @@ import torch
 from model_checks import flatten, load_dir, perturb_vectors, split
 
 from lmkernel.errors import UnsupportedModelError
-from lmkernel.loader.hf_dir import parse_config
+from lmkernel.loader.hf_config import parse_config
 from lmkernel.models import model_class
 
 SEQS = [[5, 17, 300, 999, 42, 7, 7, 8], [1, 2, 3], list(range(100, 140))]

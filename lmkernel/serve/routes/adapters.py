@@ -13,13 +13,8 @@ from fastapi import APIRouter, Request
 from lmkernel.engine.async_engine import AsyncEngine
 from lmkernel.errors import AdapterError
 from lmkernel.serve.checks import Service, service
-from lmkernel.serve.protocol import (
-    APIError,
-    LoadLoraAdapterRequest,
-    LoraAdapterStatus,
-    UnloadLoraAdapterRequest,
-    documented,
-)
+from lmkernel.serve.protocol import APIError, LoadLoraAdapterRequest, UnloadLoraAdapterRequest
+from lmkernel.serve.responses import LoraAdapterStatus, documented
 
 router = APIRouter()
 

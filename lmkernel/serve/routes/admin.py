@@ -8,7 +8,8 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from lmkernel.serve.checks import service
-from lmkernel.serve.protocol import APIError, ModelList, documented
+from lmkernel.serve.protocol import APIError
+from lmkernel.serve.responses import ModelList, documented
 
 router = APIRouter()
 

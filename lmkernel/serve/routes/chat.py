@@ -16,7 +16,8 @@ from lmkernel.errors import LmkError
 from lmkernel.loader.tokenizer import Tokenizer
 from lmkernel.serve.checks import sampling, service
 from lmkernel.serve.generation import Generation, top
-from lmkernel.serve.protocol import APIError, ChatCompletionRequest, ChatCompletionResponse, documented
+from lmkernel.serve.protocol import APIError, ChatCompletionRequest
+from lmkernel.serve.responses import ChatCompletionResponse, documented
 from lmkernel.serve.tool_parsers import make_parser
 from lmkernel.serve.tools import ToolPlan, plan_tools, template_messages
 

@@ -12,7 +12,8 @@ from fastapi.responses import JSONResponse
 from lmkernel.engine.request import PositionLogprobs, RequestOutput
 from lmkernel.serve.checks import Service, inputs, sampling, service
 from lmkernel.serve.generation import Generation, top
-from lmkernel.serve.protocol import APIError, CompletionRequest, CompletionResponse, documented
+from lmkernel.serve.protocol import APIError, CompletionRequest
+from lmkernel.serve.responses import CompletionResponse, documented
 
 router = APIRouter()
 

@@ -15,7 +15,8 @@ from lmkernel.errors import LmkError
 from lmkernel.serve.auth import key_hash
 from lmkernel.serve.checks import engine_error, inputs, service
 from lmkernel.serve.logs import log_request
-from lmkernel.serve.protocol import APIError, EmbeddingRequest, EmbeddingResponse, documented
+from lmkernel.serve.protocol import APIError, EmbeddingRequest
+from lmkernel.serve.responses import EmbeddingResponse, documented
 
 router = APIRouter()
 

@@ -13,7 +13,8 @@ from lmkernel.errors import LmkError
 from lmkernel.serve.auth import key_hash
 from lmkernel.serve.checks import service
 from lmkernel.serve.logs import log_request
-from lmkernel.serve.protocol import APIError, RecommendRequest, RecommendResponse, documented
+from lmkernel.serve.protocol import APIError, RecommendRequest
+from lmkernel.serve.responses import RecommendResponse, documented
 
 router = APIRouter()
 

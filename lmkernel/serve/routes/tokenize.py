@@ -10,15 +10,8 @@ from fastapi import APIRouter, Request
 from lmkernel.errors import LmkError
 from lmkernel.loader.tokenizer import Tokenizer
 from lmkernel.serve.checks import Service, service
-from lmkernel.serve.protocol import (
-    APIError,
-    DetokenizeRequest,
-    DetokenizeResponse,
-    TokenizeRequest,
-    TokenizeResponse,
-    TokenizerInfo,
-    documented,
-)
+from lmkernel.serve.protocol import APIError, DetokenizeRequest, TokenizeRequest
+from lmkernel.serve.responses import DetokenizeResponse, TokenizeResponse, TokenizerInfo, documented
 
 router = APIRouter()
 
