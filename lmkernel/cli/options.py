@@ -1,5 +1,5 @@
 """Command-line options made from the config dataclasses: each setting is declared once, with its help, in
-`lmkernel/config.py`, and `serve`, `batch`, `generate`, `chat` and `bench` take it from there.
+`lmkernel/config/`, and `serve`, `batch`, `generate`, `chat` and `bench` take it from there.
 
 `config_options(EngineConfig, "engine")` gives a command every engine setting as an option and hands it
 the one `EngineConfig` they make; `option(EngineConfig, "dtype")` is one setting as a typer type."""

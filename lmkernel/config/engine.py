@@ -1,127 +1,16 @@
-"""Architecture-neutral model configuration, filled by the loaders and read by the models."""
+"""What describes one generation engine besides its model: the KV cache, the scheduler's limits, speculative
+decoding, and the `EngineConfig` that holds them all, checked once when it is made."""
 
 from __future__ import annotations
 
 import dataclasses
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+from lmkernel.config.model import ModelConfig
+from lmkernel.config.settings import flag_of, setting
 from lmkernel.errors import LmkError
-
-
-ENCODER_ARCHITECTURES = ("bert", "mpnet", "nomic_bert")
-
-_NO_CLI = object()
-
-
-def setting(default: Any, help: str, cli: Any = _NO_CLI, flag: str | None = None) -> Any:
-    """A config field with its one-line help, which the CLI's options are made from (`lmkernel/cli/options.py`);
-    `cli`: the type the command line gives when it is not the field's own (None: no option of its own);
-    `flag`: its option when not --the-field-name."""
-    metadata: dict[str, Any] = {"help": help}
-    if cli is not _NO_CLI:
-        metadata["cli"] = cli
-    if flag is not None:
-        metadata["flag"] = flag
-    return field(default=default, metadata=metadata)
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Sizes, attention layout, positional scheme, norms and special ids of one model.
-
-    `architecture` picks the model file: "llama" (Llama, Mistral, Qwen2, SmolLM), "gemma3" (and EmbeddingGemma,
-    `bidirectional`), "gpt2", or the encoders "bert", "mpnet" and "nomic_bert".
-    """
-
-    architecture: str
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    max_position_embeddings: int
-    norm_eps: float = 1e-5
-    hidden_act: str = "silu"
-    rope_theta: float = 10000.0
-    rope_scaling: dict[str, Any] | None = None
-    tie_word_embeddings: bool = False
-    attention_bias: bool = False  # bias on the Q, K and V projections (Qwen2)
-    sliding_window: int | None = None  # attention reaches back this many tokens (Mistral v0.1, Gemma 3); None: all
-    # Per layer, "sliding_attention" or "full_attention" (Gemma 3 interleaves them); empty: every layer slides
-    # when `sliding_window` is set.
-    layer_types: tuple[str, ...] = ()
-    rope_local_theta: float | None = None  # rotary base of the sliding layers, where it differs (Gemma 3)
-    query_pre_attn_scalar: float | None = None  # attention scale is its inverse square root (Gemma); None: head_dim
-    bidirectional: bool = False  # a decoder architecture run as an encoder (EmbeddingGemma): no causal mask
-    type_vocab_size: int = 0  # BERT token-type embeddings
-    bos_token_id: int | None = None
-    eos_token_id: int | list[int] | None = None
-    pad_token_id: int | None = None
-    stored_dtype: str = "float32"  # dtype (or GGUF tensor types) of the weights on disk
-    # Encoder heads and sentence-embedding settings (BERT).
-    pooling: str = "mean"  # "mean" or "cls"
-    normalize_embeddings: bool = False
-    max_seq_length: int | None = None  # truncation length for embeddings (sentence-transformers)
-    # sentence-transformers Dense modules after pooling: (in, out, bias, activation: "identity" or "tanh")
-    sentence_dense: tuple[tuple[int, int, bool, str], ...] = ()
-    prompts: dict[str, str] = field(default_factory=dict)  # named prefixes for embeddings ("query", "document", ...)
-    matryoshka: bool = False  # embeddings trained to be cut short (`dimensions`): EmbeddingGemma, nomic-embed v1.5
-    matryoshka_layer_norm: bool = False  # layer-norm the pooled vector before cutting it (nomic-embed v1.5's recipe)
-    id2label: dict[int, str] = field(default_factory=dict)
-    # Dropout probabilities, active only in training mode.
-    hidden_dropout: float = 0.0  # after embeddings and on each residual branch
-    attention_dropout: float = 0.0  # on the attention probabilities
-    classifier_dropout: float | None = None  # before a classification head; None: hidden_dropout
-    hf_model_type: str = ""  # the config.json model_type (or GGUF general.architecture) as written
-    hf_architecture: str = ""  # the config.json architectures[0], e.g. "BertForMaskedLM"; picks heads
-
-    @property
-    def is_encoder(self) -> bool:
-        """Whether the model is a bidirectional encoder (embeddings, classification) rather than a decoder."""
-        return self.architecture in ENCODER_ARCHITECTURES or self.bidirectional
-
-    @property
-    def is_classifier(self) -> bool:
-        """Whether the model ends in a sequence-classification head (an encoder's, or a decoder's on its last token)."""
-        return self.hf_architecture.endswith("ForSequenceClassification")
-
-    @property
-    def window_is_valid(self) -> bool:
-        """Whether the sliding window and the local rotary base, if set, are usable (positive integers / numbers)."""
-        window_ok = self.sliding_window is None or (
-            isinstance(self.sliding_window, int) and not isinstance(self.sliding_window, bool) and self.sliding_window >= 1)
-        return window_ok and (self.rope_local_theta is None or self.rope_local_theta > 0) and \
-            (not self.layer_types or len(self.layer_types) == self.num_layers)
-
-    def window(self, layer: int) -> int | None:
-        """The sliding window of layer `layer` (keys less than this many positions back), or None for all."""
-        if self.sliding_window is None or (self.layer_types and self.layer_types[layer] != "sliding_attention"):
-            return None
-        return self.sliding_window
-
-    @property
-    def max_context(self) -> int:
-        """The longest context a request may have: the positions the model was trained for."""
-        return self.max_position_embeddings
-
-    @property
-    def context_limit_reason(self) -> str:
-        """What sets `max_context`, for error messages."""
-        return f"the model's context length of {self.max_position_embeddings} tokens"
-
-    @property
-    def eos_token_ids(self) -> list[int]:
-        """End-of-sequence ids as a list, whatever form the source gave them in; generation stops at any
-        of them (Qwen2.5 ends a turn with <|im_end|> and a text with <|endoftext|>)."""
-        if self.eos_token_id is None:
-            return []
-        if isinstance(self.eos_token_id, int):
-            return [self.eos_token_id]
-        return list(self.eos_token_id)
 
 
 @dataclass(frozen=True)
@@ -371,56 +260,3 @@ class EngineConfig:
         """The scheduler's limits for `model` (a request never reaches past the model's context)."""
         longest = model.max_context if self.max_model_len is None else min(self.max_model_len, model.max_context)
         return SchedulerConfig(self.max_num_batched_tokens, self.max_num_seqs, longest, self.prefill_tokens_with_decodes)
-
-
-TOOL_CALL_PARSERS = ("hermes", "llama3_json")  # serve/tool_parsers: how tool calls are read from the output
-
-
-class ServerConfigError(LmkError, ValueError):
-    """A server setting out of range; the message names it as the `lmk serve` flag."""
-
-
-@dataclass
-class ServerConfig:
-    """What an OpenAI-compatible server was told (`lmk serve`, `lmk batch`, each Ray replica): its names, keys,
-    limits and logging; checked here, once, when it is made (every bad value named with its flag)."""
-
-    model_name: str | None = setting(None, "the name clients use for the model", cli=None)
-    embedding_model_name: str | None = setting(None, "the name clients use for the embedding model", cli=None)
-    api_keys: list[str] = field(default_factory=list)
-    max_body_bytes: int = setting(1 << 20, "larger request bodies get 413")
-    max_queued_requests: int = setting(256, "completions and chats at once before 429")
-    max_n: int = setting(16, "choices one request may ask for (n): each is a sequence in the engine")
-    requests_per_minute: int | None = setting(None, "requests per minute per key", flag="--rate-limit-rpm")
-    tokens_per_minute: int | None = setting(None, "prompt + max tokens per minute per key", flag="--rate-limit-tpm")
-    request_timeout: float | None = setting(None, "seconds before a request is aborted")
-    log_prompts: bool = setting(False, "log prompts and outputs, with personal data redacted")
-    tool_call_parser: str | None = setting(None, "how tool calls are read from the output: hermes (Qwen2.5) or "
-                                                 "llama3_json; default: chosen from the chat template")
-    allow_runtime_lora: bool = setting(False, "POST /v1/load_lora_adapter and /v1/unload_lora_adapter (needs "
-                                              "--api-key and --lora-modules-dir)")
-    lora_modules_dirs: list[str] = field(default_factory=list)  # the directories runtime loads may read from
-
-    def __post_init__(self) -> None:
-        for name in ("max_body_bytes", "max_queued_requests", "max_n", "requests_per_minute", "tokens_per_minute"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ServerConfigError(f"{flag_of(self, name)} must be at least 1; got {value}")
-        if self.request_timeout is not None and not self.request_timeout > 0:
-            raise ServerConfigError(f"--request-timeout must be positive; got {self.request_timeout}")
-        if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_CALL_PARSERS:
-            raise ServerConfigError(f"--tool-call-parser must be one of {', '.join(TOOL_CALL_PARSERS)}; got '{self.tool_call_parser}'")
-        if self.allow_runtime_lora and not self.api_keys:
-            raise ServerConfigError("--allow-runtime-lora lets clients load adapter files from this machine: it needs --api-key "
-                           "or --api-keys-file")
-        if self.allow_runtime_lora and not self.lora_modules_dirs:
-            raise ServerConfigError("--allow-runtime-lora needs --lora-modules-dir DIR: the directories clients may load "
-                           "adapters from")
-        if self.lora_modules_dirs and not self.allow_runtime_lora:
-            raise ServerConfigError("--lora-modules-dir is for --allow-runtime-lora; add it, or leave the directory out")
-
-
-def flag_of(config: Any, name: str) -> str:
-    """The command-line flag of a config field: its own (`setting(..., flag=)`) or --the-field-name."""
-    meta = next(f.metadata for f in dataclasses.fields(config) if f.name == name)
-    return meta.get("flag", "--" + name.replace("_", "-"))
