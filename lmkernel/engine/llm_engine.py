@@ -19,7 +19,7 @@ from lmkernel.engine.request import CheckedPrompt, Request, RequestOutput, Reque
 from lmkernel.engine.sampling import SamplingParams
 from lmkernel.engine.scheduler import Scheduler, SchedulerOutput
 from lmkernel.engine.speculative import build_speculator
-from lmkernel.engine.structured import GrammarCompiler, StructuredOutputs, allowed_tokens
+from lmkernel.engine.structured import GrammarCompiler, StructuredOutputs
 from lmkernel.errors import AdapterError, ContextLengthError, LmkError
 from lmkernel.layers import cpu_kernels
 from lmkernel.loader.tokenizer import IncrementalDetokenizer
@@ -297,27 +297,18 @@ class LLMEngine:
         plan = self.scheduler.schedule(drafts)
         if plan.is_empty:
             return outputs
-        allowed = self._allowed(plan)
+        constrained = any(c.request.matcher is not None for c in plan.chunks)
+        allowed = self.grammars.allowed_for(plan.chunks) if constrained else None
         times.schedule += time.perf_counter() - start
         start = time.perf_counter()
         result = self.runner.execute(plan, allowed)
         if self.speculator is not None:
-            self._learn(plan, result, proposing + time.perf_counter() - start)
+            self.speculator.learn_step(plan.chunks, result.sampled, proposing + time.perf_counter() - start)
         start = time.perf_counter()
         self.steps += 1
         outputs.extend(self._process(plan, result))
         times.process += time.perf_counter() - start
         return outputs
-
-    def _learn(self, plan: SchedulerOutput, result: ModelRunnerOutput, seconds: float) -> None:
-        """Tell the speculator what each check kept, and time decode-only steps with and without checks (the
-        proposer's time counted in)."""
-        for chunk in plan.chunks:
-            if chunk.draft and chunk.request.request_id in result.sampled:
-                self.speculator.learn(chunk.request, len(chunk.draft), len(result.sampled[chunk.request.request_id]) - 1)
-        if all(c.draft or c.num_tokens == 1 for c in plan.chunks):
-            self.speculator.time_step(any(c.draft for c in plan.chunks), seconds,
-                                      sum(len(t) for t in result.sampled.values()))
 
     def _propose(self) -> dict[str, list[int]]:
         """Proposals for this step's decodes; a grammar's requests keep only those their grammar allows."""
@@ -329,22 +320,6 @@ class LLMEngine:
             if r.request_id in drafts and r.matcher is not None:
                 del drafts[r.request_id][r.matcher.validate_tokens(drafts[r.request_id]):]
         return drafts
-
-    def _allowed(self, plan: SchedulerOutput) -> dict[str, torch.Tensor] | None:
-        """The next tokens each constrained request of the plan may take, all computed in one parallel call."""
-        constrained = [c.request for c in plan.chunks if c.samples and not c.draft and c.request.matcher is not None]
-        checked = [c for c in plan.chunks if c.draft and c.request.matcher is not None]
-        if not constrained and not checked:
-            return None
-        vocab = self.loaded.config.vocab_size
-        allowed: dict[str, torch.Tensor] = {}
-        if constrained:
-            masks = allowed_tokens(self.grammars.fill_masks([r.matcher for r in constrained]), vocab)
-            allowed = {r.request_id: masks[i] for i, r in enumerate(constrained)}
-        for chunk in checked:
-            allowed[chunk.request.request_id] = allowed_tokens(self.grammars.masks_along(chunk.request.matcher,
-                                                                                         chunk.draft), vocab)
-        return allowed
 
     def _process(self, plan: SchedulerOutput, result: ModelRunnerOutput) -> list[RequestOutput]:
         """Each sample's new tokens up to where it stops (text, stop strings, grammar), handed to the scheduler,

@@ -306,6 +306,15 @@ class Speculator:
         drafts = self.proposer.propose(asked, counts) if asked else []
         return {r.request_id: list(draft) for r, draft in zip(asked, drafts) if len(draft)}
 
+    def learn_step(self, chunks: Sequence[ScheduledChunk], sampled: dict[str, list[int]], seconds: float) -> None:
+        """Learn what each check of a step kept, and time decode-only steps with and without checks (the
+        proposer's time counted in)."""
+        for chunk in chunks:
+            if chunk.draft and chunk.request.request_id in sampled:
+                self.learn(chunk.request, len(chunk.draft), len(sampled[chunk.request.request_id]) - 1)
+        if all(c.draft or c.num_tokens == 1 for c in chunks):
+            self.time_step(any(c.draft for c in chunks), seconds, sum(len(t) for t in sampled.values()))
+
     def learn(self, request: Request, proposed: int, accepted: int) -> None:
         """Count one check of `proposed` proposals of which `accepted` were kept."""
         self.stats.checks += 1

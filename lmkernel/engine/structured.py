@@ -13,12 +13,15 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from lmkernel.errors import LmkError
+
+if TYPE_CHECKING:
+    from lmkernel.engine.scheduler import ScheduledChunk
 
 # Bounds on one grammar's compilation and on each step's mask (llguidance's "fuel"): a pathological
 # schema or regex fails with an error instead of holding the engine.
@@ -154,6 +157,20 @@ class GrammarCompiler:
         rows.append(self.fill_masks([matcher]))
         matcher.rollback(len(tokens))
         return torch.cat(rows)
+
+    def allowed_for(self, chunks: Sequence[ScheduledChunk]) -> dict[str, torch.Tensor]:
+        """The next tokens each constrained request of a step may take (bool [V]; for a chunk that checks
+        proposals, [proposals + 1, V]), the sampled ones all computed in one parallel call."""
+        constrained = [c.request for c in chunks if c.samples and not c.draft and c.request.matcher is not None]
+        checked = [c for c in chunks if c.draft and c.request.matcher is not None]
+        allowed: dict[str, torch.Tensor] = {}
+        if constrained:
+            masks = allowed_tokens(self.fill_masks([r.matcher for r in constrained]), self.vocab_size)
+            allowed = {r.request_id: masks[i] for i, r in enumerate(constrained)}
+        for chunk in checked:
+            allowed[chunk.request.request_id] = allowed_tokens(self.masks_along(chunk.request.matcher, chunk.draft),
+                                                               self.vocab_size)
+        return allowed
 
 
 def allowed_tokens(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
