@@ -323,3 +323,18 @@ def recommend_case() -> Case:
         return [] if got == want else [f"test metrics {got} differ from the uninterrupted fit's {want}"]
 
     return Case("lmk recommend fit", command, after_kill, after_rerun)
+
+
+def cases(root: Path, phrasebank: Path) -> dict[str, Callable[[], Case]]:
+    """Every command's case by its `--command` name, after writing into `root` the few PhraseBank sentences (32 to
+    train on, 16 to evaluate) that the training and tuning cases read."""
+    train = root / "train.jsonl"
+    valid = root / "valid.jsonl"
+    root.mkdir(parents=True, exist_ok=True)
+    train.write_text("".join((phrasebank / "train.jsonl").read_text().splitlines(keepends=True)[:32]))
+    valid.write_text("".join((phrasebank / "valid.jsonl").read_text().splitlines(keepends=True)[:16]))
+    tune_config = (f"task: classify\nmodel: all-minilm-l6-v2\ndata: {train}\nholdout: 0.25\noutput: OUTPUT\nmax_steps: 2\n"
+                   "eval_every: 1\nwarmup: 0\ncheckpointing: false\nlora: r=4,alpha=8\nsearch:\n  lr: [0.0001, 0.001]\n"
+                   "  batch_size: [8]\n  epochs: [1, 1]\n  warmup: [0, 0]\n  lora_r: [2, 4]\n")
+    return {"batch": batch_case, "train": lambda: train_case(train, valid), "quantize": quantize_case,
+            "pull": pull_case, "recommend": recommend_case, "tune": lambda: tune_case(tune_config)}

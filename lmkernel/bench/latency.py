@@ -10,12 +10,18 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from lmkernel.bench.llama_cpp_peer import CONTEXT, LlamaCppPeer, load_script
+from lmkernel.bench.load import LoadResult, best_of, lmkernel_loads
+from lmkernel.bench.workload import text_workload
 from lmkernel.engine.llm import LLM
 from lmkernel.engine.sampling import SamplingParams
+from lmkernel.errors import LmkError
 from lmkernel.layers.linear import GGUFEmbedding
+from lmkernel.registry import resolve
 
 
 def read_bandwidth(num_bytes: int = 1 << 30, repeats: int = 5) -> float:
@@ -162,3 +168,36 @@ def compare_llama_cpp(llm: LLM, peer: object, prompt: list[int], long_prompt: li
         median(p / o for o, p in zip(ours_ms, peer_ms)), median(o / p for o, p in zip(ours_tps, peer_tps)),
         median(floors), (median(f / o for f, o in zip(floors, ours_ms)), median(f / p for f, p in zip(floors, peer_ms))),
     )
+
+
+@dataclass
+class LlamaCppRun:
+    """`lmk bench latency --peer llama.cpp` measured: the file, the threads both sides had, their loads and the
+    alternating decode and prompt rounds."""
+
+    path: Path
+    file_size: int
+    threads: int
+    first_load: LoadResult  # lmkernel's first load: packing, and writing the packed cache
+    loads: tuple[LoadResult, LoadResult]  # lmkernel's later load (from the packed cache), llama.cpp's
+    peer: LlamaCppPeer
+    comparison: PeerComparison
+
+
+def against_llama_cpp(model: str, prompt_tokens: int, new_tokens: int, prefill_tokens: int, rounds: int,
+                      quantization: str | None, cpu_path: str = "auto") -> LlamaCppRun:
+    """The same GGUF file in lmkernel and in llama.cpp with the same threads: loads (best of 3, each in a fresh
+    process), then batch-1 decode after `prompt_tokens` and the prompt processing of `prefill_tokens`."""
+    threads = torch.get_num_threads()
+    source = resolve(model)
+    if source.kind != "gguf":
+        raise LmkError(f"{model}: llama.cpp runs GGUF files; this is a {source.kind}")
+    file_size = source.path.stat().st_size
+    first_load, later_load = lmkernel_loads(model, threads, CONTEXT, cpu_path, 3)
+    loads = (later_load, best_of(load_script(source.path, threads), "llama.cpp's load", 3))
+    llm = LLM(model, kv_cache_memory="256MiB", verbose=False, enable_prefix_caching=False, quantization=quantization,
+              cpu_path=cpu_path)
+    texts = text_workload(llm.tokenizer, 2, (max(prompt_tokens, prefill_tokens),) * 2, (1, 1)).prompts
+    peer = LlamaCppPeer(source.path, threads)
+    comparison = compare_llama_cpp(llm, peer, texts[0][:prompt_tokens], texts[1][:prefill_tokens], new_tokens, rounds)
+    return LlamaCppRun(source.path, file_size, threads, first_load, loads, peer, comparison)

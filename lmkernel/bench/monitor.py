@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 
 from lmkernel.apps.detectors import make_detector
 from lmkernel.apps.stream_monitor import MonitorConfig, Record
+from lmkernel.errors import LmkError
 
 SEED_BASE = 7_000_000  # the defaults were chosen on seeds below 10**6 + 150
 MISS = 100  # records after a burst's end past which it counts as missed
@@ -92,6 +93,19 @@ class Replay:
 
     watched: list[bool]  # predictions for sentences whose true label is the watched one
     others: list[bool]  # predictions for the rest
+
+
+def classifier_replay(model: str, rows: Sequence[dict[str, str]], label: str, device: str) -> Replay:
+    """Labelled sentences ("text", "label") each classified once by `model`: whether it predicted `label`, for
+    the sentences whose true label is `label` and for the others, as the monitor would see them."""
+    from lmkernel.engine.llm import LLM
+
+    llm = LLM(model, device=device)
+    if not llm.loaded.config.is_classifier:
+        raise LmkError(f"--model {model}: not a classifier (train one with `lmk train --task classify`)")
+    predicted = [c.label == label for c in llm.classify([r["text"] for r in rows])]
+    return Replay([p for p, r in zip(predicted, rows) if r["label"] == label],
+                  [p for p, r in zip(predicted, rows) if r["label"] != label])
 
 
 def replay_delays(replay: Replay, config: MonitorConfig, base: float, length: int, share: float, streams: int,

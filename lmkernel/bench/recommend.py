@@ -18,12 +18,17 @@ import subprocess  # nosec B404  # runs our own commands as argument lists, neve
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from lmkernel.apps.recommend_data import Interactions, ItemTable, leave_one_out, user_sequences
+
+if TYPE_CHECKING:
+    from lmkernel.apps.recommender import RecommenderConfig
 
 PEERS = ("Pop", "ItemKNN", "BPR", "SASRec")
 
@@ -97,6 +102,21 @@ def run_ours(prepared: Prepared, config, work: Path, log) -> dict:
     result = fit(prepared.data, prepared.items, out, config, overwrite=True, log=log)
     top = Recommender.load(out).test_top(10)
     return {"model": "lmkernel", "test_reported": result.test, "top10": top, "seconds": time.monotonic() - start}
+
+
+def run_models(prepared: Prepared, config: RecommenderConfig, root: Path, models: list[str], timeout: float,
+               log: Callable[[str], object]) -> tuple[list[dict], list[str]]:
+    """lmkernel, then each RecBole model, on one prepared split: their results, and a line for each peer that
+    failed or ran out of time (reported, not fatal: the others are still compared)."""
+    results = [run_ours(prepared, config, root, lambda line: log(f"  lmkernel: {line}"))]
+    failed = []
+    for model in models:
+        log(f"  running RecBole {model} ...")
+        try:
+            results.append(run_peer(model, prepared, timeout))
+        except (RuntimeError, subprocess.TimeoutExpired) as exc:
+            failed.append(f"{model}: {exc}")
+    return results, failed
 
 
 def temp_root() -> Path:

@@ -1,12 +1,15 @@
 """Serving benchmark: streaming clients over HTTP against a real `lmk serve` process, and the same
-load through the in-process `LLM.generate`, to show what the HTTP layer costs."""
+load through the in-process `LLM.generate`, to show what the HTTP layer costs, or through llama.cpp's
+llama-server, to compare the two servers."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +17,7 @@ import httpx
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
+from lmkernel.bench.llama_server_peer import build_llama_server, default_cmake_flags, start_llama_server
 from lmkernel.bench.processes import HttpProcess, free_port, start_http_process
 from lmkernel.bench.workload import Workload
 from lmkernel.engine.llm import LLM
@@ -195,3 +199,80 @@ def decode_limits(loaded: LoadedModel, batch: int, context: int, repeats: int = 
         raise LmkError("no int8 multiply-add units to measure a compute limit on (no AVX-512 VNNI kernels built)")
     return Limits(batch, best * 1000, decode_bytes(model) / bandwidth * 1000, macs * batch / peak * 1000, peak / macs,
                   bandwidth / 1e9, peak / 1e12, "AMX tiles" if tiles else "AVX-512 VNNI")
+
+
+def http_and_in_process(server: ServerProcess, loaded: LoadedModel, model: str, kv_cache_memory: str,
+                        works: dict[int, Workload], levels: list[int]) -> tuple[dict[int, LoadResult], dict[int, LoadResult]]:
+    """Each level through `lmk serve` over HTTP (the server stopped once they ran), then through `LLM.generate`:
+    the same requests both ways, so the difference is what HTTP costs."""
+    try:
+        http = {c: run_http(server, model, works[c], c) for c in levels}
+    finally:
+        server.stop()
+    return http, {c: run_in_process(loaded, kv_cache_memory, works[c], c) for c in levels}
+
+
+@dataclass
+class PeerRun:
+    """`lmk bench serve --peer llama-server` measured: both servers at each level of streams, and at the level
+    nearest 8 lmk serve's time by phase against the machine's limits."""
+
+    binary: Path
+    build: str  # how the llama-server binary came: given, or the cmake flags it was built with
+    threads: int
+    levels: list[int]
+    ours: dict[int, LoadResult]
+    theirs: dict[int, LoadResult]
+    watched: int  # the level whose time is split
+    phases: dict[str, float]  # `breakdown` of lmk serve's engine counters at the watched level
+    mean_context: int  # tokens a sequence holds halfway through its answer, on average, at the watched level
+    limits: Limits
+
+
+def run_levels(server: ServerProcess, binary: Path, source: Path, model: str, threads: int, works: dict[int, Workload],
+               warm: Workload, logs: Path) -> tuple[dict[int, LoadResult], dict[int, LoadResult], dict[int, dict[str, float]]]:
+    """Each level against `lmk serve` (its engine counters read around it), then against a fresh llama-server with
+    a slot per stream; both warmed first on prompts of their own, so nothing measured is cached."""
+    ours, theirs, phases = {}, {}, {}
+    for c in sorted(works):
+        run_http(server, model, warm, 2)
+        before, start = engine_counters(server), time.perf_counter()
+        ours[c] = run_http(server, model, works[c], c)
+        phases[c] = breakdown(before, engine_counters(server), time.perf_counter() - start)
+        peer = start_llama_server(binary, source, threads, c, free_port(), logs / f"llama-server-{c}.log")
+        try:
+            run_http(peer, model, warm, 2)
+            theirs[c] = run_http(peer, model, works[c], c)
+        finally:
+            peer.stop()
+    return ours, theirs, phases
+
+
+def against_llama_server(model: str, loaded: LoadedModel, works: dict[int, Workload], kv_cache_memory: str, device: str,
+                         peer_binary: Path | None, cmake_args: str | None, output_tokens: int,
+                         log: Callable[[str], object]) -> PeerRun:
+    """Each level (`works` by streams; 0: the warm-up prompts) against `lmk serve` and against llama-server with the
+    same threads, the llama-server built first unless `peer_binary` is given; then the machine's limits for a
+    decode step as lmk serve ran them at the level nearest 8."""
+    import torch
+
+    threads = torch.get_num_threads()
+    if peer_binary is not None and not peer_binary.is_file():
+        raise LmkError(f"--peer-binary {peer_binary}: no such file")
+    binary = peer_binary or build_llama_server(cmake_args, jobs=threads, log=log)
+    build = "given with --peer-binary" if peer_binary else f"built with {cmake_args or default_cmake_flags()}"
+    logs = Path(tempfile.mkdtemp(prefix="lmk-bench-serve-"))
+    warm = works.pop(0)
+    levels = sorted(works)
+    watched = min(levels, key=lambda c: abs(c - 8))
+    server = start_server_process([model, "--kv-cache-memory", kv_cache_memory, "--device", device, "--threads",
+                                   str(threads), "--max-num-seqs", str(max(max(levels), 16))], logs / "lmk.log")
+    try:
+        ours, theirs, phases = run_levels(server, binary, loaded.source.path, model, threads, works, warm, logs)
+    finally:
+        server.stop()
+    p = phases[watched]
+    batch = max(1, round(p["lmkernel_engine_tokens:decode"] / max(p["lmkernel_engine_steps:decode"], 1)))
+    mean_context = round(sum(map(len, works[watched].prompts)) / len(works[watched].prompts) + output_tokens / 2)
+    return PeerRun(binary, build, threads, levels, ours, theirs, watched, p, mean_context,
+                   decode_limits(loaded, batch, mean_context))

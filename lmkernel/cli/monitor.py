@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-from lmkernel.apps.stream_monitor import MonitorConfig
+from lmkernel.apps.stream_monitor import Detector, MonitorConfig
 from lmkernel.cli import Device, Opt, app, fail
 from lmkernel.errors import LmkError
+
+if TYPE_CHECKING:
+    from lmkernel.apps.monitor_sinks import MonitorMetrics
+    from lmkernel.engine.llm import LLM
 
 DEFAULTS = MonitorConfig()
 
@@ -32,41 +38,57 @@ def monitor(
     device: Device = "auto",
 ) -> None:
     """Classify a stream of texts and print one JSON line per alert when a label's share jumps; logs go to stderr."""
-    import json as _json
-    import sys
-
     from lmkernel.apps.detectors import make_detector
-    from lmkernel.apps.stream_monitor import monitor as run, read_records
-    from lmkernel.engine.llm import LLM
-
-    def log(**event: object) -> None:
-        print(_json.dumps(event), file=sys.stderr, flush=True)
 
     try:
         detector = make_detector(MonitorConfig(label, window, baseline, alert_z, reset_z, detector=detector, shift=shift,
                                                threshold=threshold, lag=lag, min_history=min_history))
-        if input != "-" and not Path(input).is_file():
-            raise LmkError(f"--input {input}: no such file")
-        llm = LLM(model, device=device)
-        if not llm.loaded.config.is_classifier:
-            raise LmkError(f"--model {model}: not a classifier (train one with `lmk train --task classify`)")
-        labels = list(llm.loaded.config.id2label.values())
-        if label not in labels:
-            raise LmkError(f"--label {label}: the classifier's labels are {', '.join(labels)}")
-        try:
-            from lmkernel.apps.monitor_sinks import MonitorMetrics, post_webhook
-        except ImportError as exc:
-            raise LmkError(f"lmk monitor needs the serve extra: pip install -e '.[serve]' ({exc.name} is missing)") from None
-        metrics = MonitorMetrics(labels, label)
-        if metrics_port is not None:
-            metrics.serve(metrics_port)
+        llm, metrics = _classifier_and_gauges(model, input, label, metrics_port, device)
     except (LmkError, ValueError, OSError) as exc:
         raise fail(exc) from None
+    _run_stream(llm, detector, metrics, input, webhook, batch_size)
+
+
+def _log(**event: object) -> None:
+    """One JSON line on stderr: the monitor's standard output carries only the alerts."""
+    print(json.dumps(event), file=sys.stderr, flush=True)
+
+
+def _classifier_and_gauges(model: str, input: str, label: str, metrics_port: int | None, device: str) -> tuple[LLM, MonitorMetrics]:
+    """The classifier and the Prometheus gauges, once the input, the model and the label are checked (before any
+    record is read)."""
+    from lmkernel.engine.llm import LLM
+
+    if input != "-" and not Path(input).is_file():
+        raise LmkError(f"--input {input}: no such file")
+    llm = LLM(model, device=device)
+    if not llm.loaded.config.is_classifier:
+        raise LmkError(f"--model {model}: not a classifier (train one with `lmk train --task classify`)")
+    labels = list(llm.loaded.config.id2label.values())
+    if label not in labels:
+        raise LmkError(f"--label {label}: the classifier's labels are {', '.join(labels)}")
+    try:
+        from lmkernel.apps.monitor_sinks import MonitorMetrics
+    except ImportError as exc:
+        raise LmkError(f"lmk monitor needs the serve extra: pip install -e '.[serve]' ({exc.name} is missing)") from None
+    metrics = MonitorMetrics(labels, label)
+    if metrics_port is not None:
+        metrics.serve(metrics_port)
+    return llm, metrics
+
+
+def _run_stream(llm: LLM, detector: Detector, metrics: MonitorMetrics, input: str, webhook: str | None,
+                batch_size: int | None) -> None:
+    """Classify the records of `input` (a file, or - for stdin) in batches until it ends or Ctrl-C, feeding the
+    detector, the gauges and the webhook; the last log line sums up the run."""
+    from lmkernel.apps.monitor_sinks import post_webhook
+    from lmkernel.apps.stream_monitor import monitor as run, read_records
+
     stream = sys.stdin if input == "-" else open(input, encoding="utf-8")
 
     def on_alert(alert) -> None:
         metrics.alert(alert)
-        log(event="alert", label=alert.label, index=alert.index, onset=alert.onset, score=alert.score)
+        _log(event="alert", label=alert.label, index=alert.index, onset=alert.onset, score=alert.score)
         if webhook:
             post_webhook(webhook, alert)
 
@@ -74,10 +96,10 @@ def monitor(
         shares = detector.shares()
         metrics.observe(new, shares, detector.baseline_share(), detector.score, detector.armed)
         if seen // 500 > (seen - new) // 500:
-            log(event="progress", records=seen, shares={k: round(v, 3) for k, v in shares.items()})
+            _log(event="progress", records=seen, shares={k: round(v, 3) for k, v in shares.items()})
 
     records = read_records(stream, "<stdin>" if input == "-" else input,
-                           lambda line, reason: log(event="skipped", line=line, reason=reason))
+                           lambda line, reason: _log(event="skipped", line=line, reason=reason))
     try:
         alerts = run(records, lambda texts: [c.label for c in llm.classify(texts)], detector, sys.stdout, on_alert,
                      on_batch, batch_size or (1 if input == "-" else 32))
@@ -86,4 +108,4 @@ def monitor(
     finally:
         if stream is not sys.stdin:
             stream.close()
-    log(event="done", records=detector.records, alerts=alerts, shares={k: round(v, 3) for k, v in detector.shares().items()})
+    _log(event="done", records=detector.records, alerts=alerts, shares={k: round(v, 3) for k, v in detector.shares().items()})

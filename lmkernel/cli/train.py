@@ -59,12 +59,19 @@ def train(
 ) -> None:
     """Fine-tune a model (full, LoRA or another --peft method) into a run directory; `torchrun ... -m lmkernel.train` for several processes."""
     given = {k: v for k, v in locals().items() if v is not None and k not in ("config", "resume", "overwrite")}
+    _run_training(config, given, resume, overwrite)
+
+
+def _run_training(config: Path | None, given: dict[str, object], resume: bool, overwrite: bool) -> None:
+    """`lmk train` once its flags are read: settings from --config, or from the run being resumed, with the flags
+    given on the command line over them; then the run, and its summary from the main process."""
     from lmkernel.loading import resolve_device
     from lmkernel.train import distributed
     from lmkernel.train.args import TrainArgs, read_yaml
     from lmkernel.train.checkpoint import read_settings
     from lmkernel.train.trainer import summary_table, train as run
 
+    output = given.get("output")
     flags = {{"eval": "eval_data", "test": "test_data"}.get(k, k): v for k, v in given.items()}
     try:
         values: dict[str, object] = {}

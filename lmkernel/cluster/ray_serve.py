@@ -171,31 +171,9 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
 
 def serve_on_ray(launch: LaunchConfig, config: ServerConfig, scale: ScaleConfig) -> None:
     """Deploy on Ray Serve, report scaling until SIGTERM or Ctrl-C, then remove the deployment."""
-    scale.check()
-    for name in (launch.model, launch.embedding_model):
-        if name is not None:
-            resolve(name)  # an unknown model fails here, not in every replica
-    if scale.metrics_targets is not None:
-        try:
-            write_targets(Path(scale.metrics_targets), [])
-        except OSError as exc:
-            raise LmkError(f"--metrics-targets {scale.metrics_targets}: cannot write there ({exc.strerror})") from None
+    check_launch(launch, scale)
     started_ray = scale.ray_address is None
-    if started_ray:
-        # Ray's processes inherit this one's environment. A small machine under load starts the HTTP proxy
-        # slower than Ray's 5 s readiness check, which then kills and restarts it in a loop.
-        for name, value in PROXY_PATIENCE.items():
-            os.environ.setdefault(name, value)
-        ray.init(address="local", include_dashboard=False, log_to_driver=False, object_store_memory=256 << 20,
-                 logging_level="WARNING")  # a new local Ray, not one another job started on this machine
-    else:
-        check_reachable(scale.ray_address)
-        try:
-            ray.init(address=scale.ray_address, log_to_driver=False, logging_level="WARNING")
-        except (ConnectionError, RuntimeError, ray.exceptions.AuthenticationError) as exc:
-            raise LmkError(f"--ray-address {scale.ray_address}: Ray could not join that cluster ({exc}). A cluster with "
-                           "token authentication needs RAY_AUTH_MODE=token here and its token (~/.ray/auth_token or "
-                           "RAY_AUTH_TOKEN)") from None
+    join_ray(scale.ray_address)
     stop = threading.Event()
 
     def on_signal(sig: int, frame: FrameType | None) -> None:
@@ -211,26 +189,71 @@ def serve_on_ray(launch: LaunchConfig, config: ServerConfig, scale: ScaleConfig)
             raise LmkError(f"Ray Serve could not start the lmkernel replicas: {exc}") from None
         print(f"lmkernel: serving {served_names(config)} on http://{launch.host}:{launch.port} with Ray Serve "
               f"({scale.min_replicas} to {scale.max_replicas} replicas)", flush=True)
-        last: dict[str, int] = {}
-        last_targets: list[str] | None = None
-        while not stop.wait(1.0):
-            counts = running_replicas()
-            if counts != last:
-                print(json.dumps({"event": "replicas", "running": counts.get("RUNNING", 0), "states": counts}),
-                      file=sys.stderr, flush=True)
-                last = counts
-            targets = metrics_targets()
-            if targets != last_targets:
-                print(json.dumps({"event": "metrics_targets", "targets": targets}), file=sys.stderr, flush=True)
-                if scale.metrics_targets is not None:
-                    write_targets(Path(scale.metrics_targets), targets)
-                last_targets = targets
+        report_until(stop, scale.metrics_targets)
     finally:
         print(json.dumps({"event": "shutdown"}), file=sys.stderr, flush=True)
-        if started_ray:
+        leave_ray(started_ray)
+
+
+def check_launch(launch: LaunchConfig, scale: ScaleConfig) -> None:
+    """Fail in the driver, before Ray starts, on what every replica would fail on: the scaling flags, an unknown
+    model, a --metrics-targets file that cannot be written (it starts empty)."""
+    scale.check()
+    for name in (launch.model, launch.embedding_model):
+        if name is not None:
+            resolve(name)  # an unknown model fails here, not in every replica
+    if scale.metrics_targets is not None:
+        try:
+            write_targets(Path(scale.metrics_targets), [])
+        except OSError as exc:
+            raise LmkError(f"--metrics-targets {scale.metrics_targets}: cannot write there ({exc.strerror})") from None
+
+
+def join_ray(address: str | None) -> None:
+    """Start a Ray of this process's own (address None) or join the cluster at `address`, failing with what to fix."""
+    if address is None:
+        # Ray's processes inherit this one's environment. A small machine under load starts the HTTP proxy
+        # slower than Ray's 5 s readiness check, which then kills and restarts it in a loop.
+        for name, value in PROXY_PATIENCE.items():
+            os.environ.setdefault(name, value)
+        ray.init(address="local", include_dashboard=False, log_to_driver=False, object_store_memory=256 << 20,
+                 logging_level="WARNING")  # a new local Ray, not one another job started on this machine
+        return
+    check_reachable(address)
+    try:
+        ray.init(address=address, log_to_driver=False, logging_level="WARNING")
+    except (ConnectionError, RuntimeError, ray.exceptions.AuthenticationError) as exc:
+        raise LmkError(f"--ray-address {address}: Ray could not join that cluster ({exc}). A cluster with "
+                       "token authentication needs RAY_AUTH_MODE=token here and its token (~/.ray/auth_token or "
+                       "RAY_AUTH_TOKEN)") from None
+
+
+def report_until(stop: threading.Event, targets_file: str | None) -> None:
+    """Each second until `stop`: a JSON line on stderr when the replica counts or the metrics addresses change,
+    and the addresses rewritten into `targets_file` (Prometheus file_sd) when given."""
+    last: dict[str, int] = {}
+    last_targets: list[str] | None = None
+    while not stop.wait(1.0):
+        counts = running_replicas()
+        if counts != last:
+            print(json.dumps({"event": "replicas", "running": counts.get("RUNNING", 0), "states": counts}),
+                  file=sys.stderr, flush=True)
+            last = counts
+        targets = metrics_targets()
+        if targets != last_targets:
+            print(json.dumps({"event": "metrics_targets", "targets": targets}), file=sys.stderr, flush=True)
+            if targets_file is not None:
+                write_targets(Path(targets_file), targets)
+            last_targets = targets
+
+
+def leave_ray(started_ray: bool) -> None:
+    """Remove lmkernel from Ray: the whole Ray this process started, or only its application from a cluster it
+    joined (and Serve too, if lmkernel was all Serve ran there)."""
+    if started_ray:
+        serve.shutdown()
+        ray.shutdown()
+    else:
+        serve.delete(APP_NAME)
+        if not serve.status().applications:  # Serve was there for lmkernel alone: leave the cluster as found
             serve.shutdown()
-            ray.shutdown()
-        else:
-            serve.delete(APP_NAME)
-            if not serve.status().applications:  # Serve was there for lmkernel alone: leave the cluster as found
-                serve.shutdown()

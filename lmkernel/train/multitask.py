@@ -32,7 +32,8 @@ from lmkernel.train.data import DataError
 from lmkernel.loader.hf_export import save_model_dir
 from lmkernel.loader.tokenizer import Tokenizer
 from lmkernel.train.args import read_yaml
-from lmkernel.train.tasks import INIT_STD, Classification, Task
+from lmkernel.train.heads import INIT_STD
+from lmkernel.train.tasks import Classification, Task
 
 MANIFEST = "multitask.json"
 KINDS = ("classify",)

@@ -1,5 +1,5 @@
 """The three training tasks: what an example is, how a batch is laid out, the loss, the evaluation
-metrics, and the head a base model needs for the task.
+metrics, and which head a base model needs for the task (`heads` builds it).
 
 A batch is the models' flattened varlen layout (`AttentionMetadata`): sequences end to end, no
 padding. Losses are sums over scored targets; the trainer divides by the count over the whole
@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,16 +27,13 @@ from torch.utils.checkpoint import checkpoint
 from lmkernel.config import ModelConfig
 from lmkernel.layers.attention import AttentionMetadata
 from lmkernel.loader.tokenizer import Tokenizer
-from lmkernel.models import model_class
-from lmkernel.models.bert import CLASSIFIER_ARCHITECTURE, MLM_ARCHITECTURE
-from lmkernel.models.weights import build_on_meta
 from lmkernel.train.data import IGNORE, DataError, augment, chat_tokens, field, holdout_split, pack, read_plain_text, \
     read_rows
+from lmkernel.train.heads import bert_classifier_head, decoder_classifier_head, encoder_classifier_head, mlm_head
 
 MASK_PROBABILITY = 0.15
 DEFAULT_CLM_LENGTH = 1024
 LOGIT_CHUNK = 1024  # scored tokens per output-layer call
-INIT_STD = 0.02  # new heads start as Hugging Face initialises them (initializer_range)
 
 
 @dataclass(frozen=True)
@@ -62,11 +59,6 @@ def _layout(sequences: Sequence[Sequence[int]], causal: bool, device: torch.devi
 def _truncate(ids: list[int], limit: int) -> list[int]:
     """At most `limit` tokens, keeping the last one (an encoder's [SEP])."""
     return ids if len(ids) <= limit else ids[: limit - 1] + ids[-1:]
-
-
-def _init_linear(layer: nn.Linear, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    weight = torch.empty(layer.out_features, layer.in_features).normal_(0.0, INIT_STD, generator=generator)
-    return {"weight": weight, "bias": torch.zeros(layer.out_features)}
 
 
 class Task:
@@ -255,16 +247,7 @@ class MaskedLM(Task):
                 checkpoint: Callable[[], Mapping[str, torch.Tensor]]) -> tuple[nn.Module, ModelConfig]:
         if model.cls is not None:
             return model, config
-        self.created = ["cls.predictions.transform"]  # its output bias stays zero, as a fresh transformers head
-        config = replace(config, hf_architecture=MLM_ARCHITECTURE, tie_word_embeddings=True)
-        new = build_on_meta(model_class(config), config)
-        g = torch.Generator().manual_seed(self.seed)
-        transform = new.cls.predictions.transform
-        head = {f"cls.predictions.transform.dense.{k}": v for k, v in _init_linear(transform.dense, g).items()}
-        head.update({"cls.predictions.transform.LayerNorm.weight": torch.ones(config.hidden_size),
-                     "cls.predictions.transform.LayerNorm.bias": torch.zeros(config.hidden_size),
-                     "cls.predictions.bias": torch.zeros(config.vocab_size)})
-        new.load_weights({**model.state_dict(), **head}, f"{config.hf_architecture} head")
+        new, config, self.created = mlm_head(model, config, self.seed)
         return new, config
 
 
@@ -357,58 +340,11 @@ class Classification(Task):
         if config.is_classifier and config.id2label == id2label:
             return model, config
         if not config.is_encoder:
-            return self._decoder_head(model, config, id2label)
-        if config.architecture != "bert":
-            return self._encoder_head(model, config, id2label)
-        self.created = ["classifier"]
-        config = replace(config, hf_architecture=CLASSIFIER_ARCHITECTURE, id2label=id2label)
-        new = build_on_meta(model_class(config), config)
-        g = torch.Generator().manual_seed(self.seed)
-        tensors = {k: v for k, v in model.state_dict().items() if not k.startswith("classifier.")}
-        tensors.update({f"classifier.{k}": v for k, v in _init_linear(new.classifier, g).items()})
-        if model.bert.pooler is None:  # a bare encoder's checkpoint may still hold its pooler
-            pooler = {f"bert.{k.removeprefix('bert.')}": v for k, v in checkpoint().items()
-                      if k.removeprefix("bert.").startswith("pooler.dense.")}
-            if len(pooler) < 2:
-                pooler = {f"bert.pooler.dense.{k}": v for k, v in _init_linear(new.bert.pooler.dense, g).items()}
-                self.created.append("bert.pooler")
-            tensors.update(pooler)
-        new.load_weights(tensors, f"{config.hf_architecture} head")
-        return new, config
-
-    def _encoder_head(self, model: nn.Module, config: ModelConfig, id2label: dict[int, str]) -> tuple[nn.Module, ModelConfig]:
-        """transformers' head for the architecture, initialised as it does (normal, std 0.02; biases zero):
-        MPNet's and nomic-bert's on the first token, Gemma3TextForSequenceClassification's `score` on the last."""
-        classes = {"mpnet": "MPNetForSequenceClassification", "nomic_bert": "NomicBertForSequenceClassification",
-                   "gemma3": "Gemma3TextForSequenceClassification"}
-        config = replace(config, id2label=id2label, hf_architecture=classes[config.architecture])
-        new = build_on_meta(model_class(config), config)
-        g = torch.Generator().manual_seed(self.seed)
-        keep = {k: v for k, v in model.state_dict().items() if not k.startswith(("classifier.", "score.", "pooler."))}
-        if config.architecture == "mpnet":
-            self.created = ["classifier"]
-            head = {f"classifier.{part}.{k}": v for part in ("dense", "out_proj")
-                    for k, v in _init_linear(getattr(new.classifier, part), g).items()}
-        elif config.architecture == "nomic_bert":  # a GGUF holds no pooler: it starts new, as the classifier does
-            self.created = ["pooler", "classifier"]
-            head = {f"{part}.{k}": v for part in ("pooler", "classifier") for k, v in _init_linear(getattr(new, part), g).items()}
+            new, config, self.created = decoder_classifier_head(model, config, id2label, self.seed)
+        elif config.architecture != "bert":
+            new, config, self.created = encoder_classifier_head(model, config, id2label, self.seed)
         else:
-            self.created = ["score"]
-            head = {"score.weight": torch.randn(len(id2label), config.hidden_size, generator=g) * INIT_STD}
-        new.load_weights({**keep, **head}, f"{config.hf_architecture} head")
-        return new, config
-
-    def _decoder_head(self, model: nn.Module, config: ModelConfig, id2label: dict[int, str]) -> tuple[nn.Module, ModelConfig]:
-        """A decoder with a new `score` layer on its last token (transformers' ...ForSequenceClassification,
-        initialised as transformers does: normal, std 0.02, no bias)."""
-        self.created = ["score"]
-        family = {"qwen2": "Qwen2", "mistral": "Mistral"}.get(config.hf_model_type, "Llama")
-        config = replace(config, hf_architecture=f"{family}ForSequenceClassification", id2label=id2label)
-        new = build_on_meta(model_class(config), config)
-        g = torch.Generator().manual_seed(self.seed)
-        tensors = {k: v for k, v in model.state_dict().items() if not k.startswith("score.")}
-        tensors["score.weight"] = torch.randn(len(id2label), config.hidden_size, generator=g) * 0.02
-        new.load_weights(tensors, f"{config.hf_architecture} head")
+            new, config, self.created = bert_classifier_head(model, config, id2label, self.seed, checkpoint)
         return new, config
 
 

@@ -14,7 +14,7 @@ import dataclasses
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,12 +114,7 @@ def tune(base: TrainArgs, space: SearchSpace, trials: int, console: Console | No
         from optuna.trial import TrialState
     except ImportError:
         raise LmkError("lmk tune needs Optuna: pip install 'lmkernel[tune]'") from None
-    base.check()
-    if base.eval_data is None and base.holdout == 0:
-        raise LmkError("lmk tune chooses settings on a selection split: give eval (a file) or holdout (a fraction of "
-                       "data); test_data is scored only on the final model")
-    if trials < 1:
-        raise LmkError(f"--trials must be at least 1; got {trials}")
+    _check_request(base, trials)
     tune_dir = Path(base.output)
     tune_dir.mkdir(parents=True, exist_ok=True)
     metric = base.metric or ("accuracy" if base.task == "classify" else "loss")
@@ -129,6 +124,35 @@ def tune(base: TrainArgs, space: SearchSpace, trials: int, console: Console | No
         records, best_params, best_value = _tune_on_ray(base, space, trials, metric, maximize, ray)
         _write_lines(tune_dir / TRIALS_FILE, records)
         return _finish(base, tune_dir, metric, records, best_params, best_value, None, train_final, console)
+    study = _open_study(base, tune_dir, maximize, trials)
+    remaining = trials - len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+    if remaining > 0:
+        study.optimize(_objective(base, space, tune_dir, metric, console), n_trials=remaining, catch=(LmkError,))
+    records = [_record(t) for t in study.get_trials(deepcopy=False)]
+    _write_lines(tune_dir / TRIALS_FILE, records)
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete:
+        raise LmkError(f"{tune_dir}: no trial finished (see {TRIALS_FILE})")
+    best = study.best_trial
+    return _finish(base, tune_dir, metric, records, dict(best.params), float(best.value), best.number, train_final,
+                   console)
+
+
+def _check_request(base: TrainArgs, trials: int) -> None:
+    """The settings checked, and a search refused that has no selection split to choose on or no trial to run."""
+    base.check()
+    if base.eval_data is None and base.holdout == 0:
+        raise LmkError("lmk tune chooses settings on a selection split: give eval (a file) or holdout (a fraction of "
+                       "data); test_data is scored only on the final model")
+    if trials < 1:
+        raise LmkError(f"--trials must be at least 1; got {trials}")
+
+
+def _open_study(base: TrainArgs, tune_dir: Path, maximize: bool, trials: int) -> Any:
+    """The study in TUNE_DIR/study.db, created or resumed; a trial an interrupted run left running is marked failed."""
+    import optuna
+    from optuna.trial import TrialState
+
     study = optuna.create_study(
         study_name="lmk-tune", storage=f"sqlite:///{tune_dir / STUDY_FILE}", load_if_exists=True,
         direction="maximize" if maximize else "minimize",
@@ -137,7 +161,14 @@ def tune(base: TrainArgs, space: SearchSpace, trials: int, console: Console | No
     )
     for stale in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):  # an interrupted run's trial
         study.tell(stale.number, state=TrialState.FAIL)
-    finished = (TrialState.COMPLETE, TrialState.PRUNED)
+    return study
+
+
+def _objective(base: TrainArgs, space: SearchSpace, tune_dir: Path, metric: str,
+               console: Console | None) -> Callable[[Any], float]:
+    """Optuna's objective: one trial's run with the settings it draws, reporting each evaluation so the median
+    pruner can stop it early."""
+    import optuna
 
     def objective(trial: Any) -> float:
         params = space.suggest(trial, lora=base.lora is not None)
@@ -155,17 +186,7 @@ def tune(base: TrainArgs, space: SearchSpace, trials: int, console: Console | No
             console.print(f"trial {trial.number}: {metric} {result.best:.4f} with {params}")
         return result.best
 
-    remaining = trials - len(study.get_trials(deepcopy=False, states=finished))
-    if remaining > 0:
-        study.optimize(objective, n_trials=remaining, catch=(LmkError,))
-    records = [_record(t) for t in study.get_trials(deepcopy=False)]
-    _write_lines(tune_dir / TRIALS_FILE, records)
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if not complete:
-        raise LmkError(f"{tune_dir}: no trial finished (see {TRIALS_FILE})")
-    best = study.best_trial
-    return _finish(base, tune_dir, metric, records, dict(best.params), float(best.value), best.number, train_final,
-                   console)
+    return objective
 
 
 def _finish(base: TrainArgs, tune_dir: Path, metric: str, records: list[dict[str, Any]], params: dict[str, Any],
