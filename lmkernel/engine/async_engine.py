@@ -1,6 +1,7 @@
 """`AsyncEngine`: an asyncio front over `LLMEngine` that streams outputs and aborts on cancellation.
 
-One background task owns the engine. Steps run in a worker thread so the event loop never blocks;
+One background task owns the engine. The core's steps run in a worker thread so the event loop never blocks,
+and their tokens become text (detokenization, stop strings: `OutputProcessor`) on the loop between steps;
 requests and aborts from coroutines are queued and applied between steps, so the engine is only
 ever touched by one thread at a time (its grammar compiler excepted: a request's structured-output
 grammar compiles on a worker thread before the request is queued).
@@ -187,7 +188,8 @@ class AsyncEngine:
                     await self.wakeup.wait()
                 continue
             try:
-                outputs = await asyncio.to_thread(self.engine.step)
+                # The core's step on a worker thread; its tokens become text here, on the loop, before the next.
+                outputs = self.engine.process_outputs(await asyncio.to_thread(self.engine.core_step))
             except Exception as exc:  # a failed step fails every stream rather than hanging them
                 for queue in self.streams.values():
                     queue.put_nowait(exc)

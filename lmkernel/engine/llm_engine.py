@@ -14,15 +14,14 @@ import torch
 from lmkernel.config import EngineConfig
 from lmkernel.engine.adapters import LoraAdapters, PreparedAdapter, UnknownAdapterError, shared_copy
 from lmkernel.engine.model_runner import ModelRunner, ModelRunnerOutput, select_cpu_path
-from lmkernel.engine.output_processor import Group, Sample, advance_grammar, check_stop, group_output
-from lmkernel.engine.request import CheckedPrompt, Request, RequestOutput, RequestStatus
+from lmkernel.engine.output_processor import OutputProcessor
+from lmkernel.engine.request import CheckedPrompt, CoreOutput, Request, RequestOutput, RequestStatus, token_end
 from lmkernel.engine.sampling import SamplingParams
 from lmkernel.engine.scheduler import Scheduler, SchedulerOutput
 from lmkernel.engine.speculative import build_speculator
 from lmkernel.engine.structured import GrammarCompiler, StructuredOutputs
 from lmkernel.errors import AdapterError, ContextLengthError, LmkError
 from lmkernel.layers import cpu_kernels
-from lmkernel.loader.tokenizer import IncrementalDetokenizer
 from lmkernel.loading import LoadedModel, load_model
 from lmkernel.memory.kv_cache import allocate_kv_cache
 from lmkernel.memory.kv_manager import KVCacheManager
@@ -87,8 +86,7 @@ class LLMEngine:
                                   self.eos_ids)
         self.speculator = build_speculator(config, loaded.config.vocab_size, self.tokenizer,
                                            self.pool.capacity_tokens)
-        self._groups: dict[str, Group] = {}
-        self.owner: dict[str, tuple[Group, Sample]] = {}
+        self.outputs = OutputProcessor(self.tokenizer)
         self.arrivals = 0
         self.steps = 0
         self._pending: list[RequestOutput] = []  # outputs of aborted requests, reported at the next step
@@ -149,7 +147,7 @@ class LLMEngine:
 
     def abort_all(self) -> None:
         """Abort every request, and forget the outputs not yet reported (a failed step ends them all)."""
-        for request_id in list(self._groups):
+        for request_id in self.outputs.request_ids():
             self.abort_request(request_id)
         self._pending.clear()
 
@@ -167,7 +165,7 @@ class LLMEngine:
 
     def request_ids(self) -> list[str]:
         """The ids of the requests queued or running."""
-        return list(self._groups)
+        return self.outputs.request_ids()
 
     @property
     def lora_names(self) -> list[str]:
@@ -181,7 +179,7 @@ class LLMEngine:
         """Queue a request; refuse at once one that could never fit. `prompt`: text, ids, or a `CheckedPrompt`
         (which carries its params: pass none). `matcher`: its structured-output grammar already compiled by
         `grammars.matcher` (off the engine's thread); else it is compiled here."""
-        if request_id in self._groups:
+        if request_id in self.outputs.groups:
             raise ValueError(f"request id '{request_id}' is already in use")
         if isinstance(prompt, CheckedPrompt):
             if params is not None:
@@ -201,10 +199,9 @@ class LLMEngine:
         # A grammar is compiled (and refused when invalid) before anything is queued.
         if params.structured_outputs is not None and matcher is None:
             matcher = self.grammars.matcher(params.structured_outputs)
-        group = Group(request_id, text, ids, params)
-        for j in range(params.n):
+        sequence_ids = [request_id if params.n == 1 else f"{request_id}#{j}" for j in range(params.n)]
+        for j, child_id in enumerate(sequence_ids):
             child_params = params if j == 0 else dataclasses.replace(params, prompt_logprobs=None)
-            child_id = request_id if params.n == 1 else f"{request_id}#{j}"
             request = Request(
                 child_id, ids, child_params, self.arrivals, priority,
                 prompt_logprobs=[None] if child_params.prompt_logprobs is not None else [],
@@ -212,13 +209,10 @@ class LLMEngine:
                 adapter_salt=self.adapters.salt(params.lora) if params.lora is not None and self.adapters else "",
             )
             self.arrivals += 1
-            sample = Sample(j, request, IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens))
-            group.samples.append(sample)
-            self.owner[child_id] = (group, sample)
             if params.seed is not None:
                 self.runner.add_generator(child_id, params.seed + j)
             self.scheduler.add_request(request)
-        self._groups[request_id] = group
+        self.outputs.add(request_id, text, ids, params, sequence_ids)
 
     def check_prompt(self, prompt: str | Sequence[int], params: SamplingParams) -> CheckedPrompt:
         """The one check of a prompt against this engine: ids in the vocabulary, prompt plus max_tokens within
@@ -275,28 +269,30 @@ class LLMEngine:
 
     def abort_request(self, request_id: str) -> bool:
         """Stop a request in any state and free its blocks now; False if it is unknown or already done."""
-        group = self._groups.pop(request_id, None)
-        if group is None:
+        aborted = self.outputs.abort(request_id)
+        if aborted is None:
             return False
-        for sample in group.samples:
-            if sample.finish_reason is None:
-                sample.finish_reason = "abort"
-                self._release(sample.request.request_id, RequestStatus.FINISHED_ABORTED)
-        self._pending.append(group_output(group))
+        output, running = aborted
+        for sequence_id in running:
+            self._release(sequence_id, RequestStatus.FINISHED_ABORTED)
+        self._pending.append(output)
         return True
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._pending)
 
     def step(self) -> list[RequestOutput]:
-        """One engine iteration: `schedule()`, `run()`, `update()`; returns outputs that changed."""
-        outputs, self._pending = self._pending, []
+        """One engine iteration: the core's step, then its tokens turned into outputs; the outputs that changed."""
+        return self.process_outputs(self.core_step())
+
+    def core_step(self) -> list[CoreOutput]:
+        """The engine core's iteration: `schedule()`, `execute()`, `update()`; what each sequence got."""
         times, start = self.runner.times, time.perf_counter()
         drafts = self._propose() if self.speculator is not None else {}
         proposing = time.perf_counter() - start
         plan = self.scheduler.schedule(drafts)
         if plan.is_empty:
-            return outputs
+            return []
         constrained = any(c.request.matcher is not None for c in plan.chunks)
         allowed = self.grammars.allowed_for(plan.chunks) if constrained else None
         times.schedule += time.perf_counter() - start
@@ -306,9 +302,20 @@ class LLMEngine:
             self.speculator.learn_step(plan.chunks, result.sampled, proposing + time.perf_counter() - start)
         start = time.perf_counter()
         self.steps += 1
-        outputs.extend(self._process(plan, result))
+        outputs = self._update(plan, result)
         times.process += time.perf_counter() - start
         return outputs
+
+    def process_outputs(self, core_outputs: list[CoreOutput]) -> list[RequestOutput]:
+        """The core's outputs as the callers' (text, stop strings: `OutputProcessor`), outside the core's step; a
+        sequence a stop string ended is released. Call it before the next `core_step`."""
+        start = time.perf_counter()
+        outputs, self._pending = self._pending, []
+        processed, stopped = self.outputs.process(core_outputs)
+        for sequence_id in stopped:
+            self._release(sequence_id, RequestStatus.FINISHED_STOPPED)
+        self.runner.times.process += time.perf_counter() - start
+        return outputs + processed
 
     def _propose(self) -> dict[str, list[int]]:
         """Proposals for this step's decodes; a grammar's requests keep only those their grammar allows."""
@@ -321,33 +328,35 @@ class LLMEngine:
                 del drafts[r.request_id][r.matcher.validate_tokens(drafts[r.request_id]):]
         return drafts
 
-    def _process(self, plan: SchedulerOutput, result: ModelRunnerOutput) -> list[RequestOutput]:
-        """Each sample's new tokens up to where it stops (text, stop strings, grammar), handed to the scheduler,
-        which alone changes a request; finished samples end there."""
-        touched: dict[str, Group] = {}
+    def _update(self, plan: SchedulerOutput, result: ModelRunnerOutput) -> list[CoreOutput]:
+        """Each sequence's new tokens up to where its tokens end it, handed to the scheduler (which alone changes a
+        request); ended sequences are released."""
         kept: dict[str, list[int]] = {}
-        for request_id, tokens in result.sampled.items():
-            group, sample = self.owner[request_id]
-            produced = sample.request.num_output_tokens
-            kept[request_id] = []
-            for token in tokens:  # taken one at a time, up to a stop
-                kept[request_id].append(token)
-                produced += 1
-                check_stop(sample, token, produced, self.eos_ids, self.max_model_len)
-                if sample.request.matcher is not None:
-                    advance_grammar(sample, token)
-                if sample.finish_reason is not None:
+        outputs = []
+        for chunk in plan.chunks:
+            request = chunk.request
+            tokens = result.sampled.get(request.request_id)
+            if tokens is None and request.request_id not in result.prompt_logprobs:
+                continue
+            out = CoreOutput(request.request_id, [], new_prompt_logprobs=result.prompt_logprobs.get(request.request_id, []),
+                             queue_seconds=None if request.first_scheduled_time is None
+                             else request.first_scheduled_time - request.arrival_time)
+            for token in tokens or []:  # taken one at a time, up to an end
+                out.new_token_ids.append(token)
+                end = token_end(request, token, request.num_output_tokens + len(out.new_token_ids), self.eos_ids,
+                                self.max_model_len)
+                if end is not None:
+                    out.finish_reason, out.stop_reason = end
                     break
-            touched[group.request_id] = group
+            if request.request_id in result.logprobs:
+                out.new_logprobs = result.logprobs[request.request_id][: len(out.new_token_ids)]
+            kept[request.request_id] = out.new_token_ids
+            outputs.append(out)
         self.scheduler.update(plan, kept, result.logprobs, result.prompt_logprobs)
-        for request_id in kept:
-            reason = self.owner[request_id][1].finish_reason
-            if reason is not None:
-                self._release(request_id, RequestStatus.FINISHED_STOPPED if reason == "stop" else RequestStatus.FINISHED_LENGTH)
-        outputs = [group_output(g) for g in touched.values()]
-        for group in touched.values():
-            if group.finished:
-                self._groups.pop(group.request_id, None)
+        for out in outputs:
+            if out.finish_reason is not None:
+                status = RequestStatus.FINISHED_STOPPED if out.finish_reason == "stop" else RequestStatus.FINISHED_LENGTH
+                self._release(out.request_id, status)
         return outputs
 
     def _release(self, request_id: str, status: RequestStatus) -> None:
@@ -355,7 +364,6 @@ class LLMEngine:
         self.runner.drop_request(request_id)
         if self.speculator is not None:
             self.speculator.drop(request_id)
-        self.owner.pop(request_id, None)
 
     def stats(self) -> dict[str, float | int | str]:
         """The decode backend in use, and counters of the cache, the prefix cache and the scheduler."""

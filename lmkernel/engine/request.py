@@ -107,6 +107,41 @@ class Request:
 
 
 @dataclass
+class CoreOutput:
+    """What one engine step did for one sequence: the tokens it kept and their log-probs, prompt log-probs
+    scored, and its end where its tokens say (`finish_reason` "stop" or "length"; `stop_reason`: the stop token)."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_logprobs: list[PositionLogprobs] | None = None
+    new_prompt_logprobs: list[PositionLogprobs] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: int | None = None
+    queue_seconds: float | None = None  # arrival to first scheduled step
+
+
+def token_end(request: Request, token: int, produced: int, eos_ids: frozenset[int],
+              max_model_len: int) -> tuple[str, int | None] | None:
+    """Where a sequence's new token ends it, by tokens alone: an end-of-sequence or stop token (after min_tokens),
+    max_tokens, the context, or its grammar complete (the token is fed to the grammar). `produced`: its output
+    tokens with this one. (finish_reason, stop token) or None."""
+    params = request.sampling_params
+    enough = produced >= params.min_tokens
+    end: tuple[str, int | None] | None = None
+    if enough and token in eos_ids and not params.ignore_eos:
+        end = ("stop", None)
+    elif enough and token in params.stop_token_ids:
+        end = ("stop", token)
+    elif produced >= (params.max_tokens or 0) or request.num_prompt_tokens + produced >= max_model_len:
+        end = ("length", None)
+    if request.matcher is not None:
+        accepted = request.matcher.consume_token(token)
+        if end is None and (not accepted or request.matcher.is_stopped()):
+            end = ("stop", None)
+    return end
+
+
+@dataclass
 class CompletionOutput:
     """One sample of a request: text and ids so far, plus what this step added (`delta_*`)."""
 
