@@ -35,6 +35,9 @@ Dtype = option(EngineConfig, "dtype")
 Device = option(EngineConfig, "device")
 Quantization = option(EngineConfig, "quantization")
 KVMemory = option(EngineConfig, "kv_cache_memory")
+MaxNumSeqs = option(EngineConfig, "max_num_seqs")
+MaxNumBatchedTokens = option(EngineConfig, "max_num_batched_tokens")
+CpuPath = option(EngineConfig, "cpu_path")
 
 
 def quantization_arg(value: str) -> str | None:

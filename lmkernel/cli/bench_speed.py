@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.table import Table
 
-from lmkernel.cli import Device, Dtype, KVMemory, Quantization, console, fail, quantization_arg
+from lmkernel.cli import (CpuPath, Device, Dtype, KVMemory, MaxNumBatchedTokens, MaxNumSeqs, Quantization, console, fail,
+                          quantization_arg)
 from lmkernel.cli.bench import bench_app
 from lmkernel.errors import LmkError
 
@@ -27,8 +28,8 @@ def bench_throughput(
     min_output: Annotated[int, typer.Option()] = 32,
     max_output: Annotated[int, typer.Option()] = 256,
     hf_batch_size: Annotated[int, typer.Option(help="static batch size of the transformers peer; 0 skips it")] = 8,
-    max_num_seqs: Annotated[int, typer.Option()] = 64,
-    max_num_batched_tokens: Annotated[int, typer.Option()] = 2048,
+    max_num_seqs: MaxNumSeqs = 64,
+    max_num_batched_tokens: MaxNumBatchedTokens = 2048,
     seed: Annotated[int, typer.Option()] = 0,
     dtype: Dtype = "auto",
     device: Device = "auto",
@@ -67,8 +68,7 @@ def bench_latency(
     peer: Annotated[str, typer.Option(help="transformers (generate at batch 1), llama.cpp (same GGUF file: decode, "
                                            "prompt processing, load time, memory) or none")] = "transformers",
     quantization: Quantization = "auto",
-    cpu_path: Annotated[str, typer.Option(help="lmkernel's CPU kernels: auto, amx, avx512-vnni, avx512 or avx2 "
-                                               "(a narrower path forced on a wider CPU)")] = "auto",
+    cpu_path: CpuPath = "auto",
 ) -> None:
     """Batch-1 decode ms/token against the floor of weight bytes / read bandwidth measured in this run, and
     against a peer on the same model in the same run."""

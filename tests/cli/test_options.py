@@ -88,3 +88,12 @@ def test_server_settings_are_checked_when_the_config_is_made():
     with pytest.raises(ValueError, match="needs --lora-modules-dir"):
         ServerConfig(allow_runtime_lora=True, api_keys=["k"])
     assert ServerConfig(allow_runtime_lora=True, api_keys=["k"], lora_modules_dirs=["/tmp"]).max_n == 16
+
+
+def test_bench_commands_take_their_engine_settings_from_the_same_declarations():
+    fields = EngineConfig.__dataclass_fields__
+    for command, names in ((("bench", "throughput"), ("max_num_seqs", "max_num_batched_tokens", "dtype", "device")),
+                           (("bench", "latency"), ("cpu_path", "quantization"))):
+        text = " ".join(_help(*command).split())
+        for name in names:
+            assert fields[name].metadata["help"] in text, (command, name)
