@@ -16,8 +16,8 @@ from lmkernel.serve.responses import DetokenizeResponse, TokenizeResponse, Token
 router = APIRouter()
 
 
-def _tokenizer(svc: Service, request: Request, model: str | None) -> Tokenizer:
-    svc.authenticate(request)
+def _tokenizer(svc: Service, model: str | None) -> Tokenizer:
+    """The served model's tokenizer (a 404 for a model not served)."""
     if model is not None:
         svc.check_model(model, "generate")
     return svc.tokenizer
@@ -26,8 +26,9 @@ def _tokenizer(svc: Service, request: Request, model: str | None) -> Tokenizer:
 @router.post("/tokenize", **documented(TokenizeRequest, TokenizeResponse))
 async def tokenize(request: Request) -> dict[str, Any]:
     svc = service(request)
+    svc.authenticate(request)  # the key first: a caller without one learns nothing of what it sent
     body = await svc.parse(request, TokenizeRequest)
-    tok = _tokenizer(svc, request, body.model)
+    tok = _tokenizer(svc, body.model)
     if (body.prompt is None) == (body.messages is None):
         raise APIError(400, "send exactly one of prompt and messages", "prompt")
     if body.prompt is not None:
@@ -45,8 +46,9 @@ async def tokenize(request: Request) -> dict[str, Any]:
 @router.post("/detokenize", **documented(DetokenizeRequest, DetokenizeResponse))
 async def detokenize(request: Request) -> dict[str, Any]:
     svc = service(request)
+    svc.authenticate(request)
     body = await svc.parse(request, DetokenizeRequest)
-    tok = _tokenizer(svc, request, body.model)
+    tok = _tokenizer(svc, body.model)
     vocab = svc.generator().vocab_size
     bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
     if bad is not None:
@@ -57,7 +59,8 @@ async def detokenize(request: Request) -> dict[str, Any]:
 @router.get("/tokenizer_info", **documented(None, TokenizerInfo))
 async def tokenizer_info(request: Request) -> dict[str, Any]:
     svc = service(request)
-    tok = _tokenizer(svc, request, None)
+    svc.authenticate(request)
+    tok = _tokenizer(svc, None)
     specials = {name: tok.special_tokens.get(name) for name in ("bos_token", "eos_token", "pad_token", "unk_token")}
     return {"tokenizer_class": "PreTrainedTokenizerFast", **specials, "chat_template": tok.chat_template,
             "model_max_length": svc.generator().max_model_len, "vocab_size": tok.vocab_size}

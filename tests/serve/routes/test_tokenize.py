@@ -67,5 +67,7 @@ def test_without_a_generation_model_every_route_is_404(app_client, api_error):
 def test_keys_are_asked_for(app_client, api_error):
     with app_client(generation=False, api_keys=[KEY]) as c:
         for r in (c.post("/tokenize", json={"prompt": "x"}), c.post("/detokenize", json={"tokens": [1]}),
-                  c.post("/tokenize", json={"prompt": "x"}, headers={"Authorization": "Bearer sk-wrong"})):
+                  c.post("/tokenize", json={"prompt": "x"}, headers={"Authorization": "Bearer sk-wrong"}),
+                  c.post("/tokenize", json={"prompt": 5}), c.post("/detokenize", json={"tokens": "x"}),
+                  c.get("/tokenizer_info")):  # the key before the body: no 400 tells a keyless caller anything
             api_error(r, 401, code="invalid_api_key")
