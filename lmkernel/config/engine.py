@@ -53,7 +53,10 @@ def parse_bytes(value: str | int | float) -> int:
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
     if not match or match.group(2).upper() not in _UNITS:
         raise ValueError(f"kv_cache_memory must look like '2GiB', '512MB' or a byte count; got {value!r}")
-    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+    size = int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+    if size <= 0:
+        raise ValueError(f"kv_cache_memory must be at least one byte; got {value!r}")
+    return size
 
 
 @dataclass(frozen=True)

@@ -24,5 +24,8 @@ def setting(default: Any, help: str, cli: Any = _NO_CLI, flag: str | None = None
 
 def flag_of(config: Any, name: str) -> str:
     """The command-line flag of a config field: its own (`setting(..., flag=)`) or --the-field-name."""
-    meta = next(f.metadata for f in dataclasses.fields(config) if f.name == name)
+    meta = next((f.metadata for f in dataclasses.fields(config) if f.name == name), None)
+    if meta is None:
+        owner = config if isinstance(config, type) else type(config)
+        raise ValueError(f"{owner.__name__} has no setting '{name}'")
     return meta.get("flag", "--" + name.replace("_", "-"))

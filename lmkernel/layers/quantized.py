@@ -37,7 +37,7 @@ class QuantizationConfig:
             raise LmkError(f"{source}: quantization_config {data} is not one lmkernel wrote "
                            f"(expected quant_method 'lmkernel' and method in {METHODS})")
         steps = data.get("refine_steps", 0)
-        if not isinstance(steps, int) or steps < 0:
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
             raise LmkError(f"{source}: quantization_config.refine_steps must be a whole number >= 0; got {steps!r}")
         return cls(str(data["method"]), data.get("group_size"), tuple(data.get("modules_not_converted", ())),  # type: ignore[arg-type]
                    list(data.get("quantized_modules", [])), str(data.get("rounding", "nearest")), steps)  # type: ignore[arg-type]

@@ -183,7 +183,7 @@ def check_config(path: Path, c: ModelConfig, metadata: dict[str, Any]) -> None:
     tokens = metadata.get("tokenizer.ggml.tokens") or []
     for key in ("bos", "eos", "padding", "unknown"):
         value = metadata.get(f"tokenizer.ggml.{key}_token_id")
-        if value is not None and (not isinstance(value, int) or not 0 <= value < max(len(tokens), c.vocab_size)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < max(len(tokens), c.vocab_size)):
             raise WeightsError(f"{path}: GGUF metadata 'tokenizer.ggml.{key}_token_id' is {value!r}; expected an id "
                                f"below the vocabulary's {max(len(tokens), c.vocab_size)}")
 

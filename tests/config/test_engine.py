@@ -21,7 +21,7 @@ def test_parse_bytes_units(text: str | float, expected: int) -> None:
     assert got == expected and type(got) is int
 
 
-@pytest.mark.parametrize("bad", ["1PB", "GiB", "1e9", "1,000", "1 G B", "", True, -0.5])
+@pytest.mark.parametrize("bad", ["1PB", "GiB", "1e9", "1,000", "1 G B", "", True, -0.5, "0", "0GiB", "0.1"])
 def test_parse_bytes_refuses_what_is_not_a_size(bad: object) -> None:
     with pytest.raises(ValueError, match="kv_cache_memory must") as err:
         parse_bytes(bad)

@@ -44,3 +44,8 @@ def test_flag_of_the_real_configs() -> None:
     assert flag_of(ServerConfig, "requests_per_minute") == "--rate-limit-rpm"
     assert flag_of(ServerConfig, "tokens_per_minute") == "--rate-limit-tpm"
 
+
+
+def test_flag_of_a_setting_that_does_not_exist_is_named() -> None:
+    with pytest.raises(ValueError, match="^EngineConfig has no setting 'gpu_count'$"):
+        flag_of(EngineConfig, "gpu_count")

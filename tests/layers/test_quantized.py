@@ -35,7 +35,7 @@ def test_a_config_lmkernel_did_not_write_is_named(data: dict) -> None:
                               "quant_method 'lmkernel' and method in ('int8', 'int4', 'int8-dynamic'))")
 
 
-@pytest.mark.parametrize("steps", [-1, 1.5, None])
+@pytest.mark.parametrize("steps", [-1, 1.5, None, True])
 def test_refine_steps_must_be_a_whole_number_at_least_zero(steps: object) -> None:
     data = {"quant_method": "lmkernel", "method": "int4", "refine_steps": steps}
     with pytest.raises(LmkError, match=rf"^m: quantization_config.refine_steps must be a whole number >= 0; got {steps!r}$"):

@@ -174,6 +174,8 @@ def test_special_ids_must_lie_in_the_vocabulary(key: str) -> None:
                               f"the vocabulary's {V}")
     with pytest.raises(WeightsError, match=f"'tokenizer.ggml.{key}_token_id' is -1"):
         _parse(_llama_meta(**{f"tokenizer.ggml.{key}_token_id": -1}))
+    with pytest.raises(WeightsError, match=f"'tokenizer.ggml.{key}_token_id' is True"):
+        _parse(_llama_meta(**{f"tokenizer.ggml.{key}_token_id": True}))
 
 
 def test_tokens_that_are_not_a_list_are_refused() -> None:
