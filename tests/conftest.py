@@ -22,8 +22,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
     torch.set_num_threads(1)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+from shared_paths import SHARED_DATA  # noqa: E402
 
 # The files that take longest on one core, in that order. `make test` hands whole files to two xdist
 # workers in collection order (--no-loadscope-reorder), so starting these first lets both finish together.

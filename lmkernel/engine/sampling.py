@@ -112,7 +112,7 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     if params.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
         probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs > params.top_p  # keep the smallest prefix reaching top_p
+        drop = probs.cumsum(-1) - probs >= params.top_p  # keep the smallest prefix reaching top_p
         logits = logits.scatter(0, order[drop], float("-inf"))
     if params.min_p > 0.0:
         probs = logits.softmax(-1)

@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
-from conftest import SHARED_DATA
+from shared_paths import SHARED_DATA
 from test_cli import invoke
 
 pytestmark = pytest.mark.slow  # CLI processes and a server: `make test` runs it, `make test-fast` does not

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from conftest import REPO_ROOT
+from shared_paths import REPO_ROOT
 
 from lmkernel.bench.serve import ServerProcess as Server
 from lmkernel.bench.serve import free_port, start_server_process

@@ -218,3 +218,12 @@ def test_top_logprobs_list_the_chosen_once_when_it_is_among_the_top() -> None:
     assert top_logprobs(lp, chosen=3, n=2) == [(3, float(lp[3]), 2), (1, float(lp[1]), 1)]
     assert top_logprobs(lp, chosen=0, n=0) == [(0, float(lp[0]), 4)]
     assert top_logprobs(lp, chosen=0, n=1) == [(0, float(lp[0]), 4), (1, float(lp[1]), 1)]
+
+
+def test_top_p_keeps_the_smallest_prefix_that_reaches_it_even_at_an_exact_tie() -> None:
+    """Four equally likely tokens and top_p 0.5: the first two reach it, so two are kept (transformers' and vLLM's
+    rule), not a third whose preceding mass only equals top_p."""
+    kept = filter_logits(torch.zeros(4), SamplingParams(top_p=0.5)).isfinite()
+    assert kept.sum().item() == 2
+    kept = filter_logits(torch.tensor([2.0, 1.0, 0.0, -1.0]), SamplingParams(top_p=0.7)).isfinite()
+    assert kept.tolist() == [True, True, False, False]  # 0.64 < 0.7, then 0.88 reaches it

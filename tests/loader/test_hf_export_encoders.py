@@ -127,7 +127,7 @@ def test_a_tiny_embeddinggemma_trains_to_a_classifier_transformers_reads(tmp_pat
     from lmkernel.train.args import TrainArgs
     from lmkernel.train.checkpoint import model_dir
     from lmkernel.train.trainer import train
-    from conftest import SHARED_DATA
+    from shared_paths import SHARED_DATA
 
     torch.manual_seed(3)
     config = Gemma3TextConfig(

@@ -37,8 +37,8 @@ def test_smollm_config_and_tokenizer(smollm):
 
 def test_models_meet_the_interface(smollm, minilm, st_minilm):
     """The interface's calls do what it says: a decoder's forward over sequences laid end to end gives each the
-    logits it gets alone (no sequence sees another), its fused decode step declines a step it does not cover (a
-    prefill) with None, and an encoder's pooled output is sentence-transformers' embedding."""
+    logits it gets alone (no sequence sees another), its fused decode step says it does not cover a prefill and
+    refuses to run one, and an encoder's pooled output is sentence-transformers' embedding."""
     from lmkernel.layers.attention import AttentionMetadata
 
     a, b = [1, 400, 2000, 35, 9], [77, 8, 1234]
@@ -51,11 +51,14 @@ def test_models_meet_the_interface(smollm, minilm, st_minilm):
         both = lm.compute_logits(lm(torch.tensor(a + b), positions, meta))
         alone = [lm.compute_logits(lm(torch.tensor(x), torch.arange(len(x)), AttentionMetadata.for_lengths([len(x)], causal=True)))
                  for x in (a, b)]
-        declined = lm.fused_decode()(torch.tensor(a + b), positions, meta, [])
+        fused = lm.fused_decode()
+        covers = fused.covers(len(a + b), meta)
+        with pytest.raises(ValueError, match="covers steps of 1 to 16 decodes"):
+            fused(torch.tensor(a + b), positions, meta, [])
         bidirectional = AttentionMetadata.for_lengths([len(x) for x in ids], causal=False)
         hidden = enc(torch.tensor([t for x in ids for t in x]), torch.cat([torch.arange(len(x)) for x in ids]), bidirectional)
         pooled = enc.pool(hidden, bidirectional)
-    assert both.shape == (8, smollm.config.vocab_size) and declined is None
+    assert both.shape == (8, smollm.config.vocab_size) and not covers
     torch.testing.assert_close(both, torch.cat(alone), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(pooled, torch.from_numpy(st_minilm.encode(texts)), atol=2e-5, rtol=1e-4)
 

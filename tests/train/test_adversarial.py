@@ -91,7 +91,7 @@ def test_a_model_without_word_embeddings_is_refused():
 def test_adversarial_training_runs_on_a_real_encoder_and_changes_the_update(method, tmp_path):
     from safetensors.torch import load_file
 
-    from conftest import SHARED_DATA
+    from shared_paths import SHARED_DATA
     from lmkernel.train.args import TrainArgs
     from lmkernel.train.trainer import train
 

@@ -15,7 +15,7 @@ from lmkernel.loading import load_model
 from lmkernel.train.args import TrainArgs
 from lmkernel.train.checkpoint import model_dir
 from lmkernel.train.trainer import train
-from conftest import SHARED_DATA
+from shared_paths import SHARED_DATA
 
 pytestmark = pytest.mark.slow  # full fine-tuning of 110M and 300M encoders: `make test` runs it, `make test-fast` does not
 

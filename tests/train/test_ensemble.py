@@ -12,7 +12,7 @@ from lmkernel import LLM, LmkError, load_model
 from lmkernel.train.args import TrainArgs
 from lmkernel.train.ensemble import make_ensemble
 from lmkernel.train.trainer import train
-from conftest import SHARED_DATA
+from shared_paths import SHARED_DATA
 from test_cli import invoke
 
 pytestmark = pytest.mark.slow  # three tiny training runs

@@ -16,7 +16,7 @@ from lmkernel.train.data import DataError
 from lmkernel.loading import load_model
 from lmkernel.train.args import TrainArgs
 from lmkernel.train.trainer import train
-from conftest import SHARED_DATA
+from shared_paths import SHARED_DATA
 
 pytestmark = pytest.mark.slow  # a training run
 

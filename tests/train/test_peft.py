@@ -288,7 +288,7 @@ def test_a_decoder_classifier_trains_with_lora_by_default_and_peft_reads_it(smol
     from lmkernel.loader.hf_export import hf_config
     from lmkernel.train.args import TrainArgs
     from lmkernel.train.trainer import train
-    from conftest import SHARED_DATA
+    from shared_paths import SHARED_DATA
 
     rows = (SHARED_DATA / "financial-phrasebank" / "train.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
     data = tmp_path / "train.jsonl"

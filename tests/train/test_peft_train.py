@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from lmkernel.errors import LmkError
 from lmkernel.train.args import TrainArgs
 from lmkernel.train.trainer import train
-from conftest import SHARED_DATA
+from shared_paths import SHARED_DATA
 
 pytestmark = pytest.mark.slow  # training runs
 

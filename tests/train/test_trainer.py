@@ -19,7 +19,7 @@ from lmkernel.loading import load_model
 from lmkernel.train.args import TrainArgs
 from lmkernel.train.checkpoint import latest_checkpoint
 from lmkernel.train.trainer import TrainingError, train
-from conftest import SHARED_DATA
+from shared_paths import SHARED_DATA
 from test_cli import invoke
 
 pytestmark = pytest.mark.slow  # training runs, torchrun: `make test` runs it, `make test-fast` does not

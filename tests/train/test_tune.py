@@ -14,7 +14,7 @@ from lmkernel.train.args import TrainArgs
 from lmkernel.train.data import holdout_split
 from lmkernel.train.trainer import train
 from lmkernel.train.tune import SearchSpace, tune, with_rank
-from conftest import SHARED_DATA
+from shared_paths import SHARED_DATA
 from test_cli import invoke
 
 PHRASEBANK = SHARED_DATA / "financial-phrasebank"
