@@ -62,6 +62,8 @@ def option(cls: type, name: str) -> Any:
     """One setting of a config dataclass (or a speculative flag) as an Annotated typer type; the command gives
     its default."""
     found = [o for o in _SPECULATIVE if o.name == name] or [_Option.of(f) for f in dataclasses.fields(cls) if f.name == name]
+    if not found:
+        raise ValueError(f"{cls.__name__} has no setting '{name}'")
     return found[0].annotated(found[0].default)
 
 

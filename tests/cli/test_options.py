@@ -97,3 +97,10 @@ def test_bench_commands_take_their_engine_settings_from_the_same_declarations():
         text = " ".join(_help(*command).split())
         for name in names:
             assert fields[name].metadata["help"] in text, (command, name)
+
+
+def test_an_option_for_a_setting_that_does_not_exist_is_named():
+    from lmkernel.cli.options import option
+
+    with pytest.raises(ValueError, match="^EngineConfig has no setting 'gpus'$"):
+        option(EngineConfig, "gpus")
