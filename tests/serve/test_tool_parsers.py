@@ -1,4 +1,5 @@
-"""Tool-call parsers on model output as Qwen2.5 (Hermes) and Llama 3 write it, whole and streamed in pieces."""
+"""Tool-call parsers on model output as Qwen2.5 (Hermes) and Llama 3 write it, whole and streamed in pieces: choosing
+the parser, what plan_tools refuses, and both parsers on recorded outputs (each parser alone: tests/serve/tool_parsers/)."""
 
 from __future__ import annotations
 
@@ -11,64 +12,10 @@ from lmkernel.serve.tool_parsers import parser_for_template
 from lmkernel.serve.tool_parsers.hermes import HermesParser
 from lmkernel.serve.tool_parsers.llama3 import Llama3JsonParser
 from lmkernel.serve.tools import plan_tools, template_messages
+from tool_streams import streamed
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
-TWO_CALLS = ('Checking both.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "opts": {"units": "C"}}}\n'
-             '</tool_call>\n<tool_call>\n{"arguments": {"city": "Oslo"}, "name": "get_weather"}\n</tool_call>')
-
-
-def streamed(parser, text: str, step: int) -> tuple[str, dict[int, dict]]:
-    events = []
-    for i in range(0, len(text), step):
-        events += parser.feed(text[i : i + step])
-    events += parser.finish()
-    content, calls = "", {}
-    for e in events:
-        if e.index is None:
-            content += e.content
-        elif e.call_id is not None:
-            assert e.index not in calls, "a call opens once, with its id and name"
-            calls[e.index] = {"name": e.name, "arguments": ""}
-        else:
-            calls[e.index]["arguments"] += e.arguments
-    return content, calls
-
-
-def test_hermes_calls_and_the_text_around_them() -> None:
-    content, calls = HermesParser().parse(TWO_CALLS)
-    assert content == "Checking both."
-    assert [(c.name, json.loads(c.arguments)) for c in calls] == [
-        ("get_weather", {"city": "Paris", "opts": {"units": "C"}}), ("get_weather", {"city": "Oslo"})]
-    assert len({c.id for c in calls}) == 2
-
-
-@pytest.mark.parametrize("step", [1, 2, 5, 17, 1000])
-def test_hermes_stream_in_any_pieces_gives_the_same_calls(step: int) -> None:
-    content, calls = streamed(HermesParser(), TWO_CALLS, step)
-    assert content.strip() == "Checking both."
-    assert [(c["name"], json.loads(c["arguments"])) for c in calls.values()] == [
-        ("get_weather", {"city": "Paris", "opts": {"units": "C"}}), ("get_weather", {"city": "Oslo"})]
-
-
-def test_hermes_unclosed_call_at_the_end_and_broken_call_as_text() -> None:
-    text = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}'
-    assert HermesParser().parse(text)[1][0].arguments == '{"city": "Rome"}'
-    assert json.loads(streamed(HermesParser(), text, 3)[1][0]["arguments"]) == {"city": "Rome"}
-    broken = 'Try <tool_call>\n{"name": "get_weather", "arguments": {"city": </tool_call>'
-    assert HermesParser().parse(broken) == (broken, [])
-    assert HermesParser().parse("No calls here <tool") == ("No calls here <tool", [])
-    assert streamed(HermesParser(), "No calls here <tool", 4) == ("No calls here <tool", {})
-
-
-def test_llama3_json_calls() -> None:
-    parser = Llama3JsonParser()
-    content, calls = parser.parse('<|python_tag|>{"name": "get_weather", "parameters": {"city": "Lima"}}; '
-                                  '{"name": "get_weather", "parameters": {"city": "Quito"}}')
-    assert content is None and [json.loads(c.arguments)["city"] for c in calls] == ["Lima", "Quito"]
-    assert parser.parse("The weather is {unknown}") == ("The weather is {unknown}", [])
-    assert streamed(Llama3JsonParser(), '{"name": "get_weather", "parameters": {"city": "Lima"}}', 4)[1] == {
-        0: {"name": "get_weather", "arguments": '{"city": "Lima"}'}}
 
 
 def test_parser_follows_the_template() -> None:
@@ -103,42 +50,10 @@ def test_history_arguments_become_objects_for_the_template() -> None:
     assert err.value.param == "messages[0].tool_calls[0].function.arguments"
 
 
-@pytest.mark.parametrize("step", [1, 7, 1000])
-def test_hermes_bare_object_naming_an_offered_tool_is_a_call(step: int) -> None:
-    bare = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
-    assert HermesParser(["get_weather"]).parse(bare)[1][0].name == "get_weather"
-    assert HermesParser(["get_time"]).parse(bare) == (bare, [])  # not an offered tool: text
-    assert streamed(HermesParser(["get_weather"]), bare, step)[1] == {0: {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
-    assert streamed(HermesParser(["get_weather"]), "{braces} in text", step) == ("{braces} in text", {})
-
-
 def test_parallel_tool_calls_false_forces_exactly_one_call() -> None:
     tools = [WEATHER, {"type": "function", "function": {"name": "get_time"}}]
     assert plan_tools(tools, "required", "<tool_call>tools", None).grammar.startswith("start: call+")
     assert plan_tools(tools, "required", "<tool_call>tools", None, parallel=False).grammar.startswith("start: call\n")
-
-
-FENCED = '```json\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n```'
-
-
-@pytest.mark.parametrize("step", [1, 4, 1000])
-def test_a_fenced_object_naming_an_offered_tool_is_a_call_streamed_or_not(step: int) -> None:
-    for text in (FENCED, "\n" + FENCED.replace("```json", "```") + "\n"):
-        content, calls = HermesParser(["get_weather"]).parse(text)
-        assert content is None and [(c.name, json.loads(c.arguments)) for c in calls] == [("get_weather", {"city": "Paris"})]
-        assert streamed(HermesParser(["get_weather"]), text, step)[1] == {0: {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
-    assert HermesParser(["get_time"]).parse(FENCED) == (FENCED, [])  # not an offered tool: text
-    llama = '```json\n{"name": "get_weather", "parameters": {"city": "Lima"}}\n```'
-    assert [c.name for c in Llama3JsonParser(["get_weather"]).parse(llama)[1]] == ["get_weather"]
-    assert Llama3JsonParser(["get_time"]).parse(llama) == (llama, [])
-
-
-def test_code_in_a_fence_streams_as_text_without_waiting_for_the_end() -> None:
-    parser = HermesParser(["get_weather"])
-    assert parser.feed("```py") == []  # a fence's first line decides
-    events = parser.feed("thon\nprint('hi')\n")
-    assert "".join(e.content for e in events) == "```python\nprint('hi')\n"
-    assert "".join(e.content for e in Llama3JsonParser(["get_weather"]).feed("```\nls -la\n")) == "```\nls -la\n"
 
 
 # Outputs of Qwen2.5-Coder-0.5B/1.5B-Instruct to chat requests offering get_weather and get_time, and texts built
