@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from lmkernel import LmkError, load_model
-from lmkernel.loading import describe, resolve_dtype
-from lmkernel.registry import resolve
+from lmkernel.loading import resolve_dtype
 
 
 def test_minilm_embeddings_match_sentence_transformers(minilm, st_minilm, phrasebank_sentences):
@@ -27,14 +26,6 @@ def test_embed_truncates_long_texts_like_sentence_transformers(minilm, st_minilm
     assert torch.nn.functional.cosine_similarity(ours, ref).min().item() >= 0.9999
 
 
-def test_describe_reads_headers_only(smollm_gguf, minilm_dir):
-    smol = describe(resolve(smollm_gguf))
-    assert smol["architecture"].startswith("llama") and "Q4_1" in smol["stored dtype"]
-    assert smol["vocabulary size"] == 49152 and smol["context length"] == 8192 and smol["chat template"] == "yes"
-    assert smol["parameters"].startswith("134,515,008")
-    mini = describe(resolve(minilm_dir))
-    assert mini["architecture"].startswith("bert") and mini["stored dtype"] == "float32"
-    assert mini["chat template"] == "no" and mini["context length"] == 512
 
 
 def test_wrong_model_kind_and_bad_arguments(smollm, minilm):

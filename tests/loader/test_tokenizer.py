@@ -211,13 +211,6 @@ def test_tiny_gguf_vocabularies_match_transformers(tiny_ggufs, kind):
         assert "".join(pieces) + detok.flush() == ours.decode(ids) == STREAM_TEXT  # SentencePiece keeps leading spaces
 
 
-def test_gguf_split_rules_are_transformers():
-    """Every `tokenizer.ggml.pre` split transformers knows, with the same regex (catches drift on upgrades)."""
-    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
-
-    from lmkernel.loader.gguf_vocab import _PRE_SPLITS
-
-    assert {name: _PRE_SPLITS.get(name) for name in GGUF_PRE_TOKENIZER_SPLITS} == GGUF_PRE_TOKENIZER_SPLITS
 
 
 def test_incremental_detokenizer_never_splits_a_character(smol_tok):
