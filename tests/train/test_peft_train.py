@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from lmkernel.errors import LmkError
 from lmkernel.train.args import TrainArgs
 from lmkernel.train.trainer import train
 from shared_paths import SHARED_DATA
@@ -57,16 +56,6 @@ def test_each_method_trains_saves_its_kind_and_scores_its_test_split(kind, spec,
         assert kept == 2 * len(config["rank_pattern"]) == sum(t.shape[0] for k, t in tensors.items() if k.endswith("lora_E"))
     if kind == "prompt":
         assert tensors["prompt_embeddings"].shape == (8, 384)
-
-
-def test_peft_flags_are_checked_before_anything_loads(slices, tmp_path):
-    base = {"task": "classify", "model": "all-minilm-l6-v2", "data": str(slices[0]), "output": str(tmp_path / "x")}
-    with pytest.raises(LmkError, match="--peft 'bitfit'"):
-        TrainArgs(**base, peft="bitfit").check()
-    with pytest.raises(LmkError, match="--peft"):
-        TrainArgs(**base, peft="ia3", lora="r=4").check()
-    with pytest.raises(LmkError, match="--peft-args"):
-        TrainArgs(**base, peft_args="r=4").check()
 
 
 def test_prefix_tuning_a_decoder_trains_saves_and_is_scored_offline(tmp_path):

@@ -36,15 +36,6 @@ def test_holdout_is_seeded_stratified_and_disjoint():
     assert len(unlabelled[1]) == 3 and sorted(unlabelled[0] + unlabelled[1]) == list(range(10))
 
 
-def test_selection_settings_are_checked():
-    base = dict(task="classify", model="m", data="d", output="o")
-    with pytest.raises(LmkError, match="--holdout"):
-        TrainArgs(**base, holdout=0.7).check()
-    with pytest.raises(LmkError, match="--holdout .* or --eval, not both"):
-        TrainArgs(**base, holdout=0.1, eval_data="e").check()
-    assert TrainArgs(**base, holdout=0.1, early_stop=2).check().holdout == 0.1
-
-
 def test_search_space_and_rank_spec():
     space = SearchSpace.from_mapping({"lr": [1e-4, 1e-3], "batch_size": [8]}, "tune.yaml")
     assert space.lr == (1e-4, 1e-3) and space.batch_size == (8,) and space.epochs == (1, 5)
