@@ -253,6 +253,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sentences", type=Path)
     p.add_argument("--reference", type=Path)
     a = p.parse_args(argv)
+    if a.kind == "decoder" and a.text is None:
+        p.error("--kind decoder needs --text")
+    if a.kind == "encoder" and (a.sentences is None or a.reference is None):
+        p.error("--kind encoder needs --sentences and --reference")
     if a.kind == "decoder":
         r = measure_decoder(a.path, a.quantization, a.text.read_text(encoding="utf-8"), a.max_tokens)
     else:
