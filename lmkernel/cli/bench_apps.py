@@ -199,9 +199,10 @@ def _recommend_peers(peer: str, peers: str, cold_peers: str, cold_fraction: floa
     if peer != "recbole":
         raise LmkError(f"--peer must be recbole; got {peer!r}")
     chosen = [p for p in peers.split(",") if p]
-    unknown = [p for p in chosen + cold_peers.split(",") if p and p not in PEERS]
-    if unknown:
-        raise LmkError(f"--peers: {', '.join(unknown)} not among {', '.join(PEERS)}")
+    for flag, names in (("--peers", chosen), ("--cold-peers", cold_peers.split(","))):
+        unknown = [p for p in names if p and p not in PEERS]
+        if unknown:
+            raise LmkError(f"{flag}: {', '.join(unknown)} not among {', '.join(PEERS)}")
     if not 0 <= cold_fraction < 0.5:
         raise LmkError(f"--cold-fraction must be in [0, 0.5); got {cold_fraction}")
     return chosen, [p for p in cold_peers.split(",") if p]

@@ -30,6 +30,8 @@ def bench_decode_steps(
     from lmkernel.layers import cpu_kernels
 
     sizes = batch or [1, 8, 16, 32]
+    if min(sizes) < 1:
+        raise fail(LmkError(f"--batch must be at least 1; got {min(sizes)}"))
     try:
         llm = LLM(model, kv_cache_memory="1GiB", verbose=False, enable_prefix_caching=False, max_num_seqs=max(sizes))
         prompts = text_workload(llm.tokenizer, max(sizes), (64, 64), (1, 1)).prompts
@@ -103,6 +105,8 @@ def bench_structured(
     from lmkernel.engine.llm import LLM
 
     sizes = batch or [1, 8]
+    if min(sizes) < 1:
+        raise fail(LmkError(f"--batch must be at least 1; got {min(sizes)}"))
     try:
         llm = LLM(model, kv_cache_memory="512MiB", verbose=False, enable_prefix_caching=False)
         prompts = text_workload(llm.tokenizer, max(sizes), (64, 64), (1, 1)).prompts

@@ -79,8 +79,7 @@ def bench_latency(
     if peer not in ("transformers", "llama.cpp", "none"):
         raise fail(LmkError(f"--peer must be transformers, llama.cpp or none; got '{peer}'"))
     if peer == "llama.cpp":
-        return _bench_against_llama_cpp(model, prompt_tokens, new_tokens, prefill_tokens, rounds, quantization_arg(quantization),
-                                        cpu_path)
+        return _bench_against_llama_cpp(model, prompt_tokens, new_tokens, prefill_tokens, rounds, quantization, cpu_path)
     try:
         llm = LLM(model, dtype=dtype, device=device, kv_cache_memory="256MiB", verbose=False,
                   quantization=quantization_arg(quantization), cpu_path=cpu_path)
@@ -107,14 +106,15 @@ def bench_latency(
 
 
 def _bench_against_llama_cpp(model: str, prompt_tokens: int, new_tokens: int, prefill_tokens: int, rounds: int,
-                             quantization: str | None, cpu_path: str = "auto") -> None:
+                             quantization: str, cpu_path: str = "auto") -> None:
     """`lmk bench latency --peer llama.cpp`: the same GGUF file in lmkernel and in llama.cpp, same threads."""
     from lmkernel.bench.latency import against_llama_cpp
     from lmkernel.bench.machine import cpu_isa, cpu_name
     from lmkernel.layers import cpu_kernels
 
     try:
-        run = against_llama_cpp(model, prompt_tokens, new_tokens, prefill_tokens, rounds, quantization, cpu_path)
+        run = against_llama_cpp(model, prompt_tokens, new_tokens, prefill_tokens, rounds, quantization_arg(quantization),
+                                cpu_path)
     except (LmkError, ValueError) as exc:
         raise fail(exc) from None
     console.print(f"{model} ({run.path.name}, {run.file_size / 1e6:,.0f} MB) on {cpu_name()} ({cpu_isa()}), "
