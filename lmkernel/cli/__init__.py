@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from lmkernel.errors import LmkError
 
@@ -20,7 +21,7 @@ err_console = Console(stderr=True)
 
 def fail(exc: Exception) -> typer.Exit:
     """Print an lmkernel error as one line on stderr and give the exit to raise."""
-    err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
     return typer.Exit(code=1)
 
 

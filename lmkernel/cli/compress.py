@@ -26,7 +26,7 @@ def calibration_source(text_file: Path | None, count: int) -> Callable[[LoadedMo
         from lmkernel.eval.perplexity import read_text
 
         if text_file is not None:
-            return calibration_sequences(lm, read_text(text_file), count, CALIBRATION_LENGTH)
+            return calibration_sequences(lm, read_text(text_file, "--calibration"), count, CALIBRATION_LENGTH)
         if lm.config.is_encoder:
             raise LmkError(f"{lm.source.path}: an encoder cannot generate its calibration text; pass --calibration FILE")
         err_console.print(f"calibration: generating {count} sequences of {CALIBRATION_LENGTH} tokens with the model "

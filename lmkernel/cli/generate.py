@@ -82,9 +82,12 @@ def chat(
     """Chat with MODEL in the terminal; the conversation so far is the prompt. Ctrl-D or 'exit' quits."""
     from lmkernel.engine.sampling import SamplingParams
 
+    try:
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature)
+    except ValueError as exc:
+        raise fail(exc) from None
     llm = _open_llm(model, engine)
     history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
-    params = SamplingParams(max_tokens=max_tokens, temperature=temperature)
     while True:
         try:
             line = input("you> ")

@@ -22,13 +22,13 @@ class PerplexityResult:
     nll: float  # mean negative log-likelihood, nats
 
 
-def read_text(path: Path) -> str:
+def read_text(path: Path, flag: str = "--data") -> str:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise LmkError(f"--data {path}: cannot read it as UTF-8 text ({exc})") from None
+        raise LmkError(f"{flag} {path}: cannot read it as UTF-8 text ({exc})") from None
     if not text.strip():
-        raise LmkError(f"--data {path}: the file is empty")
+        raise LmkError(f"{flag} {path}: the file is empty")
     return text
 
 

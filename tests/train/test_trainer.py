@@ -158,21 +158,6 @@ def test_two_processes_train_as_one(phrasebank_small, tmp_path):
         torch.testing.assert_close(two_w[name], one[name], rtol=1e-4, atol=1e-6)
 
 
-def test_a_yaml_config_with_flag_overrides(phrasebank_small, tmp_path):
-    config = tmp_path / "run.yaml"
-    config.write_text(f"task: classify\nmodel: all-minilm-l6-v2\ndata: {phrasebank_small[0]}\nbatch-size: 4\n"
-                      f"output: {tmp_path / 'yaml'}\nbf16: true\nschedule: cosine\n")
-    out = invoke("train", str(config), "--max-steps", "2")
-    assert out.returncode == 0, out.stderr
-    saved = json.loads((tmp_path / "yaml" / "run.json").read_text())
-    assert saved["max_steps"] == 2 and saved["bf16"] is True and saved["batch_size"] == 4 and saved["schedule"] == "cosine"
-    assert "training finished" in out.stdout
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("task: classify\nlearning_rate: 3\n")
-    out = invoke("train", str(bad))
-    assert out.returncode == 1 and "bad.yaml: unknown setting 'learning_rate'" in out.stderr
-
-
 def _refused(tmp_path: Path, *args: str) -> str:
     out = invoke("train", *args, "-o", str(tmp_path / "refused"))
     assert out.returncode == 1
