@@ -71,6 +71,11 @@ _NOT_SERVED = {
 }
 
 
+# OpenAI's nullable fields that lmkernel types without None: the official client sends null for an option
+# passed as None, which OpenAI reads as the default.
+_NULL_IS_DEFAULT = ("n", "stream", "logprobs", "echo")
+
+
 def _given(value: Any, default: Any) -> Any:
     """A field's value, or its default when the request leaves it out (a 0 sent is a 0 judged)."""
     return default if value is None else value
@@ -88,6 +93,13 @@ class _Sampling(BaseModel):
             for name, asks in _NOT_SERVED.items():
                 if name in data and asks(data[name]):
                     raise APIError(400, f"{name} is not supported by this server; leave it out", name)
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None or k not in _NULL_IS_DEFAULT}
         return data
 
     # Shapes only: every bound on these is SamplingParams' (the engine's) to decide, in one place.

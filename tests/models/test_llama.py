@@ -1,7 +1,6 @@
 """llama.py on the real SmolLM2 (Llama architecture, grouped KV heads, tied head): its config and
-tokenizer as the GGUF states them, log-probabilities equal to transformers' on WikiText-2, the model
-interface every engine and trainer relies on, and every decode backend's tokens and log-probs against
-transformers (one HF model loaded for both)."""
+tokenizer as the GGUF states them, log-probabilities equal to transformers' on WikiText-2, and every
+decode backend's tokens and log-probs against transformers (one HF model loaded for both)."""
 
 from __future__ import annotations
 
@@ -33,34 +32,6 @@ def test_smollm_config_and_tokenizer(smollm):
     assert c.tie_word_embeddings and c.max_position_embeddings == 8192 and c.rope_theta == 100000.0
     assert smollm.num_parameters == 134_515_008
     assert (smollm.tokenizer.bos_token_id, smollm.tokenizer.eos_token_id, smollm.tokenizer.pad_token_id) == (1, 2, 2)
-
-
-def test_models_meet_the_interface(smollm, minilm, st_minilm):
-    """The interface's calls do what it says: a decoder's forward over sequences laid end to end gives each the
-    logits it gets alone (no sequence sees another), its fused decode step says it does not cover a prefill and
-    refuses to run one, and an encoder's pooled output is sentence-transformers' embedding."""
-    from lmkernel.layers.attention import AttentionMetadata
-
-    a, b = [1, 400, 2000, 35, 9], [77, 8, 1234]
-    positions = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2])
-    meta = AttentionMetadata.for_lengths([5, 3], causal=True)
-    lm, enc = smollm.model, minilm.model
-    texts = ["Profit rose.", "Sales fell sharply in the quarter."]
-    ids = [minilm.tokenizer.encode(t) for t in texts]
-    with torch.inference_mode():
-        both = lm.compute_logits(lm(torch.tensor(a + b), positions, meta))
-        alone = [lm.compute_logits(lm(torch.tensor(x), torch.arange(len(x)), AttentionMetadata.for_lengths([len(x)], causal=True)))
-                 for x in (a, b)]
-        fused = lm.fused_decode()
-        covers = fused.covers(len(a + b), meta)
-        with pytest.raises(ValueError, match="covers steps of 1 to 16 decodes"):
-            fused(torch.tensor(a + b), positions, meta, [])
-        bidirectional = AttentionMetadata.for_lengths([len(x) for x in ids], causal=False)
-        hidden = enc(torch.tensor([t for x in ids for t in x]), torch.cat([torch.arange(len(x)) for x in ids]), bidirectional)
-        pooled = enc.pool(hidden, bidirectional)
-    assert both.shape == (8, smollm.config.vocab_size) and not covers
-    torch.testing.assert_close(both, torch.cat(alone), atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(pooled, torch.from_numpy(st_minilm.encode(texts)), atol=2e-5, rtol=1e-4)
 
 
 LENGTHS = (3, 18, 40, 97)  # contexts end inside and on the edges of 16-token blocks
