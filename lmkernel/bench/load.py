@@ -4,6 +4,7 @@ process (after the library is imported, so that neither side is charged for its 
 from __future__ import annotations
 
 import json
+import signal
 import subprocess  # nosec B404  # runs our own commands as argument lists, never a shell
 import sys
 from dataclasses import dataclass
@@ -51,7 +52,10 @@ def run_script(script: str, what: str) -> LoadResult:
     """Run a measuring program in a fresh interpreter; its last line of output is the result."""
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900)  # nosec B603  # an argument list this module builds, no shell
     if done.returncode != 0:
-        raise LmkError(f"measuring {what} failed: {(done.stderr.strip().splitlines() or ['no output'])[-1]}")
+        said = done.stderr.strip().splitlines()
+        why = said[-1] if said else (f"killed by {signal.Signals(-done.returncode).name}" if done.returncode < 0
+                                     else f"exit code {done.returncode}, no output")
+        raise LmkError(f"measuring {what} failed: {why}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
     return LoadResult(float(result["seconds"]), int(result["resident"]))
 

@@ -35,8 +35,10 @@ def test_a_script_result_is_its_last_line_of_output() -> None:
 def test_a_failing_script_names_what_was_measured_and_its_last_error_line() -> None:
     with pytest.raises(LmkError, match=r"^measuring llama.cpp's load failed: ValueError: no such model$"):
         run_script("raise ValueError('no such model')", "llama.cpp's load")
-    with pytest.raises(LmkError, match=r"^measuring x failed: no output$"):
+    with pytest.raises(LmkError, match=r"^measuring x failed: exit code 3, no output$"):
         run_script("import sys; sys.exit(3)", "x")
+    with pytest.raises(LmkError, match=r"^measuring x failed: killed by SIGILL$"):  # a peer built for another CPU
+        run_script("import os, signal; os.kill(os.getpid(), signal.SIGILL)", "x")
 
 
 def test_best_of_is_the_fastest_load_with_its_own_memory(monkeypatch) -> None:
