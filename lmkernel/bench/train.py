@@ -136,6 +136,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lora", action="store_true")
     a = parser.parse_args()
+    if a.side == "quality" and a.valid is None:
+        parser.error("quality needs --valid (the split the best model is chosen and scored on)")
     with tempfile.TemporaryDirectory(prefix="lmk-bench-train-") as tmp:
         if a.side == "ours":
             result: dict = asdict(ours(a.model, a.data, a.steps, a.batch_size, a.lora, Path(tmp)))

@@ -92,6 +92,7 @@ def test_a_child_result_is_its_last_line_or_an_error_with_its_stderr(monkeypatch
     (["lora", "--model", "m", "--data", "d"], "argument side: invalid choice: 'lora' (choose from 'ours', 'hf', 'quality')"),
     (["ours"], "the following arguments are required: --model, --data"),
     (["ours", "--model", "m", "--data", "d", "--steps", "forty"], "argument --steps: invalid int value: 'forty'"),
+    (["quality", "--model", "m", "--data", "d"], "quality needs --valid (the split the best model is chosen and scored on)"),
 ])
 def test_the_entry_point_names_a_bad_argument(monkeypatch, capsys, argv: list[str], message: str) -> None:
     monkeypatch.setattr(sys, "argv", ["train.py", *argv])
