@@ -66,6 +66,8 @@ def bench_kv_memory(
     from lmkernel.loading import load_model
 
     lengths = context or [1024, 4096, 8192]
+    if min(lengths) < 1 or new_tokens < 1:
+        raise fail(LmkError(f"--context and --new-tokens must be at least 1; got {min(lengths)} and {new_tokens}"))
     try:
         loaded = load_model(model)
         wikitext = shared_file("wikitext-2/valid.txt", "--text", text)

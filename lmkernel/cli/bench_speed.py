@@ -267,6 +267,11 @@ def bench_deterministic(
     from lmkernel.layers import cpu_kernels
     from lmkernel.loading import load_model
 
+    if not 1 <= prompts <= len(MEASURED_PROMPTS):
+        raise fail(LmkError(f"--prompts must be 1 to {len(MEASURED_PROMPTS)}; got {prompts}"))
+    for flag, value in (("--max-tokens", max_tokens), ("--batch", min(batch or [1])), ("--rounds", rounds)):
+        if value < 1:
+            raise fail(LmkError(f"{flag} must be at least 1; got {value}"))
     try:
         loaded = load_model(model)
         found = [invariance(loaded, MEASURED_PROMPTS[:prompts], max_tokens, kv_cache_memory, d) for d in (False, True)]

@@ -68,6 +68,13 @@ def test_a_batch_size_below_one_is_refused_before_loading(monkeypatch, command) 
     one_error_line(invoke("bench", command, "--batch", "2", "--batch", "0"), "--batch", "got 0")
 
 
+@pytest.mark.parametrize(("args", "got"), [(["--context", "16", "--context", "0"], "got 0 and 16"),
+                                           (["--new-tokens", "0"], "got 1024 and 0")])
+def test_kv_memory_refuses_an_empty_prompt_or_no_new_tokens_before_loading(monkeypatch, args, got) -> None:
+    monkeypatch.setattr(lmkernel.loading, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    one_error_line(invoke("bench", "kv-memory", *args), "--context and --new-tokens must be at least 1", got)
+
+
 def test_kv_memory_cuts_a_prompt_per_context_and_prints_both_caches(monkeypatch, tmp_path: Path) -> None:
     seen = {"workload": []}
     text = tmp_path / "valid.txt"

@@ -294,3 +294,15 @@ def test_deterministic_prints_both_modes_and_the_cost_of_each_measure(monkeypatc
         ["decode step, 1 sequences", "10.0", "12.0", "1.20x"],
         ["decode step, 4 sequences", "20.0", "30.0", "1.50x"],
     ]
+
+
+@pytest.mark.parametrize(("args", "parts"), [
+    (["--prompts", "0"], ["--prompts must be 1 to 20; got 0"]),
+    (["--prompts", "21"], ["--prompts must be 1 to 20; got 21"]),
+    (["--max-tokens", "0"], ["--max-tokens must be at least 1; got 0"]),
+    (["--batch", "8", "--batch", "0"], ["--batch must be at least 1; got 0"]),
+    (["--rounds", "0"], ["--rounds must be at least 1; got 0"]),
+])
+def test_deterministic_bad_counts_are_refused_before_loading(monkeypatch, args, parts) -> None:
+    monkeypatch.setattr(lmkernel.loading, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    one_error_line(invoke("bench", "deterministic", *args), *parts)
