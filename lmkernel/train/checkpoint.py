@@ -84,6 +84,8 @@ def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
     root = run_dir / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{position.step:08d}"
+    for stale in root.glob(".*step-*"):  # what a killed save or delete left (one writer: none is in use)
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
     try:
         save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
@@ -97,15 +99,24 @@ def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
             with open(f, "rb") as handle:
                 os.fsync(handle.fileno())
         if final.exists():
-            shutil.rmtree(final)
+            _discard(final)
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     write_atomic(root / LATEST, final.name)
     for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        _discard(old)
     return final
+
+
+def _discard(checkpoint: Path) -> None:
+    """Delete a checkpoint so that a kill at any moment leaves it whole or gone: one atomic rename off its final
+    name, then the files."""
+    trash = checkpoint.with_name(f".discarded.{checkpoint.name}")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(checkpoint, trash)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

@@ -59,3 +59,38 @@ def test_resuming_restores_the_random_state_and_keeps_only_the_newest(tmp_path: 
     torch.rand(100)
     load_checkpoint(latest_checkpoint(tmp_path), *_setup())
     torch.testing.assert_close(torch.rand(5), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("replaced", [False, True], ids=["old-one-rotated-out", "same-step-written-again"])
+def test_a_kill_while_a_checkpoint_is_deleted_leaves_none_incomplete_under_its_name(tmp_path: Path, monkeypatch, replaced):
+    """The deletion of a checkpoint (the oldest rotated out, or a step written again) killed after its first file:
+    every `step-*` left is whole, and the next save still works."""
+    model, opt, sched = _setup()
+    for step in (1, 2):
+        _step(model, opt, sched)
+        save_checkpoint(tmp_path, model, opt, sched, Position(step=step), keep=2)
+    real_rmtree = checkpoint.shutil.rmtree
+
+    def killed_after_one_file(path, ignore_errors=False):
+        path = Path(path)
+        if path.is_dir() and any(path.iterdir()):
+            next(path.iterdir()).unlink()
+            raise KeyboardInterrupt  # a signal landing mid-delete
+        real_rmtree(path, ignore_errors=ignore_errors)
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", killed_after_one_file)
+    _step(model, opt, sched)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, model, opt, sched, Position(step=2 if replaced else 3), keep=2)
+    monkeypatch.undo()
+    root = tmp_path / checkpoint.CHECKPOINTS
+    whole = {"trainable.safetensors", "state.pt", "position.json"}
+    left = {p.name: {f.name for f in p.iterdir()} for p in root.glob("step-*")}
+    assert all(files == whole for files in left.values()), left
+    assert set(left) == ({"step-00000001"} if replaced else {"step-00000002", "step-00000003"})
+    position = load_checkpoint(latest_checkpoint(tmp_path), *_setup())
+    assert position.step == (1 if replaced else 3)
+    assert any(p.name.startswith(".") for p in root.iterdir())  # the half-deleted remains, off the final names
+    save_checkpoint(tmp_path, model, opt, sched, Position(step=4), keep=2)
+    assert sorted(p.name for p in root.iterdir()) == (["latest", "step-00000001", "step-00000004"] if replaced
+                                                      else ["latest", "step-00000003", "step-00000004"])
