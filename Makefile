@@ -37,7 +37,7 @@ models: setup
 # slowest files first (tests/conftest.py): the suite spends much of its time starting processes and
 # servers and waiting on them, which overlaps.
 test: setup tools models
-	$(VENV)/bin/pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests
+	$(VENV)/bin/pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=25 tests
 
 # The edit-run loop (under 3 minutes): everything but the tests marked slow (servers, Ray, torchrun,
 # calibration, the real models against transformers, long perplexity, fine-tuning the larger encoders).
